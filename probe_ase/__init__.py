@@ -1,0 +1,50 @@
+"""probe-ase: per-step reliability of machine-learned interatomic potentials in ASE.
+
+A :class:`ProbeCalculator` wraps a MACE or SchNetPack calculator, taps the
+backbone's per-atom features with forward hooks during its own pass, and adds
+``reliability``, ``reliable`` and ``atom_importance`` to its results. Heads
+are fitted with :func:`fit_probe` (PROBE, arXiv:2605.00640).
+"""
+
+from .calculator import ProbeCalculator
+from .dataset import featurize, read_frames
+from .exceptions import (
+    BackboneError,
+    EmptyStructureError,
+    HeadFileError,
+    InputError,
+    LabelError,
+    MismatchError,
+    MissingReferenceError,
+    NonFiniteError,
+    ProbeError,
+    UnknownElementError,
+)
+from .fit import TrainConfig, fit_probe
+from .head import HeadConfig, ProbeHead
+from .headfile import HeadMeta, Probe
+from .taps import find_tap
+
+__all__ = [
+    "BackboneError",
+    "EmptyStructureError",
+    "HeadConfig",
+    "HeadFileError",
+    "HeadMeta",
+    "InputError",
+    "LabelError",
+    "MismatchError",
+    "MissingReferenceError",
+    "NonFiniteError",
+    "Probe",
+    "ProbeCalculator",
+    "ProbeError",
+    "ProbeHead",
+    "TrainConfig",
+    "UnknownElementError",
+    "featurize",
+    "find_tap",
+    "fit_probe",
+    "read_frames",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""ProbeCalculator: the user's MLIP calculator plus a reliability verdict per step."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from .graph import radius_graph
+from .headfile import Probe
+from .taps import find_tap
+from .validate import check_atoms
+
+PROBE_PROPERTIES = ["reliability", "reliable", "atom_importance"]
+
+
+class ProbeCalculator(Calculator):
+    """Wrap a MACE or SchNetPack calculator and add a reliability verdict.
+
+    The backbone runs unchanged; hooks capture its per-atom features during its
+    own energy/force pass and the PROBE head scores them. ``results`` holds
+    everything the backbone gives (energy in eV, forces in eV/Å, stress in
+    eV/Å³ ...) plus:
+
+    * ``reliability``: calibrated probability (0-1) that the prediction is
+      within the head's tolerance;
+    * ``reliable``: ``reliability >= threshold``;
+    * ``atom_importance``: per-atom attention importance, summing to 1.
+
+    Args:
+        base: the backbone calculator, or an ASE mixing calculator
+            (``SumCalculator`` ...) holding exactly one backbone.
+        probe: a fitted :class:`~probe_ase.headfile.Probe` or a head-file path.
+        threshold: operating threshold on ``reliability``; default the head's
+            calibrated ``p*``.
+    """
+
+    def __init__(self, base: Calculator, probe: Probe | str | os.PathLike, threshold: float | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.base = base
+        self.probe = probe if isinstance(probe, Probe) else Probe.load(probe)
+        meta = self.probe.meta
+        self.tap = find_tap(base, meta.layers)
+        try:
+            self.probe.check_backbone(self.tap.kind, self.tap.fingerprint(), self.tap.feature_dim, self.tap.layers)
+        except Exception:
+            self.tap.close()
+            raise
+        self.threshold = meta.p_star if threshold is None else float(threshold)
+        self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES
+        device = next(self.tap.module.parameters()).device
+        self.probe.head.to(device)
+
+    def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
+                  system_changes: list[str] = all_changes) -> None:
+        """Run the backbone (hooks fire), then the head; fill ``self.results``."""
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        check_atoms(atoms, self.tap.elements)
+        # energy and forces come from one backbone pass: ask for both, so a
+        # calculator that stores only what was asked (SpkCalculator) runs once per step
+        wanted = [p for p in ("energy", "forces") if p in self.base.implemented_properties]
+        wanted += [p for p in properties or [] if p in self.base.implemented_properties and p not in wanted]
+        before = self.tap.n_forward
+        self.base.calculate(atoms, wanted, system_changes)
+        if self.tap.n_forward == before:  # backbone answered from its cache: make it run
+            self.tap.calc.reset()
+            self.base.calculate(atoms, wanted, all_changes)
+        self.results = dict(self.base.results)
+        features = self.tap.features()[: len(atoms)]
+        numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=features.device)
+        edges = [radius_graph(atoms, self.probe.meta.config.cutoff)]
+        p, importance = self.probe.predict(features, numbers, np.array([0, len(atoms)]), edges)
+        self.results["reliability"] = float(p[0])
+        self.results["reliable"] = bool(p[0] >= self.threshold)
+        self.results["atom_importance"] = importance
+
+    def close(self) -> None:
+        """Remove the hooks from the backbone."""
+        self.tap.close()
+
+    def __enter__(self) -> ProbeCalculator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,58 @@
+"""``probe-ase fit``: fit a PROBE head for a backbone on labelled structures."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from .options import add_backbone, add_batch_size, add_reference_keys
+
+HELP = "fit a PROBE head on labelled structures (reference energies in eV, forces in eV/Å)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_backbone(parser)
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="labelled structures: extxyz, ASE trajectory or ase.db (never used for backbone training)")
+    parser.add_argument("-o", "--output", default="probe.pt", metavar="PATH", help="head file to write (default: probe.pt)")
+    parser.add_argument("--criterion", default="force_rmse",
+                        choices=["force_rmse", "force_max", "energy_per_atom", "energy"],
+                        help="error criterion: force_rmse / force_max in eV/Å, energy_per_atom in eV/atom, energy in eV")
+    tol = parser.add_mutually_exclusive_group()
+    tol.add_argument("--threshold", type=float, metavar="TAU",
+                     help="absolute tolerance in the criterion's unit (eV/Å, eV/atom or eV)")
+    tol.add_argument("--quantile", type=float, metavar="Q",
+                     help="tolerance as this quantile (0-1) of the observed errors (default: 0.8)")
+    parser.add_argument("--target-risk", type=float, default=0.05,
+                        help="largest fraction of accepted structures allowed to be unreliable (default: 0.05)")
+    parser.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")
+    parser.add_argument("--epochs", type=int, default=200, help="most training epochs (default: 200)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--cutoff", type=float, default=5.0, help="attention neighbourhood radius in Å (default: 5.0)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (default: ~/.cache/probe-ase)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    add_batch_size(parser)
+    add_reference_keys(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..backbones import load_backbone
+    from ..fit import TrainConfig, fit_probe
+    from ..head import HeadConfig
+
+    calc = load_backbone(args.backbone, args.backbone_type, args.device)
+    probe = fit_probe(
+        calc, args.data, criterion=args.criterion, threshold=args.threshold, quantile=args.quantile,
+        target_risk=args.target_risk, layers=args.layers, config=HeadConfig(cutoff=args.cutoff),
+        train=TrainConfig(epochs=args.epochs, seed=args.seed), energy_key=args.energy_key,
+        forces_key=args.forces_key, batch_size=args.batch_size,
+        cache_dir=False if args.no_cache else args.cache_dir,
+    )
+    probe.meta = dataclasses.replace(probe.meta, backbone_path=str(args.backbone))
+    probe.save(args.output)
+    m = probe.meta
+    print(f"wrote {args.output}: {m.backbone} backbone, criterion {m.criterion}, tau = {m.tau:.4g}, "
+          f"p* = {m.p_star:.3f}, coverage {m.coverage:.1%} at target risk {m.target_risk:.1%}")
+    print(json.dumps({k: v for k, v in m.report.items() if k != "train"}, indent=2))
+    return 0

@@ -1,0 +1,26 @@
+"""Option definitions shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_backbone(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--backbone PATH``, ``--backbone-type`` and ``--device``."""
+    parser.add_argument("--backbone", required=required, metavar="PATH",
+                        help="trained MACE (.model) or SchNetPack model file")
+    parser.add_argument("--backbone-type", choices=["auto", "mace", "schnetpack"], default="auto",
+                        help="backbone library (default: detected from the file)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def add_batch_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N",
+                        help="structures per backbone pass (default: 32)")
+
+
+def add_reference_keys(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--energy-key", default="energy",
+                        help="info key of the reference energy in eV (default: energy; calculator results also read)")
+    parser.add_argument("--forces-key", default="forces",
+                        help="arrays key of the reference forces in eV/Å (default: forces; calculator results also read)")

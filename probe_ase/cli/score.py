@@ -1,0 +1,57 @@
+"""``probe-ase score``: write per-frame reliability and per-atom importance into extxyz."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_backbone, add_batch_size
+
+HELP = "score structures with a fitted head; writes extxyz with reliability and atom_importance"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("frames", help="structures to score (any file ASE reads; streamed)")
+    parser.add_argument("--probe", required=True, metavar="PATH", help="head file written by 'probe-ase fit'")
+    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="extxyz file to write (atomically)")
+    add_backbone(parser, required=False)
+    add_batch_size(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+    from ase.io import iread, write
+    from tqdm.auto import tqdm
+
+    from ..backbones import load_backbone
+    from ..exceptions import InputError
+    from ..fileio import atomic_path
+    from ..headfile import Probe
+    from ..scoring import score_frames
+    from ..taps import find_tap
+
+    probe = Probe.load(args.probe)
+    backbone = args.backbone or probe.meta.backbone_path
+    if backbone is None:
+        raise InputError(f"{args.probe} records no backbone file; pass --backbone PATH")
+    if not os.path.exists(args.frames):
+        raise InputError(f"no such file: {args.frames}")
+    if os.path.abspath(args.frames) == os.path.abspath(args.output):
+        raise InputError("--output must differ from the input file")
+    calc = load_backbone(backbone, args.backbone_type, args.device)
+    reliabilities = []
+    with find_tap(calc, probe.meta.layers) as tap, atomic_path(args.output) as tmp:
+        probe.check_backbone(tap.kind, tap.fingerprint(), tap.feature_dim, tap.layers)
+        probe.head.to(args.device)
+        with open(tmp, "w") as handle:
+            frames = tqdm(iread(args.frames, index=":"), desc="score", unit="frame")
+            for scored in score_frames(probe, tap, frames, batch_size=args.batch_size):
+                write(handle, scored, format="extxyz")
+                reliabilities.append(scored.info["reliability"])
+            if not reliabilities:
+                raise InputError(f"no structures in {args.frames}")
+    p = np.asarray(reliabilities)
+    print(f"wrote {args.output}: {len(p)} frames, {np.sum(p >= probe.p_star)} reliable at p* = {probe.p_star:.3f}; "
+          f"reliability min {p.min():.3f}, median {np.median(p):.3f}")
+    return 0

@@ -1,0 +1,175 @@
+"""Run a backbone over labelled structures and collect features and errors.
+
+Reference energies (eV) and forces (eV/Å) come from extxyz ``info``/``arrays``
+keys, from a SinglePointCalculator attached to each frame, or from ase.db rows.
+The backbone runs in batches through its tap (one pass for energy, forces and
+features), and results are cached on disk keyed by the backbone fingerprint,
+tapped layers and a hash of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.io import read
+from tqdm.auto import tqdm
+
+from .exceptions import InputError, MissingReferenceError
+from .fileio import atomic_write
+from .labels import CRITERIA, check_criterion, needs_forces, structure_error
+from .taps.base import Tap
+from .validate import check_atoms
+
+Frames = str | os.PathLike | Sequence[Atoms]
+
+
+def default_cache_dir() -> Path:
+    """``$PROBE_ASE_CACHE``, else ``$XDG_CACHE_HOME/probe-ase``, else ``~/.cache/probe-ase``."""
+    if "PROBE_ASE_CACHE" in os.environ:
+        return Path(os.environ["PROBE_ASE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "probe-ase"
+
+
+def read_frames(source: Frames) -> list[Atoms]:
+    """Structures from a file ASE can read (extxyz, traj, ase.db ...) or a list of Atoms."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"no such file: {path}")
+        frames = read(path, index=":")
+        frames = frames if isinstance(frames, list) else [frames]
+    else:
+        frames = list(source)
+    if not frames:
+        raise InputError(f"no structures in {source if isinstance(source, (str, os.PathLike)) else 'the list'}")
+    return frames
+
+
+def reference_energy(atoms: Atoms, key: str = "energy") -> float | None:
+    """Reference energy (eV) from ``atoms.info[key]`` or an attached calculator."""
+    if key in atoms.info:
+        return float(atoms.info[key])
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    return float(results[key]) if key in results else None
+
+
+def reference_forces(atoms: Atoms, key: str = "forces") -> np.ndarray | None:
+    """Reference forces (eV/Å) from ``atoms.arrays[key]`` or an attached calculator."""
+    if key in atoms.arrays:
+        return np.asarray(atoms.arrays[key], dtype=float)
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    return np.asarray(results[key], dtype=float) if key in results else None
+
+
+@dataclass
+class FeatureSet:
+    """Backbone features and errors for a list of structures.
+
+    ``features`` (n_atoms_total, F) and ``numbers`` are concatenated over
+    structures; structure ``k`` owns rows ``ptr[k]:ptr[k+1]``. ``errors`` maps
+    each criterion to per-structure errors (NaN where a reference is missing).
+    """
+
+    features: torch.Tensor
+    numbers: torch.Tensor
+    ptr: np.ndarray
+    errors: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.ptr) - 1
+
+    def error(self, criterion: str) -> np.ndarray:
+        """Per-structure errors under ``criterion``; every structure must have them."""
+        values = self.errors[check_criterion(criterion)]
+        missing = np.flatnonzero(np.isnan(values))
+        if missing.size:
+            what = "forces" if needs_forces(criterion) else "energy"
+            raise MissingReferenceError(
+                f"criterion {criterion!r} needs reference {what}, missing for {missing.size} structures "
+                f"(first indices {missing[:5].tolist()}); use an energy criterion or add reference {what}"
+            )
+        return values
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        out = {"features": self.features, "numbers": self.numbers, "ptr": torch.from_numpy(self.ptr)}
+        out.update({f"error_{k}": torch.from_numpy(v) for k, v in self.errors.items()})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor]) -> FeatureSet:
+        errors = {k[6:]: v.numpy() for k, v in d.items() if k.startswith("error_")}
+        return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors)
+
+
+def data_hash(frames: Sequence[Atoms], energy_key: str, forces_key: str) -> str:
+    """SHA-256 over structures and their reference values."""
+    digest = hashlib.sha256()
+    for atoms in frames:
+        for arr in (atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc):
+            digest.update(np.ascontiguousarray(arr).tobytes())
+        energy, forces = reference_energy(atoms, energy_key), reference_forces(atoms, forces_key)
+        digest.update(repr(energy).encode())
+        digest.update(b"" if forces is None else np.ascontiguousarray(forces).tobytes())
+    return digest.hexdigest()
+
+
+def featurize(
+    tap: Tap,
+    frames: Frames,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None | bool = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Run the tapped backbone over labelled ``frames``; return features and errors.
+
+    Args:
+        tap: the backbone's tap.
+        frames: a file ASE can read, or a list of Atoms, with reference energy
+            (eV, ``info[energy_key]``) and optionally forces (eV/Å,
+            ``arrays[forces_key]``), or SinglePointCalculator results.
+        batch_size: structures per backbone pass.
+        cache_dir: where to cache results; None for the default
+            (:func:`default_cache_dir`), False to disable.
+    """
+    frames = read_frames(frames)
+    for k, atoms in enumerate(frames):
+        check_atoms(atoms, tap.elements, where=f"structure {k}")
+        if reference_energy(atoms, energy_key) is None:
+            raise MissingReferenceError(f"structure {k} has no reference energy under key {energy_key!r}")
+    cache = None
+    if cache_dir is not False:
+        key = f"{tap.fingerprint()[:16]}-{'_'.join(map(str, tap.layers))}-{data_hash(frames, energy_key, forces_key)[:24]}"
+        cache = Path(cache_dir or default_cache_dir()) / f"{tap.kind}-{key}.pt"
+        if cache.exists():
+            try:
+                return FeatureSet.from_dict(torch.load(cache, weights_only=True))
+            except Exception:  # corrupt cache: recompute and overwrite
+                pass
+    feats, errors = [], {c: [] for c in CRITERIA}
+    predictions = tap.predict(frames, batch_size=batch_size)
+    for atoms, pred in tqdm(zip(frames, predictions), total=len(frames), desc="featurize", unit="frame", disable=not progress):
+        feats.append(pred.features)
+        ref_e, ref_f = reference_energy(atoms, energy_key), reference_forces(atoms, forces_key)
+        for c in CRITERIA:
+            if needs_forces(c) and ref_f is None:
+                errors[c].append(np.nan)
+            else:
+                errors[c].append(structure_error(c, pred.energy, ref_e, pred.forces, ref_f))
+    result = FeatureSet(
+        features=torch.cat(feats),
+        numbers=torch.from_numpy(np.concatenate([a.numbers for a in frames]).astype(np.int64)),
+        ptr=np.cumsum([0] + [len(a) for a in frames]),
+        errors={c: np.asarray(v, dtype=float) for c, v in errors.items()},
+    )
+    if cache is not None:
+        atomic_write(cache, lambda tmp: torch.save(result.to_dict(), tmp))
+    return result

@@ -1,0 +1,58 @@
+"""Exceptions raised by probe-ase.
+
+Every error the package raises on purpose derives from :class:`ProbeError`, so
+``except ProbeError`` catches them all::
+
+    ProbeError
+    ├── InputError            bad structures or data (also a ValueError)
+    │   ├── EmptyStructureError   a structure with zero atoms
+    │   ├── NonFiniteError        NaN or inf positions / cell
+    │   ├── UnknownElementError   an element the backbone was not trained on
+    │   └── MissingReferenceError reference energy or forces absent
+    ├── LabelError            labels that cannot train a classifier (all one class)
+    ├── BackboneError         no supported backbone found in a calculator
+    ├── MismatchError         head file and backbone disagree (fingerprint, width)
+    └── HeadFileError         a head file that is missing, truncated or tampered
+"""
+
+from __future__ import annotations
+
+
+class ProbeError(Exception):
+    """Root of every error raised on purpose by probe-ase."""
+
+
+class InputError(ProbeError, ValueError):
+    """A structure or data set that cannot be used as given."""
+
+
+class EmptyStructureError(InputError):
+    """A structure has zero atoms."""
+
+
+class NonFiniteError(InputError):
+    """Positions or cell contain NaN or inf."""
+
+
+class UnknownElementError(InputError):
+    """A structure holds an element the backbone was not trained on."""
+
+
+class MissingReferenceError(InputError):
+    """Reference energy or forces needed by the chosen criterion are absent."""
+
+
+class LabelError(ProbeError, ValueError):
+    """Labels are unusable for training (for example, all reliable)."""
+
+
+class BackboneError(ProbeError, TypeError):
+    """No supported backbone (MACE, SchNetPack) was found in a calculator."""
+
+
+class MismatchError(ProbeError, ValueError):
+    """A head does not belong to the backbone it is used with."""
+
+
+class HeadFileError(ProbeError, OSError):
+    """A head file is missing, truncated, tampered with, or of an unknown version."""

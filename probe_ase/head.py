@@ -1,0 +1,196 @@
+"""The PROBE head: a small attention classifier over frozen per-atom features.
+
+Standardised features and an element embedding are encoded per atom, mixed by
+multi-head self-attention restricted to each atom's neighbourhood graph (so the
+cost is linear in the number of atoms), and pooled by attention with learned
+queries into one logit per structure. The pooling weights, averaged over heads,
+are the per-atom importance map (they sum to 1 within each structure).
+
+The head knows nothing of ASE: it takes tensors. :mod:`probe_ase.headfile`
+stores it with its calibration and backbone fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Size of the head.
+
+    Attributes:
+        hidden: width of the per-atom encoding.
+        heads: attention heads (and pooling queries); must divide ``hidden``.
+        blocks: self-attention blocks.
+        cutoff: radius (Å) of the neighbourhood each atom attends to.
+    """
+
+    hidden: int = 64
+    heads: int = 4
+    blocks: int = 1
+    cutoff: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.cutoff <= 0:
+            raise ValueError(f"cutoff must be positive (Å), got {self.cutoff}")
+
+
+def segment_softmax(scores: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Softmax of ``scores`` (rows, heads) within groups of rows sharing ``index``."""
+    expand = index.unsqueeze(-1).expand_as(scores)
+    peak = scores.new_full((size, scores.shape[-1]), -math.inf)
+    peak = peak.scatter_reduce(0, expand, scores, reduce="amax", include_self=True)
+    weights = (scores - peak[index]).exp()
+    total = scores.new_zeros((size, scores.shape[-1])).index_add_(0, index, weights)
+    return weights / total[index]
+
+
+class GraphAttention(nn.Module):
+    """Multi-head attention of each atom over its neighbourhood graph."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, hidden // heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        n = h.shape[0]
+        q, k, v = self.qkv(h).view(n, 3, self.heads, self.dim).unbind(1)
+        dst, src = edges
+        scores = (q[dst] * k[src]).sum(-1) / math.sqrt(self.dim)
+        alpha = segment_softmax(scores, dst, n)
+        mixed = h.new_zeros((n, self.heads, self.dim)).index_add_(0, dst, alpha.unsqueeze(-1) * v[src])
+        return self.out(mixed.reshape(n, -1))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block with graph attention."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.attention = GraphAttention(hidden, heads)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.SiLU(), nn.Linear(2 * hidden, hidden))
+
+    def forward(self, h: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(self.norm1(h), edges)
+        return h + self.mlp(self.norm2(h))
+
+
+class AttentionPool(nn.Module):
+    """Pool atoms into one vector per structure with learned queries (one per head)."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, hidden // heads
+        self.query = nn.Parameter(torch.randn(heads, self.dim) / math.sqrt(self.dim))
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, batch: torch.Tensor, n_structures: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = h.shape[0]
+        keys = self.key(h).view(n, self.heads, self.dim)
+        alpha = segment_softmax((keys * self.query).sum(-1) / math.sqrt(self.dim), batch, n_structures)
+        values = self.value(h).view(n, self.heads, self.dim)
+        pooled = h.new_zeros((n_structures, self.heads, self.dim)).index_add_(0, batch, alpha.unsqueeze(-1) * values)
+        return pooled.reshape(n_structures, -1), alpha.mean(-1)
+
+
+class ProbeHead(nn.Module):
+    """Attention classifier: per-atom features -> reliability logit and importances.
+
+    Args:
+        feature_dim: width of the backbone features it reads.
+        elements: atomic numbers it can embed.
+        config: sizes; see :class:`HeadConfig`.
+    """
+
+    def __init__(self, feature_dim: int, elements: Sequence[int], config: HeadConfig = HeadConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.feature_dim = int(feature_dim)
+        self.elements = tuple(sorted(int(z) for z in elements))
+        lookup = torch.full((119,), -1, dtype=torch.long)
+        lookup[list(self.elements)] = torch.arange(len(self.elements))
+        self.register_buffer("element_index", lookup)
+        self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
+        self.register_buffer("feature_scale", torch.ones(self.feature_dim))
+        self.register_buffer("temperature", torch.ones(()))
+        hidden = config.hidden
+        self.embed = nn.Embedding(len(self.elements), hidden)
+        self.encode = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.blocks = nn.ModuleList(AttentionBlock(hidden, config.heads) for _ in range(config.blocks))
+        self.pool = AttentionPool(hidden, config.heads)
+        self.readout = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def set_standardisation(self, features: torch.Tensor) -> None:
+        """Store mean and scale of training features ``(n_atoms, feature_dim)``."""
+        features = features.to(self.feature_mean)
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_scale.copy_(features.std(0).clamp_min(1e-6))
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        numbers: torch.Tensor,
+        edges: torch.Tensor,
+        batch: torch.Tensor,
+        n_structures: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncalibrated logits ``(n_structures,)`` and importances ``(n_atoms,)``.
+
+        ``edges`` is ``(2, n_edges)`` (destination, source) over the atoms of all
+        structures; ``batch`` gives each atom's structure index.
+        """
+        x = (features.to(self.feature_mean) - self.feature_mean) / self.feature_scale
+        h = self.encode(x) + self.embed(self.element_index[numbers])
+        for block in self.blocks:
+            h = block(h, edges)
+        pooled, importance = self.pool(h, batch, n_structures)
+        return self.readout(pooled).squeeze(-1), importance
+
+    @torch.no_grad()
+    def reliability(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated probability ``(n_structures,)`` and importances ``(n_atoms,)``."""
+        logits, importance = self(*inputs)
+        return torch.sigmoid(logits / self.temperature), importance
+
+
+def batch_inputs(
+    features: torch.Tensor,
+    numbers: torch.Tensor,
+    ptr: Sequence[int],
+    edges: Sequence,
+    indices: Iterable[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Gather structures ``indices`` into the head's inputs.
+
+    ``features``/``numbers`` are concatenated over all structures, structure
+    ``k`` owning rows ``ptr[k]:ptr[k+1]``; ``edges[k]`` is its local
+    ``(2, n_edges)`` neighbourhood graph. Returns ``(features, numbers, edges,
+    batch, n_structures)`` for :meth:`ProbeHead.forward`.
+    """
+    rows, graph, owner = [], [], []
+    offset = 0
+    for b, k in enumerate(indices):
+        start, stop = int(ptr[k]), int(ptr[k + 1])
+        rows.append(torch.arange(start, stop))
+        graph.append(torch.as_tensor(edges[k]) + offset)
+        owner.append(torch.full((stop - start,), b, dtype=torch.long))
+        offset += stop - start
+    rows_t = torch.cat(rows)
+    if len(rows) == 1 and rows_t.numel() == features.shape[0]:
+        feats, nums = features, numbers
+    else:
+        feats, nums = features[rows_t.to(features.device)], numbers[rows_t.to(numbers.device)]
+    device = feats.device
+    return feats, nums.to(device), torch.cat(graph, dim=1).to(device), torch.cat(owner).to(device), len(rows)

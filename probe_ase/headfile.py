@@ -1,0 +1,169 @@
+"""The head file: weights, calibration and backbone identity in one file.
+
+The file is a ``torch.save`` archive holding only tensors and a JSON string,
+read back with ``torch.load(weights_only=True)`` so opening it never runs
+code. A SHA-256 over the metadata and every tensor is stored alongside and
+checked on load, so a truncated or edited file is refused. Files are written
+atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import torch
+
+from .exceptions import HeadFileError, MismatchError
+from .fileio import atomic_write
+from .head import HeadConfig, ProbeHead, batch_inputs
+
+FORMAT = "probe-ase-head"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class HeadMeta:
+    """Everything needed to use a head correctly besides its weights.
+
+    Attributes:
+        backbone: backbone kind (``"mace"``, ``"schnetpack"``).
+        fingerprint: SHA-256 of the backbone's parameters.
+        layers: tapped interaction layers.
+        feature_dim: width of the features the head reads.
+        elements: atomic numbers the head can embed.
+        criterion: error criterion (see :mod:`probe_ase.labels`).
+        tau: tolerance in the criterion's units (eV/Å, eV/atom or eV).
+        quantile: the quantile ``tau`` came from, if any.
+        temperature: calibration temperature applied to the logit.
+        p_star: operating threshold on the calibrated probability.
+        target_risk: risk (fraction of accepted structures that are unreliable) p* aims for.
+        coverage: fraction of calibration structures accepted at p*.
+        config: head sizes.
+        report: fitting summary (metrics on the calibration split).
+        backbone_path: the backbone file the head was fitted with, when known.
+    """
+
+    backbone: str
+    fingerprint: str
+    layers: tuple[int, ...]
+    feature_dim: int
+    elements: tuple[int, ...]
+    criterion: str
+    tau: float
+    quantile: float | None
+    temperature: float
+    p_star: float
+    target_risk: float
+    coverage: float
+    config: HeadConfig = HeadConfig()
+    report: dict = field(default_factory=dict)
+    backbone_path: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> HeadMeta:
+        d = json.loads(text)
+        d["config"] = HeadConfig(**d["config"])
+        d["layers"], d["elements"] = tuple(d["layers"]), tuple(d["elements"])
+        return cls(**d)
+
+
+def _checksum(meta_json: str, state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_head(head: ProbeHead, meta: HeadMeta, path: str | os.PathLike) -> None:
+    """Write ``head`` and ``meta`` to ``path`` atomically."""
+    state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    meta_json = meta.to_json()
+    payload = {"format": FORMAT, "version": VERSION, "meta": meta_json, "state": state,
+               "sha256": _checksum(meta_json, state)}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta]:
+    """Read a head file without executing code; refuse truncated or edited files."""
+    if not os.path.exists(path):
+        raise HeadFileError(f"no head file at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise HeadFileError(f"{path} is not a readable probe-ase head file ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise HeadFileError(f"{path} is not a probe-ase head file")
+    if payload.get("version") != VERSION:
+        raise HeadFileError(f"{path} has head-file version {payload.get('version')}; this probe-ase reads {VERSION}")
+    meta_json, state = payload["meta"], payload["state"]
+    if _checksum(meta_json, state) != payload.get("sha256"):
+        raise HeadFileError(f"{path} failed its checksum: the file was modified or damaged")
+    meta = HeadMeta.from_json(meta_json)
+    head = ProbeHead(meta.feature_dim, meta.elements, meta.config)
+    head.load_state_dict(state)
+    head.eval()
+    return head, meta
+
+
+@dataclass
+class Probe:
+    """A fitted PROBE head with its metadata: what :func:`~probe_ase.fit_probe` returns.
+
+    ``probe.report`` summarises the fit; ``probe.save(path)`` writes the head
+    file and ``Probe.load(path)`` reads it back.
+    """
+
+    head: ProbeHead
+    meta: HeadMeta
+
+    @property
+    def report(self) -> dict:
+        return self.meta.report
+
+    @property
+    def p_star(self) -> float:
+        return self.meta.p_star
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the head file to ``path`` atomically."""
+        save_head(self.head, self.meta, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Probe:
+        """Read a head file (never executes code)."""
+        return cls(*load_head(path))
+
+    def check_backbone(self, kind: str, fingerprint: str, feature_dim: int, layers: Sequence[int]) -> None:
+        """Raise :class:`MismatchError` unless the head was fitted on this backbone and layers."""
+        m = self.meta
+        if kind != m.backbone:
+            raise MismatchError(f"head was fitted on a {m.backbone} backbone, not {kind}")
+        if tuple(layers) != m.layers or feature_dim != m.feature_dim:
+            raise MismatchError(
+                f"head reads {m.feature_dim} features from layers {list(m.layers)}; "
+                f"the tap gives {feature_dim} from layers {list(layers)}"
+            )
+        if fingerprint != m.fingerprint:
+            raise MismatchError(
+                f"head was fitted on backbone {m.fingerprint[:12]}..., but this backbone is {fingerprint[:12]}... "
+                "(a different or retrained model); refit the head for it"
+            )
+
+    def predict(
+        self, features: torch.Tensor, numbers: torch.Tensor, ptr: np.ndarray, edges: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated reliability per structure and importance per atom (concatenated)."""
+        inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
+        p, importance = self.head.reliability(*inputs)
+        return p.cpu().numpy().astype(float), importance.cpu().numpy().astype(float)

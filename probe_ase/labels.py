@@ -1,0 +1,84 @@
+"""Error criteria: how far a backbone prediction is from the reference.
+
+A structure is *reliable* (label 1) when its error under the chosen criterion
+is at most the tolerance ``tau``:
+
+==================  ========================================  =========
+criterion           error                                     unit
+==================  ========================================  =========
+``force_rmse``      RMS over atoms and components of ΔF       eV/Å
+``force_max``       largest per-atom norm of ΔF               eV/Å
+``energy_per_atom`` abs(ΔE) / n_atoms                         eV/atom
+``energy``          abs(ΔE)                                   eV
+==================  ========================================  =========
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import numpy as np
+
+from .exceptions import InputError, LabelError
+
+Criterion = Literal["force_rmse", "force_max", "energy_per_atom", "energy"]
+CRITERIA: tuple[str, ...] = get_args(Criterion)
+UNITS = {"force_rmse": "eV/Å", "force_max": "eV/Å", "energy_per_atom": "eV/atom", "energy": "eV"}
+
+
+def needs_forces(criterion: str) -> bool:
+    """Whether ``criterion`` compares forces (and so needs reference forces)."""
+    return check_criterion(criterion).startswith("force")
+
+
+def check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    return criterion
+
+
+def structure_error(
+    criterion: str,
+    pred_energy: float,
+    ref_energy: float | None,
+    pred_forces: np.ndarray | None = None,
+    ref_forces: np.ndarray | None = None,
+) -> float:
+    """Error of one structure under ``criterion`` (units in the module table)."""
+    check_criterion(criterion)
+    if needs_forces(criterion):
+        diff = np.asarray(pred_forces) - np.asarray(ref_forces)
+        if criterion == "force_rmse":
+            return float(np.sqrt(np.mean(diff**2)))
+        return float(np.linalg.norm(diff, axis=1).max())
+    delta = abs(float(pred_energy) - float(ref_energy))
+    if criterion == "energy_per_atom":
+        n_atoms = len(pred_forces) if pred_forces is not None else len(ref_forces)
+        return delta / n_atoms
+    return delta
+
+
+def resolve_tolerance(errors: np.ndarray, threshold: float | None = None, quantile: float | None = None) -> float:
+    """Tolerance ``tau``: an absolute ``threshold`` or a ``quantile`` (0-1) of ``errors``."""
+    if (threshold is None) == (quantile is None):
+        raise InputError("give exactly one of threshold (absolute, criterion units) or quantile (0-1)")
+    if threshold is not None:
+        if not np.isfinite(threshold) or threshold <= 0:
+            raise InputError(f"threshold must be a positive number, got {threshold}")
+        return float(threshold)
+    if not 0 < quantile < 1:
+        raise InputError(f"quantile must lie strictly between 0 and 1, got {quantile}")
+    return float(np.quantile(errors, quantile))
+
+
+def make_labels(errors: np.ndarray, tau: float) -> np.ndarray:
+    """Binary labels, 1 = reliable (error <= tau); both classes must occur."""
+    labels = (np.asarray(errors) <= tau).astype(np.int64)
+    n_good = int(labels.sum())
+    if n_good == 0 or n_good == len(labels):
+        which = "reliable" if n_good else "unreliable"
+        raise LabelError(
+            f"all {len(labels)} structures are {which} at tau={tau:.4g} "
+            f"(errors span {np.min(errors):.4g}..{np.max(errors):.4g}); choose another threshold or add data"
+        )
+    return labels

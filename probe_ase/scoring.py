@@ -1,0 +1,44 @@
+"""Batched scoring of many structures: one backbone pass per batch, then the head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from .graph import radius_graph
+from .headfile import Probe
+from .taps.base import Tap
+from .validate import check_atoms
+
+
+def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: int = 32) -> Iterator[Atoms]:
+    """Score ``frames`` lazily; yield copies carrying the results.
+
+    Each yielded frame keeps its own ``info``/``arrays`` and gains
+    ``info["reliability"]`` (0-1), ``info["reliable"]``, ``info["mlip_energy"]``
+    (eV), ``arrays["mlip_forces"]`` (eV/Å) and ``arrays["atom_importance"]``.
+    Memory stays constant in the number of frames.
+    """
+    frames = iter(frames)
+    index = 0
+    while chunk := list(islice(frames, batch_size)):
+        for k, atoms in enumerate(chunk):
+            check_atoms(atoms, tap.elements, where=f"frame {index + k}")
+        predictions = list(tap.predict(chunk, batch_size=len(chunk)))
+        features = torch.cat([pr.features for pr in predictions])
+        ptr = np.cumsum([0] + [len(a) for a in chunk])
+        numbers = torch.as_tensor(np.concatenate([a.numbers for a in chunk]), device=features.device)
+        edges = [radius_graph(a, probe.meta.config.cutoff) for a in chunk]
+        p, importance = probe.predict(features, numbers, ptr, edges)
+        for k, (atoms, pred) in enumerate(zip(chunk, predictions)):
+            out = atoms.copy()
+            out.calc = atoms.calc  # keeps reference energy/forces from extxyz
+            out.info.update(reliability=float(p[k]), reliable=bool(p[k] >= probe.p_star), mlip_energy=pred.energy)
+            out.arrays["mlip_forces"] = np.asarray(pred.forces, dtype=float)
+            out.arrays["atom_importance"] = importance[ptr[k] : ptr[k + 1]]
+            yield out
+        index += len(chunk)

@@ -1,0 +1,98 @@
+"""Tap for MACE models run through mace-torch's ``MACECalculator``.
+
+Features are the scalar (``0e``) channels of each interaction layer's node
+features, i.e. the outputs of ``model.products[i]``. Equivariant (l > 0)
+channels are left out so that every feature is rotation invariant. For a
+committee calculator only the first model is tapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+
+from .base import Tap
+
+
+class MaceTap(Tap):
+    """Hooks on ``MACECalculator.models[0].products``."""
+
+    kind = "mace"
+
+    def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
+        self._scalar_index = [
+            _scalar_channels(product.linear.irreps_out) for product in calc.models[0].products
+        ]
+        super().__init__(calc, layers)
+
+    @classmethod
+    def accepts(cls, calc: Calculator) -> bool:
+        try:
+            from mace.calculators import MACECalculator
+        except ImportError:  # pragma: no cover - mace-torch is a core dependency
+            return False
+        return isinstance(calc, MACECalculator)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.calc.models[0]
+
+    def feature_modules(self) -> list[torch.nn.Module]:
+        return list(self.module.products)
+
+    def layer_width(self, layer: int) -> int:
+        return len(self._scalar_index[layer])
+
+    def invariant(self, layer: int, output: object) -> torch.Tensor:
+        index = self._scalar_index[layer]
+        return output[:, index[0] : index[-1] + 1] if _contiguous(index) else output[:, index]
+
+    @property
+    def elements(self) -> tuple[int, ...]:
+        return tuple(int(z) for z in self.calc.z_table.zs)
+
+    def _predict_batch(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
+        from mace import data as mace_data
+        from mace.tools import torch_geometric, torch_tools
+
+        calc = self.calc
+        keyspec = mace_data.KeySpecification(info_keys={}, arrays_keys={})
+        with torch_tools.default_dtype(calc.default_dtype):
+            graphs = [
+                mace_data.AtomicData.from_config(
+                    mace_data.config_from_atoms(atoms, key_specification=keyspec, head_name=calc.head),
+                    z_table=calc.z_table,
+                    cutoff=calc.r_max,
+                    heads=calc.available_heads,
+                )
+                for atoms in frames
+            ]
+        batch = torch_geometric.Batch.from_data_list(graphs).to(calc.device)
+        dtype = next(self.module.parameters()).dtype
+        data = {
+            k: (v.to(dtype) if torch.is_floating_point(v) else v)
+            for k, v in batch.to_dict().items()
+            if torch.is_tensor(v)
+        }
+        out = self.module(data, compute_force=True, compute_stress=False, training=False)
+        energies = out["energy"].detach().cpu().numpy() * calc.energy_units_to_eV
+        forces = out["forces"].detach().cpu().numpy() * (calc.energy_units_to_eV / calc.length_units_to_A)
+        offsets = np.cumsum([0] + [len(a) for a in frames])
+        return energies, [forces[offsets[k] : offsets[k + 1]] for k in range(len(frames))]
+
+
+def _scalar_channels(irreps: object) -> list[int]:
+    """Column indices of the ``0e`` channels of an e3nn ``Irreps``."""
+    index: list[int] = []
+    for (mul, ir), sl in zip(irreps, irreps.slices()):
+        if ir.l == 0 and ir.p == 1:
+            index.extend(range(sl.start, sl.stop))
+    return index
+
+
+def _contiguous(index: list[int]) -> bool:
+    return index == list(range(index[0], index[-1] + 1))

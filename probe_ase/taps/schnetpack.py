@@ -1,0 +1,163 @@
+"""Tap for SchNetPack 2.x models run through ``schnetpack.interfaces.SpkCalculator``.
+
+The features of layer ``i`` are the scalar atom representation the
+representation module holds after interaction ``i`` (the ``i``-th entry of what
+it would finally store as ``scalar_representation``):
+
+* **SchNet** updates ``x = x + v`` inside ``SchNet.forward``, so no module
+  outputs the running sum. Each ``interactions[i]`` gets a forward *pre*-hook
+  that keeps its input ``x`` and the usual forward hook adds the block's output
+  ``v``: the feature is ``x + v``, bit for bit the value ``SchNet.forward``
+  computes (electronic embeddings included, as they are already in ``x``).
+* **PaiNN**: ``mixing[i]`` returns ``(q, mu)`` with ``q`` the scalar
+  representation after layer ``i``; only ``q`` (squeezed from ``(n, 1, F)``)
+  is kept, the equivariant vector ``mu`` never enters.
+
+Only one module per layer carries the base class's forward hook, so
+``n_forward`` still counts one per backbone pass. Representations with
+``shared_interactions=True`` reuse one module for every layer, which per-module
+hooks cannot tell apart; they are refused with :class:`BackboneError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+
+from ..exceptions import BackboneError
+from .base import Tap
+
+
+class SchNetPackTap(Tap):
+    """Hooks on ``SpkCalculator.model.representation`` (SchNet or PaiNN)."""
+
+    kind = "schnetpack"
+
+    def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
+        self._rep, self._arch = _find_representation(calc.model)
+        self._inputs: dict[int, torch.Tensor] = {}
+        super().__init__(calc, layers)
+        self._extra_handles = []
+        if self._arch == "schnet":
+            modules = self.feature_modules()
+            self._extra_handles = [
+                modules[i].register_forward_pre_hook(self._make_pre_hook(i)) for i in self.layers
+            ]
+
+    @classmethod
+    def accepts(cls, calc: Calculator) -> bool:
+        try:
+            from schnetpack.interfaces import SpkCalculator
+        except Exception:  # schnetpack absent, or broken against this torch
+            return False
+        return isinstance(calc, SpkCalculator)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.calc.model
+
+    def feature_modules(self) -> list[torch.nn.Module]:
+        return list(self._rep.interactions if self._arch == "schnet" else self._rep.mixing)
+
+    def layer_width(self, layer: int) -> int:
+        return int(self._rep.n_atom_basis)
+
+    def invariant(self, layer: int, output: object) -> torch.Tensor:
+        if self._arch == "schnet":
+            return self._inputs.pop(layer) + output
+        q = output[0]
+        return q.squeeze(1)
+
+    @property
+    def elements(self) -> tuple[int, ...]:
+        trained = getattr(self.module, "trained_elements", None)
+        if trained is not None:
+            return tuple(sorted(int(z) for z in trained))
+        emb = self._rep.embedding
+        if isinstance(emb, torch.nn.Embedding):
+            max_z = emb.num_embeddings
+        elif hasattr(emb, "element_embedding"):  # schnetpack.nn.embedding.NuclearEmbedding
+            max_z = emb.element_embedding.shape[0]
+        else:
+            raise BackboneError(f"cannot tell which elements the embedding {type(emb).__name__} handles")
+        return tuple(range(1, int(max_z)))
+
+    def _predict_batch(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
+        from schnetpack import properties
+
+        calc = self.calc
+        inputs = calc.converter(list(frames))  # the converter insists on a plain list
+        default = torch.get_default_dtype()
+        # PaiNN makes its vector features with the *default* dtype, which fails
+        # against a float32 model once something (a test, older mace-torch) set float64
+        torch.set_default_dtype(inputs[properties.R].dtype)
+        try:
+            with torch.enable_grad():  # forces are autograd derivatives of the energy
+                out = calc.model(inputs)
+        finally:
+            torch.set_default_dtype(default)
+        energies = out[calc.energy_key].detach().cpu().numpy().reshape(-1) * calc.property_units["energy"]
+        forces = out[calc.force_key].detach().cpu().numpy() * calc.property_units["forces"]
+        offsets = np.cumsum([0] + [len(a) for a in frames])
+        return energies, [forces[offsets[k] : offsets[k + 1]] for k in range(len(frames))]
+
+    def _make_pre_hook(self, layer: int):
+        def pre_hook(module: torch.nn.Module, args: tuple) -> None:
+            self._inputs[layer] = args[0].detach()
+
+        return pre_hook
+
+    def close(self) -> None:
+        for handle in self._extra_handles:
+            handle.remove()
+        self._extra_handles.clear()
+        self._inputs.clear()
+        super().close()
+
+
+def _find_representation(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The SchNet or PaiNN module inside ``model`` and its kind."""
+    from schnetpack.representation import PaiNN, SchNet
+
+    rep = getattr(model, "representation", None)
+    if not isinstance(rep, (SchNet, PaiNN)):
+        found = [m for m in model.modules() if isinstance(m, (SchNet, PaiNN))]
+        if len(found) != 1:
+            what = type(rep).__name__ if rep is not None else f"{len(found)} SchNet/PaiNN modules"
+            raise BackboneError(
+                f"unsupported SchNetPack representation ({what}) in {type(model).__name__}; "
+                "probe-ase taps schnetpack.representation.SchNet and PaiNN"
+            )
+        rep = found[0]
+    arch = "schnet" if isinstance(rep, SchNet) else "painn"
+    layers = list(rep.interactions if arch == "schnet" else rep.mixing)
+    if len({id(m) for m in layers}) != len(layers):
+        raise BackboneError(
+            f"SchNetPack {type(rep).__name__} with shared interaction weights cannot be tapped per layer"
+        )
+    return rep, arch
+
+
+def spk_calculator(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Calculator:
+    """An ``SpkCalculator`` for a saved SchNetPack model trained in eV and Å.
+
+    The neighbour-list cutoff (Å) is read from the model's representation.
+    """
+    import schnetpack.transform as trn
+    from schnetpack.interfaces import SpkCalculator
+
+    model = torch.load(path, map_location="cpu", weights_only=False)
+    rep, _ = _find_representation(model)
+    return SpkCalculator(
+        model_file=os.fspath(path),
+        neighbor_list=trn.ASENeighborList(cutoff=float(rep.cutoff)),
+        energy_unit="eV",
+        position_unit="Ang",
+        device=device,
+        dtype=dtype,
+    )

@@ -1,0 +1,15 @@
+"""Small real backbones and data for tests, examples and the demo.
+
+Everything here runs on a CPU in seconds and needs no files or network:
+:func:`emt_frames` makes labelled frames with ASE's EMT potential and
+:func:`train_mace` trains a tiny MACE on them. The SchNetPack counterparts live
+in :mod:`probe_ase.testing.schnetpack` (needs the ``schnetpack`` extra).
+"""
+
+from __future__ import annotations
+
+from .data import emt_frames
+from .invariance import assert_invariant
+from .mace import train_mace
+
+__all__ = ["assert_invariant", "emt_frames", "train_mace"]

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny real backbones trained on EMT copper, fitted heads.
+
+Backbones are trained once per session. Tests that need SchNetPack skip when
+it is missing on a developer machine but fail under CI (``CI`` set), so a
+missing optional backbone can never pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from probe_ase import HeadConfig, TrainConfig, fit_probe
+from probe_ase.testing import emt_frames, train_mace
+
+logging.getLogger().setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+BACKBONES = ["mace", "schnet", "painn"]
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def require_schnetpack():
+    try:
+        import schnetpack  # noqa: F401
+    except ImportError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"schnetpack is required in CI but cannot be imported: {err}")
+        pytest.skip("schnetpack extra not installed (pip install -e '.[schnetpack]')")
+
+
+@pytest.fixture(scope="session")
+def cu_data():
+    """EMT copper: backbone training set, head fit pool, held-out test frames."""
+    return {
+        "train": emt_frames(40, 300, seed=1),
+        "pool": emt_frames(60, 300, seed=2) + emt_frames(30, 900, seed=3) + emt_frames(30, 600, strain=0.03, seed=4),
+        "test_in": emt_frames(30, 300, seed=5),
+        "test_out": emt_frames(15, 1000, seed=6) + emt_frames(15, 700, strain=0.04, seed=7),
+    }
+
+
+def _train_backbone(name: str, frames):
+    if name == "mace":
+        return train_mace(frames, epochs=30, seed=0)
+    require_schnetpack()
+    from probe_ase.testing.schnetpack import train_schnetpack
+
+    return train_schnetpack(frames, representation=name, seed=0)
+
+
+@pytest.fixture(scope="session")
+def backbones(cu_data):
+    """Lazily trained backbone calculators by name."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = _train_backbone(name, cu_data["train"])
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def probes(backbones, cu_data):
+    """Lazily fitted heads by backbone name (top 30 % force RMSE unreliable)."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = fit_probe(
+                backbones(name), cu_data["pool"], criterion="force_rmse", quantile=0.7,
+                config=HeadConfig(hidden=32), train=TrainConfig(epochs=80, patience=15),
+                cache_dir=False, progress=False,
+            )
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=BACKBONES)
+def backbone_name(request):
+    if request.param != "mace":
+        require_schnetpack()
+    return request.param

@@ -1,0 +1,98 @@
+"""Conformance tests every backbone tap must pass (MACE, SchNet, PaiNN)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probe_ase import BackboneError, InputError, find_tap
+
+
+def reference_last_layer(name: str, calc, atoms) -> np.ndarray:
+    """The backbone's own invariant features of its last layer, computed without hooks."""
+    if name == "mace":
+        return calc.get_descriptors(atoms)[:, -calc.models[0].products[-1].linear.irreps_out.dim :]
+    inputs = calc.converter(atoms)
+    for module in calc.model.input_modules:
+        inputs = module(inputs)
+    return calc.model.representation(inputs)["scalar_representation"].detach().cpu().numpy()
+
+
+def test_features_shape_dtype_and_values(backbone_name, backbones, cu_data):
+    calc = backbones(backbone_name)
+    atoms = cu_data["test_in"][0].copy()
+    with find_tap(calc) as tap:
+        atoms.calc = calc
+        atoms.get_forces()
+        feats = tap.features()
+        assert feats.shape == (len(atoms), tap.feature_dim)
+        assert not feats.requires_grad
+        assert feats.dtype == next(tap.module.parameters()).dtype
+        last = feats[:, -tap.layer_width(tap.layers[-1]) :].cpu().numpy()
+        expected = reference_last_layer(backbone_name, calc, atoms)
+        np.testing.assert_allclose(last, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_one_backbone_pass_per_step(backbone_name, backbones, cu_data):
+    """Hooks ride on the backbone's own pass: exactly one forward per calculation."""
+    calc = backbones(backbone_name)
+    calc.reset()  # the session-wide calculator may hold results for these atoms
+    with find_tap(calc) as tap:
+        calls = []
+        handle = tap.module.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            for atoms in cu_data["test_in"][:3]:
+                atoms = atoms.copy()
+                atoms.calc = calc
+                atoms.get_forces()
+        finally:
+            handle.remove()
+        assert len(calls) == 3
+        assert tap.n_forward == 3
+
+
+def test_batched_predict_matches_calculator(backbone_name, backbones, cu_data):
+    calc = backbones(backbone_name)
+    frames = cu_data["test_out"][:5]
+    with find_tap(calc) as tap:
+        batched = list(tap.predict(frames, batch_size=3))
+        for atoms, pred in zip(frames, batched):
+            atoms = atoms.copy()
+            atoms.calc = calc
+            assert pred.energy == pytest.approx(atoms.get_potential_energy(), rel=1e-5, abs=1e-5)
+            np.testing.assert_allclose(pred.forces, atoms.get_forces(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(pred.features, tap.features(), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_selection_and_close(backbone_name, backbones, cu_data):
+    calc = backbones(backbone_name)
+    with find_tap(calc) as full:
+        width = full.feature_dim
+    with find_tap(calc, layers=[0]) as first:
+        assert first.layers == (0,)
+        assert first.feature_dim == first.layer_width(0) < width
+    with pytest.raises(InputError, match="layers"):
+        find_tap(calc, layers=[7])
+    tap = find_tap(calc)
+    tap.close()
+    atoms = cu_data["test_in"][1].copy()
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    assert tap.n_forward == 0
+
+
+def test_fingerprint_tells_models_apart(backbones, cu_data):
+    from probe_ase.testing import train_mace
+
+    other = train_mace(cu_data["train"][:10], epochs=1, seed=1)
+    with find_tap(backbones("mace")) as a, find_tap(other) as b:
+        assert a.fingerprint() == a.fingerprint()
+        assert a.fingerprint() != b.fingerprint()
+
+
+def test_no_backbone_is_a_clear_error():
+    from ase.calculators.emt import EMT
+
+    with pytest.raises(BackboneError, match="EMT"):
+        find_tap(EMT())
