@@ -6,7 +6,7 @@ backbone's per-atom features with forward hooks during its own pass, and adds
 are fitted with :func:`fit_probe` (PROBE, arXiv:2605.00640).
 """
 
-from .calculator import ProbeCalculator
+from .calculator import ProbeCalculator, annotate
 from .dataset import featurize, read_frames
 from .exceptions import (
     BackboneError,
@@ -42,6 +42,7 @@ __all__ = [
     "ProbeHead",
     "TrainConfig",
     "UnknownElementError",
+    "annotate",
     "featurize",
     "find_tap",
     "fit_probe",

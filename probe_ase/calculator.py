@@ -87,3 +87,19 @@ class ProbeCalculator(Calculator):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def annotate(atoms: Atoms, results: dict | None = None) -> Atoms:
+    """Copy PROBE results into ``atoms.info`` / ``atoms.arrays`` so any ASE writer keeps them.
+
+    ASE's extxyz and trajectory writers store only the standard calculator
+    properties; after ``annotate`` a frame carries ``info["reliability"]``
+    (0-1), ``info["reliable"]`` and ``arrays["atom_importance"]`` (sums to 1),
+    which OVITO and ``ase.io.read`` read back. ``results`` defaults to
+    ``atoms.calc.results``. Returns ``atoms``.
+    """
+    results = atoms.calc.results if results is None else results
+    atoms.info["reliability"] = float(results["reliability"])
+    atoms.info["reliable"] = bool(results["reliable"])
+    atoms.arrays["atom_importance"] = np.asarray(results["atom_importance"], dtype=float)
+    return atoms

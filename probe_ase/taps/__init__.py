@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ase.calculators.calculator import Calculator
+from ase.calculators.calculator import BaseCalculator
 from ase.calculators.mixing import LinearCombinationCalculator
 
 from ..exceptions import BackboneError
@@ -20,17 +20,18 @@ from .schnetpack import SchNetPackTap
 TAPS: tuple[type[Tap], ...] = (MaceTap, SchNetPackTap)
 
 
-def backbone_calculators(calc: Calculator) -> list[tuple[type[Tap], Calculator]]:
+def backbone_calculators(calc: BaseCalculator) -> list[tuple[type[Tap], BaseCalculator]]:
     """Every (tap class, calculator) pair for supported backbones inside ``calc``."""
     for tap_cls in TAPS:
         if tap_cls.accepts(calc):
             return [(tap_cls, calc)]
     if isinstance(calc, LinearCombinationCalculator):
-        return [pair for member in calc.calcs for pair in backbone_calculators(member)]
+        members = getattr(calc, "mixer", calc).calcs  # ASE >= 3.23 keeps them in a Mixer
+        return [pair for member in members for pair in backbone_calculators(member)]
     return []
 
 
-def find_tap(calc: Calculator, layers: Sequence[int] | None = None) -> Tap:
+def find_tap(calc: BaseCalculator, layers: Sequence[int] | None = None) -> Tap:
     """Attach the right tap to the one backbone in ``calc`` (hooks are live on return)."""
     found = backbone_calculators(calc)
     if len(found) != 1:

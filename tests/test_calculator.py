@@ -1,0 +1,144 @@
+"""ProbeCalculator on real backbones: results, invariance, MD, optimisers, mixing, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.calculators.lj import LennardJones
+from ase.calculators.mixing import SumCalculator
+from ase.io import read, write
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS
+
+from probe_ase import (
+    EmptyStructureError,
+    MismatchError,
+    NonFiniteError,
+    ProbeCalculator,
+    UnknownElementError,
+    annotate,
+)
+from probe_ase.testing import assert_invariant, train_mace
+
+
+@pytest.fixture
+def probe_calc(backbone_name, backbones, probes):
+    calc = ProbeCalculator(backbones(backbone_name), probes(backbone_name))
+    yield calc
+    calc.close()
+
+
+def test_results_pass_through_and_add_reliability(probe_calc, cu_data):
+    atoms = cu_data["test_in"][0].copy()
+    atoms.calc = probe_calc
+    energy = atoms.get_potential_energy()
+    results = probe_calc.results
+    assert energy == pytest.approx(probe_calc.base.results["energy"])
+    np.testing.assert_allclose(results["forces"], probe_calc.base.results["forces"])
+    assert 0.0 <= results["reliability"] <= 1.0
+    assert results["reliable"] == (results["reliability"] >= probe_calc.threshold)
+    assert results["atom_importance"].shape == (len(atoms),)
+    assert results["atom_importance"].sum() == pytest.approx(1.0, abs=1e-5)
+    assert probe_calc.get_property("reliability", atoms) == results["reliability"]
+    assert "reliability" in probe_calc.implemented_properties
+    assert "reliability" not in type(probe_calc).implemented_properties
+
+
+def test_reliability_is_invariant(probe_calc, cu_data):
+    assert_invariant(probe_calc, cu_data["test_out"][0], tol=1e-5)
+
+
+def test_recomputes_only_when_atoms_change(probe_calc, cu_data):
+    atoms = cu_data["test_in"][2].copy()
+    atoms.calc = probe_calc
+    atoms.get_potential_energy()
+    runs = probe_calc.tap.n_forward
+    atoms.get_forces()
+    probe_calc.get_property("reliability", atoms)
+    assert probe_calc.tap.n_forward == runs  # one backbone pass served energy, forces, reliability
+    atoms.positions[0] += 0.05
+    atoms.get_forces()
+    assert probe_calc.tap.n_forward == runs + 1
+
+
+def test_backbone_cache_does_not_starve_the_head(backbones, probes, cu_data):
+    """If the backbone already holds results for these atoms, the head still gets fresh features."""
+    base = backbones("mace")
+    atoms = cu_data["test_in"][3].copy()
+    atoms.calc = base
+    atoms.get_forces()
+    with ProbeCalculator(base, probes("mace")) as calc:
+        atoms.calc = calc
+        atoms.get_forces()
+        assert "reliability" in calc.results
+
+
+def test_md_and_optimiser_run_with_reliability(backbones, probes, cu_data):
+    atoms = cu_data["test_in"][4].copy()
+    with ProbeCalculator(backbones("mace"), probes("mace")) as calc:
+        atoms.calc = calc
+        seen = []
+        dyn = VelocityVerlet(atoms, 1.0 * units.fs)
+        dyn.attach(lambda: seen.append(calc.results["reliability"]), interval=1)
+        dyn.run(5)
+        assert len(seen) == 6 and all(0 <= p <= 1 for p in seen)
+        assert calc.tap.n_forward == 6  # one backbone pass per MD step, nothing extra
+        opt = BFGS(atoms, logfile=None)
+        opt.run(fmax=0.5, steps=5)
+        assert 0 <= calc.results["reliability"] <= 1
+
+
+def test_wraps_a_sum_calculator(backbones, probes, cu_data):
+    """ProbeCalculator(SumCalculator([mlip, dispersion])) taps the backbone inside the sum."""
+    base = backbones("mace")
+    lj = LennardJones(sigma=2.3, epsilon=0.005, rc=5.0)
+    atoms = cu_data["test_in"][5].copy()
+    with ProbeCalculator(SumCalculator([base, lj]), probes("mace")) as calc:
+        atoms.calc = calc
+        energy = atoms.get_potential_energy()
+        p_sum = calc.results["reliability"]
+    atoms_lj, atoms_mlip = atoms.copy(), atoms.copy()
+    atoms_lj.calc = LennardJones(sigma=2.3, epsilon=0.005, rc=5.0)
+    with ProbeCalculator(base, probes("mace")) as plain:
+        atoms_mlip.calc = plain
+        assert energy == pytest.approx(atoms_mlip.get_potential_energy() + atoms_lj.get_potential_energy())
+        assert p_sum == pytest.approx(plain.results["reliability"], abs=1e-6)
+
+
+def test_annotated_results_survive_extxyz(probe_calc, cu_data, tmp_path):
+    atoms = cu_data["test_in"][6].copy()
+    atoms.calc = probe_calc
+    atoms.get_forces()
+    write(tmp_path / "frame.xyz", annotate(atoms), format="extxyz")
+    back = read(tmp_path / "frame.xyz")
+    assert back.info["reliability"] == pytest.approx(probe_calc.results["reliability"])
+    assert back.info["reliable"] == probe_calc.results["reliable"]
+    np.testing.assert_allclose(back.arrays["atom_importance"], probe_calc.results["atom_importance"], atol=1e-6)
+    np.testing.assert_allclose(back.get_forces(), probe_calc.results["forces"], atol=1e-6)
+
+
+def test_bad_structures_are_clear_errors(backbones, probes, cu_data):
+    with ProbeCalculator(backbones("mace"), probes("mace")) as calc:
+        nan = cu_data["test_in"][0].copy()
+        nan.positions[3, 1] = np.nan
+        with pytest.raises(NonFiniteError, match="atom indices \\[3\\]"):
+            calc.get_property("reliability", nan)
+        with pytest.raises(EmptyStructureError):
+            calc.get_property("reliability", Atoms(cell=[5, 5, 5], pbc=True))
+        gold = cu_data["test_in"][0].copy()
+        gold.symbols[0] = "Au"
+        with pytest.raises(UnknownElementError, match="Au"):
+            calc.get_property("reliability", gold)
+
+
+def test_head_refuses_another_backbone(probes, cu_data):
+    other = train_mace(cu_data["train"][:10], epochs=1, seed=7)
+    with pytest.raises(MismatchError, match="different or retrained"):
+        ProbeCalculator(other, probes("mace"))
+    with pytest.raises(MismatchError, match="layers"):
+        from probe_ase.headfile import Probe
+        import dataclasses
+
+        probe = probes("mace")
+        ProbeCalculator(other, Probe(probe.head, dataclasses.replace(probe.meta, layers=(0,))))

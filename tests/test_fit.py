@@ -1,0 +1,62 @@
+"""Fitting learns a real signal, deterministically, and refuses unusable labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from probe_ase import HeadConfig, LabelError, MissingReferenceError, TrainConfig, find_tap, fit_probe
+from probe_ase.metrics import auroc
+from probe_ase.scoring import score_frames
+
+
+def held_out_scores(calc, probe, frames):
+    with find_tap(calc, probe.meta.layers) as tap:
+        scored = list(score_frames(probe, tap, frames))
+    p = np.array([f.info["reliability"] for f in scored])
+    err = np.array([np.sqrt(np.mean((f.arrays["mlip_forces"] - f.get_forces()) ** 2)) for f in scored])
+    return p, err
+
+
+def test_head_separates_shifted_frames(backbone_name, backbones, probes, cu_data):
+    """On held-out in-distribution vs hot/strained frames, AUROC >= 0.8."""
+    calc, probe = backbones(backbone_name), probes(backbone_name)
+    p, err = held_out_scores(calc, probe, cu_data["test_in"] + cu_data["test_out"])
+    unreliable = err > probe.meta.tau
+    assert 0 < unreliable.sum() < len(err)
+    assert auroc(unreliable, 1 - p) >= 0.8
+    assert probe.meta.criterion == "force_rmse" and probe.meta.backbone in ("mace", "schnetpack")
+    report = probe.report
+    assert report["n_train"] + report["n_val"] + report["n_cal"] == len(cu_data["pool"])
+    assert 0 < probe.meta.p_star <= 1 and 0 <= probe.meta.coverage <= 1
+
+
+def test_fit_is_deterministic(backbones, cu_data):
+    kwargs = dict(criterion="energy_per_atom", quantile=0.7, config=HeadConfig(hidden=16, heads=2),
+                  train=TrainConfig(epochs=5, seed=3), cache_dir=False, progress=False)
+    a = fit_probe(backbones("mace"), cu_data["pool"], **kwargs)
+    b = fit_probe(backbones("mace"), cu_data["pool"], **kwargs)
+    assert a.meta == b.meta
+    for (name, x), (_, y) in zip(a.head.state_dict().items(), b.head.state_dict().items()):
+        assert np.array_equal(x.numpy(), y.numpy()), name
+
+
+def test_unusable_labels_are_clear_errors(backbones, cu_data):
+    calc = backbones("mace")
+    with pytest.raises(LabelError, match="all 120 structures are reliable"):
+        fit_probe(calc, cu_data["pool"], criterion="force_rmse", threshold=100.0, cache_dir=False, progress=False)
+    with pytest.raises(LabelError, match="unreliable"):
+        fit_probe(calc, cu_data["pool"], criterion="force_rmse", threshold=1e-9, cache_dir=False, progress=False)
+
+
+def test_force_criterion_needs_reference_forces(backbones, cu_data):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = [a.copy() for a in cu_data["pool"]]
+    for a, src in zip(frames, cu_data["pool"]):
+        a.calc = SinglePointCalculator(a, energy=src.get_potential_energy())  # energy only
+    with pytest.raises(MissingReferenceError, match="needs reference forces"):
+        fit_probe(backbones("mace"), frames, criterion="force_rmse", cache_dir=False, progress=False)
+    probe = fit_probe(backbones("mace"), frames, criterion="energy", quantile=0.7,
+                      train=TrainConfig(epochs=3), cache_dir=False, progress=False)
+    assert probe.meta.criterion == "energy"

@@ -1,0 +1,226 @@
+"""The attention head, its batching and the neighbourhood graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from probe_ase.graph import radius_graph
+from probe_ase.head import HeadConfig, ProbeHead, batch_inputs, segment_softmax
+
+ELEMENTS = (1, 6, 8)
+
+
+# --- segment_softmax ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segment_softmax_matches_per_group_softmax(seed):
+    gen = torch.Generator().manual_seed(seed)
+    size = 6
+    index = torch.randint(0, size - 1, (40,), generator=gen)  # group size-1 stays empty
+    scores = 3.0 * torch.randn(40, 3, generator=gen)
+    out = segment_softmax(scores, index, size)
+    assert out.shape == scores.shape
+    for g in range(size):
+        mask = index == g
+        if mask.any():
+            torch.testing.assert_close(out[mask], torch.softmax(scores[mask], dim=0), atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(out).all()
+
+
+def test_segment_softmax_hand_case_and_large_scores():
+    scores = torch.tensor([[0.0], [0.0], [1000.0], [1000.0 + np.log(3.0)]], dtype=torch.float64)
+    index = torch.tensor([1, 1, 0, 0])
+    out = segment_softmax(scores, index, 2)
+    # group 1: two equal scores -> 1/2 each; group 0: exp ratio 1:3 -> 1/4, 3/4 (no overflow)
+    torch.testing.assert_close(out[:, 0], torch.tensor([0.5, 0.5, 0.25, 0.75], dtype=torch.float64))
+
+
+# --- ProbeHead ------------------------------------------------------------------------------
+
+
+def _structure(n_atoms: int, gen: torch.Generator):
+    features = torch.randn(n_atoms, 8, generator=gen)
+    numbers = torch.tensor(ELEMENTS)[torch.randint(0, len(ELEMENTS), (n_atoms,), generator=gen)]
+    dense = torch.rand(n_atoms, n_atoms, generator=gen) < 0.5
+    dense |= torch.eye(n_atoms, dtype=torch.bool)
+    edges = dense.nonzero().T.contiguous()  # (dst, src) with self loops
+    return features, numbers, edges
+
+
+def _two_structures():
+    gen = torch.Generator().manual_seed(7)
+    s0, s1 = _structure(5, gen), _structure(7, gen)
+    features = torch.cat([s0[0], s1[0]])
+    numbers = torch.cat([s0[1], s1[1]])
+    ptr = [0, 5, 12]
+    return features, numbers, ptr, [s0[2], s1[2]]
+
+
+def _head():
+    torch.manual_seed(0)
+    head = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0))
+    head.set_standardisation(torch.randn(50, 8) * 2 + 1)
+    return head.eval()
+
+
+def test_probe_head_importance_normalised():
+    head = _head()
+    features, numbers, ptr, edges = _two_structures()
+    logits, importance = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
+    assert logits.shape == (2,) and importance.shape == (12,)
+    assert torch.isfinite(logits).all()
+    assert (importance >= 0).all()
+    sums = torch.stack([importance[:5].sum(), importance[5:].sum()])
+    torch.testing.assert_close(sums, torch.ones(2), atol=1e-6, rtol=0)
+    assert not torch.allclose(importance[:5], torch.full((5,), 0.2))  # not trivially uniform
+    p, importance2 = head.reliability(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
+    torch.testing.assert_close(p, torch.sigmoid(logits))
+    torch.testing.assert_close(importance2, importance)
+
+
+def test_probe_head_structures_are_independent():
+    head = _head()
+    features, numbers, ptr, edges = _two_structures()
+    both, imp_both = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
+    alone, imp_alone = head(*batch_inputs(features, numbers, ptr, edges, [1]))
+    torch.testing.assert_close(alone, both[1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(imp_alone, imp_both[5:], atol=1e-6, rtol=0)
+
+
+def test_probe_head_permutation_invariant():
+    head = _head()
+    features, numbers, ptr, edges = _two_structures()
+    logits, importance = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
+
+    # relabel the atoms of structure 1: new atom a is old atom perm[a]
+    perm = torch.tensor([3, 6, 0, 5, 1, 4, 2])
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(7)
+    features2, numbers2 = features.clone(), numbers.clone()
+    features2[5:] = features[5:][perm]
+    numbers2[5:] = numbers[5:][perm]
+    edges1 = inverse[edges[1]]  # old local index -> new local index, both rows
+    edges1 = edges1[:, torch.randperm(edges1.shape[1], generator=torch.Generator().manual_seed(1))]
+    logits2, importance2 = head(*batch_inputs(features2, numbers2, ptr, [edges[0], edges1], [0, 1]))
+
+    torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(importance2[:5], importance[:5], atol=1e-6, rtol=0)
+    torch.testing.assert_close(importance2[5:], importance[5:][perm], atol=1e-6, rtol=0)
+
+    # the graph matters: the same permutation with the old, unpermuted edges changes the logit
+    logits3, _ = head(*batch_inputs(features2, numbers2, ptr, edges, [0, 1]))
+    assert abs(float(logits3[1] - logits[1])) > 1e-4
+
+
+# --- HeadConfig -----------------------------------------------------------------------------
+
+
+def test_head_config_validation():
+    assert HeadConfig(hidden=12, heads=4).hidden == 12
+    with pytest.raises(ValueError, match="not divisible"):
+        HeadConfig(hidden=10, heads=4)
+    with pytest.raises(ValueError, match="not divisible"):
+        HeadConfig(hidden=64, heads=5)
+    for cutoff in (0.0, -1.0):
+        with pytest.raises(ValueError, match="cutoff must be positive"):
+            HeadConfig(cutoff=cutoff)
+
+
+# --- batch_inputs ---------------------------------------------------------------------------
+
+
+def test_batch_inputs_out_of_order():
+    # three structures with 2, 3 and 4 atoms; row r has feature r and number r + 1
+    features = torch.arange(9, dtype=torch.float32).unsqueeze(1)
+    numbers = torch.arange(9) + 1
+    ptr = [0, 2, 5, 9]
+    edges = [
+        np.array([[0, 1, 0], [0, 1, 1]]),
+        np.array([[0, 1, 2, 2], [0, 1, 2, 0]]),
+        np.array([[0, 1, 2, 3, 3], [0, 1, 2, 3, 1]]),
+    ]
+    feats, nums, graph, batch, n = batch_inputs(features, numbers, ptr, edges, iter([2, 0]))
+    assert n == 2
+    torch.testing.assert_close(feats[:, 0], torch.tensor([5.0, 6.0, 7.0, 8.0, 0.0, 1.0]))
+    torch.testing.assert_close(nums, torch.tensor([6, 7, 8, 9, 1, 2]))
+    torch.testing.assert_close(batch, torch.tensor([0, 0, 0, 0, 1, 1]))
+    # structure 2 keeps local indices (offset 0); structure 0 is shifted by 4 atoms
+    expected = torch.tensor([[0, 1, 2, 3, 3, 4, 5, 4], [0, 1, 2, 3, 1, 4, 5, 5]])
+    torch.testing.assert_close(graph, expected)
+
+    feats, nums, graph, batch, n = batch_inputs(features, numbers, ptr, edges, [1])
+    assert n == 1
+    torch.testing.assert_close(feats[:, 0], torch.tensor([2.0, 3.0, 4.0]))
+    torch.testing.assert_close(batch, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(graph, torch.as_tensor(edges[1]))
+
+    # a structure repeated: both copies, edges offset by 3
+    _, nums, graph, batch, n = batch_inputs(features, numbers, ptr, edges, [1, 1])
+    assert n == 2
+    torch.testing.assert_close(nums, torch.tensor([3, 4, 5, 3, 4, 5]))
+    torch.testing.assert_close(graph[:, 4:], torch.as_tensor(edges[1]) + 3)
+    torch.testing.assert_close(batch, torch.tensor([0, 0, 0, 1, 1, 1]))
+
+
+# --- radius_graph ---------------------------------------------------------------------------
+
+
+def _edge_set(edges: np.ndarray) -> list[tuple[int, int]]:
+    return sorted(map(tuple, edges.T.tolist()))
+
+
+def test_radius_graph_self_loops():
+    atoms = molecule("CH3CH2OH")
+    edges = radius_graph(atoms, 1.5)
+    assert edges.shape[0] == 2 and edges.dtype == np.int64
+    n = len(atoms)
+    np.testing.assert_array_equal(edges[:, :n], np.stack([np.arange(n), np.arange(n)]))
+    # no neighbour within cutoff -> only the self loops
+    lonely = Atoms("H2", positions=[[0, 0, 0], [0, 0, 10]])
+    np.testing.assert_array_equal(radius_graph(lonely, 2.0), [[0, 1], [0, 1]])
+
+
+@pytest.mark.parametrize(
+    "cutoff, per_atom",
+    [
+        (3.0, 1 + 12),  # fcc a = 3.61 Å: 12 neighbours at a/sqrt2 = 2.55 Å
+        (4.0, 1 + 12 + 6),  # + 6 at a = 3.61 Å
+        (5.0, 1 + 12 + 6 + 24),  # + 24 at a*sqrt(3/2) = 4.42 Å (cutoff > half the n=2 cell)
+    ],
+)
+def test_radius_graph_linear_in_atoms_for_periodic_cu(cutoff, per_atom):
+    for n in (2, 3, 4):
+        atoms = bulk("Cu", cubic=True) * (n, n, n)
+        edges = radius_graph(atoms, cutoff)
+        assert edges.shape[1] == per_atom * len(atoms), n
+        # every atom is the destination of the same number of edges
+        np.testing.assert_array_equal(np.bincount(edges[0], minlength=len(atoms)), per_atom)
+
+
+def test_radius_graph_molecule_zero_cell():
+    atoms = molecule("CH3CH2OH")
+    assert not atoms.pbc.any() and np.allclose(atoms.cell.array, 0)
+    cutoff = 1.6
+    edges = radius_graph(atoms, cutoff)
+    dist = np.linalg.norm(atoms.positions[:, None] - atoms.positions[None], axis=-1)
+    i, j = np.nonzero((dist < cutoff) & ~np.eye(len(atoms), dtype=bool))
+    expected = [(k, k) for k in range(len(atoms))] + list(zip(i.tolist(), j.tolist()))
+    assert _edge_set(edges) == sorted(expected)
+    # ethanol at 1.6 Å: 8 bonds (C-C, C-O, 5 C-H, O-H) in both directions + 9 self loops
+    assert edges.shape[1] == 9 + 2 * 8
+
+
+def test_radius_graph_translation_invariant():
+    atoms = molecule("CH3CH2OH")
+    moved = atoms.copy()
+    moved.translate([100.0, 100.0, 100.0])
+    for cutoff in (1.2, 2.5, 5.0):
+        assert _edge_set(radius_graph(moved, cutoff)) == _edge_set(radius_graph(atoms, cutoff))
+    negative = atoms.copy()
+    negative.translate([-100.0, 37.0, -5.0])
+    assert _edge_set(radius_graph(negative, 2.5)) == _edge_set(radius_graph(atoms, 2.5))

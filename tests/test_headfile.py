@@ -1,0 +1,79 @@
+"""Head files: exact round trip, safe loading, clear errors for damaged files."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from probe_ase import HeadFileError, Probe, ProbeCalculator
+
+
+def test_round_trip_gives_identical_outputs(backbones, probes, cu_data, tmp_path):
+    probe = probes("mace")
+    probe.save(tmp_path / "probe.pt")
+    loaded = Probe.load(tmp_path / "probe.pt")
+    assert loaded.meta == probe.meta
+    atoms = cu_data["test_out"][2].copy()
+    outputs = []
+    for p in (probe, loaded):
+        with ProbeCalculator(backbones("mace"), p) as calc:
+            atoms.calc = calc
+            atoms.get_forces()
+            outputs.append((calc.results["reliability"], calc.results["atom_importance"].copy()))
+            calc.reset()
+    assert outputs[0][0] == outputs[1][0]
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+    ProbeCalculator(backbones("mace"), tmp_path / "probe.pt").close()  # a path works too
+
+
+def test_saving_is_atomic_and_leaves_no_temporary_files(probes, tmp_path):
+    path = tmp_path / "probe.pt"
+    path.write_bytes(b"old")
+    probes("mace").save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.pt"]
+    assert Probe.load(path).meta == probes("mace").meta
+
+
+def test_truncated_file_is_refused(probes, tmp_path):
+    path = tmp_path / "probe.pt"
+    probes("mace").save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HeadFileError, match="not a readable"):
+        Probe.load(path)
+
+
+def test_edited_weights_fail_the_checksum(probes, tmp_path):
+    path = tmp_path / "probe.pt"
+    probes("mace").save(path)
+    payload = torch.load(path, weights_only=True)
+    payload["state"]["readout.3.bias"] += 1.0
+    torch.save(payload, path)
+    with pytest.raises(HeadFileError, match="checksum"):
+        Probe.load(path)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("code ran while loading!",))
+
+
+def test_file_with_code_is_refused_without_running_it(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "probe-ase-head", "payload": Exploit()}, path)
+    with pytest.raises(HeadFileError):
+        Probe.load(path)
+    assert "code ran" not in capsys.readouterr().out
+    assert zipfile.is_zipfile(path) and pickle  # the file really holds a pickled object
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(HeadFileError, match="no head file"):
+        Probe.load(tmp_path / "absent.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(HeadFileError, match="not a probe-ase head file"):
+        Probe.load(tmp_path / "other.pt")

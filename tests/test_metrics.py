@@ -1,0 +1,244 @@
+"""Reliability metrics and the calibration helpers of probe_ase.fit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import probe_ase
+from probe_ase import metrics
+from probe_ase.fit import TrainConfig, fit_temperature, select_threshold, split_indices
+
+# Five structures, given out of order, with a tie at p = 0.7.
+P5 = np.array([0.4, 0.9, 0.2, 0.7, 0.7])
+R5 = np.array([1, 1, 0, 0, 1])
+# Sorted by decreasing p: 0.9 (good), 0.7 (bad), 0.7 (good), 0.4 (good), 0.2 (bad).
+# The tie is accepted together, so the curve has 4 points:
+#   p >= 0.9: accept 1, bad 0 -> coverage 1/5 = 0.2, risk 0/1 = 0
+#   p >= 0.7: accept 3, bad 1 -> coverage 3/5 = 0.6, risk 1/3
+#   p >= 0.4: accept 4, bad 1 -> coverage 4/5 = 0.8, risk 1/4 = 0.25
+#   p >= 0.2: accept 5, bad 2 -> coverage 5/5 = 1.0, risk 2/5 = 0.4
+COV5 = [0.2, 0.6, 0.8, 1.0]
+RISK5 = [0.0, 1 / 3, 0.25, 0.4]
+THR5 = [0.9, 0.7, 0.4, 0.2]
+# AURC = sum(width * risk) = 0.2*0 + 0.4*(1/3) + 0.2*0.25 + 0.2*0.4
+#      = 0 + 0.133333 + 0.05 + 0.08 = 0.263333...
+AURC5 = 0.2 * 0 + 0.4 * (1 / 3) + 0.2 * 0.25 + 0.2 * 0.4
+
+
+def _random_case(seed: int, n: int = 200):
+    rng = np.random.default_rng(seed)
+    unreliable = rng.random(n) < 0.3
+    score = rng.normal(size=n) + unreliable  # informative but imperfect
+    score[:20] = np.round(score[:20], 1)  # some ties
+    return unreliable, score
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auroc_matches_sklearn(seed):
+    unreliable, score = _random_case(seed)
+    assert metrics.auroc(unreliable, score) == pytest.approx(roc_auc_score(unreliable, score), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auprc_matches_sklearn(seed):
+    unreliable, score = _random_case(seed)
+    assert metrics.auprc(unreliable, score) == pytest.approx(average_precision_score(unreliable, score), abs=1e-12)
+
+
+def test_auroc_auprc_hand_case():
+    # unreliable is the positive class. Pairs (pos, neg): (0.35>0.1) (0.35<0.4) (0.8>0.1) (0.8>0.4) -> 3/4
+    unreliable = np.array([0, 0, 1, 1])
+    score = np.array([0.1, 0.4, 0.35, 0.8])
+    assert metrics.auroc(unreliable, score) == pytest.approx(0.75)
+    # ranked: 0.8 pos (precision 1), 0.4 neg, 0.35 pos (precision 2/3) -> AP = (1 + 2/3)/2
+    assert metrics.auprc(unreliable, score) == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics.auroc(unreliable, -score) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1, 1], [True, True]])
+def test_ranking_metrics_nan_for_single_class(labels):
+    score = np.linspace(0, 1, len(labels))
+    assert math.isnan(metrics.auroc(labels, score))
+    assert math.isnan(metrics.auprc(labels, score))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spearman_matches_scipy(seed):
+    rng = np.random.default_rng(seed)
+    error = rng.gamma(2.0, 1.0, size=100)
+    score = error + rng.normal(scale=2.0, size=100)
+    score[:10] = 0.5  # ties
+    assert metrics.spearman(score, error) == pytest.approx(spearmanr(score, error).statistic, abs=1e-12)
+
+
+def test_spearman_hand_case_and_constant():
+    # error ranks [1,2,4,3] vs score ranks [1,2,3,4]: sum d^2 = 2 -> 1 - 6*2/(4*(16-1)) = 0.8
+    assert metrics.spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 40, 30])) == pytest.approx(0.8)
+    assert math.isnan(metrics.spearman(np.ones(4), np.array([1.0, 2.0, 3.0, 4.0])))
+    assert math.isnan(metrics.spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.zeros(4)))
+
+
+def test_risk_coverage_hand_case_with_tie():
+    coverage, risk, thresholds = metrics.risk_coverage(P5, R5)
+    np.testing.assert_allclose(coverage, COV5)
+    np.testing.assert_allclose(risk, RISK5)
+    np.testing.assert_allclose(thresholds, THR5)
+
+
+def test_risk_coverage_tie_order_does_not_matter():
+    # swap which of the tied 0.7 structures is reliable: same curve
+    coverage, risk, _ = metrics.risk_coverage(P5, np.array([1, 1, 0, 1, 0]))
+    np.testing.assert_allclose(coverage, COV5)
+    np.testing.assert_allclose(risk, RISK5)
+
+
+def test_aurc_hand_case():
+    assert metrics.aurc(P5, R5) == pytest.approx(AURC5)
+    assert metrics.aurc(P5, R5) == pytest.approx(0.2633333333333333)
+    # a perfect ranking of these labels: bad ones last -> 0.2*0+0.2*0+0.2*0+0.2*(1/4)+0.2*(2/5) = 0.13
+    assert metrics.aurc(np.array([0.5, 0.9, 0.1, 0.2, 0.8]), R5) == pytest.approx(0.13)
+
+
+@pytest.mark.parametrize(
+    "coverage, expected",
+    [
+        (0.2, 0.0),
+        (0.4, 1 / 3),  # 2 of 5 falls inside the tie: the whole tie (3 of 5) is accepted
+        (0.6, 1 / 3),
+        (0.61, 0.25),
+        (0.8, 0.25),
+        (1.0, 0.4),
+        (0.05, 0.0),
+    ],
+)
+def test_risk_at_coverage_hand_case(coverage, expected):
+    assert metrics.risk_at_coverage(P5, R5, coverage) == pytest.approx(expected)
+
+
+def test_expected_calibration_error_hand_case():
+    p = np.array([0.05, 0.15, 0.12, 0.95, 0.85])
+    y = np.array([0, 1, 0, 1, 1])
+    # bin 0: {0.05}      weight 1/5, |0.05 - 0|   = 0.05  -> 0.010
+    # bin 1: {0.15,0.12} weight 2/5, |0.135 - 0.5| = 0.365 -> 0.146
+    # bin 8: {0.85}      weight 1/5, |0.85 - 1|   = 0.15  -> 0.030
+    # bin 9: {0.95}      weight 1/5, |0.95 - 1|   = 0.05  -> 0.010
+    # total 0.196
+    assert metrics.expected_calibration_error(p, y) == pytest.approx(0.196)
+    # p = 1.0 belongs to the last bin: {1.0, 0.9} mean 0.95 vs accuracy 0.5 -> 0.45
+    assert metrics.expected_calibration_error(np.array([1.0, 0.9]), np.array([0, 1])) == pytest.approx(0.45)
+    # two bins: [0,0.5) holds {0.2, 0.4} mean 0.3 vs 0.5 -> 0.5*0.2; [0.5,1] holds {0.6,0.8} mean 0.7 vs 1 -> 0.5*0.3
+    assert metrics.expected_calibration_error(
+        np.array([0.2, 0.4, 0.6, 0.8]), np.array([0, 1, 1, 1]), bins=2
+    ) == pytest.approx(0.25)
+
+
+def test_brier_hand_case():
+    # ((1-0.8)^2 + (0-0.3)^2) / 2 = (0.04 + 0.09) / 2 = 0.065
+    assert metrics.brier(np.array([0.8, 0.3]), np.array([1, 0])) == pytest.approx(0.065)
+    assert metrics.brier(np.array([1.0, 0.0]), np.array([True, False])) == pytest.approx(0.0)
+    assert metrics.brier(np.array([0.0, 1.0]), np.array([1, 0])) == pytest.approx(1.0)
+
+
+# --- probe_ase.fit helpers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        # risk at the 4 thresholds: 0, 1/3, 0.25, 0.4 (see P5 above)
+        (0.0, (0.9, 0.2, 0.0)),  # only p >= 0.9 is risk-free
+        (0.25, (0.4, 0.8, 0.25)),  # risk 0.25 <= 0.25 at p >= 0.4 though p >= 0.7 has risk 1/3
+        (0.3, (0.4, 0.8, 0.25)),
+        (0.4, (0.2, 1.0, 0.4)),
+        (0.9, (0.2, 1.0, 0.4)),
+    ],
+)
+def test_select_threshold_hand_case(target, expected):
+    p_star, coverage, risk = select_threshold(P5, R5, target)
+    assert (p_star, coverage, risk) == pytest.approx(expected)
+
+
+def test_select_threshold_unreachable_target():
+    # risks are 1 (p >= 0.9) and 1/2 (p >= 0.5): none <= 0.1 -> p* = 1.0, nothing accepted
+    p_star, coverage, risk = select_threshold(np.array([0.9, 0.5]), np.array([0, 1]), 0.1)
+    assert p_star == 1.0
+    assert coverage == 0.0
+    assert math.isnan(risk)
+    # with one structure at p = 1 exactly, coverage is that of p >= 1: 1 of 2
+    p_star, coverage, _ = select_threshold(np.array([1.0, 0.5]), np.array([0, 1]), 0.1)
+    assert (p_star, coverage) == (1.0, 0.5)
+
+
+def _logistic_data(seed: int, n: int = 4000):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 2.0, size=n)
+    reliable = rng.random(n) < 1 / (1 + np.exp(-z))  # z are calibrated logits
+    return z, reliable
+
+
+def test_fit_temperature_over_confident():
+    z, reliable = _logistic_data(0)
+    t = fit_temperature(3.0 * z, reliable)  # logits 3x too large -> T near 3
+    assert 2.5 < t < 3.5
+
+
+def test_fit_temperature_under_confident_and_calibrated():
+    z, reliable = _logistic_data(1)
+    assert 0.4 < fit_temperature(0.5 * z, reliable) < 0.6
+    assert 0.85 < fit_temperature(z, reliable) < 1.15
+
+
+def test_fit_temperature_finite_on_separable_data():
+    logits = np.array([-5.0, -4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    t = fit_temperature(logits, logits > 0)
+    assert math.isfinite(t)
+    # an interior optimum, well away from the search bounds exp(-4)..exp(4)
+    assert math.exp(-4) * 2 < t < math.exp(4) / 2
+    # Platt targets 6/7 and 1/7: the calibrated extremes are confident but not certain
+    p = 1 / (1 + np.exp(-logits / t))
+    assert 0.857 < p.max() < 0.99 and 0.01 < p.min() < 0.143
+
+
+def _labels(n: int, n_pos: int) -> np.ndarray:
+    labels = np.zeros(n, dtype=np.int64)
+    labels[np.random.default_rng(n).permutation(n)[:n_pos]] = 1
+    return labels
+
+
+@pytest.mark.parametrize("n, n_pos", [(100, 30), (100, 70), (200, 20), (12, 6)])
+def test_split_indices_disjoint_covering_stratified(n, n_pos):
+    labels = _labels(n, n_pos)
+    train = TrainConfig()
+    tr, val, cal = split_indices(labels, train)
+    everything = np.concatenate([tr, val, cal])
+    assert len(everything) == n
+    np.testing.assert_array_equal(np.sort(everything), np.arange(n))  # covering and disjoint
+    for part in (tr, val, cal):
+        np.testing.assert_array_equal(part, np.sort(part))
+        assert 0 < labels[part].sum() < len(part)  # both classes in every split
+    if n == 100:
+        # sizes: cal 0.2*100 = 20; val 0.15/0.8 of the remaining 80 = 15; train 65
+        assert (len(tr), len(val), len(cal)) == (65, 15, 20)
+    frac = n_pos / n
+    for part in (tr, val, cal):
+        assert abs(labels[part].mean() - frac) <= 1.0 / len(part) + 1e-12
+    # deterministic for a seed
+    again = split_indices(labels, train)
+    for a, b in zip((tr, val, cal), again):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n_pos", [5, 95, 0])
+def test_split_indices_too_few_minority(n_pos):
+    with pytest.raises(probe_ase.LabelError, match=f"only {min(n_pos, 100 - n_pos)} structures"):
+        split_indices(_labels(100, n_pos), TrainConfig())
+
+
+def test_split_indices_six_minority_is_enough():
+    tr, val, cal = split_indices(_labels(100, 6), TrainConfig())
+    assert len(tr) + len(val) + len(cal) == 100
