@@ -17,9 +17,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import warnings
 
+    logging.getLogger().setLevel(logging.ERROR)  # mace-torch logs dtype notices at WARNING
+    for category in (UserWarning, FutureWarning):  # library notices that would bury the table
+        warnings.filterwarnings("ignore", category=category)
     from ..demo import run_demo
 
-    logging.getLogger().setLevel(logging.ERROR)  # mace-torch logs dtype notices at WARNING
-    warnings.filterwarnings("ignore", category=UserWarning)
     run_demo(args.out, seed=args.seed)
     return 0

@@ -39,7 +39,7 @@ def emt_frames(
     atoms.calc = EMT()
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
-    dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=temperature_K, friction=0.05, rng=rng)
+    dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=temperature_K, friction=0.05, fixcm=False, rng=rng)
     frames = []
     dyn.run(5 * interval)  # short equilibration
     for _ in range(n):

@@ -1,0 +1,81 @@
+"""Labelled data from extxyz, lists and ase.db; batched featurisation and its cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.db import connect
+from ase.io import write
+
+from probe_ase import InputError, MissingReferenceError, find_tap, featurize, read_frames
+
+
+def test_sources_agree(backbones, cu_data, tmp_path):
+    frames = cu_data["pool"][:8]
+    write(tmp_path / "frames.xyz", frames, format="extxyz")
+    with connect(tmp_path / "frames.db") as db:
+        for atoms in frames:
+            db.write(atoms)
+    with find_tap(backbones("mace")) as tap:
+        sets = [featurize(tap, src, cache_dir=False, progress=False)
+                for src in (frames, tmp_path / "frames.xyz", tmp_path / "frames.db")]
+    for other in sets[1:]:
+        np.testing.assert_allclose(other.features.numpy(), sets[0].features.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(other.errors["force_rmse"], sets[0].errors["force_rmse"], rtol=1e-5)
+    assert len(sets[0]) == 8 and sets[0].ptr[-1] == 8 * 32
+
+
+def test_errors_match_the_definition(backbones, cu_data):
+    frames = cu_data["pool"][:4]
+    calc = backbones("mace")
+    with find_tap(calc) as tap:
+        data = featurize(tap, frames, cache_dir=False, progress=False)
+    for k, atoms in enumerate(frames):
+        pred = atoms.copy()
+        pred.calc = calc
+        df = pred.get_forces() - atoms.get_forces()
+        de = pred.get_potential_energy() - atoms.get_potential_energy()
+        assert data.errors["force_rmse"][k] == pytest.approx(np.sqrt(np.mean(df**2)), rel=1e-4)
+        assert data.errors["force_max"][k] == pytest.approx(np.linalg.norm(df, axis=1).max(), rel=1e-4)
+        assert data.errors["energy"][k] == pytest.approx(abs(de), rel=1e-3, abs=1e-5)
+        assert data.errors["energy_per_atom"][k] == pytest.approx(abs(de) / len(atoms), rel=1e-3, abs=1e-6)
+
+
+def test_custom_reference_keys(backbones, cu_data):
+    frames = []
+    for src in cu_data["pool"][:6]:
+        atoms = src.copy()
+        atoms.info["dft_energy"] = src.get_potential_energy()
+        atoms.arrays["dft_forces"] = src.get_forces()
+        frames.append(atoms)
+    with find_tap(backbones("mace")) as tap:
+        data = featurize(tap, frames, energy_key="dft_energy", forces_key="dft_forces",
+                         cache_dir=False, progress=False)
+        with pytest.raises(MissingReferenceError, match="no reference energy under key 'energy'"):
+            featurize(tap, frames, cache_dir=False, progress=False)
+    assert np.isfinite(data.error("force_rmse")).all()
+
+
+def test_cache_skips_the_backbone(backbones, cu_data, tmp_path):
+    frames = cu_data["pool"][:10]
+    with find_tap(backbones("mace")) as tap:
+        first = featurize(tap, frames, cache_dir=tmp_path, progress=False)
+        runs = tap.n_forward
+        second = featurize(tap, frames, cache_dir=tmp_path, progress=False)
+        assert tap.n_forward == runs  # served from disk
+        changed = [a.copy() for a in frames]
+        changed[0].positions[0] += 0.01
+        for a, src in zip(changed, frames):
+            a.calc = src.calc
+        featurize(tap, changed, cache_dir=tmp_path, progress=False)
+        assert tap.n_forward > runs  # new data, new key
+    assert len(list(tmp_path.glob("mace-*.pt"))) == 2
+    np.testing.assert_array_equal(first.features.numpy(), second.features.numpy())
+    assert runs == 1  # ten structures, one batched pass
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        read_frames(tmp_path / "absent.xyz")
+    with pytest.raises(InputError, match="no structures"):
+        read_frames([])
