@@ -69,3 +69,21 @@ def test_help_names_units(capsys):
         main(["fit", "--help"])
     text = capsys.readouterr().out
     assert "eV/Å" in text and "eV/atom" in text
+
+
+def test_md_command_halts_a_hot_run(files, capsys, cu_data):
+    work = files / "md"
+    work.mkdir()
+    write(work / "start.xyz", cu_data["test_in"][0])
+    args = ["md", str(work / "start.xyz"), "--probe", str(files / "probe.pt"), "--ensemble", "nve",
+            "--temperature", "3000", "--timestep", "2", "--steps", "300", "--patience", "2",
+            "--trajectory", str(work / "md.traj"), "--log", str(work / "r.log"), "--flagged", str(work / "f.xyz")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "halted at step" in out
+    frames = read(work / "md.traj", ":")
+    assert 1 < len(frames) < 301 and "reliability" in frames[-1].info
+    assert len(np.loadtxt(work / "r.log", comments="#")) == len(frames)
+    assert main(args[:-6] + ["--ensemble", "npt", "--steps", "3", "--action", "log",
+                             "--trajectory", str(work / "npt.xyz"), "--log", str(work / "npt.log")]) == 0
+    assert len(read(work / "npt.xyz", ":")) == 4

@@ -1,0 +1,89 @@
+"""Gated molecular dynamics: ASE dynamics plus monitor, trajectory and progress bar."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+from ase import Atoms, units
+from ase.md.langevin import Langevin
+from ase.md.md import MolecularDynamics
+from ase.md.nptberendsen import NPTBerendsen
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+from tqdm.auto import tqdm
+
+from .exceptions import InputError
+from .observers import ReliabilityMonitor, ReliabilityTrajectory
+
+Ensemble = Literal["nve", "nvt", "npt"]
+
+
+def make_dynamics(
+    atoms: Atoms,
+    ensemble: Ensemble = "nvt",
+    temperature_K: float = 300.0,
+    timestep_fs: float = 1.0,
+    friction_per_fs: float = 0.01,
+    pressure_GPa: float = 0.0,
+    compressibility_per_GPa: float = 0.01,
+    seed: int = 0,
+) -> MolecularDynamics:
+    """ASE dynamics for ``atoms``, velocities drawn at ``temperature_K`` (K).
+
+    NVE: velocity Verlet; NVT: Langevin (friction in 1/fs); NPT: Berendsen
+    barostat and thermostat (pressure in GPa, compressibility in 1/GPa,
+    periodic cells only). Timestep in fs.
+    """
+    if ensemble not in ("nve", "nvt", "npt"):
+        raise InputError(f"ensemble must be nve, nvt or npt, got {ensemble!r}")
+    if timestep_fs <= 0:
+        raise InputError(f"timestep must be positive (fs), got {timestep_fs}")
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    dt = timestep_fs * units.fs
+    if ensemble == "nve":
+        return VelocityVerlet(atoms, dt)
+    if ensemble == "nvt":
+        return Langevin(atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng)
+    if not atoms.pbc.all():
+        raise InputError("NPT needs a periodic cell in all three directions")
+    return NPTBerendsen(atoms, dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
+                        taut=100 * units.fs, taup=1000 * units.fs,
+                        compressibility_au=compressibility_per_GPa / units.GPa)
+
+
+def run_gated(
+    dyn: MolecularDynamics,
+    steps: int,
+    trajectory: str | os.PathLike | None = None,
+    interval: int = 1,
+    progress: bool = True,
+    **monitor_options,
+) -> ReliabilityMonitor:
+    """Run ``dyn`` for ``steps`` under a :class:`ReliabilityMonitor`; return the monitor.
+
+    ``trajectory`` (``.traj`` or extxyz, appended) gets every ``interval``-th
+    frame with its reliability and importances. ``monitor_options`` go to
+    :class:`ReliabilityMonitor` (action, threshold, patience, log, flagged ...).
+    """
+    atoms = dyn.atoms
+    bar = tqdm(total=steps, desc="md", unit="step", disable=not progress)
+
+    def tick() -> None:
+        if dyn.nsteps:
+            bar.update(1)
+            bar.set_postfix(reliability=f"{atoms.calc.results['reliability']:.3f}")
+
+    with ReliabilityMonitor(dyn, **monitor_options) as monitor:
+        dyn.attach(monitor, interval=1)
+        dyn.attach(tick, interval=1)
+        if trajectory is not None:
+            with ReliabilityTrajectory(atoms, trajectory) as writer:
+                dyn.attach(writer, interval=interval)
+                dyn.run(steps)
+        else:
+            dyn.run(steps)
+    bar.close()
+    return monitor

@@ -1,0 +1,244 @@
+"""Observers that log, flag or halt ASE dynamics and optimisers on reliability.
+
+A :class:`ReliabilityMonitor` is an ordinary ASE observer
+(``dyn.attach(monitor, interval=1)``). It reads the ``reliability`` that the
+:class:`~probe_ase.ProbeCalculator` already computed for the current step (no
+extra backbone pass) and acts:
+
+* ``"log"``: append one line per call to a text log (step, time in fs,
+  reliability, energy in eV, temperature in K);
+* ``"flag"``: also append unreliable frames, with their results and per-atom
+  importances, to an extxyz file (at most ``max_flagged`` per run);
+* ``"halt"``: also stop the dynamics cleanly after ``patience`` consecutive
+  unreliable steps. The run returns normally (``run`` and ``irun`` both end,
+  as when the step budget is spent); ``monitor.halted`` is True and
+  ``monitor.last_reliable`` holds a copy of the last reliable state
+  (positions, momenta, cell). With ``raise_on_halt=True`` a
+  :class:`ReliabilityHalt` is raised instead.
+
+Files are opened in append mode and flushed after every write, so nothing
+already written is ever truncated and everything written survives an
+exception in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Literal
+
+from ase import Atoms, units
+from ase.calculators.calculator import all_properties
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+from ase.io.trajectory import Trajectory
+from ase.optimize.optimize import Dynamics
+
+from .calculator import ProbeCalculator, annotate
+from .exceptions import InputError, ProbeError
+
+Action = Literal["log", "flag", "halt"]
+
+
+class ReliabilityHalt(ProbeError):
+    """Raised by a monitor with ``raise_on_halt=True`` when it halts a run."""
+
+
+@dataclass
+class MonitorSummary:
+    """What a monitor saw (reliability is a probability, 0-1)."""
+
+    steps_seen: int = 0
+    unreliable_steps: int = 0
+    flagged_frames: int = 0
+    first_unreliable_step: int | None = None
+    min_reliability: float = float("nan")
+    min_reliability_step: int | None = None
+    halted: bool = False
+    halt_step: int | None = None
+    reliabilities: list[float] = field(default_factory=list, repr=False)
+    steps: list[int] = field(default_factory=list, repr=False)
+
+
+def dynamics_atoms(dyn: Dynamics) -> Atoms:
+    """The Atoms a dynamics object moves (unwrapping ASE filters)."""
+    atoms = dyn.atoms
+    return getattr(atoms, "atoms", atoms)
+
+
+class ReliabilityMonitor:
+    """Log, flag or halt an ASE dynamics/optimiser run on PROBE reliability.
+
+    Use it as a context manager (or call :meth:`close`) to close its log.
+
+    Args:
+        dyn: the MD or optimiser object it is attached to.
+        action: ``"log"``, ``"flag"`` or ``"halt"`` (each includes the previous).
+        threshold: a step is unreliable when ``reliability < threshold``;
+            default the head's calibrated p*.
+        patience: consecutive unreliable steps before ``"halt"`` stops the run.
+        log: text log path (appended), or None.
+        flagged: extxyz path for unreliable frames (appended), or None.
+        max_flagged: most frames written to ``flagged`` per run.
+        callback: called as ``callback(monitor, atoms)`` at every unreliable step.
+        raise_on_halt: raise :class:`ReliabilityHalt` instead of stopping cleanly.
+    """
+
+    def __init__(
+        self,
+        dyn: Dynamics,
+        action: Action = "log",
+        threshold: float | None = None,
+        patience: int = 3,
+        log: str | os.PathLike | None = None,
+        flagged: str | os.PathLike | None = None,
+        max_flagged: int = 100,
+        callback: Callable[[ReliabilityMonitor, Atoms], None] | None = None,
+        raise_on_halt: bool = False,
+    ) -> None:
+        if action not in ("log", "flag", "halt"):
+            raise InputError(f"action must be 'log', 'flag' or 'halt', got {action!r}")
+        if patience < 1:
+            raise InputError(f"patience must be at least 1 step, got {patience}")
+        self.dyn, self.action, self.patience = dyn, action, int(patience)
+        self.atoms = dynamics_atoms(dyn)
+        if not isinstance(self.atoms.calc, ProbeCalculator):
+            raise InputError(f"the dynamics' atoms need a ProbeCalculator, not {type(self.atoms.calc).__name__}")
+        self.threshold = self.atoms.calc.threshold if threshold is None else float(threshold)
+        self.log_path, self.flagged_path = log, flagged
+        self.max_flagged, self.callback, self.raise_on_halt = int(max_flagged), callback, raise_on_halt
+        self.summary_data = MonitorSummary()
+        self.streak = 0
+        self.last_reliable: Atoms | None = None
+        self._log: IO[str] | None = None
+
+    # ---- the observer ------------------------------------------------------
+    def __call__(self) -> None:
+        atoms, calc, step = self.atoms, self.atoms.calc, self.dyn.nsteps
+        p = float(calc.get_property("reliability", atoms))
+        s = self.summary_data
+        s.steps_seen += 1
+        s.steps.append(step)
+        s.reliabilities.append(p)
+        if not p >= s.min_reliability:  # also true while min is NaN
+            s.min_reliability, s.min_reliability_step = p, step
+        self._write_log(step, p, calc.get_property("energy", atoms))
+        if p >= self.threshold:
+            self.streak = 0
+            self.last_reliable = _snapshot(atoms)
+            return
+        self.streak += 1
+        s.unreliable_steps += 1
+        if s.first_unreliable_step is None:
+            s.first_unreliable_step = step
+        if self.action in ("flag", "halt") and self.flagged_path and s.flagged_frames < self.max_flagged:
+            frame = result_frame(atoms)
+            del frame.info["atom_importance"]
+            frame.info["step"] = step
+            with open(self.flagged_path, "a") as handle:
+                write(handle, frame, format="extxyz")
+            s.flagged_frames += 1
+        if self.callback is not None:
+            self.callback(self, atoms)
+        if self.action == "halt" and self.streak >= self.patience:
+            s.halted, s.halt_step = True, step
+            self.dyn.max_steps = self.dyn.nsteps  # ASE's run/irun loops end after this step
+            if self.raise_on_halt:
+                raise ReliabilityHalt(
+                    f"{self.patience} consecutive steps below reliability {self.threshold:.3f} "
+                    f"(step {step}, reliability {p:.3f})"
+                )
+
+    def _write_log(self, step: int, p: float, energy: float) -> None:
+        if self.log_path is None:
+            return
+        if self._log is None:
+            new = not os.path.exists(self.log_path) or os.path.getsize(self.log_path) == 0
+            self._log = open(self.log_path, "a", buffering=1)
+            if new:
+                self._log.write(f"# {'step':>8} {'time_fs':>10} {'reliability':>11} {'energy_eV':>14} {'T_K':>8} reliable\n")
+        time_fs = self.dyn.get_time() / units.fs if hasattr(self.dyn, "dt") else float("nan")
+        temperature = self.atoms.get_temperature() if self.atoms.get_momenta().any() else 0.0
+        self._log.write(f"{step:>10d} {time_fs:>10.2f} {p:>11.5f} {energy:>14.6f} {temperature:>8.1f} "
+                        f"{int(p >= self.threshold)}\n")
+
+    # ---- reporting and files ------------------------------------------------
+    @property
+    def halted(self) -> bool:
+        return self.summary_data.halted
+
+    def summary(self) -> dict:
+        """Steps seen, unreliable and flagged counts, first unreliable step, minimum reliability, halt."""
+        s = self.summary_data
+        return {k: v for k, v in vars(s).items() if k not in ("reliabilities", "steps")} | {
+            "threshold": self.threshold, "patience": self.patience, "action": self.action,
+        }
+
+    def close(self) -> None:
+        """Close the log file (the monitor reopens it if called again)."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> ReliabilityMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _snapshot(atoms: Atoms) -> Atoms:
+    """A calculator-free copy (positions, momenta, cell) of ``atoms``."""
+    copy = atoms.copy()
+    copy.calc = None
+    return copy
+
+
+def result_frame(atoms: Atoms) -> Atoms:
+    """A copy of ``atoms`` carrying its calculator's results for writing.
+
+    Standard results (energy in eV, forces in eV/Å ...) go to a
+    SinglePointCalculator; PROBE results go to ``info``/``arrays`` via
+    :func:`~probe_ase.annotate`, and the importances also to
+    ``info["atom_importance"]`` because ASE trajectories keep ``info`` but not
+    custom per-atom arrays.
+    """
+    results = atoms.calc.results
+    frame = annotate(atoms.copy(), results)
+    frame.info["atom_importance"] = frame.arrays["atom_importance"].tolist()
+    frame.calc = SinglePointCalculator(frame, **{k: v for k, v in results.items() if k in all_properties})
+    return frame
+
+
+class ReliabilityTrajectory:
+    """Observer appending each frame with its reliability and importances to a file.
+
+    ``.traj`` files are ASE trajectories (``info["reliability"]``,
+    ``info["atom_importance"]``); anything else is extxyz with
+    ``atom_importance`` as a per-atom column that OVITO can colour by. Files
+    are only ever appended to and flushed per frame.
+    """
+
+    def __init__(self, atoms: Atoms, path: str | os.PathLike) -> None:
+        self.atoms, self.path = atoms, os.fspath(path)
+        self._traj = Trajectory(self.path, "a") if self.path.endswith(".traj") else None
+
+    def __call__(self) -> None:
+        frame = result_frame(self.atoms)
+        if self._traj is not None:
+            self._traj.write(frame)
+            return
+        del frame.info["atom_importance"]  # extxyz has it as a column
+        with open(self.path, "a") as handle:
+            write(handle, frame, format="extxyz")
+
+    def close(self) -> None:
+        if self._traj is not None:
+            self._traj.close()
+
+    def __enter__(self) -> ReliabilityTrajectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
