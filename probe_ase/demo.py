@@ -3,7 +3,10 @@
 Copper under ASE's EMT potential stands in for DFT: the backbone is trained
 on 300 K frames only, the head is fitted on a separate pool of in- and
 out-of-distribution frames, and evaluation uses fresh frames at 300 K, at
-1000 K and under 4 % strain. Needs no files and no network.
+1000 K and under 4 % strain. Finally a gated Langevin MD is heated from 300 K
+to 2000 K until the reliability monitor halts it; the run then continues
+unguarded for a while to show what the halt prevented. Needs no files and no
+network.
 """
 
 from __future__ import annotations
@@ -41,18 +44,18 @@ def run_demo(out_dir: str | Path = "probe-ase-demo", seed: int = 0, log=print) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    log("1/4 generating Cu frames with EMT (300 K training set, fit pool, evaluation sets)")
+    log("1/5 generating Cu frames with EMT (300 K training set, fit pool, evaluation sets)")
     train = emt_frames(50, 300, seed=seed)
     pool = emt_frames(60, 300, seed=seed + 1) + emt_frames(40, 900, seed=seed + 2) \
         + emt_frames(40, 600, strain=0.03, seed=seed + 3)
     evaluation = {name: emt_frames(n, t, strain=s, seed=seed + k) for name, (n, t, s, k) in EVAL_SETS.items()}
-    log(f"2/4 training a tiny MACE on {len(train)} frames at 300 K")
+    log(f"2/5 training a tiny MACE on {len(train)} frames at 300 K")
     calc = train_mace(train, epochs=40, seed=seed)
     torch.save(calc.models[0], out / "backbone.model")
-    log(f"3/4 fitting the PROBE head on {len(pool)} pool frames (tolerance: top 20 % force RMSE)")
+    log(f"3/5 fitting the PROBE head on {len(pool)} pool frames (tolerance: top 20 % force RMSE)")
     probe = fit_probe(calc, pool, criterion="force_rmse", quantile=0.8, train=TrainConfig(seed=seed), cache_dir=False)
     probe.save(out / "probe.pt")
-    log("4/4 scoring the evaluation sets")
+    log("4/5 scoring the evaluation sets")
     rows, scored_all = [], []
     with find_tap(calc, probe.meta.layers) as tap:
         for name, frames in evaluation.items():
@@ -78,9 +81,86 @@ def run_demo(out_dir: str | Path = "probe-ase-demo", seed: int = 0, log=print) -
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     plot_demo(scored_all, probe.meta.tau, probe.p_star, out / "demo.png")
     log(format_table(summary))
-    log(f"wrote {out}/: backbone.model, probe.pt, scored.xyz, summary.json, demo.png "
-        f"({summary['seconds']:.0f} s)")
+    log("5/5 gated MD heated from 300 K to 2000 K (Langevin, 2 fs steps, halt after 5 unreliable steps)")
+    summary["md"] = gated_md_demo(calc, probe, train[-1], out, seed)
+    md = summary["md"]
+    log(f"    monitor halted at step {md['halt_step']} ({md['halt_temperature_K']:.0f} K); force RMSE at the halt "
+        f"{md['error_at_halt_meV_A']:.0f} meV/Å vs tau {1000 * probe.meta.tau:.0f} meV/Å; "
+        f"{md['extra_steps']} unguarded steps later it is {md['error_after_meV_A']:.0f} meV/Å")
+    summary["seconds"] = time.perf_counter() - start
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    log(f"wrote {out}/: backbone.model, probe.pt, scored.xyz, summary.json, demo.png, "
+        f"md.traj, md.log, md.png ({summary['seconds']:.0f} s)")
     return summary
+
+
+def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, extra: int = 80) -> dict:
+    """Heat a gated Langevin run until the monitor halts it; record true errors along the way."""
+    from ase import units
+    from ase.calculators.emt import EMT
+
+    from .calculator import ProbeCalculator
+    from .md import make_dynamics, run_gated
+
+    atoms = start.copy()
+    atoms.calc = ProbeCalculator(calc, probe)
+    dyn = make_dynamics(atoms, "nvt", 300.0, timestep_fs=2.0, friction_per_fs=0.02, seed=seed)
+    record: dict[str, list] = {"step": [], "T": [], "p": [], "err": []}
+    reference = EMT()
+
+    def ramp_and_record() -> None:
+        target = 300.0 + 1700.0 * min(dyn.nsteps / steps, 1.0)
+        dyn.set_temperature(temperature_K=target)
+        exact = atoms.copy()
+        exact.calc = reference
+        err = np.sqrt(np.mean((atoms.calc.results["forces"] - exact.get_forces()) ** 2))
+        for key, value in zip(record, (dyn.nsteps, target, atoms.calc.results["reliability"], err)):
+            record[key].append(float(value))
+
+    dyn.attach(ramp_and_record, interval=1)
+    for name in ("md.traj", "md.log"):
+        (out / name).unlink(missing_ok=True)  # the demo owns these files: start them afresh
+    monitor = run_gated(dyn, steps, trajectory=out / "md.traj", action="halt", patience=5,
+                        log=out / "md.log", progress=False)
+    halt = monitor.summary()["halt_step"]
+    halt_index = len(record["step"]) - 1
+    dyn.run(extra)  # unguarded continuation: what the halt prevented
+    atoms.calc.close()
+    plot_md(record, monitor.threshold, probe.meta.tau, halt, out / "md.png")
+    return {
+        "halt_step": halt, "halted": monitor.halted,
+        "halt_temperature_K": record["T"][halt_index],
+        "first_unreliable_step": monitor.summary()["first_unreliable_step"],
+        "error_at_halt_meV_A": 1000 * record["err"][halt_index],
+        "extra_steps": extra, "error_after_meV_A": 1000 * record["err"][-1],
+        "max_error_before_halt_meV_A": 1000 * max(record["err"][: halt_index + 1]),
+    }
+
+
+def plot_md(record: dict, threshold: float, tau: float, halt: int | None, path: Path) -> None:
+    """Reliability and true force error along the heated run, with the halt marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True)
+    top.plot(record["step"], record["p"], lw=1, color="tab:blue")
+    top.axhline(threshold, color="grey", ls=":", lw=1, label=f"threshold p* = {threshold:.2f}")
+    top.set_ylabel("PROBE reliability")
+    bottom.plot(record["step"], 1000 * np.asarray(record["err"]), lw=1, color="tab:red")
+    bottom.axhline(1000 * tau, color="k", ls="--", lw=1, label=f"tolerance tau = {1000 * tau:.0f} meV/Å")
+    bottom.set_ylabel("true force RMSE (meV/Å)")
+    bottom.set_xlabel("MD step (2 fs), heated 300 K -> 2000 K")
+    for ax in (top, bottom):
+        if halt is not None:
+            ax.axvspan(halt, record["step"][-1], color="tab:orange", alpha=0.15, lw=0)
+            ax.axvline(halt, color="tab:orange", lw=1.5, label=f"monitor halts (step {halt}); shaded: unguarded")
+        ax.legend(fontsize=8, loc="best")
+    top.set_title("Gated MD driven out of distribution")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
 
 
 def format_table(summary: dict) -> str:

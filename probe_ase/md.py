@@ -67,6 +67,7 @@ def run_gated(
     ``trajectory`` (``.traj`` or extxyz, appended) gets every ``interval``-th
     frame with its reliability and importances. ``monitor_options`` go to
     :class:`ReliabilityMonitor` (action, threshold, patience, log, flagged ...).
+    The observers it attaches are detached again when it returns.
     """
     atoms = dyn.atoms
     bar = tqdm(total=steps, desc="md", unit="step", disable=not progress)
@@ -76,14 +77,20 @@ def run_gated(
             bar.update(1)
             bar.set_postfix(reliability=f"{atoms.calc.results['reliability']:.3f}")
 
+    ours: list = []
     with ReliabilityMonitor(dyn, **monitor_options) as monitor:
+        ours += [monitor, tick]
         dyn.attach(monitor, interval=1)
         dyn.attach(tick, interval=1)
-        if trajectory is not None:
-            with ReliabilityTrajectory(atoms, trajectory) as writer:
-                dyn.attach(writer, interval=interval)
+        try:
+            if trajectory is not None:
+                with ReliabilityTrajectory(atoms, trajectory) as writer:
+                    ours.append(writer)
+                    dyn.attach(writer, interval=interval)
+                    dyn.run(steps)
+            else:
                 dyn.run(steps)
-        else:
-            dyn.run(steps)
+        finally:  # leave dyn as we found it: our observers hold files that are now closed
+            dyn.observers = [obs for obs in dyn.observers if not any(obs[0] is o for o in ours)]
     bar.close()
     return monitor
