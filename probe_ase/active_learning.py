@@ -1,0 +1,303 @@
+"""Active learning: explore with the MLIP, label only what PROBE distrusts, retrain.
+
+Each round:
+
+1. :meth:`ActiveLearner.explore` runs MD from start structures on the
+   :class:`~probe_ase.ProbeCalculator` and sorts every step into three bands
+   of reliability ``p`` (as DP-GEN does with force-deviation trust levels):
+   *reliable* (``p >= p_hi``: keep exploring), *candidate*
+   (``p_lo <= p < p_hi``: worth a reference calculation) and *failed*
+   (``p < p_lo``: too far off to be useful; that trajectory stops and the
+   frame is recorded with status ``rejected``). At most ``max_new`` candidates,
+   least reliable first, at least ``min_separation`` steps apart within a
+   trajectory and never two near-identical ones, are stored as ``pending``.
+2. :meth:`ActiveLearner.label` runs the reference calculator on every pending
+   frame through a ``concurrent.futures.Executor`` (serial by default, a
+   process pool, or Dask's ``Client.get_executor()``). Each result is
+   committed to the database as soon as it arrives (status ``done``, the
+   reference energy in eV and forces in eV/Å as the row's calculator
+   results); a failing reference call is retried, then recorded as
+   ``failed`` with its error. Killing the process loses only calls in flight:
+   :meth:`resume` labels what is still pending and never repeats a finished one.
+3. :meth:`ActiveLearner.export` writes the labelled frames as extxyz, and
+   :meth:`ActiveLearner.retrain` retrains the backbone (a user callback, or
+   :func:`probe_ase.retrain.retrain_mace` with mace-torch's own trainer) and
+   refits the head.
+
+The database is an ase.db (SQLite file by default; a ``postgresql://`` URL
+works too). Rows carry ``round``, ``status``, ``band``, ``reliability``,
+``trajectory`` and ``step``; ``data`` holds the MLIP energy (eV), forces
+(eV/Å) and per-atom importances at selection time.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import BaseCalculator
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.db import connect
+from ase.io import write
+from ase.md.langevin import Langevin
+from ase.md.md import MolecularDynamics
+from tqdm.auto import tqdm
+
+from .calculator import ProbeCalculator
+from .exceptions import InputError
+from .fileio import atomic_write
+
+ReferenceFactory = Callable[[], BaseCalculator]
+MDFactory = Callable[[Atoms], MolecularDynamics]
+
+
+def default_md(atoms: Atoms) -> MolecularDynamics:
+    """Langevin at 300 K with 1 fs steps and friction 0.01 / fs."""
+    return Langevin(atoms, 1.0 * units.fs, temperature_K=300, friction=0.01 / units.fs)
+
+
+@dataclass
+class Candidate:
+    """One explored step worth (or not worth) a reference calculation."""
+
+    atoms: Atoms
+    reliability: float
+    band: str
+    trajectory: int
+    step: int
+    fingerprint: np.ndarray
+
+
+class SerialExecutor(Executor):
+    """Runs each call at submission, in this process (the default executor)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(err)
+        return future
+
+
+def reference_calculation(factory: ReferenceFactory, atoms: Atoms) -> dict:
+    """Energy (eV) and forces (eV/Å) of ``atoms`` from a fresh reference calculator."""
+    atoms = atoms.copy()
+    atoms.calc = factory()
+    return {"energy": float(atoms.get_potential_energy()), "forces": np.asarray(atoms.get_forces(), dtype=float)}
+
+
+def label_pending(
+    db_path: str,
+    reference: ReferenceFactory,
+    executor: Executor | None = None,
+    retries: int = 1,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Run the reference on every ``pending`` row of ``db_path``; commit each result as it arrives.
+
+    With no executor the calls run here, one at a time, each committed before
+    the next starts; with an executor all are submitted at once. Returns counts
+    ``{"done": n, "failed": m}`` for this call.
+    """
+    db = connect(db_path)
+    queue = [(row.id, row.toatoms()) for row in db.select(status="pending")]
+    serial = executor is None
+    executor = executor or SerialExecutor()
+    counts = {"done": 0, "failed": 0}
+    attempts = {row_id: 0 for row_id, _ in queue}
+    atoms_of = dict(queue)
+    futures: dict[Future, int] = {}
+    bar = tqdm(total=len(queue), desc="label", unit="frame", disable=not progress)
+    while queue or futures:
+        while queue and not (serial and futures):
+            row_id, atoms = queue.pop(0)
+            futures[executor.submit(reference_calculation, reference, atoms)] = row_id
+        done = next(as_completed(futures))
+        row_id = futures.pop(done)
+        attempts[row_id] += 1
+        error = done.exception()
+        if error is None:
+            labelled = atoms_of[row_id].copy()
+            labelled.calc = SinglePointCalculator(labelled, **done.result())
+            db.update(row_id, atoms=labelled, status="done", attempts=attempts[row_id])
+            counts["done"] += 1
+        elif attempts[row_id] <= retries:
+            queue.insert(0, (row_id, atoms_of[row_id]))
+            continue
+        else:
+            message = "".join(traceback.format_exception_only(type(error), error)).strip()
+            db.update(row_id, status="failed", error=message[:500], attempts=attempts[row_id])
+            counts["failed"] += 1
+        bar.update(1)
+    bar.close()
+    return counts
+
+
+class ActiveLearner:
+    """Explore with a ProbeCalculator, label unreliable frames, retrain.
+
+    Args:
+        probe_calc: the MLIP wrapped in a :class:`~probe_ase.ProbeCalculator`.
+        reference: factory returning a fresh reference calculator (eV, eV/Å);
+            must be picklable for process pools and Dask (a class or
+            ``functools.partial``, not a lambda).
+        db: ase.db path or URL.
+        executor: where reference calls run (default: serially, here).
+        p_lo, p_hi: band edges on reliability (0-1); default ``p_hi`` = the
+            head's p* and ``p_lo`` = p*/2.
+        retries: extra attempts for a failing reference call before ``failed``.
+        dedup_tol: candidates whose mean backbone features differ by less
+            than this fraction are near-identical; only one is kept.
+    """
+
+    def __init__(
+        self,
+        probe_calc: ProbeCalculator | None,
+        reference: ReferenceFactory,
+        db: str | os.PathLike = "al.db",
+        executor: Executor | None = None,
+        p_lo: float | None = None,
+        p_hi: float | None = None,
+        retries: int = 1,
+        dedup_tol: float = 1e-3,
+    ) -> None:
+        self.probe_calc, self.reference, self.executor = probe_calc, reference, executor
+        self.db_path, self.retries, self.dedup_tol = os.fspath(db), int(retries), float(dedup_tol)
+        p_star = probe_calc.threshold if probe_calc is not None else 0.5
+        self.p_hi = p_star if p_hi is None else float(p_hi)
+        self.p_lo = self.p_hi / 2 if p_lo is None else float(p_lo)
+        if not 0 <= self.p_lo <= self.p_hi <= 1:
+            raise InputError(f"need 0 <= p_lo <= p_hi <= 1, got p_lo={self.p_lo}, p_hi={self.p_hi}")
+        self.db = connect(self.db_path)
+        self.round = max((row.get("round", 0) for row in self.db.select()), default=0)
+
+    # ---- exploration --------------------------------------------------------
+    def explore(
+        self,
+        start_structures: Iterable[Atoms],
+        md: MDFactory = default_md,
+        steps: int = 1000,
+        max_new: int = 50,
+        min_separation: int = 10,
+        progress: bool = True,
+    ) -> dict[str, int]:
+        """Run MD from each start structure and store this round's selected candidates as ``pending``.
+
+        Returns counts: frames explored, candidates seen, selected, rejected
+        (trajectories stopped in the failed band).
+        """
+        if self.probe_calc is None:
+            raise InputError("explore needs a ProbeCalculator")
+        self.round += 1
+        candidates, rejected, explored = [], [], 0
+        for index, start in enumerate(tqdm(list(start_structures), desc=f"explore round {self.round}",
+                                           unit="trajectory", disable=not progress)):
+            found, failed, n = self._explore_one(start, index, md, steps)
+            candidates += found
+            rejected += failed
+            explored += n
+        selected = self.select(candidates, max_new, min_separation)
+        with self.db:
+            for cand in selected + rejected:
+                self._store(cand, "pending" if cand.band == "candidate" else "rejected")
+        return {"explored": explored, "candidates": len(candidates), "selected": len(selected),
+                "rejected": len(rejected)}
+
+    def _explore_one(self, start: Atoms, index: int, md: MDFactory, steps: int):
+        atoms = start.copy()
+        atoms.calc = self.probe_calc
+        dyn = md(atoms)
+        found: list[Candidate] = []
+        failed: list[Candidate] = []
+
+        def observe() -> None:
+            p = float(self.probe_calc.get_property("reliability", atoms))
+            if p >= self.p_hi:
+                return
+            band = "candidate" if p >= self.p_lo else "failed"
+            frame = atoms.copy()
+            frame.calc = None
+            frame.info["mlip_energy"] = float(self.probe_calc.results["energy"])
+            frame.arrays["mlip_forces"] = np.array(self.probe_calc.results["forces"])
+            frame.arrays["atom_importance"] = np.array(self.probe_calc.results["atom_importance"])
+            fingerprint = self.probe_calc.tap.features()[: len(atoms)].mean(0).double().cpu().numpy()
+            cand = Candidate(frame, p, band, index, dyn.nsteps, fingerprint)
+            (found if band == "candidate" else failed).append(cand)
+            if band == "failed":
+                dyn.max_steps = dyn.nsteps  # stop this trajectory: too far off to be useful data
+
+        dyn.attach(observe, interval=1)
+        dyn.run(steps)
+        return found, failed, dyn.nsteps + 1
+
+    def select(self, candidates: Sequence[Candidate], max_new: int, min_separation: int) -> list[Candidate]:
+        """Least reliable first, ``min_separation`` steps apart per trajectory, no near-duplicates."""
+        chosen: list[Candidate] = []
+        known = [np.asarray(row.data["fingerprint"]) for row in self.db.select() if "fingerprint" in row.data]
+        for cand in sorted(candidates, key=lambda c: (c.reliability, c.trajectory, c.step)):
+            if len(chosen) >= max_new:
+                break
+            if any(c.trajectory == cand.trajectory and abs(c.step - cand.step) < min_separation for c in chosen):
+                continue
+            scale = np.linalg.norm(cand.fingerprint) + 1e-12
+            if any(np.linalg.norm(cand.fingerprint - f) < self.dedup_tol * scale
+                   for f in known + [c.fingerprint for c in chosen]):
+                continue
+            chosen.append(cand)
+        return chosen
+
+    def _store(self, cand: Candidate, status: str) -> None:
+        atoms = cand.atoms.copy()
+        data = {"mlip_energy": atoms.info.pop("mlip_energy"), "mlip_forces": atoms.arrays.pop("mlip_forces"),
+                "atom_importance": atoms.arrays.pop("atom_importance"), "fingerprint": cand.fingerprint}
+        self.db.write(atoms, data=data, round=self.round, status=status, band=cand.band,
+                      reliability=cand.reliability, trajectory=cand.trajectory, step=cand.step)
+
+    # ---- labelling, export, retraining ---------------------------------------
+    def label(self, progress: bool = True) -> dict[str, int]:
+        """Reference calculations on all pending frames (see :func:`label_pending`)."""
+        return label_pending(self.db_path, self.reference, self.executor, self.retries, progress)
+
+    def resume(self, progress: bool = True) -> dict[str, int]:
+        """Finish an interrupted loop: label what is still pending, nothing twice."""
+        return self.label(progress)
+
+    def labelled(self, round: int | None = None) -> list[Atoms]:
+        """Frames with reference results (``status=done``), optionally of one round."""
+        selection = {"status": "done"} if round is None else {"status": "done", "round": round}
+        return [row.toatoms(add_additional_information=True) for row in self.db.select(**selection)]
+
+    def export(self, path: str | os.PathLike, round: int | None = None) -> int:
+        """Write labelled frames to extxyz atomically; returns how many."""
+        frames = self.labelled(round)
+        for atoms in frames:
+            atoms.info.pop("key_value_pairs", None)
+            atoms.info.pop("data", None)
+            atoms.info.pop("unique_id", None)
+        atomic_write(path, lambda tmp: write(tmp, frames, format="extxyz"))
+        return len(frames)
+
+    def status_counts(self) -> dict[str, int]:
+        """Rows per status in the database."""
+        statuses = [row.status for row in self.db.select()]
+        return {s: statuses.count(s) for s in ("pending", "done", "failed", "rejected")}
+
+    def retrain(self, trainer: Callable[[list[Atoms], int], ProbeCalculator]) -> ProbeCalculator:
+        """Replace the MLIP: ``trainer(labelled_frames, round)`` returns a new ProbeCalculator.
+
+        :func:`probe_ase.retrain.mace_trainer` builds the built-in one
+        (mace-torch's own trainer, then a head refit).
+        """
+        new = trainer(self.labelled(), self.round)
+        if not isinstance(new, ProbeCalculator):
+            raise InputError(f"the trainer must return a ProbeCalculator, got {type(new).__name__}")
+        if self.probe_calc is not None:
+            self.probe_calc.close()
+        self.probe_calc = new
+        return new
