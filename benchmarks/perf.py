@@ -36,13 +36,16 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.build import bulk
-from ase.calculators.calculator import all_changes
+from ase.calculators.calculator import Calculator, all_changes
 from tqdm.auto import tqdm
 
 from probe_ase import ProbeCalculator, TrainConfig, fit_probe
 from probe_ase.graph import radius_graph
+from probe_ase.head import ProbeHead, batch_inputs
+from probe_ase.headfile import Probe
 from probe_ase.scoring import score_frames
 from probe_ase.testing import emt_frames, train_mace
+from probe_ase.validate import check_atoms
 
 ROOT = Path(__file__).resolve().parent
 
@@ -127,10 +130,7 @@ def peak_mib(fn, device: str) -> tuple[float, float]:
 
 
 def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1])
-    raise OSError(key)
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key)).split()[1])
 
 
 def md_table(rows: list[dict], cols: list[str]) -> str:
@@ -276,12 +276,6 @@ def _code(fn) -> tuple:
 
 def profiled_functions(bare) -> dict:
     """label -> cProfile key of the functions whose cumulative time per step is reported."""
-    from ase.calculators.calculator import Calculator
-
-    from probe_ase.head import ProbeHead, batch_inputs
-    from probe_ase.headfile import Probe
-    from probe_ase.validate import check_atoms
-
     return {
         "ProbeCalculator.calculate (total)": _code(ProbeCalculator.calculate),
         "backbone calculate": _code(type(bare).calculate),

@@ -288,13 +288,14 @@ class ActiveLearner:
         statuses = [row.status for row in self.db.select()]
         return {s: statuses.count(s) for s in ("pending", "done", "failed", "rejected")}
 
-    def retrain(self, trainer: Callable[[list[Atoms], int], ProbeCalculator]) -> ProbeCalculator:
-        """Replace the MLIP: ``trainer(labelled_frames, round)`` returns a new ProbeCalculator.
+    def retrain(self, trainer: Callable[[list[Atoms], int, ProbeCalculator], ProbeCalculator]) -> ProbeCalculator:
+        """Replace the MLIP: ``trainer(labelled_frames, round, current)`` returns a new ProbeCalculator.
 
-        :func:`probe_ase.retrain.mace_trainer` builds the built-in one
-        (mace-torch's own trainer, then a head refit).
+        :func:`probe_ase.retrain.mace_trainer` builds the built-in trainer
+        (mace-torch's own trainer, then a head refit); any callable with that
+        signature can replace it.
         """
-        new = trainer(self.labelled(), self.round)
+        new = trainer(self.labelled(), self.round, self.probe_calc)
         if not isinstance(new, ProbeCalculator):
             raise InputError(f"the trainer must return a ProbeCalculator, got {type(new).__name__}")
         if self.probe_calc is not None:

@@ -167,3 +167,28 @@ def test_separation_applies_within_a_trajectory(probe_calc, tmp_path):
              for p, step in [(0.1, 10), (0.2, 15), (0.3, 21), (0.4, 5)]]
     chosen = learner.select(cands, max_new=10, min_separation=6)
     assert [c.step for c in chosen] == [10, 21]  # 15 and 5 are closer than 6 steps to step 10
+
+
+def test_retraining_lowers_the_error_on_new_frames(explored, cu_data, tmp_path):
+    from probe_ase.retrain import mace_trainer
+
+    learner, counts = explored
+    learner.label(progress=False)
+    new = learner.labelled()
+    assert len(new) == counts["selected"]
+
+    def force_rmse(calc):
+        errors = []
+        for atoms in new:
+            mlip = atoms.copy()
+            mlip.calc = calc
+            errors.append(np.sqrt(np.mean((mlip.get_forces() - atoms.get_forces()) ** 2)))
+        return float(np.mean(errors))
+
+    before = force_rmse(learner.probe_calc.base)
+    trainer = mace_trainer(cu_data["train"], cu_data["pool"], work_dir=tmp_path / "retrain", epochs=8)
+    new_calc = learner.retrain(trainer)
+    after = force_rmse(new_calc.base)
+    assert after < 0.7 * before
+    assert learner.probe_calc is new_calc and (tmp_path / "retrain" / "round1_probe.pt").exists()
+    assert 0 <= new_calc.get_property("reliability", new[0].copy()) <= 1

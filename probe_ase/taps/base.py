@@ -13,7 +13,9 @@ data and to score trajectories.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -133,6 +135,14 @@ class Tap(ABC):
                 t = t.to(torch.float32)
             digest.update(t.contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+    def save_backbone(self, path: str | os.PathLike) -> None:
+        """``torch.save`` a hook-free copy of the backbone module (hooks are not picklable)."""
+        clone = copy.deepcopy(self.module)
+        for module in clone.modules():
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+        torch.save(clone, path)
 
     def close(self) -> None:
         """Remove the hooks; the backbone is left exactly as it was."""

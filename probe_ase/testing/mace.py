@@ -44,7 +44,8 @@ def train_mace(
     with torch.random.fork_rng():
         torch.set_default_dtype(getattr(torch, dtype))
         try:
-            model = modules.MACE(
+            model = modules.ScaleShiftMACE(
+                atomic_inter_scale=1.0, atomic_inter_shift=0.0,
                 r_max=r_max, num_bessel=8, num_polynomial_cutoff=5, max_ell=max_ell,
                 interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
                 interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
