@@ -1,0 +1,152 @@
+"""``probe-ase al``: active-learning rounds from a TOML config file.
+
+Example config (units: K, fs, 1/fs)::
+
+    backbone = "model.model"      # MACE model file
+    probe = "probe.pt"            # head file
+    db = "al.db"                  # ase.db path or postgresql:// URL
+    start = "start.xyz"           # start structures (every frame)
+    rounds = 2
+
+    [reference]
+    calculator = "ase.calculators.emt:EMT"   # module:attribute of a calculator class or factory
+    options = {}                             # keyword arguments for it
+
+    [explore]
+    ensemble = "nvt"
+    temperature = 600
+    timestep = 1.0
+    friction = 0.01
+    steps = 500
+    max_new = 20
+    min_separation = 10
+    # p_lo = 0.1, p_hi = 0.5    (default: p*/2 and p*)
+
+    [label]
+    workers = 1                   # > 1: a process pool of this size
+    retries = 1
+
+    [retrain]                     # optional: omit to only explore and label
+    train_data = "train.xyz"      # the backbone's own training frames
+    fit_data = "pool.xyz"         # frames the head is refitted on (with the new ones)
+    epochs = 20
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run active-learning rounds (explore, label with a reference, retrain) from a TOML config"
+
+SECTIONS = {
+    "": {"backbone", "probe", "db", "start", "rounds", "reference", "explore", "label", "retrain"},
+    "reference": {"calculator", "options"},
+    "explore": {"ensemble", "temperature", "timestep", "friction", "steps", "max_new", "min_separation",
+                "p_lo", "p_hi", "seed"},
+    "label": {"workers", "retries"},
+    "retrain": {"train_data", "fit_data", "epochs", "work_dir"},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML config file (see 'probe-ase al --help' and the README)")
+    parser.add_argument("--device", default="cpu", help="torch device for the backbone (default: cpu)")
+
+
+def load_config(path: str) -> dict:
+    """Read and check the TOML config: unknown keys are errors."""
+    import tomllib
+
+    from ..exceptions import InputError
+
+    try:
+        with open(path, "rb") as handle:
+            config = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise InputError(f"cannot read config {path}: {err}") from err
+    for section, allowed in SECTIONS.items():
+        table = config if not section else config.get(section, {})
+        unknown = set(table) - allowed
+        if unknown:
+            where = f"[{section}]" if section else "the top level"
+            raise InputError(f"unknown keys {sorted(unknown)} in {where} of {path}; allowed: {sorted(allowed)}")
+    missing = {"backbone", "probe", "start", "reference"} - set(config)
+    if missing:
+        raise InputError(f"config {path} lacks {sorted(missing)}")
+    return config
+
+
+def reference_factory(spec: dict):
+    """A picklable factory for the reference calculator named ``module:attribute``."""
+    import functools
+    import importlib
+
+    from ..exceptions import InputError
+
+    module_name, _, attribute = spec["calculator"].partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise InputError(f"cannot import reference calculator {spec['calculator']!r}: {err}") from err
+    return functools.partial(factory, **spec.get("options", {}))
+
+
+def force_rmse(calc, frames) -> float:
+    """Mean force RMSE (eV/Å) of ``calc`` against the frames' reference forces."""
+    import numpy as np
+
+    errors = []
+    for atoms in frames:
+        mlip = atoms.copy()
+        mlip.calc = calc
+        errors.append(np.sqrt(np.mean((mlip.get_forces() - atoms.get_forces()) ** 2)))
+    return float(np.mean(errors)) if errors else float("nan")
+
+
+def run(args: argparse.Namespace) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..active_learning import ActiveLearner
+    from ..backbones import load_backbone
+    from ..calculator import ProbeCalculator
+    from ..dataset import read_frames
+    from ..md import make_dynamics
+    from ..retrain import mace_trainer
+
+    config = load_config(args.config)
+    explore, label, retrain = config.get("explore", {}), config.get("label", {}), config.get("retrain")
+    probe_calc = ProbeCalculator(load_backbone(config["backbone"], device=args.device), config["probe"])
+    workers = int(label.get("workers", 1))
+    executor = ProcessPoolExecutor(workers) if workers > 1 else None
+    learner = ActiveLearner(probe_calc, reference_factory(config["reference"]), db=config.get("db", "al.db"),
+                            executor=executor, p_lo=explore.get("p_lo"), p_hi=explore.get("p_hi"),
+                            retries=int(label.get("retries", 1)))
+    trainer = None if retrain is None else mace_trainer(
+        retrain["train_data"], retrain["fit_data"], retrain.get("work_dir", "al-retrain"), int(retrain.get("epochs", 20)))
+    starts = read_frames(config["start"])
+
+    def md(atoms):
+        return make_dynamics(atoms, explore.get("ensemble", "nvt"), float(explore.get("temperature", 300)),
+                             float(explore.get("timestep", 1.0)), float(explore.get("friction", 0.01)),
+                             seed=int(explore.get("seed", 0)) + learner.round)
+
+    learner.resume()  # finish reference calls an interrupted run left pending
+    header = f"{'round':>5} {'explored':>9} {'selected':>9} {'labelled':>9} {'failed':>7} {'rejected':>9} " \
+             f"{'F-RMSE before':>14} {'after':>8}  (meV/Å, on the round's new frames)"
+    rows = [header]
+    for _ in range(int(config.get("rounds", 1))):
+        seen = learner.explore(starts, md=md, steps=int(explore.get("steps", 500)),
+                               max_new=int(explore.get("max_new", 20)),
+                               min_separation=int(explore.get("min_separation", 10)))
+        labelled = learner.label()
+        new = learner.labelled(learner.round)
+        before = force_rmse(learner.probe_calc.base, new)
+        after = force_rmse(learner.retrain(trainer).base, new) if trainer is not None and new else float("nan")
+        rows.append(f"{learner.round:>5} {seen['explored']:>9} {seen['selected']:>9} {labelled['done']:>9} "
+                    f"{labelled['failed']:>7} {seen['rejected']:>9} {1000 * before:>14.1f} {1000 * after:>8.1f}")
+        print(rows[-1])
+    if executor is not None:
+        executor.shutdown()
+    print("\n".join(rows))
+    print(f"database {learner.db_path}: {learner.status_counts()}")
+    return 0
