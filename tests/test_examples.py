@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +33,20 @@ def test_optimisation_guard_example(monkeypatch, capsys):
     assert "handed over at step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["md_gating.py", "optimisation_guard.py"])
+def test_active_learning_xtb_example(tmp_path):
+    """Shortened xTB loop; a subprocess, because tblite needs OMP_NUM_THREADS=1 before torch loads."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(EXAMPLES / "active_learning_xtb.py"), "--out", str(tmp_path),
+                           "--quick", "--rounds", "1"], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("1 ")][0]
+    selected, labelled, failed, before, after = int(summary[2]), int(summary[3]), int(summary[4]), \
+        float(summary[5]), float(summary[6])
+    assert selected == labelled > 0 and failed == 0
+    assert after < before
+    assert (tmp_path / "round1.xyz").exists() and (tmp_path / "al.db").exists()
+
+
+@pytest.mark.parametrize("name", ["md_gating.py", "optimisation_guard.py", "active_learning_xtb.py"])
 def test_examples_say_how_to_run_them(name):
     assert f"python examples/{name}" in (EXAMPLES / name).read_text()
