@@ -9,7 +9,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import radius_graph
+from .graph import NeighbourCache
 from .headfile import Probe
 from .taps import find_tap
 from .validate import check_atoms
@@ -53,6 +53,7 @@ class ProbeCalculator(Calculator):
         self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES
         device = next(self.tap.module.parameters()).device
         self.probe.head.to(device)
+        self._graph = NeighbourCache(meta.config.cutoff)  # Verlet list: no full rebuild every MD step
 
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
                   system_changes: list[str] = all_changes) -> None:
@@ -72,7 +73,7 @@ class ProbeCalculator(Calculator):
         self.results = dict(self.base.results)
         features = self.tap.features()[: len(atoms)]
         numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=features.device)
-        edges = [radius_graph(atoms, self.probe.meta.config.cutoff)]
+        edges = [self._graph(atoms)]
         p, importance = self.probe.predict(features, numbers, np.array([0, len(atoms)]), edges)
         self.results["reliability"] = float(p[0])
         self.results["reliable"] = bool(p[0] >= self.threshold)

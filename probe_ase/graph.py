@@ -8,12 +8,15 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 from matscipy.neighbours import neighbour_list
 
 
-def radius_graph(atoms: Atoms, cutoff: float) -> np.ndarray:
+def radius_graph(atoms: Atoms, cutoff: float, shifts: bool = False) -> np.ndarray:
     """Directed edges ``(2, n_edges)`` between atoms closer than ``cutoff`` (Å).
 
-    Each atom also gets a self edge, and periodic images count as separate
-    edges, so the graph is invariant to rotation, translation and (up to
-    relabelling) permutation of atoms. Cost is linear in the number of atoms.
+    Each atom also gets a self edge (the first ``n_atoms`` columns), and
+    periodic images count as separate edges, so the graph is invariant to
+    rotation, translation and (up to relabelling) permutation of atoms. Cost
+    is linear in the number of atoms. With ``shifts=True`` the result is a
+    tuple ``(dst, src, offsets)`` where ``offsets`` (n_edges, 3) in Å is the
+    periodic image vector to add to ``positions[src] - positions[dst]``.
     """
     n = len(atoms)
     positions = atoms.positions
@@ -23,10 +26,46 @@ def radius_graph(atoms: Atoms, cutoff: float) -> np.ndarray:
         positions = positions - positions.min(axis=0)
         cell = np.diag(positions.max(axis=0) + cutoff + 1.0)
     try:
-        i, j = neighbour_list("ij", positions=positions, cell=cell, pbc=pbc, cutoff=cutoff)
+        i, j, S = neighbour_list("ijS", positions=positions, cell=cell, pbc=pbc, cutoff=cutoff)
     except np.linalg.LinAlgError:  # mixed pbc with a degenerate cell vector
-        i, j = ase_neighbor_list("ij", atoms, cutoff)
+        i, j, S = ase_neighbor_list("ijS", atoms, cutoff)
+        cell = np.array(atoms.cell, dtype=float)
     self_loops = np.arange(n)
     dst = np.concatenate([self_loops, i]).astype(np.int64)
     src = np.concatenate([self_loops, j]).astype(np.int64)
+    if shifts:
+        return dst, src, np.concatenate([np.zeros((n, 3)), S @ cell])
     return np.stack([dst, src])
+
+
+class NeighbourCache:
+    """Radius graphs for successive steps of one trajectory, rebuilt only when needed.
+
+    Pairs are listed once within ``cutoff + skin`` (Å) with their periodic
+    shifts; each step keeps those still within ``cutoff``. The list is
+    rebuilt when an atom has moved more than ``skin / 2`` since the last build
+    or when the numbers, cell or periodicity change, so every step's graph
+    equals :func:`radius_graph`'s (a Verlet list).
+    """
+
+    def __init__(self, cutoff: float, skin: float = 1.0) -> None:
+        self.cutoff, self.skin = float(cutoff), float(skin)
+        self._key: tuple | None = None
+        self._positions: np.ndarray | None = None
+
+    def __call__(self, atoms: Atoms) -> np.ndarray:
+        key = (atoms.numbers.tobytes(), atoms.cell.array.tobytes(), atoms.pbc.tobytes())
+        moved = np.inf if self._positions is None or key != self._key or len(atoms) != len(self._positions) \
+            else np.sqrt(((atoms.positions - self._positions) ** 2).sum(1)).max()
+        if moved > self.skin / 2:
+            self._build(atoms, key)
+        vectors = atoms.positions[self._j] - atoms.positions[self._i] + self._offsets
+        keep = (vectors**2).sum(1) < self.cutoff**2
+        self_loops = np.arange(len(atoms))
+        return np.stack([np.concatenate([self_loops, self._i[keep]]), np.concatenate([self_loops, self._j[keep]])])
+
+    def _build(self, atoms: Atoms, key: tuple) -> None:
+        wide = radius_graph(atoms, self.cutoff + self.skin, shifts=True)
+        n = len(atoms)
+        self._i, self._j, self._offsets = wide[0][n:], wide[1][n:], wide[2][n:]
+        self._positions, self._key = atoms.positions.copy(), key

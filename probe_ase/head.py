@@ -158,7 +158,7 @@ class ProbeHead(nn.Module):
         pooled, importance = self.pool(h, batch, n_structures)
         return self.readout(pooled).squeeze(-1), importance
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def reliability(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated probability ``(n_structures,)`` and importances ``(n_atoms,)``."""
         logits, importance = self(*inputs)

@@ -224,3 +224,26 @@ def test_radius_graph_translation_invariant():
     negative = atoms.copy()
     negative.translate([-100.0, 37.0, -5.0])
     assert _edge_set(radius_graph(negative, 2.5)) == _edge_set(radius_graph(atoms, 2.5))
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_neighbour_cache_equals_a_fresh_graph_every_step(size):
+    """The Verlet list gives exactly radius_graph's edges while atoms drift, and rebuilds when needed."""
+    from ase.build import bulk
+
+    from probe_ase.graph import NeighbourCache
+
+    atoms = bulk("Cu", cubic=True) * (size, size, size)
+    cache = NeighbourCache(cutoff=4.0, skin=0.6)
+    rng = np.random.default_rng(size)
+    rebuilds = 0
+    for _ in range(25):
+        atoms.positions += rng.normal(scale=0.04, size=atoms.positions.shape)
+        before = cache._positions
+        got = cache(atoms)
+        rebuilds += cache._positions is not before
+        expected = radius_graph(atoms, 4.0)
+        assert sorted(map(tuple, got.T.tolist())) == sorted(map(tuple, expected.T.tolist()))
+    assert 1 < rebuilds < 25  # reused between rebuilds, rebuilt once atoms moved > skin/2
+    atoms.set_cell(atoms.cell * 1.02, scale_atoms=True)  # a cell change forces a rebuild
+    assert sorted(map(tuple, cache(atoms).T.tolist())) == sorted(map(tuple, radius_graph(atoms, 4.0).T.tolist()))
