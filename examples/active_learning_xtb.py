@@ -35,6 +35,7 @@ from tblite.ase import TBLite  # noqa: E402
 
 from probe_ase import ProbeCalculator, TrainConfig, fit_probe  # noqa: E402
 from probe_ase.active_learning import ActiveLearner  # noqa: E402
+from probe_ase.labels import mean_force_rmse  # noqa: E402
 from probe_ase.retrain import mace_trainer  # noqa: E402
 from probe_ase.testing import train_mace  # noqa: E402
 
@@ -92,16 +93,8 @@ for _ in range(args.rounds):
     new = learner.labelled(learner.round)
     learner.export(out / f"round{learner.round}.xyz", round=learner.round)
 
-    def rmse(calc):
-        errs = []
-        for atoms in new:
-            mlip = atoms.copy()
-            mlip.calc = calc
-            errs.append(np.sqrt(np.mean((mlip.get_forces() - atoms.get_forces()) ** 2)))
-        return 1000 * float(np.mean(errs)) if errs else float("nan")
-
-    before = rmse(learner.probe_calc.base)
-    after = rmse(learner.retrain(trainer).base) if new else float("nan")
+    before = 1000 * mean_force_rmse(learner.probe_calc.base, new)
+    after = 1000 * mean_force_rmse(learner.retrain(trainer).base, new) if new else float("nan")
     print(f"{learner.round:>5} {seen['explored']:>9} {seen['selected']:>9} {labelled['done']:>9} "
           f"{labelled['failed']:>7} {before:>14.1f} {after:>7.1f}")
 print(f"database {db}: {learner.status_counts()}")

@@ -82,3 +82,13 @@ def make_labels(errors: np.ndarray, tau: float) -> np.ndarray:
             f"(errors span {np.min(errors):.4g}..{np.max(errors):.4g}); choose another threshold or add data"
         )
     return labels
+
+
+def mean_force_rmse(calc, frames) -> float:
+    """Mean over ``frames`` of the force RMSE (eV/Å) of ``calc`` against each frame's reference forces."""
+    errors = []
+    for atoms in frames:
+        mlip = atoms.copy()
+        mlip.calc = calc
+        errors.append(structure_error("force_rmse", 0.0, None, mlip.get_forces(), atoms.get_forces()))
+    return float(np.mean(errors)) if errors else float("nan")

@@ -20,6 +20,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from probe_ase import ProbeCalculator
 from probe_ase.active_learning import ActiveLearner, Candidate, label_pending
+from probe_ase.labels import mean_force_rmse
 from probe_ase.testing.reference import CountingEMT, geometry_hash
 
 
@@ -177,18 +178,10 @@ def test_retraining_lowers_the_error_on_new_frames(explored, cu_data, tmp_path):
     new = learner.labelled()
     assert len(new) == counts["selected"]
 
-    def force_rmse(calc):
-        errors = []
-        for atoms in new:
-            mlip = atoms.copy()
-            mlip.calc = calc
-            errors.append(np.sqrt(np.mean((mlip.get_forces() - atoms.get_forces()) ** 2)))
-        return float(np.mean(errors))
-
-    before = force_rmse(learner.probe_calc.base)
+    before = mean_force_rmse(learner.probe_calc.base, new)
     trainer = mace_trainer(cu_data["train"], cu_data["pool"], work_dir=tmp_path / "retrain", epochs=8)
     new_calc = learner.retrain(trainer)
-    after = force_rmse(new_calc.base)
+    after = mean_force_rmse(new_calc.base, new)
     assert after < 0.7 * before
     assert learner.probe_calc is new_calc and (tmp_path / "retrain" / "round1_probe.pt").exists()
     assert 0 <= new_calc.get_property("reliability", new[0].copy()) <= 1

@@ -91,18 +91,6 @@ def reference_factory(spec: dict):
     return functools.partial(factory, **spec.get("options", {}))
 
 
-def force_rmse(calc, frames) -> float:
-    """Mean force RMSE (eV/Å) of ``calc`` against the frames' reference forces."""
-    import numpy as np
-
-    errors = []
-    for atoms in frames:
-        mlip = atoms.copy()
-        mlip.calc = calc
-        errors.append(np.sqrt(np.mean((mlip.get_forces() - atoms.get_forces()) ** 2)))
-    return float(np.mean(errors)) if errors else float("nan")
-
-
 def run(args: argparse.Namespace) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
@@ -110,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones import load_backbone
     from ..calculator import ProbeCalculator
     from ..dataset import read_frames
+    from ..labels import mean_force_rmse
     from ..md import make_dynamics
     from ..retrain import mace_trainer
 
@@ -140,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
                                min_separation=int(explore.get("min_separation", 10)))
         labelled = learner.label()
         new = learner.labelled(learner.round)
-        before = force_rmse(learner.probe_calc.base, new)
-        after = force_rmse(learner.retrain(trainer).base, new) if trainer is not None and new else float("nan")
+        before = mean_force_rmse(learner.probe_calc.base, new)
+        after = mean_force_rmse(learner.retrain(trainer).base, new) if trainer is not None and new else float("nan")
         rows.append(f"{learner.round:>5} {seen['explored']:>9} {seen['selected']:>9} {labelled['done']:>9} "
                     f"{labelled['failed']:>7} {seen['rejected']:>9} {1000 * before:>14.1f} {1000 * after:>8.1f}")
         print(rows[-1])
