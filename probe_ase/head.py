@@ -65,7 +65,7 @@ class GraphAttention(nn.Module):
     def forward(self, h: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         n = h.shape[0]
         q, k, v = self.qkv(h).view(n, 3, self.heads, self.dim).unbind(1)
-        dst, src = edges
+        dst, src = edges[0], edges[1]
         scores = (q[dst] * k[src]).sum(-1) / math.sqrt(self.dim)
         alpha = segment_softmax(scores, dst, n)
         mixed = h.new_zeros((n, self.heads, self.dim)).index_add_(0, dst, alpha.unsqueeze(-1) * v[src])

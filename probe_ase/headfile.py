@@ -9,10 +9,12 @@ atomically (temporary file, then rename).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -126,6 +128,7 @@ class Probe:
 
     head: ProbeHead
     meta: HeadMeta
+    _frozen: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def report(self) -> dict:
@@ -165,5 +168,23 @@ class Probe:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated reliability per structure and importance per atom (concatenated)."""
         inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
-        p, importance = self.head.reliability(*inputs)
+        with torch.inference_mode():
+            logits, importance = self._compiled()(*inputs)
+            p = torch.sigmoid(logits / self.head.temperature)
         return p.cpu().numpy().astype(float), importance.cpu().numpy().astype(float)
+
+    def _compiled(self) -> torch.nn.Module:
+        """The head scripted and frozen for inference (fewer small-op dispatches per step).
+
+        Built on first use on the head's current device; falls back to the
+        eager head where TorchScript cannot compile it.
+        """
+        device = self.head.feature_mean.device
+        if self._frozen is None or self._frozen[0] != device:
+            try:
+                frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(self.head).eval()))
+            except Exception as err:  # noqa: BLE001 - an optimisation only; the eager head is exact
+                warnings.warn(f"TorchScript could not compile the head ({err}); running it eagerly", stacklevel=3)
+                frozen = self.head
+            self._frozen = (device, frozen)
+        return self._frozen[1]
