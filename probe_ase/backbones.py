@@ -31,7 +31,9 @@ def load_backbone(path: str | os.PathLike, kind: BackboneKind = "auto", device: 
     if not os.path.exists(path):
         raise InputError(f"no such backbone file: {path}")
     if kind in ("auto", "mace"):
-        import mace  # noqa: F401  (lets e3nn's constants load under torch>=2.6)
+        # import e3nn (through mace) before unpickling: e3nn loads its constants with
+        # torch.load at import, and a torch.load nested in another one fails
+        import mace.modules  # noqa: F401
     model = torch.load(path, map_location=device, weights_only=False)
     found = detect_kind(model)
     if kind != "auto" and kind != found:

@@ -82,3 +82,34 @@ def expected_calibration_error(p: np.ndarray, reliable: np.ndarray, bins: int = 
 def brier(p: np.ndarray, reliable: np.ndarray) -> float:
     """Brier score of ``p`` against reliable labels."""
     return float(brier_score_loss(np.asarray(reliable, dtype=int), p))
+
+
+def oracle_aurc(reliable: np.ndarray) -> float:
+    """AURC of a perfect ranking (every reliable structure accepted first)."""
+    reliable = np.asarray(reliable, dtype=float)
+    order = np.argsort(-reliable, kind="stable")
+    return aurc(np.linspace(1, 0, len(reliable))[np.argsort(order)], reliable)
+
+
+def summary(p: np.ndarray, reliable: np.ndarray, error: np.ndarray, p_star: float | None = None) -> dict[str, float]:
+    """Every ranking and calibration metric of a reliability ``p`` (0-1) at once.
+
+    Scores for ranking are ``1 - p`` (positive class: unreliable). ECE and
+    Brier assume ``p`` is a probability; for raw scores (an ensemble's
+    disagreement) map them to [0, 1] first or ignore those two entries.
+    """
+    reliable = np.asarray(reliable, dtype=bool)
+    out = {
+        "n": len(p), "fraction_unreliable": float(np.mean(~reliable)),
+        "auroc": auroc(~reliable, 1 - p), "auprc": auprc(~reliable, 1 - p),
+        "spearman": spearman(1 - p, error), "aurc": aurc(p, reliable),
+        "excess_aurc": aurc(p, reliable) - oracle_aurc(reliable),
+        "risk_at_50": risk_at_coverage(p, reliable, 0.5), "risk_at_80": risk_at_coverage(p, reliable, 0.8),
+        "risk_at_90": risk_at_coverage(p, reliable, 0.9),
+        "ece": expected_calibration_error(p, reliable), "brier": brier(p, reliable),
+    }
+    if p_star is not None:
+        accepted = p >= p_star
+        out["coverage_at_p_star"] = float(accepted.mean())
+        out["risk_at_p_star"] = float(np.mean(~reliable[accepted])) if accepted.any() else float("nan")
+    return out

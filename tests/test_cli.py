@@ -127,3 +127,30 @@ work_dir = "{work / 'retrain'}"
     config.write_text(config.read_text() + "\n[bogus]\n")
     assert main(["al", str(config)]) == 2
     assert "unknown keys ['bogus']" in capsys.readouterr().err
+
+
+def test_evaluate_writes_every_promised_file(files, capsys, backbones, cu_data):
+    from probe_ase.testing import train_mace
+
+    members = []
+    for seed in (1, 2):
+        path = files / f"member{seed}.model"
+        torch.save(train_mace(cu_data["train"][:20], epochs=3, seed=seed).models[0], path)
+        members.append(str(path))
+    report = files / "report"
+    code = main(["evaluate", str(files / "test.xyz"), "--probe", str(files / "probe.pt"), "--report", str(report),
+                 "--ensemble", str(files / "mace.model"), *members, "--importance", "2"])
+    assert code == 0
+    expected = {"report.md", "metrics.json", "roc.png", "risk_coverage.png", "scatter.png",
+                "reliability_diagram.png"}
+    names = {p.name for p in report.iterdir()}
+    assert expected <= names and len([n for n in names if n.startswith("importance_")]) == 2
+    import json
+
+    results = json.loads((report / "metrics.json").read_text())
+    assert set(results["probe"]) >= {"auroc", "spearman", "aurc", "excess_aurc", "risk_at_80", "ece", "brier"}
+    assert "ensemble_force_std" in results and 0 <= results["ensemble_force_std"]["auroc"] <= 1
+    assert results["probe"]["excess_aurc"] >= -1e-12  # nothing beats the oracle
+    text = (report / "report.md").read_text()
+    assert "| auroc |" in text and "![roc.png](roc.png)" in text
+    assert all((report / n).read_bytes()[:4] == b"\x89PNG" for n in names if n.endswith(".png"))

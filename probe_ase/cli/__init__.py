@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import al, demo, fit, md, score
+from . import al, demo, evaluate, fit, md, score
 
-COMMANDS = {"al": al, "demo": demo, "fit": fit, "md": md, "score": score}
+COMMANDS = {"al": al, "demo": demo, "evaluate": evaluate, "fit": fit, "md": md, "score": score}
 
 
 def build_parser() -> argparse.ArgumentParser:
