@@ -242,3 +242,26 @@ def test_split_indices_too_few_minority(n_pos):
 def test_split_indices_six_minority_is_enough():
     tr, val, cal = split_indices(_labels(100, 6), TrainConfig())
     assert len(tr) + len(val) + len(cal) == 100
+
+
+def test_oracle_aurc_on_five_points():
+    from probe_ase.metrics import oracle_aurc
+
+    # the oracle accepts the three reliable structures first: risks 0, 0, 0, 1/4, 2/5 at coverage
+    # 0.2 .. 1.0, each step 0.2 wide: AURC = 0.2 * (1/4 + 2/5) = 0.13
+    assert oracle_aurc(np.array([1, 0, 1, 1, 0])) == pytest.approx(0.13)
+
+
+def test_summary_is_consistent_with_the_single_metrics():
+    from probe_ase import metrics
+
+    rng = np.random.default_rng(0)
+    error = rng.exponential(size=200)
+    reliable = error < 1.0
+    p = np.clip(1.2 - error / 2 + rng.normal(scale=0.1, size=200), 0, 1)
+    s = metrics.summary(p, reliable, error, p_star=0.7)
+    assert s["auroc"] == pytest.approx(metrics.auroc(~reliable, 1 - p))
+    assert s["excess_aurc"] == pytest.approx(metrics.aurc(p, reliable) - metrics.oracle_aurc(reliable))
+    assert s["excess_aurc"] > 0
+    assert s["coverage_at_p_star"] == pytest.approx(np.mean(p >= 0.7))
+    assert s["risk_at_p_star"] == pytest.approx(np.mean(~reliable[p >= 0.7]))
