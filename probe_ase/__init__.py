@@ -6,6 +6,7 @@ backbone's per-atom features with forward hooks during its own pass, and adds
 are fitted with :func:`fit_probe` (PROBE, arXiv:2605.00640).
 """
 
+from .active_learning import ActiveLearner
 from .calculator import ProbeCalculator, annotate
 from .dataset import featurize, read_frames
 from .exceptions import (
@@ -22,12 +23,16 @@ from .exceptions import (
 )
 from .fit import TrainConfig, fit_probe
 from .head import HeadConfig, ProbeHead
+from .guard import GuardReport, guarded_optimize
 from .headfile import HeadMeta, Probe
+from .observers import ReliabilityHalt, ReliabilityMonitor, ReliabilityTrajectory
 from .taps import find_tap
 
 __all__ = [
+    "ActiveLearner",
     "BackboneError",
     "EmptyStructureError",
+    "GuardReport",
     "HeadConfig",
     "HeadFileError",
     "HeadMeta",
@@ -40,12 +45,16 @@ __all__ = [
     "ProbeCalculator",
     "ProbeError",
     "ProbeHead",
+    "ReliabilityHalt",
+    "ReliabilityMonitor",
+    "ReliabilityTrajectory",
     "TrainConfig",
     "UnknownElementError",
     "annotate",
     "featurize",
     "find_tap",
     "fit_probe",
+    "guarded_optimize",
     "read_frames",
 ]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ Each round:
    :meth:`resume` labels what is still pending and never repeats a finished one.
 3. :meth:`ActiveLearner.export` writes the labelled frames as extxyz, and
    :meth:`ActiveLearner.retrain` retrains the backbone (a user callback, or
-   :func:`probe_ase.retrain.retrain_mace` with mace-torch's own trainer) and
+   :class:`probe_ase.retrain.MaceTrainer` with mace-torch's own trainer) and
    refits the head.
 
 The database is an ase.db (SQLite file by default; a ``postgresql://`` URL
@@ -80,7 +80,7 @@ class SerialExecutor(Executor):
         future: Future = Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+        except Exception as err:  # noqa: BLE001 - handed to the caller; Ctrl-C still stops the loop
             future.set_exception(err)
         return future
 
@@ -291,7 +291,7 @@ class ActiveLearner:
     def retrain(self, trainer: Callable[[list[Atoms], int, ProbeCalculator], ProbeCalculator]) -> ProbeCalculator:
         """Replace the MLIP: ``trainer(labelled_frames, round, current)`` returns a new ProbeCalculator.
 
-        :func:`probe_ase.retrain.mace_trainer` builds the built-in trainer
+        :class:`probe_ase.retrain.MaceTrainer` is the built-in trainer
         (mace-torch's own trainer, then a head refit); any callable with that
         signature can replace it.
         """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ class ProbeCalculator(Calculator):
         self.probe = probe if isinstance(probe, Probe) else Probe.load(probe)
         meta = self.probe.meta
         self.tap = find_tap(base, meta.layers)
+        weakref.finalize(self, self.tap.close)  # a dropped calculator leaves no hooks behind
         try:
             self.probe.check_backbone(self.tap.kind, self.tap.fingerprint(), self.tap.feature_dim, self.tap.layers)
         except Exception:
@@ -60,12 +62,16 @@ class ProbeCalculator(Calculator):
         """Run the backbone (hooks fire), then the head; fill ``self.results``."""
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        check_atoms(atoms, self.tap.elements)
+        check_atoms(atoms, self.probe.meta.elements, what="the head (fitted on these elements)")
         # energy and forces come from one backbone pass: ask for both, so a
         # calculator that stores only what was asked (SpkCalculator) runs once per step
         wanted = [p for p in ("energy", "forces") if p in self.base.implemented_properties]
         wanted += [p for p in properties or [] if p in self.base.implemented_properties and p not in wanted]
         before = self.tap.n_forward
+        backbone = self.tap.calc
+        if backbone is not self.base:  # inside a mixing calculator: one pass fills the backbone's cache
+            backbone.calculate(atoms, [p for p in ("energy", "forces") if p in backbone.implemented_properties],
+                               all_changes)
         self.base.calculate(atoms, wanted, system_changes)
         if self.tap.n_forward == before:  # backbone answered from its cache: make it run
             self.tap.calc.reset()

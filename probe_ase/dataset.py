@@ -38,12 +38,15 @@ def default_cache_dir() -> Path:
 
 
 def read_frames(source: Frames) -> list[Atoms]:
-    """Structures from a file ASE can read (extxyz, traj, ase.db ...) or a list of Atoms."""
+    """Structures from a file ASE can read (extxyz, traj, ase.db ...) or a list of Atoms.
+
+    ASE's selection syntax works too, e.g. ``"al.db@status=done"``.
+    """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.exists():
+        if not path.exists() and not Path(str(source).split("@")[0]).exists():
             raise InputError(f"no such file: {path}")
-        frames = read(path, index=":")
+        frames = read(source, index=":") if "@" not in str(source) else read(source)
         frames = frames if isinstance(frames, list) else [frames]
     else:
         frames = list(source)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,13 +17,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
+    tmp = str(target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # O_EXCL: never clobber; mode 0o666 lets the kernel apply the umask as for any new file
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield Path(tmp)
-        # mkstemp makes the file private (0600): give it the target's mode, or the umask default
-        mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
+        if target.exists():
+            os.chmod(tmp, target.stat().st_mode & 0o777)  # keep the permissions of the file replaced
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -36,8 +36,3 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp)
     return Path(path)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -202,7 +203,9 @@ def fit_probe(
     frames = read_frames(data)
     with find_tap(calc, layers) as tap:
         features = featurize(tap, frames, energy_key, forces_key, batch_size, cache_dir, progress)
-        kind, fingerprint, tap_layers, elements = tap.kind, tap.fingerprint(), tap.layers, tap.elements
+        kind, fingerprint, tap_layers = tap.kind, tap.fingerprint(), tap.layers
+    # the head knows only elements it saw: others would get an untrained embedding
+    elements = tuple(sorted(set(features.numbers.tolist())))
     errors = features.error(criterion)
     tau = resolve_tolerance(errors, threshold, quantile)
     labels = make_labels(errors, tau)
@@ -217,6 +220,10 @@ def fit_probe(
     head.temperature.fill_(temperature)
     p = torch.sigmoid(logits / temperature).numpy().astype(float)
     p_star, coverage, risk = select_threshold(p, labels[cal], target_risk)
+    if np.isnan(risk):
+        warnings.warn(f"no threshold reaches target risk {target_risk:.1%} on the {len(cal)} calibration "
+                      "structures: p* = 1.0, so every structure will be called unreliable; "
+                      "raise target_risk or add data", stacklevel=2)
     report = {
         "n_train": len(splits[0]), "n_val": len(splits[1]), "n_cal": len(cal),
         "fraction_reliable": float(labels.mean()), "epochs": epochs,

@@ -39,7 +39,7 @@ class HeadMeta:
         fingerprint: SHA-256 of the backbone's parameters.
         layers: tapped interaction layers.
         feature_dim: width of the features the head reads.
-        elements: atomic numbers the head can embed.
+        elements: atomic numbers in the fit data: the only ones the head scores.
         criterion: error criterion (see :mod:`probe_ase.labels`).
         tau: tolerance in the criterion's units (eV/Å, eV/atom or eV).
         quantile: the quantile ``tau`` came from, if any.

@@ -33,6 +33,7 @@ from ase.calculators.calculator import all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 from ase.io.trajectory import Trajectory
+from ase.md.md import MolecularDynamics
 from ase.optimize.optimize import Dynamics
 
 from .calculator import ProbeCalculator, annotate
@@ -158,7 +159,7 @@ class ReliabilityMonitor:
             self._log = open(self.log_path, "a", buffering=1)
             if new:
                 self._log.write(f"# {'step':>8} {'time_fs':>10} {'reliability':>11} {'energy_eV':>14} {'T_K':>8} reliable\n")
-        time_fs = self.dyn.get_time() / units.fs if hasattr(self.dyn, "dt") else float("nan")
+        time_fs = self.dyn.get_time() / units.fs if isinstance(self.dyn, MolecularDynamics) else float("nan")
         temperature = self.atoms.get_temperature() if self.atoms.get_momenta().any() else 0.0
         self._log.write(f"{step:>10d} {time_fs:>10.2f} {p:>11.5f} {energy:>14.6f} {temperature:>8.1f} "
                         f"{int(p >= self.threshold)}\n")

@@ -1,8 +1,8 @@
 """Built-in retraining step for active learning: mace-torch's own trainer, then a head refit.
 
-:func:`mace_trainer` returns a callable for :meth:`ActiveLearner.retrain`. It
-fine-tunes the current MACE on the original training frames plus every
-labelled frame, by running mace-torch's ``mace_run_train`` (in a subprocess,
+:class:`MaceTrainer` is a callable for :meth:`ActiveLearner.retrain`. It
+fine-tunes the current MACE on the original training frames plus most of the
+newly labelled frames, by running mace-torch's ``mace_run_train`` (in a subprocess,
 since the trainer changes global torch and logging state) with
 ``--foundation_model`` pointing at the current weights, then refits the PROBE
 head for the new backbone with the old head's criterion and tolerance (or,
@@ -17,9 +17,10 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from ase import Atoms
 from ase.io import write
 
@@ -65,46 +66,61 @@ def run_mace_train(frames: Sequence[Atoms], foundation: str | os.PathLike, work_
     return model
 
 
-def mace_trainer(
-    train_data: Frames,
-    fit_data: Frames,
-    work_dir: str | os.PathLike = "al-retrain",
-    epochs: int = 20,
-    head_epochs: int = 100,
-    seed: int = 0,
-) -> Callable[[list[Atoms], int], ProbeCalculator]:
-    """A retraining step for :meth:`ActiveLearner.retrain`.
+class MaceTrainer:
+    """The built-in retraining step for :meth:`ActiveLearner.retrain`.
+
+    Each call splits the labelled frames: ``holdout`` of them (at least one)
+    are kept out of training, the rest join the backbone's original training
+    frames for fine-tuning from the current weights with mace-torch's own
+    trainer. The head is then refitted on ``fit_data`` plus the held-out new
+    frames, whose errors are honest (the backbone never saw them);
+    ``self.held_out`` lists them for reporting the error before and after.
 
     Args:
         train_data: the backbone's original training frames (eV, eV/Å).
-        fit_data: labelled frames the head is refitted on, together with the
-            newly labelled ones (never the backbone's training frames).
+        fit_data: labelled frames the head is refitted on (never the backbone's training frames).
         work_dir: folder for training files, logs and models.
         epochs: fine-tuning epochs per round.
         head_epochs: most epochs for the head refit.
+        holdout: share (0-1) of each round's labelled frames kept out of training.
+        extra_args: further ``mace_run_train`` flags (e.g. ``["--lr=0.005", "--device=cuda"]``).
     """
-    train_frames, fit_frames = read_frames(train_data), read_frames(fit_data)
 
-    def retrain(labelled: list[Atoms], round: int, current: ProbeCalculator) -> ProbeCalculator:
+    def __init__(self, train_data: Frames, fit_data: Frames, work_dir: str | os.PathLike = "al-retrain",
+                 epochs: int = 20, head_epochs: int = 100, holdout: float = 0.3, seed: int = 0,
+                 extra_args: Sequence[str] = ()) -> None:
+        if not 0 < holdout < 1:
+            raise InputError(f"holdout must lie strictly between 0 and 1, got {holdout}")
+        self.train_frames, self.fit_frames = read_frames(train_data), read_frames(fit_data)
+        self.work_dir, self.epochs, self.head_epochs = Path(work_dir), int(epochs), int(head_epochs)
+        self.holdout, self.seed, self.extra_args = float(holdout), int(seed), list(extra_args)
+        self.held_out: list[Atoms] = []
+
+    def __call__(self, labelled: list[Atoms], round: int, current: ProbeCalculator) -> ProbeCalculator:
         from mace.calculators import MACECalculator
 
-        work = Path(work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-        foundation = work / f"round{round}_start.model"
+        if len(labelled) < 2:
+            raise InputError(f"retraining needs at least 2 labelled frames, got {len(labelled)}")
+        order = np.random.default_rng(self.seed + round).permutation(len(labelled))
+        n_hold = max(1, int(self.holdout * len(labelled)))
+        self.held_out = [labelled[k] for k in order[:n_hold]]
+        new_training = [labelled[k] for k in order[n_hold:]]
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        foundation = self.work_dir / f"round{round}_start.model"
         current.tap.save_backbone(foundation)
-        model = run_mace_train(train_frames + labelled, foundation, work, f"round{round}", epochs, seed)
+        model = run_mace_train(self.train_frames + new_training, foundation, self.work_dir, f"round{round}",
+                               self.epochs, self.seed, self.extra_args)
         base = MACECalculator(model_paths=str(model), device="cpu", default_dtype="float64")
         meta = current.probe.meta
         options = dict(criterion=meta.criterion, target_risk=meta.target_risk, layers=meta.layers,
-                       config=meta.config, train=TrainConfig(epochs=head_epochs, seed=seed),
+                       config=meta.config, train=TrainConfig(epochs=self.head_epochs, seed=self.seed),
                        cache_dir=False, progress=False)
+        fit_frames = self.fit_frames + self.held_out
         try:  # keep the user's tolerance where the data still hold both classes under it
-            probe = fit_probe(base, fit_frames + labelled, threshold=meta.tau, **options)
+            probe = fit_probe(base, fit_frames, threshold=meta.tau, **options)
         except LabelError as err:
             quantile = meta.quantile or 0.8
             warnings.warn(f"{err}; refitting the head with tau at the {quantile:.0%} quantile instead", stacklevel=2)
-            probe = fit_probe(base, fit_frames + labelled, quantile=quantile, **options)
-        probe.save(work / f"round{round}_probe.pt")
+            probe = fit_probe(base, fit_frames, quantile=quantile, **options)
+        probe.save(self.work_dir / f"round{round}_probe.pt")
         return ProbeCalculator(base, probe)
-
-    return retrain

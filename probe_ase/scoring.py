@@ -27,7 +27,7 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
     index = 0
     while chunk := list(islice(frames, batch_size)):
         for k, atoms in enumerate(chunk):
-            check_atoms(atoms, tap.elements, where=f"frame {index + k}")
+            check_atoms(atoms, probe.meta.elements, where=f"frame {index + k}", what="the head")
         predictions = list(tap.predict(chunk, batch_size=len(chunk)))
         features = torch.cat([pr.features for pr in predictions])
         ptr = np.cumsum([0] + [len(a) for a in chunk])

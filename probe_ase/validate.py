@@ -11,11 +11,11 @@ from ase.data import chemical_symbols
 from .exceptions import EmptyStructureError, NonFiniteError, UnknownElementError
 
 
-def check_atoms(atoms: Atoms, elements: Iterable[int], where: str = "structure") -> None:
+def check_atoms(atoms: Atoms, elements: Iterable[int], where: str = "structure", what: str = "the backbone") -> None:
     """Raise a specific :class:`~probe_ase.exceptions.InputError` for unusable ``atoms``.
 
     Checks: at least one atom, finite positions (Å) and cell, and only
-    elements in ``elements`` (atomic numbers the backbone knows).
+    elements in ``elements`` (atomic numbers the backbone, or head, knows).
     """
     if len(atoms) == 0:
         raise EmptyStructureError(f"{where} has no atoms")
@@ -28,6 +28,6 @@ def check_atoms(atoms: Atoms, elements: Iterable[int], where: str = "structure")
     unknown = sorted(set(atoms.numbers.tolist()) - known)
     if unknown:
         raise UnknownElementError(
-            f"{where} contains {', '.join(chemical_symbols[z] for z in unknown)}, which the backbone "
+            f"{where} contains {', '.join(chemical_symbols[z] for z in unknown)}, which {what} "
             f"does not know (it knows {', '.join(chemical_symbols[z] for z in sorted(known))})"
         )

@@ -106,6 +106,19 @@ def test_wraps_a_sum_calculator(backbones, probes, cu_data):
         assert p_sum == pytest.approx(plain.results["reliability"], abs=1e-6)
 
 
+def test_backbone_inside_a_sum_runs_once_per_step(backbone_name, backbones, probes, cu_data):
+    """Even SpkCalculator, which stores only what it was asked for, runs once per step inside a sum."""
+    lj = LennardJones(sigma=2.3, epsilon=0.005, rc=5.0)
+    atoms = cu_data["test_in"][7].copy()
+    with ProbeCalculator(SumCalculator([backbones(backbone_name), lj]), probes(backbone_name)) as calc:
+        atoms.calc = calc
+        for step in range(3):
+            atoms.positions[0, 0] += 0.01
+            atoms.get_potential_energy()
+            atoms.get_forces()
+            assert calc.tap.n_forward == step + 1
+
+
 def test_annotated_results_survive_extxyz(probe_calc, cu_data, tmp_path):
     atoms = cu_data["test_in"][6].copy()
     atoms.calc = probe_calc

@@ -11,7 +11,7 @@ from ase.io.trajectory import Trajectory
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
-from ase.optimize import BFGS, FIRE
+from ase.optimize import BFGS, FIRE, LBFGS
 
 from probe_ase import ProbeCalculator
 from probe_ase.guard import guarded_optimize
@@ -116,14 +116,17 @@ def test_files_survive_an_exception_mid_run(mace_probe_calc, cu_data, tmp_path):
     assert len(read(tmp_path / "f.xyz", ":")) == 6
 
 
-def test_monitor_works_with_an_optimiser(mace_probe_calc, cu_data):
+@pytest.mark.parametrize("optimizer", [FIRE, LBFGS])
+def test_monitor_works_with_optimisers(mace_probe_calc, cu_data, tmp_path, optimizer):
     atoms = cu_data["test_out"][0].copy()
     atoms.calc = mace_probe_calc
-    opt = FIRE(atoms, logfile=None)
-    monitor = ReliabilityMonitor(opt, action="log")
-    opt.attach(monitor)
-    opt.run(fmax=0.1, steps=10)
+    opt = optimizer(atoms, logfile=None)
+    with ReliabilityMonitor(opt, action="log", log=tmp_path / "opt.log") as monitor:
+        opt.attach(monitor)
+        opt.run(fmax=0.1, steps=10)
     assert monitor.summary()["steps_seen"] == opt.nsteps + 1
+    rows = np.loadtxt(tmp_path / "opt.log", comments="#", ndmin=2)
+    assert len(rows) == opt.nsteps + 1 and np.isnan(rows[:, 1]).all()  # optimisers have no time axis
 
 
 def test_handover_finishes_on_the_reference(mace_probe_calc, cu_data):

@@ -74,12 +74,19 @@ def test_layer_selection_and_close(backbone_name, backbones, cu_data):
         assert first.feature_dim == first.layer_width(0) < width
     with pytest.raises(InputError, match="layers"):
         find_tap(calc, layers=[7])
+    def n_hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in full.module.modules())
+
+    hooks_before = n_hooks()
     tap = find_tap(calc)
+    assert n_hooks() > hooks_before
     tap.close()
+    assert n_hooks() == hooks_before
+    calc.reset()
     atoms = cu_data["test_in"][1].copy()
     atoms.calc = calc
     atoms.get_potential_energy()
-    assert tap.n_forward == 0
+    assert tap.n_forward == 0 and not tap._captured
 
 
 def test_fingerprint_tells_models_apart(backbones, cu_data):

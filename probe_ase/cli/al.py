@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from ..dataset import read_frames
     from ..labels import mean_force_rmse
     from ..md import make_dynamics
-    from ..retrain import mace_trainer
+    from ..retrain import MaceTrainer
 
     config = load_config(args.config)
     explore, label, retrain = config.get("explore", {}), config.get("label", {}), config.get("retrain")
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     learner = ActiveLearner(probe_calc, reference_factory(config["reference"]), db=config.get("db", "al.db"),
                             executor=executor, p_lo=explore.get("p_lo"), p_hi=explore.get("p_hi"),
                             retries=int(label.get("retries", 1)))
-    trainer = None if retrain is None else mace_trainer(
+    trainer = None if retrain is None else MaceTrainer(
         retrain["train_data"], retrain["fit_data"], retrain.get("work_dir", "al-retrain"), int(retrain.get("epochs", 20)))
     starts = read_frames(config["start"])
 
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
     learner.resume()  # finish reference calls an interrupted run left pending
     header = f"{'round':>5} {'explored':>9} {'selected':>9} {'labelled':>9} {'failed':>7} {'rejected':>9} " \
-             f"{'F-RMSE before':>14} {'after':>8}  (meV/Å, on the round's new frames)"
+             f"{'F-RMSE before':>14} {'after':>8}  (meV/Å, on new frames held out of retraining)"
     rows = [header]
     for _ in range(int(config.get("rounds", 1))):
         seen = learner.explore(starts, md=md, steps=int(explore.get("steps", 500)),
@@ -129,8 +129,13 @@ def run(args: argparse.Namespace) -> int:
                                min_separation=int(explore.get("min_separation", 10)))
         labelled = learner.label()
         new = learner.labelled(learner.round)
-        before = mean_force_rmse(learner.probe_calc.base, new)
-        after = mean_force_rmse(learner.retrain(trainer).base, new) if trainer is not None and new else float("nan")
+        old_calc = learner.probe_calc.base
+        before = after = float("nan")
+        if trainer is not None and len(new) >= 2:  # error on held-out new frames, before and after
+            new_calc = learner.retrain(trainer).base
+            before, after = mean_force_rmse(old_calc, trainer.held_out), mean_force_rmse(new_calc, trainer.held_out)
+        elif new:
+            before = mean_force_rmse(old_calc, new)
         rows.append(f"{learner.round:>5} {seen['explored']:>9} {seen['selected']:>9} {labelled['done']:>9} "
                     f"{labelled['failed']:>7} {seen['rejected']:>9} {1000 * before:>14.1f} {1000 * after:>8.1f}")
         print(rows[-1])

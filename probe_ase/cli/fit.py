@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from .options import add_backbone, add_batch_size, add_reference_keys
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         forces_key=args.forces_key, batch_size=args.batch_size,
         cache_dir=False if args.no_cache else args.cache_dir,
     )
-    probe.meta = dataclasses.replace(probe.meta, backbone_path=str(args.backbone))
+    probe.meta = dataclasses.replace(probe.meta, backbone_path=str(Path(args.backbone).resolve()))
     probe.save(args.output)
     m = probe.meta
     print(f"wrote {args.output}: {m.backbone} backbone, criterion {m.criterion}, tau = {m.tau:.4g}, "

@@ -1,0 +1,591 @@
+"""UQ quality benchmark: PROBE vs ensemble disagreement vs latent distance on real DFT data.
+
+Follows ``DESIGN.md`` §5 for one data folder (acac or ethanol from the
+BOTNet-datasets collection, detected by the files present)::
+
+    python benchmarks/uq_quality.py --data ../shared/data/acac --out benchmarks/results/uq-acac
+    python benchmarks/uq_quality.py --data ../shared/data/acac --quick --out /tmp/uq-quick
+
+Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
+
+1. **Backbones**, trained on the in-distribution training file only
+   (acac ``train_300K.xyz``; ethanol ``train.xyz``), ``--members`` of each
+   (seeds 0..N-1), cached under ``OUT/models`` (``--retrain`` forces):
+
+   * MACE with mace-torch's own trainer (``mace_run_train`` in a subprocess,
+     as :func:`probe_ase.retrain.run_mace_train` does), float32, 32 channels,
+     max_L 1, 2 interactions, correlation 3, r_max 5 Å, E0s from
+     ``isolated_atoms.xyz``, ``--epochs`` epochs (default 30); ``--quick``:
+     8 channels, 3 epochs, 100 training frames.
+   * SchNetPack PaiNN (``--spk-rep``), 32 features, 2 interactions, cutoff 5 Å,
+     trained with :func:`probe_ase.testing.schnetpack.train_schnetpack`: a plain
+     seeded Adam loop on energy + force MSE, **not** schnetpack's lightning
+     ``AtomisticTask`` trainer (not wired here yet).
+
+2. **Splits** (fixed seed 0 for the halves): acac fit pool = half of
+   test_MD_300K + train_600K, evaluation = other half of test_MD_300K,
+   test_MD_600K, test_H_transfer, test_dihedral; ethanol fit pool = half of
+   test_MD + methanol frames of train_eth_meth, evaluation = other half of
+   test_MD, methanol frames of test_eth_meth, test_H_removal, test_norm_mode_*.
+
+3. **PROBE** (:func:`probe_ase.fit_probe`) on member 0 over the fit pool, for
+   two label regimes (absolute: force RMSE 0.1 eV/Å, |ΔE| 0.043 eV;
+   quantile: top 20 % of the pool unreliable) and two criteria (``force_rmse``
+   on files with reference forces, ``energy`` everywhere).
+
+4. **Baselines on the same frames**, all predicting member 0's error (the
+   deployed model): ensemble energy std per atom, mean and max per-atom force
+   std (MACE: ``MACECalculator(model_paths=[...])`` committee results, as in
+   :func:`probe_ase.evaluate.ensemble_scores`; SchNetPack: the members' own
+   batched predictions); latent distance (max over atoms of the Euclidean
+   distance of the atom's standardised member-0 features to its nearest
+   fit-pool atom of the same element, sklearn ``NearestNeighbors``); random
+   (seeded uniform); oracle (the error itself).
+
+5. **Metrics** per evaluation file and pooled (:func:`probe_ase.metrics.summary`:
+   AUROC, AUPRC, Spearman, AURC, excess AURC, risk at 50/80/90 % coverage;
+   ECE and Brier for PROBE only), and cost per structure relative to one
+   backbone call (single-structure calls, medians).
+
+6. **Scaling**: PROBE (quantile regime) for MACE member-0-style backbones of three
+   widths (8/16/32 channels; quick 4/8/16), one row each (``--no-scaling`` skips).
+
+Writes ``results.json``, ``results.md`` and ``plots/<backbone>_<regime>_<criterion>/``
+(ROC, risk-coverage, PROBE probability vs error, reliability diagram) into
+``--out``, each file atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from ase.io import read, write  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from probe_ase import fit_probe, metrics  # noqa: E402
+from probe_ase.dataset import featurize, reference_energy, reference_forces  # noqa: E402
+from probe_ase.evaluate import _plots  # noqa: E402
+from probe_ase.exceptions import LabelError  # noqa: E402
+from probe_ase.fileio import atomic_write  # noqa: E402
+from probe_ase.fit import TrainConfig  # noqa: E402
+from probe_ase.graph import radius_graph  # noqa: E402
+from probe_ase.labels import structure_error  # noqa: E402
+from probe_ase.retrain import _with_ref_keys  # noqa: E402
+from probe_ase.taps import find_tap  # noqa: E402
+
+REGIMES = {"absolute": {"force_rmse": 0.1, "energy": 0.043}, "quantile": 0.8}
+CRITERIA = ("force_rmse", "energy")
+METHODS_ORDER = ["PROBE", "ens_force_std", "ens_force_max_std", "ens_energy_std", "latent_distance", "random", "oracle"]
+
+
+# --------------------------------------------------------------------------- data
+def load_splits(data: Path, quick: bool, seed: int = 0) -> tuple[str, list, list, dict[str, list], dict]:
+    """``(name, train, fit_pool, eval_files, e0s)`` for acac or ethanol."""
+    rng = np.random.default_rng(seed)
+
+    def rd(name):
+        return read(data / name, ":")
+
+    def halves(frames):
+        perm = rng.permutation(len(frames))
+        h = len(frames) // 2
+        return [frames[i] for i in sorted(perm[:h])], [frames[i] for i in sorted(perm[h:])]
+
+    def is_methanol(a):
+        return a.info.get("config_type") == "methanol" or len(a) == 6
+
+    if (data / "train_300K.xyz").exists():
+        name = "acac"
+        train = rd("train_300K.xyz")
+        fit_md, eval_md = halves(rd("test_MD_300K.xyz"))
+        fit = {"test_MD_300K (half)": fit_md, "train_600K": rd("train_600K.xyz")}
+        evals = {"test_MD_300K (half)": eval_md, "test_MD_600K": rd("test_MD_600K.xyz"),
+                 "test_H_transfer": rd("test_H_transfer.xyz"), "test_dihedral": rd("test_dihedral.xyz")}
+    elif (data / "train_eth_meth.xyz").exists():
+        name = "ethanol"
+        train = rd("train.xyz")
+        fit_md, eval_md = halves(rd("test_MD.xyz"))
+        fit = {"test_MD (half)": fit_md, "train_eth_meth methanol": [a for a in rd("train_eth_meth.xyz") if is_methanol(a)]}
+        evals = {"test_MD (half)": eval_md,
+                 "test_eth_meth methanol": [a for a in rd("test_eth_meth.xyz") if is_methanol(a)],
+                 "test_H_removal": rd("test_H_removal.xyz")}
+        for p in sorted(data.glob("test_norm_mode_*.xyz")):
+            evals[p.stem] = rd(p.name)
+    else:
+        raise SystemExit(f"{data}: neither an acac nor an ethanol folder (see shared/data/README.md)")
+    e0s = {int(a.numbers[0]): float(reference_energy(a)) for a in rd("isolated_atoms.xyz")}
+    if quick:  # seeded subsamples, same for every rerun
+        def sub(frames, n):
+            if len(frames) <= n:
+                return frames
+            return [frames[i] for i in sorted(rng.choice(len(frames), n, replace=False))]
+        train = sub(train, 100)
+        fit = {k: sub(v, 100) for k, v in fit.items()}
+        evals = {k: sub(v, 60) for k, v in evals.items()}
+    pool = [a for frames in fit.values() for a in frames]
+    return name, train, pool, evals, e0s
+
+
+def has_forces(frames) -> bool:
+    return all(reference_forces(a) is not None for a in frames)
+
+
+# --------------------------------------------------------------------------- backbones
+def train_mace(train, e0s, models: Path, channels: int, max_l: int, epochs: int, seed: int,
+               retrain: bool, dtype: str = "float32") -> Path:
+    """One MACE via mace-torch's ``mace_run_train`` (subprocess); cached by settings and seed."""
+    tag = f"mace_c{channels}_L{max_l}_e{epochs}_n{len(train)}_{dtype}_s{seed}"
+    final = models / f"{tag}.model"
+    if final.exists() and not retrain:
+        return final
+    work = models / "mace_work"
+    work.mkdir(parents=True, exist_ok=True)
+    train_file = work / f"train_n{len(train)}.xyz"
+    if not train_file.exists() or retrain:
+        write(train_file, _with_ref_keys(train), format="extxyz")
+    trainer = shutil.which("mace_run_train") or str(Path(sys.executable).with_name("mace_run_train"))
+    for old in (work / "checkpoints").glob(f"{tag}*") if (work / "checkpoints").exists() else []:
+        old.unlink()
+    args = [trainer, f"--name={tag}", f"--train_file={train_file}", "--valid_fraction=0.05",
+            f"--work_dir={work}", f"--model_dir={work / 'out'}", "--model=ScaleShiftMACE",
+            f"--num_channels={channels}", f"--max_L={max_l}", "--num_interactions=2", "--correlation=3",
+            "--r_max=5.0", f"--max_num_epochs={epochs}", "--batch_size=10", "--valid_batch_size=20",
+            "--device=cpu", f"--default_dtype={dtype}", f"--E0s={e0s!r}",
+            "--energy_key=REF_energy", "--forces_key=REF_forces", "--energy_weight=1", "--forces_weight=100",
+            "--plot=False", "--log_level=WARNING", f"--seed={seed}", "--save_cpu"]
+    done = subprocess.run(args, capture_output=True, text=True)
+    model = work / "out" / f"{tag}.model"
+    if done.returncode != 0 or not model.exists():
+        raise RuntimeError(f"mace_run_train failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    os.replace(model, final)
+    return final
+
+
+def train_spk(train, models: Path, rep: str, width: int, epochs: int, seed: int, retrain: bool) -> Path:
+    """One SchNetPack model (plain seeded loop, see module docstring); cached by settings and seed."""
+    from probe_ase.testing.schnetpack import train_schnetpack
+
+    final = models / f"spk_{rep}_f{width}_e{epochs}_n{len(train)}_s{seed}.pt"
+    if final.exists() and not retrain:
+        return final
+    tmp = final.with_suffix(".tmp.pt")
+    train_schnetpack(train, representation=rep, cutoff=5.0, n_atom_basis=width, n_interactions=2,
+                     epochs=epochs, seed=seed, batch_size=16, lr=5e-3, model_file=tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def make_calc(kind: str, path: Path | list[Path]):
+    if kind == "mace":
+        from mace.calculators import MACECalculator
+
+        paths = [str(p) for p in path] if isinstance(path, list) else str(path)
+        return MACECalculator(model_paths=paths, device="cpu", default_dtype="float32")
+    from probe_ase.taps.schnetpack import spk_calculator
+
+    return spk_calculator(path)
+
+
+# --------------------------------------------------------------------------- scoring
+def member_pass(calc, frames, batch_size=32, desc="backbone") -> tuple[np.ndarray, list, torch.Tensor, np.ndarray]:
+    """One tapped pass: energies (eV), forces (eV/Å), features (all atoms), ptr."""
+    with find_tap(calc) as tap:
+        preds = list(tqdm(tap.predict(frames, batch_size=batch_size), total=len(frames), desc=desc, unit="frame", leave=False))
+    energies = np.array([p.energy for p in preds])
+    forces = [np.asarray(p.forces, float) for p in preds]
+    feats = torch.cat([p.features for p in preds])
+    ptr = np.cumsum([0] + [len(a) for a in frames])
+    return energies, forces, feats, ptr
+
+
+def errors_of(frames, energies, forces) -> dict[str, np.ndarray]:
+    out = {}
+    for c in CRITERIA:
+        vals = []
+        for a, e, f in zip(frames, energies, forces):
+            ref_f = reference_forces(a)
+            if c == "force_rmse" and ref_f is None:
+                vals.append(np.nan)
+            else:
+                vals.append(structure_error(c, e, reference_energy(a), f, ref_f))
+        out[c] = np.array(vals)
+    return out
+
+
+def ensemble_disagreement(kind, paths, frames, energies0=None) -> dict[str, np.ndarray]:
+    """Energy std per atom (eV/atom), mean and max per-atom force std (eV/Å); also the committee mean."""
+    if kind == "mace":
+        committee = make_calc("mace", paths)
+        e_all, f_all = [], []
+        for atoms in tqdm(frames, desc="committee", unit="frame", leave=False):
+            atoms = atoms.copy()
+            atoms.calc = committee
+            atoms.get_potential_energy()
+            e_all.append(np.asarray(committee.results["energy_comm"]))
+            f_all.append(np.asarray(committee.results["forces_comm"]))
+    else:
+        per_member = []
+        for p in tqdm(paths, desc="members", unit="model", leave=False):
+            e, f, _, _ = member_pass(make_calc(kind, p), frames, desc="member")
+            per_member.append((e, f))
+        e_all = [np.array([m[0][k] for m in per_member]) for k in range(len(frames))]
+        f_all = [np.stack([m[1][k] for m in per_member]) for k in range(len(frames))]
+    n = np.array([len(a) for a in frames])
+    return {
+        "ens_energy_std": np.array([e.std() for e in e_all]) / n,
+        "ens_force_std": np.array([np.linalg.norm(f.std(axis=0), axis=1).mean() for f in f_all]),
+        "ens_force_max_std": np.array([np.linalg.norm(f.std(axis=0), axis=1).max() for f in f_all]),
+        "mean_energy": np.array([e.mean() for e in e_all]),
+        "mean_forces": [f.mean(axis=0) for f in f_all],
+    }
+
+
+class LatentDistance:
+    """Max over atoms of the distance to the nearest fit-pool atom of the same element (standardised features)."""
+
+    def __init__(self, features: torch.Tensor, numbers: np.ndarray):
+        from sklearn.neighbors import NearestNeighbors
+
+        x = features.double().numpy()
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-8
+        x = (x - self.mean) / self.std
+        self.nn = {int(z): NearestNeighbors(n_neighbors=1).fit(x[numbers == z]) for z in np.unique(numbers)}
+
+    def atom_distances(self, features: torch.Tensor, numbers: np.ndarray) -> np.ndarray:
+        x = (features.double().numpy() - self.mean) / self.std
+        d = np.full(len(x), np.inf)
+        for z, nn in self.nn.items():
+            mask = numbers == z
+            if mask.any():
+                d[mask] = nn.kneighbors(x[mask])[0][:, 0]
+        return d
+
+    def score(self, features, numbers, ptr) -> np.ndarray:
+        d = self.atom_distances(features, numbers)
+        return np.array([d[ptr[k]:ptr[k + 1]].max() for k in range(len(ptr) - 1)])
+
+
+def ranking_p(score: np.ndarray) -> np.ndarray:
+    """Monotone decreasing map of a nonnegative score to [0, 1] (ranking metrics only)."""
+    score = np.asarray(score, float)
+    top = np.nanmax(score) if np.isfinite(score).any() else 1.0
+    return 1 - score / (top or 1.0)
+
+
+def method_summary(name, p_or_score, reliable, error, p_star=None):
+    if name == "PROBE":
+        return metrics.summary(p_or_score, reliable, error, p_star)
+    s = metrics.summary(ranking_p(p_or_score), reliable, error)
+    return {k: v for k, v in s.items() if k not in ("ece", "brier")}
+
+
+# --------------------------------------------------------------------------- cost
+def time_cost(kind, member_paths, probe, latent, frames, n=30) -> dict[str, float]:
+    """Median single-structure wall time (ms) of backbone, PROBE step, committee, latent; ratios to backbone."""
+    from probe_ase import ProbeCalculator
+
+    frames = frames[:n]
+    bare = make_calc(kind, member_paths[0])
+    wrapped = ProbeCalculator(make_calc(kind, member_paths[0]), probe)
+    if kind == "mace":
+        committees = [make_calc("mace", member_paths)]
+    else:
+        committees = [make_calc(kind, p) for p in member_paths]
+    t = {"backbone": [], "probe": [], "ensemble": [], "latent_extra": [], "head_only": []}
+    tap = find_tap(make_calc(kind, member_paths[0]))
+    for atoms in tqdm(frames, desc="timing", unit="frame", leave=False):
+        for key, calcs in (("backbone", [bare]), ("probe", [wrapped]), ("ensemble", committees)):
+            t0 = time.perf_counter()
+            for c in calcs:
+                a = atoms.copy()
+                a.calc = c
+                a.get_forces()
+            t[key].append(time.perf_counter() - t0)
+        pred = next(tap.predict([atoms], batch_size=1))
+        numbers = np.asarray(atoms.numbers)
+        t0 = time.perf_counter()
+        latent.score(pred.features, numbers, np.array([0, len(atoms)]))
+        t["latent_extra"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        probe.predict(pred.features, torch.as_tensor(numbers), np.array([0, len(atoms)]),
+                      [radius_graph(atoms, probe.meta.config.cutoff)])
+        t["head_only"].append(time.perf_counter() - t0)
+    tap.close()
+    wrapped.close()
+    med = {k: float(np.median(v[1:] if len(v) > 1 else v)) * 1e3 for k, v in t.items()}
+    return {"ms": med, "relative": {
+        "PROBE": med["probe"] / med["backbone"], "PROBE (head only, extra)": med["head_only"] / med["backbone"],
+        "ensemble": med["ensemble"] / med["backbone"],
+        "latent_distance": (med["backbone"] + med["latent_extra"]) / med["backbone"],
+        "random": 1.0, "oracle": float("nan")}}
+
+
+# --------------------------------------------------------------------------- main pieces
+def fit_heads(calc, pool, quick, cache, criteria_ok):
+    """Fitted probes keyed by (regime, criterion); LabelError gives None with the reason."""
+    train_cfg = TrainConfig(epochs=40 if quick else 150, patience=10 if quick else 20, seed=0)
+    probes = {}
+    for regime, spec in REGIMES.items():
+        for crit in CRITERIA:
+            if crit not in criteria_ok:
+                continue
+            kw = {"threshold": spec[crit]} if regime == "absolute" else {"quantile": spec}
+            try:
+                probes[(regime, crit)] = fit_probe(calc, pool, criterion=crit, train=train_cfg, cache_dir=cache,
+                                                   progress=True, **kw)
+            except LabelError as err:
+                probes[(regime, crit)] = str(err)
+                tqdm.write(f"  PROBE {regime}/{crit} skipped: {err}")
+    return probes
+
+
+def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, with_cost=True):
+    calc0 = make_calc(kind, member_paths[0])
+    criteria_ok = set(CRITERIA) if has_forces(pool) else {"energy"}
+    t0 = time.perf_counter()
+    probes = fit_heads(calc0, pool, quick, cache, criteria_ok)
+    t_fit = time.perf_counter() - t0
+    with find_tap(calc0) as tap:
+        pool_fs = featurize(tap, pool, cache_dir=cache, progress=False)
+    latent = LatentDistance(pool_fs.features, pool_fs.numbers.numpy())
+
+    names = list(evals)
+    frames = [a for n in names for a in evals[n]]
+    file_of = np.concatenate([[i] * len(evals[n]) for i, n in enumerate(names)])
+    energies, forces, feats, ptr = member_pass(calc0, frames, desc="member 0 on eval")
+    numbers = np.concatenate([a.numbers for a in frames])
+    err = errors_of(frames, energies, forces)
+    scores = {"latent_distance": latent.score(feats, numbers, ptr),
+              "random": np.random.default_rng(0).uniform(size=len(frames))}
+    ens = ensemble_disagreement(kind, member_paths, frames) if len(member_paths) > 1 else None
+    if ens:
+        scores.update({k: ens[k] for k in ("ens_force_std", "ens_force_max_std", "ens_energy_std")})
+    edges = [radius_graph(a, 5.0) for a in frames]
+
+    # backbone errors per file (member 0 and ensemble mean)
+    bb = {}
+    for i, n in enumerate(names):
+        idx = np.flatnonzero(file_of == i)
+        row = {"frames": len(idx)}
+        for label, e_pred, f_pred in [("member0", energies, forces)] + (
+                [("ensemble_mean", ens["mean_energy"], ens["mean_forces"])] if ens else []):
+            de = np.array([(e_pred[k] - reference_energy(frames[k])) / len(frames[k]) for k in idx])
+            row[f"{label}_energy_rmse_meV_atom"] = float(np.sqrt(np.mean(de**2)) * 1e3)
+            if has_forces(evals[n]):
+                df = np.concatenate([(f_pred[k] - reference_forces(frames[k])).ravel() for k in idx])
+                row[f"{label}_force_rmse_meV_A"] = float(np.sqrt(np.mean(df**2)) * 1e3)
+        bb[n] = row
+
+    results = {"backbone_errors": bb, "probe_fit_seconds": t_fit, "regimes": {}}
+    for (regime, crit), probe in probes.items():
+        entry = {"criterion": crit}
+        if isinstance(probe, str):
+            entry["skipped"] = probe
+            results["regimes"].setdefault(regime, {})[crit] = entry
+            continue
+        p = probe.predict(feats.to(probe.head.feature_mean.dtype), torch.as_tensor(numbers), ptr, edges)[0]
+        tau = probe.meta.tau
+        entry.update(tau=tau, p_star=probe.p_star, fit_report=probe.meta.report, files={})
+        usable = np.isfinite(err[crit])
+        file_ids = [i for i, n in enumerate(names) if usable[file_of == i].all()]
+        all_scores = {"PROBE": p, **scores, "oracle": err[crit]}
+        for i in file_ids + [None]:
+            mask = usable & ((file_of == i) if i is not None else np.isin(file_of, file_ids))
+            e, rel = err[crit][mask], err[crit][mask] <= tau
+            res = {m: method_summary(m, s[mask], rel, e, probe.p_star if m == "PROBE" else None)
+                   for m, s in all_scores.items()}
+            if i is None:
+                entry["pooled"] = res
+                entry["pooled_files"] = [names[j] for j in file_ids]
+                curves = {"PROBE": 1 - p[mask], **{m: s[mask] for m, s in scores.items() if m != "random"}}
+                _plots(curves, p[mask], e, rel, tau, probe.p_star, crit, out / "plots" / f"{kind}_{regime}_{crit}")
+            else:
+                entry["files"][names[i]] = res
+        results["regimes"].setdefault(regime, {})[crit] = entry
+    if with_cost:
+        probe = next((v for v in probes.values() if not isinstance(v, str)), None)
+        if probe is not None:
+            results["cost"] = time_cost(kind, member_paths, probe, latent, frames, n=15 if quick else 40)
+    return results
+
+
+def scaling_rows(train, e0s, pool, evals, models, quick, epochs, retrain, cache, main_path, main_channels):
+    rows = []
+    sizes = [4, 8, 16] if quick else [8, 16, 32]
+    for ch in tqdm(sizes, desc="scaling", unit="size"):
+        path = main_path if ch == main_channels else train_mace(train, e0s, models, ch, 1, epochs, 0, retrain)
+        res = evaluate_backbone("mace", [path], pool, evals, quick, cache, Path(cache).parent / "scaling" / f"c{ch}",
+                                with_cost=False)
+        calc = make_calc("mace", path)
+        row = {"channels": ch, "max_L": 1, "params": int(sum(p.numel() for p in calc.models[0].parameters()))}
+        force_rows = [v.get("member0_force_rmse_meV_A") for v in res["backbone_errors"].values()]
+        row["force_rmse_meV_A_by_file"] = force_rows
+        for crit in CRITERIA:
+            e = res["regimes"].get("quantile", {}).get(crit, {})
+            if "pooled" in e:
+                row[f"{crit}_auroc"] = e["pooled"]["PROBE"]["auroc"]
+                row[f"{crit}_spearman"] = e["pooled"]["PROBE"]["spearman"]
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+def clean(x):
+    if isinstance(x, dict):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.ndarray):
+        return clean(x.tolist())
+    return x
+
+
+def fmt(v, d=3):
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{d}f}"
+
+
+def markdown(res: dict) -> str:
+    s = res["settings"]
+    lines = [f"# UQ quality on {res['dataset']}", "",
+             f"Command: `{s['command']}`  ", f"Wall time: {res['wall_seconds'] / 60:.1f} min on "
+             f"{s['threads']} CPU threads. Data: BOTNet-datasets (Kovács, Batatia et al., arXiv:2205.06643).", "",
+             f"Settings: {json.dumps({k: v for k, v in s.items() if k != 'command'})}", ""]
+    keys = ["auroc", "auprc", "spearman", "aurc", "excess_aurc", "risk_at_50", "risk_at_80", "risk_at_90", "ece", "brier"]
+    for kind, r in res["backbones"].items():
+        lines += [f"## {kind}", "", "### Backbone test errors (member 0; ensemble mean)", "",
+                  "| file | frames | E RMSE meV/atom | F RMSE meV/Å | ens. E RMSE | ens. F RMSE |", "|---|---|---|---|---|---|"]
+        for n, row in r["backbone_errors"].items():
+            lines.append(f"| {n} | {row['frames']} | {fmt(row.get('member0_energy_rmse_meV_atom'), 1)} | "
+                         f"{fmt(row.get('member0_force_rmse_meV_A'), 1)} | {fmt(row.get('ensemble_mean_energy_rmse_meV_atom'), 1)} | "
+                         f"{fmt(row.get('ensemble_mean_force_rmse_meV_A'), 1)} |")
+        for regime, by_crit in r["regimes"].items():
+            for crit, e in by_crit.items():
+                lines += ["", f"### {regime} τ, criterion `{crit}`"]
+                if "skipped" in e:
+                    lines += ["", f"skipped: {e['skipped']}"]
+                    continue
+                unit = "eV/Å" if crit == "force_rmse" else "eV"
+                lines += ["", f"τ = {e['tau']:.4g} {unit}; pooled over {', '.join(e['pooled_files'])} "
+                          f"({e['pooled']['PROBE']['n']} frames, {e['pooled']['PROBE']['fraction_unreliable']:.0%} unreliable)", "",
+                          "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+                for m in METHODS_ORDER:
+                    if m in e["pooled"]:
+                        lines.append(f"| {m} | " + " | ".join(fmt(e["pooled"][m].get(k)) for k in keys) + " |")
+                files = list(e["files"])
+                lines += ["", "Per file, AUROC / Spearman:", "", "| method | " + " | ".join(files) + " |",
+                          "|---|" + "---|" * len(files)]
+                for m in METHODS_ORDER:
+                    if m in e["pooled"]:
+                        lines.append(f"| {m} | " + " | ".join(
+                            f"{fmt(e['files'][f][m]['auroc'], 2)} / {fmt(e['files'][f][m]['spearman'], 2)}" for f in files) + " |")
+        if "cost" in r:
+            c = r["cost"]
+            lines += ["", "### Cost per structure (single-structure calls, median)", "",
+                      f"backbone {c['ms']['backbone']:.1f} ms; PROBE step {c['ms']['probe']:.1f} ms "
+                      f"(head alone {c['ms']['head_only']:.2f} ms); ensemble {c['ms']['ensemble']:.1f} ms; "
+                      f"latent-distance query {c['ms']['latent_extra']:.2f} ms", "",
+                      "| method | cost / backbone call |", "|---|---|"]
+            lines += [f"| {k} | {fmt(v, 2)} |" for k, v in c["relative"].items()]
+    if res.get("scaling"):
+        lines += ["", "## Scaling: PROBE (quantile τ) vs MACE width (seed 0, max_L 1, 2 interactions)", "",
+                  "| channels | params | F RMSE meV/Å per force file | force AUROC | force ρ | energy AUROC | energy ρ |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in res["scaling"]:
+            fr = ", ".join(fmt(v, 0) for v in row["force_rmse_meV_A_by_file"] if v is not None)
+            lines.append(f"| {row['channels']} | {row['params']} | {fr} | {fmt(row.get('force_rmse_auroc'))} | "
+                         f"{fmt(row.get('force_rmse_spearman'))} | {fmt(row.get('energy_auroc'))} | {fmt(row.get('energy_spearman'))} |")
+    lines += ["", "Plots: `plots/<backbone>_<regime>_<criterion>/` (roc, risk_coverage, scatter, reliability_diagram).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--backbones", nargs="+", default=["mace", "schnetpack"], choices=["mace", "schnetpack"])
+    ap.add_argument("--epochs", type=int, default=None, help="MACE epochs (default 30; quick 3)")
+    ap.add_argument("--spk-epochs", type=int, default=None, help="SchNetPack epochs (default 60; quick 3)")
+    ap.add_argument("--channels", type=int, default=None, help="MACE channels (default 32; quick 8)")
+    ap.add_argument("--spk-rep", default="painn", choices=["painn", "schnet"])
+    ap.add_argument("--no-scaling", action="store_true")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    data = args.data.resolve()
+    out = (args.out or Path("benchmarks/results") / f"uq-{data.name}{'-quick' if args.quick else ''}").resolve()
+    models, cache = out / "models", out / "cache"
+    models.mkdir(parents=True, exist_ok=True)
+    epochs = args.epochs or (3 if args.quick else 30)
+    spk_epochs = args.spk_epochs or (3 if args.quick else 60)
+    channels = args.channels or (8 if args.quick else 32)
+    width = 8 if args.quick else 32
+
+    name, train, pool, evals, e0s = load_splits(data, args.quick)
+    print(f"{name}: {len(train)} training frames, fit pool {len(pool)}, evaluation "
+          + ", ".join(f"{k} {len(v)}" for k, v in evals.items()))
+    settings = {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])), "quick": args.quick,
+                "members": args.members, "threads": torch.get_num_threads(),
+                "mace": f"mace_run_train, float32, {channels} channels, max_L 1, 2 interactions, correlation 3, "
+                        f"r_max 5, {epochs} epochs, batch 10, E0s from isolated_atoms.xyz",
+                "schnetpack": f"{args.spk_rep}, {width} features, 2 interactions, cutoff 5, {spk_epochs} epochs, "
+                              "plain seeded Adam loop (probe_ase.testing.schnetpack), not the lightning trainer",
+                "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
+                "labels": "error of member 0 (the deployed model) for every method"}
+    res = {"dataset": name, "settings": settings, "backbones": {}, "timings_s": {}}
+
+    for kind in args.backbones:
+        t0 = time.perf_counter()
+        paths = []
+        for seed in tqdm(range(args.members), desc=f"train {kind}", unit="model"):
+            if kind == "mace":
+                paths.append(train_mace(train, e0s, models, channels, 1, epochs, seed, args.retrain))
+            else:
+                paths.append(train_spk(train, models, args.spk_rep, width, spk_epochs, seed, args.retrain))
+        res["timings_s"][f"{kind}_train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out)
+        res["timings_s"][f"{kind}_evaluate"] = time.perf_counter() - t0
+        for n, row in res["backbones"][kind]["backbone_errors"].items():
+            print(f"  {kind} {n:28s} E RMSE {row['member0_energy_rmse_meV_atom']:8.1f} meV/atom   "
+                  f"F RMSE {fmt(row.get('member0_force_rmse_meV_A'), 1):>7} meV/Å")
+        if kind == "mace" and not args.no_scaling:
+            t0 = time.perf_counter()
+            res["scaling"] = scaling_rows(train, e0s, pool, evals, models, args.quick, epochs, args.retrain,
+                                          cache, paths[0], channels)
+            res["timings_s"]["scaling"] = time.perf_counter() - t0
+        res["wall_seconds"] = time.perf_counter() - start
+        _write(out, res)  # partial results after each backbone
+    res["wall_seconds"] = time.perf_counter() - start
+    _write(out, res)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} ({res['wall_seconds'] / 60:.1f} min)")
+
+
+def _write(out: Path, res: dict):
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(clean(res), indent=1)))
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown(clean(res))))
+
+
+if __name__ == "__main__":
+    main()
