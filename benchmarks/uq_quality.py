@@ -18,6 +18,7 @@ Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
      ``isolated_atoms.xyz``, ``--epochs`` epochs (default 30); ``--quick``:
      8 channels, 3 epochs, 100 training frames.
    * SchNetPack PaiNN (``--spk-rep``), 32 features, 2 interactions, cutoff 5 Å,
+     ``--spk-epochs`` epochs (default 25; quick: 8 features, 3 epochs),
      trained with :func:`probe_ase.testing.schnetpack.train_schnetpack`: a plain
      seeded Adam loop on energy + force MSE, **not** schnetpack's lightning
      ``AtomisticTask`` trainer (not wired here yet).
@@ -48,7 +49,7 @@ Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
    backbone call (single-structure calls, medians).
 
 6. **Scaling**: PROBE (quantile regime) for MACE member-0-style backbones of three
-   widths (8/16/32 channels; quick 4/8/16), one row each (``--no-scaling`` skips).
+   widths (4/8/16 channels, the main width's model reused), one row each (``--no-scaling`` skips).
 
 Writes ``results.json``, ``results.md`` and ``plots/<backbone>_<regime>_<criterion>/``
 (ROC, risk-coverage, PROBE probability vs error, reliability diagram) into
@@ -150,7 +151,7 @@ def has_forces(frames) -> bool:
 def train_mace(train, e0s, models: Path, channels: int, max_l: int, epochs: int, seed: int,
                retrain: bool, dtype: str = "float32") -> Path:
     """One MACE via mace-torch's ``mace_run_train`` (subprocess); cached by settings and seed."""
-    tag = f"mace_c{channels}_L{max_l}_e{epochs}_n{len(train)}_{dtype}_s{seed}"
+    tag = f"ssmace_c{channels}_L{max_l}_e{epochs}_n{len(train)}_{dtype}_s{seed}"
     final = models / f"{tag}.model"
     if final.exists() and not retrain:
         return final
@@ -169,7 +170,8 @@ def train_mace(train, e0s, models: Path, channels: int, max_l: int, epochs: int,
             "--device=cpu", f"--default_dtype={dtype}", f"--E0s={e0s!r}",
             "--energy_key=REF_energy", "--forces_key=REF_forces", "--energy_weight=1", "--forces_weight=100",
             "--plot=False", "--log_level=WARNING", f"--seed={seed}", "--save_cpu"]
-    done = subprocess.run(args, capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MKL_NUM_THREADS=str(torch.get_num_threads()))
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
     model = work / "out" / f"{tag}.model"
     if done.returncode != 0 or not model.exists():
         raise RuntimeError(f"mace_run_train failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -427,7 +429,7 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, with_c
 
 def scaling_rows(train, e0s, pool, evals, models, quick, epochs, retrain, cache, main_path, main_channels):
     rows = []
-    sizes = [4, 8, 16] if quick else [8, 16, 32]
+    sizes = [4, 8, 16]
     for ch in tqdm(sizes, desc="scaling", unit="size"):
         path = main_path if ch == main_channels else train_mace(train, e0s, models, ch, 1, epochs, 0, retrain)
         res = evaluate_backbone("mace", [path], pool, evals, quick, cache, Path(cache).parent / "scaling" / f"c{ch}",
@@ -526,20 +528,24 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--backbones", nargs="+", default=["mace", "schnetpack"], choices=["mace", "schnetpack"])
-    ap.add_argument("--epochs", type=int, default=None, help="MACE epochs (default 30; quick 3)")
-    ap.add_argument("--spk-epochs", type=int, default=None, help="SchNetPack epochs (default 60; quick 3)")
-    ap.add_argument("--channels", type=int, default=None, help="MACE channels (default 32; quick 8)")
+    ap.add_argument("--epochs", type=int, default=None, help="MACE epochs (default 20; quick 3)")
+    ap.add_argument("--spk-epochs", type=int, default=None, help="SchNetPack epochs (default 25; quick 3)")
+    ap.add_argument("--channels", type=int, default=None, help="MACE channels (default 16; quick 8)")
     ap.add_argument("--spk-rep", default="painn", choices=["painn", "schnet"])
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch / OpenMP threads here and in mace_run_train (default 1: on shared cores more threads "
+                         "spin-wait and ran ~50x slower here)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
+    torch.set_num_threads(args.threads)
     data = args.data.resolve()
     out = (args.out or Path("benchmarks/results") / f"uq-{data.name}{'-quick' if args.quick else ''}").resolve()
     models, cache = out / "models", out / "cache"
     models.mkdir(parents=True, exist_ok=True)
-    epochs = args.epochs or (3 if args.quick else 30)
-    spk_epochs = args.spk_epochs or (3 if args.quick else 60)
-    channels = args.channels or (8 if args.quick else 32)
+    epochs = args.epochs or (3 if args.quick else 20)
+    spk_epochs = args.spk_epochs or (3 if args.quick else 25)
+    channels = args.channels or (8 if args.quick else 16)
     width = 8 if args.quick else 32
 
     name, train, pool, evals, e0s = load_splits(data, args.quick)

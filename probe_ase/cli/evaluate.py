@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_backbone, add_batch_size
+from .options import add_backbone, add_batch_size, load_probe_and_backbone
 
 HELP = "evaluate a head (and optionally a MACE ensemble) on labelled structures; writes a report folder"
 
@@ -28,14 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..backbones import load_backbone
     from ..evaluate import evaluate
-    from ..exceptions import InputError
-    from ..headfile import Probe
 
-    probe = Probe.load(args.probe)
-    backbone = args.backbone or probe.meta.backbone_path
-    if backbone is None:
-        raise InputError(f"{args.probe} records no backbone file; pass --backbone PATH")
-    calc = load_backbone(backbone, args.backbone_type, args.device)
+    probe, calc = load_probe_and_backbone(args)
     committee = None
     if args.ensemble:
         from mace.calculators import MACECalculator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_backbone
+from .options import add_backbone, load_probe_and_backbone
 
 HELP = "run MD with a backbone and head; log, flag or halt on reliability"
 
@@ -41,22 +41,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ase.io import read
 
-    from ..backbones import load_backbone
     from ..calculator import ProbeCalculator
     from ..exceptions import InputError
-    from ..headfile import Probe
     from ..md import make_dynamics, run_gated
 
-    probe = Probe.load(args.probe)
-    backbone = args.backbone or probe.meta.backbone_path
-    if backbone is None:
-        raise InputError(f"{args.probe} records no backbone file; pass --backbone PATH")
+    probe, backbone = load_probe_and_backbone(args)
     try:
         atoms = read(args.structure, index=-1)
     except FileNotFoundError as err:
         raise InputError(f"no such file: {args.structure}") from err
-    atoms.calc = ProbeCalculator(load_backbone(backbone, args.backbone_type, args.device), probe,
-                                 threshold=args.threshold)
+    atoms.calc = ProbeCalculator(backbone, probe, threshold=args.threshold)
     dyn = make_dynamics(atoms, args.ensemble, args.temperature, args.timestep, args.friction,
                         args.pressure, args.compressibility, args.seed)
     monitor = run_gated(dyn, args.steps, trajectory=args.trajectory, interval=args.interval,

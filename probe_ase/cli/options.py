@@ -24,3 +24,16 @@ def add_reference_keys(parser: argparse.ArgumentParser) -> None:
                         help="info key of the reference energy in eV (default: energy; calculator results also read)")
     parser.add_argument("--forces-key", default="forces",
                         help="arrays key of the reference forces in eV/Å (default: forces; calculator results also read)")
+
+
+def load_probe_and_backbone(args: argparse.Namespace):
+    """The head in ``--probe`` and a calculator for ``--backbone`` (default: the file the head was fitted with)."""
+    from ..backbones import load_backbone
+    from ..exceptions import InputError
+    from ..headfile import Probe
+
+    probe = Probe.load(args.probe)
+    backbone = args.backbone or probe.meta.backbone_path
+    if backbone is None:
+        raise InputError(f"{args.probe} records no backbone file; pass --backbone PATH")
+    return probe, load_backbone(backbone, args.backbone_type, args.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_backbone, add_batch_size
+from .options import add_backbone, add_batch_size, load_probe_and_backbone
 
 HELP = "score structures with a fitted head; writes extxyz with reliability and atom_importance"
 
@@ -24,22 +24,16 @@ def run(args: argparse.Namespace) -> int:
     from ase.io import iread, write
     from tqdm.auto import tqdm
 
-    from ..backbones import load_backbone
     from ..exceptions import InputError
     from ..fileio import atomic_path
-    from ..headfile import Probe
     from ..scoring import score_frames
     from ..taps import find_tap
 
-    probe = Probe.load(args.probe)
-    backbone = args.backbone or probe.meta.backbone_path
-    if backbone is None:
-        raise InputError(f"{args.probe} records no backbone file; pass --backbone PATH")
     if not os.path.exists(args.frames):
         raise InputError(f"no such file: {args.frames}")
     if os.path.abspath(args.frames) == os.path.abspath(args.output):
         raise InputError("--output must differ from the input file")
-    calc = load_backbone(backbone, args.backbone_type, args.device)
+    probe, calc = load_probe_and_backbone(args)
     reliabilities = []
     with find_tap(calc, probe.meta.layers) as tap, atomic_path(args.output) as tmp:
         probe.check_backbone(tap.kind, tap.fingerprint(), tap.feature_dim, tap.layers)
