@@ -2,8 +2,10 @@
 
 Run from the repository root:
 
-    python benchmarks/perf.py                 # full: sizes 16 128 1000 10000 50000 atoms
-    python benchmarks/perf.py --quick         # smoke run: sizes 16 128 1000, fewer repeats
+    python benchmarks/perf.py --data ../shared/data/acac          # full: acac + Cu 16 ... 50000 atoms
+    python benchmarks/perf.py --data ../shared/data/acac --quick  # smoke run: Cu 16 128 1000, fewer repeats
+
+Without ``--data`` a 15-atom Cu cluster stands in for the acetylacetone molecule.
 
 Units: times are milliseconds (ms per MD step = one energy + forces evaluation;
 ms per structure for the head), memory is MiB (2**20 bytes), throughput is
@@ -13,7 +15,8 @@ a, b, c, a, b, c ... in one process, median over repeats after one warm-up call;
 (2) the head alone and the radius graph vs atom count, with log-log slopes;
 (3) batched featurisation vs one calculator call per structure; (4) a cProfile
 breakdown of ProbeCalculator's per-step overhead at small sizes. Backbones are
-tiny models trained for seconds on EMT copper (only timing matters). Results go
+small models (MACE 32 channels, L=1; SchNet 32 features) trained for seconds on
+EMT copper and on a few acac DFT frames (only timing matters). Results go
 to a markdown report on stdout and a JSON file (written atomically).
 """
 
@@ -36,14 +39,16 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.build import bulk
+from ase.io import read
 from ase.calculators.calculator import Calculator, all_changes
 from tqdm.auto import tqdm
 
 from probe_ase import ProbeCalculator, TrainConfig, fit_probe
-from probe_ase.graph import radius_graph
+from probe_ase.graph import NeighbourCache, radius_graph
 from probe_ase.head import ProbeHead, batch_inputs
 from probe_ase.headfile import Probe
 from probe_ase.scoring import score_frames
+from probe_ase.taps.base import Tap
 from probe_ase.testing import emt_frames, train_mace
 from probe_ase.validate import check_atoms
 
@@ -150,18 +155,30 @@ def slope(ns, ys, lo=1000, hi=50000) -> float | None:
 
 
 # ---------------------------------------------------------------- models
-def build(args, tmp: str) -> dict:
-    """Train backbones, committee and heads; return {backbone: (bare calc, ProbeCalculator, committee or None)}."""
+def build(args, tmp: str, system: str) -> dict:
+    """Train backbones, committee and heads for ``system`` ('cu' or 'acac').
+
+    Returns {backbone: (bare calc, ProbeCalculator, committee or None)}. Cu:
+    EMT copper, r_max 4 Å. acac: the first DFT frames of ``--data``'s
+    train_300K.xyz (training) and test_MD_300K.xyz (head fit pool), r_max 5 Å.
+    """
     from mace.calculators import MACECalculator
 
     epochs = 3 if args.quick else 15
-    train = emt_frames(40, 300, seed=0)
-    pool = emt_frames(40, 300, seed=1) + emt_frames(20, 900, seed=2)
+    if system == "cu":
+        train = emt_frames(40, 300, seed=0)
+        pool = emt_frames(40, 300, seed=1) + emt_frames(20, 900, seed=2)
+        r_max = 4.0
+    else:
+        train = read(args.data / "train_300K.xyz", ":60")
+        pool = read(args.data / "test_MD_300K.xyz", ":60")
+        r_max, epochs = 5.0, max(1, epochs // 3)
     fit_kw = dict(quantile=0.8, train=TrainConfig(epochs=5, patience=5), cache_dir=False, progress=False)
     out = {}
     if "mace" in args.backbones:
-        print(f"training MACE (32x0e+32x1o, L=1, 2 layers, {epochs} epochs) and a 5-member committee ...", flush=True)
-        mace_kw = dict(channels=32, max_ell=1, num_interactions=2, r_max=4.0)
+        print(f"[{system}] training MACE (32x0e+32x1o, L=1, 2 layers, r_max {r_max} Å, {epochs} epochs) "
+              "and a 5-member committee ...", flush=True)
+        mace_kw = dict(channels=32, max_ell=1, num_interactions=2, r_max=r_max)
         model = train_mace(train, epochs=epochs, seed=0, **mace_kw).models[0]
 
         def calc(m):
@@ -175,9 +192,9 @@ def build(args, tmp: str) -> dict:
         from probe_ase.taps.schnetpack import spk_calculator
         from probe_ase.testing.schnetpack import train_schnetpack
 
-        print(f"training SchNet (32 features, 2 interactions, {epochs} epochs) ...", flush=True)
-        path = os.path.join(tmp, "schnet.pt")
-        train_schnetpack(train, n_atom_basis=32, n_interactions=2, cutoff=4.0, epochs=epochs, model_file=path)
+        print(f"[{system}] training SchNet (32 features, 2 interactions, cutoff {r_max} Å, {epochs} epochs) ...", flush=True)
+        path = os.path.join(tmp, f"schnet_{system}.pt")
+        train_schnetpack(train, n_atom_basis=32, n_interactions=2, cutoff=r_max, epochs=epochs, model_file=path)
         probe = fit_probe(spk_calculator(path, device=args.device), pool, **fit_kw)
         out["schnet"] = (spk_calculator(path, device=args.device),
                          ProbeCalculator(spk_calculator(path, device=args.device), probe), None)
@@ -185,10 +202,9 @@ def build(args, tmp: str) -> dict:
 
 
 # ---------------------------------------------------------------- sections
-def bench_md(args, calcs: dict, rng) -> list[dict]:
-    """ms per MD step of bare (a), ProbeCalculator (b), committee (c); interleaved."""
+def bench_md(args, calcs: dict, cases: list[tuple[str, Atoms]], rng) -> list[dict]:
+    """ms per MD step of bare (a), ProbeCalculator (b), committee (c) on ``cases``; interleaved."""
     rows = []
-    cases = [("cluster", cu_cluster(rng))] + [(f"fcc {n}", cu_cell(n, rng)) for n in args.sizes]
     for name, (bare, probe, committee) in calcs.items():
         last_c = None  # (n_atoms, seconds) of the last committee size, to skip hopeless ones early
         for label, atoms0 in cases:
@@ -214,7 +230,7 @@ def bench_md(args, calcs: dict, rng) -> list[dict]:
             med = {k: 1000 * float(np.median(v)) for k, v in times.items()}
             if "c" in med:
                 last_c = (n, med["c"] / 1000)
-            rows.append({"backbone": name, "system": "15-atom Cu cluster (molecule stand-in)" if label == "cluster" else label,
+            rows.append({"backbone": name, "system": label,
                          "N": n, "repeats": reps, "a_bare_ms": med["a"], "b_probe_ms": med["b"], "c_committee_ms": med.get("c"),
                          "b/a": med["b"] / med["a"], "c/a": med["c"] / med["a"] if "c" in med else None,
                          "b-a_ms": med["b"] - med["a"], "note": note})
@@ -250,12 +266,12 @@ def bench_head(args, probe, rng) -> dict:
     return {"rows": rows, "loglog_slope_1000_50000": slopes, "features": "random, standardised like the fitted head's inputs"}
 
 
-def bench_featurise(args, calcs: dict, rng) -> list[dict]:
+def bench_featurise(args, calcs: dict, sets: list[tuple[str, list[Atoms]]]) -> list[dict]:
     """Structures per second: tap.predict / score_frames (batch 32) vs one calculator call per structure."""
     rows = []
     for name, (bare, probe, _) in calcs.items():
-        for n_atoms, maker in ((15, lambda: cu_cluster(rng)), (32, lambda: cu_cell(32, rng))):
-            frames = [maker() for _ in range(args.frames)]
+        for label, frames in sets:
+            n_atoms = f"{label} ({len(frames[0])})"
             modes = {
                 "tap.predict(batch_size=32)": lambda: list(probe.tap.predict(frames, batch_size=32)),
                 "score_frames(batch_size=32) (+head)": lambda: list(score_frames(probe.probe, probe.tap, frames, 32)),
@@ -283,18 +299,19 @@ def profiled_functions(bare) -> dict:
         "check_atoms": _code(check_atoms),
         "tap hooks (inside backbone)": "hook",
         "tap.features": "features",
-        "radius_graph": _code(radius_graph),
+        "graph from backbone's list (Tap.neighbour_graph)": _code(Tap.neighbour_graph),
+        "graph by Verlet list (NeighbourCache)": _code(NeighbourCache.__call__),
         "Probe.predict (head + batching + numpy)": _code(Probe.predict),
         "batch_inputs": _code(batch_inputs),
         "ProbeHead.forward": _code(ProbeHead.forward),
     }
 
 
-def bench_profile(args, calcs: dict, rng) -> list[dict]:
+def bench_profile(args, calcs: dict, cases: list[tuple[str, Atoms]], rng) -> list[dict]:
     """cProfile breakdown (ms per step) of ProbeCalculator at small sizes; the backbone's own time for reference."""
     rows = []
     for name, (bare, probe, _) in calcs.items():
-        for label, atoms in [("cluster 15", cu_cluster(rng))] + [(f"fcc {n}", cu_cell(n, rng)) for n in args.sizes if n <= 128]:
+        for label, atoms in [(label, atoms) for label, atoms in cases if len(atoms) <= 128]:
             for _ in range(3):
                 step(probe, atoms, rng, args.device)
             prof = cProfile.Profile()
@@ -328,6 +345,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 avoids contention on small CPUs)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--backbones", nargs="+", choices=["mace", "schnet"], default=["mace", "schnet"])
+    p.add_argument("--data", type=Path, default=None,
+                   help="BOTNet acac folder (../shared/data/acac): time the 15-atom molecule with backbones "
+                        "trained on its DFT frames (default: a 15-atom Cu cluster stands in)")
     p.add_argument("--quick", action="store_true", help="smoke run: sizes 16 128 1000, 3 repeats, 50 frames")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "perf.json", help="JSON output path")
     args = p.parse_args(argv)
@@ -341,19 +361,32 @@ def main(argv=None) -> int:
     start = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        calcs = build(args, tmp)
+        cu = build(args, tmp, "cu")
+        cu_cases = [(f"fcc {n}", cu_cell(n, rng)) for n in args.sizes]
+        feat_sets = [("fcc Cu", [cu_cell(32, rng) for _ in range(args.frames)])]
+        if args.data is not None:
+            acac = build(args, tmp, "acac")
+            molecule = read(args.data / "test_MD_300K.xyz", -1)
+            mol_cases = [("acetylacetone C5H8O2", molecule)]
+            mol_frames = read(args.data / "test_MD_300K.xyz", f"-{args.frames}:")
+        else:  # no DFT data: a Cu cluster stands in for the molecule
+            acac, mol_cases = None, [("15-atom Cu cluster (molecule stand-in)", cu_cluster(rng))]
+            mol_frames = [cu_cluster(rng) for _ in range(args.frames)]
         print(f"models ready after {time.perf_counter() - start:.0f} s; timing MD steps ...", flush=True)
-        md = bench_md(args, calcs, rng)
-        first = next(iter(calcs.values()))[1]
+        md = bench_md(args, acac, mol_cases, rng) if acac else []
+        md += bench_md(args, cu, ([] if acac else mol_cases) + cu_cases, rng)
+        first = next(iter(cu.values()))[1]
         head = bench_head(args, first.probe, rng)
-        feat = bench_featurise(args, calcs, rng)
-        prof = bench_profile(args, calcs, rng)
+        feat = bench_featurise(args, acac, [("acac", mol_frames)]) if acac else []
+        feat += bench_featurise(args, cu, ([] if acac else [("Cu cluster", mol_frames)]) + feat_sets)
+        prof = bench_profile(args, acac, mol_cases, rng) if acac else []
+        prof += bench_profile(args, cu, ([] if acac else mol_cases) + cu_cases, rng)
 
     result = {
         "meta": {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "device": args.device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                  "loadavg_at_end": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
-                 "head_backbone": next(iter(calcs)), "seconds": time.perf_counter() - start,
+                 "head_backbone": next(iter(cu)), "data": str(args.data) if args.data else None, "seconds": time.perf_counter() - start,
                  "units": {"time": "ms", "memory": "MiB", "throughput": "structures/s"},
                  "md_step": "nudge atoms 1e-3 Å, then calc.calculate(atoms, ['energy','forces']); one backbone pass each"},
         "md_step": md, "head_alone": head, "featurisation": feat, "profile": prof,
@@ -365,6 +398,12 @@ def main(argv=None) -> int:
     print("\nlog-log slopes, 1000-50000 atoms: " + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in head["loglog_slope_1000_50000"].items()))
     print("\n## Featurisation throughput (structures/s)\n")
     print(md_table(feat, ["backbone", "atoms", "mode", "frames", "structures_per_s"]))
+    for row in feat:
+        if row["mode"].startswith("score_frames"):
+            per = next(r for r in feat if r["backbone"] == row["backbone"] and r["atoms"] == row["atoms"]
+                       and r["mode"].startswith("ProbeCalculator"))
+            print(f"batched scoring speed-up, {row['backbone']} {row['atoms']}: "
+                  f"{row['structures_per_s'] / per['structures_per_s']:.1f}x")
     print(f"\n## ProbeCalculator per-step breakdown (cProfile, ms per step, {args.profile_steps} steps; cProfile inflates Python-heavy parts)\n")
     print(md_table(prof, ["backbone", "system", "N", "ProbeCalculator.calculate (total)", "backbone calculate", "overhead (total - backbone)",
                           *list(prof[0])[5:-1]]))

@@ -55,7 +55,8 @@ class ProbeCalculator(Calculator):
         self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES
         device = next(self.tap.module.parameters()).device
         self.probe.head.to(device)
-        self._graph = NeighbourCache(meta.config.cutoff)  # Verlet list: no full rebuild every MD step
+        # for a head cutoff beyond the backbone's: a Verlet list, no full rebuild every MD step
+        self._graph = NeighbourCache(meta.config.cutoff)
 
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
                   system_changes: list[str] = all_changes) -> None:
@@ -79,7 +80,8 @@ class ProbeCalculator(Calculator):
         self.results = dict(self.base.results)
         features = self.tap.features()[: len(atoms)]
         numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=features.device)
-        edges = [self._graph(atoms)]
+        graph = self.tap.neighbour_graph(self.probe.meta.config.cutoff)  # the backbone's own list, when it covers
+        edges = [graph if graph is not None else self._graph(atoms)]
         p, importance = self.probe.predict(features, numbers, np.array([0, len(atoms)]), edges)
         self.results["reliability"] = float(p[0])
         self.results["reliable"] = bool(p[0] >= self.threshold)

@@ -79,7 +79,7 @@ def evaluate(
                              if k not in ("ece", "brier")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _plots(curves, p, error, reliable, tau, probe.p_star, criterion, out)
+    figures = plot_evaluation(curves, p, error, reliable, tau, probe.p_star, criterion, out)
     least = np.argsort(p)[:n_importance]
     figures += [_importance_png(scored[k], k, out) for k in least]
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
@@ -87,7 +87,14 @@ def evaluate(
     return results
 
 
-def _plots(curves, p, error, reliable, tau, p_star, criterion, out: Path) -> list[str]:
+def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Path) -> list[str]:
+    """Write ROC, risk-coverage, probability-vs-error scatter and reliability-diagram PNGs into ``out``.
+
+    ``curves`` maps method names to uncertainty scores (higher = less reliable);
+    ``p`` is PROBE's reliability probability, ``error`` the true error (eV/Å for
+    force criteria, eV or eV/atom for energy ones), ``reliable`` the labels
+    ``error <= tau``. Returns the file names written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -17,7 +17,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -115,8 +115,15 @@ def train_head(
     config: HeadConfig = HeadConfig(),
     train: TrainConfig = TrainConfig(),
     progress: bool = True,
+    errors: np.ndarray | None = None,
 ) -> tuple[ProbeHead, int]:
-    """Train a head with class-weighted BCE and early stopping; return it and epochs run."""
+    """Train a head with class-weighted BCE and early stopping; return it and epochs run.
+
+    With ``config.aux_quantiles`` the per-structure ``errors`` (criterion
+    units) give the auxiliary targets ``error <= quantile_q(errors[train])``,
+    added to the loss with unit weight each (averaged); early stopping watches
+    the main loss only.
+    """
     tr, val, _ = splits
     torch.manual_seed(train.seed)
     generator = torch.Generator().manual_seed(train.seed)
@@ -127,10 +134,18 @@ def train_head(
     n_pos = float(labels[tr].sum())
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(tr) - n_pos) / n_pos))
     optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    if config.aux_quantiles:
+        if errors is None:
+            raise ValueError("aux_quantiles need the per-structure errors")
+        levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
+        y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
 
-    def loss_on(indices: Sequence[int]) -> torch.Tensor:
-        logits, _ = head(*batch_inputs(data.features, data.numbers, data.ptr, edges, indices))
-        return loss_fn(logits, y[list(indices)])
+    def loss_on(indices: Sequence[int], main_only: bool = False) -> torch.Tensor:
+        logits, _ = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges, indices))
+        loss = loss_fn(logits[:, 0], y[list(indices)])
+        if config.aux_quantiles and not main_only:
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], y_aux[list(indices)])
+        return loss
 
     best, best_state, since, epoch = math.inf, copy.deepcopy(head.state_dict()), 0, 0
     bar = tqdm(range(train.epochs), desc="fit head", unit="epoch", disable=not progress)
@@ -143,7 +158,7 @@ def train_head(
             optimiser.step()
         head.eval()
         with torch.no_grad():
-            val_loss = float(loss_on(val))
+            val_loss = float(loss_on(val, main_only=True))
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best - 1e-5:
             best, best_state, since = val_loss, copy.deepcopy(head.state_dict()), 0
@@ -204,6 +219,8 @@ def fit_probe(
     with find_tap(calc, layers) as tap:
         features = featurize(tap, frames, energy_key, forces_key, batch_size, cache_dir, progress)
         kind, fingerprint, tap_layers = tap.kind, tap.fingerprint(), tap.layers
+        if config.cutoff is None:
+            config = replace(config, cutoff=tap.cutoff)
     # the head knows only elements it saw: others would get an untrained embedding
     elements = tuple(sorted(set(features.numbers.tolist())))
     errors = features.error(criterion)
@@ -211,7 +228,7 @@ def fit_probe(
     labels = make_labels(errors, tau)
     edges = [radius_graph(atoms, config.cutoff) for atoms in frames]
     splits = split_indices(labels, train)
-    head, epochs = train_head(features, edges, labels, splits, elements, config, train, progress)
+    head, epochs = train_head(features, edges, labels, splits, elements, config, train, progress, errors)
 
     cal = splits[2]
     with torch.no_grad():

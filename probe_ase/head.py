@@ -28,18 +28,33 @@ class HeadConfig:
         hidden: width of the per-atom encoding.
         heads: attention heads (and pooling queries); must divide ``hidden``.
         blocks: self-attention blocks.
-        cutoff: radius (Å) of the neighbourhood each atom attends to.
+        cutoff: radius (Å) of the neighbourhood each atom attends to. None (the
+            default) takes the backbone's own cutoff when the head is fitted:
+            the head then sees the neighbourhood the backbone sees, and a
+            :class:`~probe_ase.calculator.ProbeCalculator` reuses the
+            backbone's neighbour list instead of building one per step.
+        max_pool: also pool each channel's maximum over atoms (beside
+            attention pooling), so one badly described atom can decide.
+        aux_quantiles: extra training targets "error <= the q-quantile of the
+            training errors" for each q, read out from the same pooled vector;
+            they teach the head to rank errors finer than one tolerance. Only
+            the main logit is used at inference.
     """
 
     hidden: int = 64
     heads: int = 4
     blocks: int = 1
-    cutoff: float = 5.0
+    cutoff: float | None = None
+    max_pool: bool = False
+    aux_quantiles: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "aux_quantiles", tuple(float(q) for q in self.aux_quantiles))
+        if any(not 0 < q < 1 for q in self.aux_quantiles):
+            raise ValueError(f"aux_quantiles must lie strictly between 0 and 1, got {self.aux_quantiles}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
-        if self.cutoff <= 0:
+        if self.cutoff is not None and self.cutoff <= 0:
             raise ValueError(f"cutoff must be positive (Å), got {self.cutoff}")
 
 
@@ -130,7 +145,10 @@ class ProbeHead(nn.Module):
         self.encode = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.blocks = nn.ModuleList(AttentionBlock(hidden, config.heads) for _ in range(config.blocks))
         self.pool = AttentionPool(hidden, config.heads)
-        self.readout = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.max_pool = config.max_pool
+        width = 2 * hidden if config.max_pool else hidden
+        self.readout = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(),
+                                     nn.Linear(hidden, 1 + len(config.aux_quantiles)))
 
     def set_standardisation(self, features: torch.Tensor) -> None:
         """Store mean and scale of training features ``(n_atoms, feature_dim)``."""
@@ -151,12 +169,28 @@ class ProbeHead(nn.Module):
         ``edges`` is ``(2, n_edges)`` (destination, source) over the atoms of all
         structures; ``batch`` gives each atom's structure index.
         """
+        logits, importance = self.all_logits(features, numbers, edges, batch, n_structures)
+        return logits[:, 0], importance
+
+    def all_logits(
+        self,
+        features: torch.Tensor,
+        numbers: torch.Tensor,
+        edges: torch.Tensor,
+        batch: torch.Tensor,
+        n_structures: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(n_structures, 1 + n_aux)`` (main first, then the auxiliary quantiles) and importances."""
         x = (features.to(self.feature_mean) - self.feature_mean) / self.feature_scale
         h = self.encode(x) + self.embed(self.element_index[numbers])
         for block in self.blocks:
             h = block(h, edges)
         pooled, importance = self.pool(h, batch, n_structures)
-        return self.readout(pooled).squeeze(-1), importance
+        if self.max_pool:
+            index = batch.unsqueeze(-1).expand_as(h)
+            peak = h.new_full((n_structures, h.shape[-1]), -math.inf)
+            pooled = torch.cat([pooled, peak.scatter_reduce(0, index, h, reduce="amax", include_self=True)], dim=-1)
+        return self.readout(pooled), importance
 
     @torch.inference_mode()
     def reliability(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +213,13 @@ def batch_inputs(
     ``(2, n_edges)`` neighbourhood graph. Returns ``(features, numbers, edges,
     batch, n_structures)`` for :meth:`ProbeHead.forward`.
     """
+    indices = list(indices)
+    if len(indices) == 1 and int(ptr[indices[0] + 1]) - int(ptr[indices[0]]) == features.shape[0]:
+        # one structure owning every row (a ProbeCalculator step): nothing to gather
+        device = features.device
+        graph = torch.as_tensor(edges[indices[0]], device=device)
+        owner = torch.zeros(features.shape[0], dtype=torch.long, device=device)
+        return features, numbers.to(device), graph, owner, 1
     rows, graph, owner = [], [], []
     offset = 0
     for b, k in enumerate(indices):
@@ -188,9 +229,6 @@ def batch_inputs(
         owner.append(torch.full((stop - start,), b, dtype=torch.long))
         offset += stop - start
     rows_t = torch.cat(rows)
-    if len(rows) == 1 and rows_t.numel() == features.shape[0]:
-        feats, nums = features, numbers
-    else:
-        feats, nums = features[rows_t.to(features.device)], numbers[rows_t.to(numbers.device)]
+    feats, nums = features[rows_t.to(features.device)], numbers[rows_t.to(numbers.device)]
     device = feats.device
     return feats, nums.to(device), torch.cat(graph, dim=1).to(device), torch.cat(owner).to(device), len(rows)

@@ -30,7 +30,7 @@ from .exceptions import InputError, LabelError, ProbeError
 from .fit import TrainConfig, fit_probe
 
 
-def _with_ref_keys(frames: Sequence[Atoms]) -> list[Atoms]:
+def mace_training_frames(frames: Sequence[Atoms]) -> list[Atoms]:
     """Copies carrying ``REF_energy`` / ``REF_forces``, the keys mace-torch reads."""
     out = []
     for atoms in frames:
@@ -51,7 +51,7 @@ def run_mace_train(frames: Sequence[Atoms], foundation: str | os.PathLike, work_
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     train_file = work / f"{name}_train.xyz"
-    write(train_file, _with_ref_keys(frames), format="extxyz")
+    write(train_file, mace_training_frames(frames), format="extxyz")
     model_dir = work / f"{name}_model"
     trainer = shutil.which("mace_run_train") or str(Path(sys.executable).with_name("mace_run_train"))
     args = [trainer, f"--name={name}", f"--train_file={train_file}", "--valid_fraction=0.1",

@@ -60,3 +60,23 @@ def test_force_criterion_needs_reference_forces(backbones, cu_data):
     probe = fit_probe(backbones("mace"), frames, criterion="energy", quantile=0.7,
                       train=TrainConfig(epochs=3), cache_dir=False, progress=False)
     assert probe.meta.criterion == "energy"
+
+
+def test_max_pool_and_aux_quantiles_fit_learn_and_round_trip(backbones, cu_data, tmp_path):
+    from probe_ase import Probe, ProbeCalculator
+
+    calc = backbones("mace")
+    config = HeadConfig(hidden=32, max_pool=True, aux_quantiles=(0.5, 0.9))
+    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, config=config,
+                      train=TrainConfig(epochs=80, patience=15), cache_dir=False, progress=False)
+    assert probe.meta.config.cutoff == pytest.approx(float(calc.r_max))  # default: the backbone's own cutoff
+    assert probe.meta.config.aux_quantiles == (0.5, 0.9)
+    p, err = held_out_scores(calc, probe, cu_data["test_in"] + cu_data["test_out"])
+    assert auroc(err > probe.meta.tau, 1 - p) >= 0.8
+    probe.save(tmp_path / "probe.pt")
+    loaded = Probe.load(tmp_path / "probe.pt")
+    assert loaded.meta == probe.meta
+    atoms = cu_data["test_out"][0].copy()
+    with ProbeCalculator(calc, loaded) as wrapped:
+        atoms.calc = wrapped
+        assert wrapped.get_property("reliability", atoms) == pytest.approx(p[len(cu_data["test_in"])], abs=1e-5)

@@ -61,11 +61,34 @@ def _two_structures():
     return features, numbers, ptr, [s0[2], s1[2]]
 
 
-def _head():
+VARIANTS = {
+    "attention": {},
+    "max_pool+aux": {"max_pool": True, "aux_quantiles": (0.5, 0.9)},
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request):
+    return VARIANTS[request.param]
+
+
+def _head(**variant):
     torch.manual_seed(0)
-    head = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0))
+    head = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, **variant))
     head.set_standardisation(torch.randn(50, 8) * 2 + 1)
     return head.eval()
+
+
+def test_aux_logits_come_after_the_main_one():
+    head = _head(max_pool=True, aux_quantiles=(0.5, 0.9))
+    features, numbers, ptr, edges = _two_structures()
+    inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
+    every, _ = head.all_logits(*inputs)
+    main, _ = head(*inputs)
+    assert every.shape == (2, 3)
+    torch.testing.assert_close(main, every[:, 0])
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        HeadConfig(aux_quantiles=(0.5, 1.0))
 
 
 def test_probe_head_importance_normalised():
@@ -83,8 +106,8 @@ def test_probe_head_importance_normalised():
     torch.testing.assert_close(importance2, importance)
 
 
-def test_probe_head_structures_are_independent():
-    head = _head()
+def test_probe_head_structures_are_independent(variant):
+    head = _head(**variant)
     features, numbers, ptr, edges = _two_structures()
     both, imp_both = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
     alone, imp_alone = head(*batch_inputs(features, numbers, ptr, edges, [1]))
@@ -92,8 +115,8 @@ def test_probe_head_structures_are_independent():
     torch.testing.assert_close(imp_alone, imp_both[5:], atol=1e-6, rtol=0)
 
 
-def test_probe_head_permutation_invariant():
-    head = _head()
+def test_probe_head_permutation_invariant(variant):
+    head = _head(**variant)
     features, numbers, ptr, edges = _two_structures()
     logits, importance = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
 

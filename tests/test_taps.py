@@ -65,6 +65,28 @@ def test_batched_predict_matches_calculator(backbone_name, backbones, cu_data):
             torch.testing.assert_close(pred.features, tap.features(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("periodic", [True, False])
+def test_neighbour_graph_is_the_radius_graph(backbone_name, backbones, cu_data, periodic):
+    """The backbone's own neighbour list, cut at a radius, gives radius_graph's edges."""
+    from probe_ase.graph import radius_graph
+
+    calc = backbones(backbone_name)
+    atoms = cu_data["test_out"][0].copy()
+    if not periodic:
+        atoms.pbc = False
+        atoms.center(vacuum=6.0)
+    calc.reset()
+    with find_tap(calc) as tap:
+        assert tap.neighbour_graph(tap.cutoff) is None  # nothing seen yet
+        atoms.calc = calc
+        atoms.get_forces()
+        assert tap.neighbour_graph(tap.cutoff + 0.5) is None  # beyond the backbone's list
+        for cutoff in (tap.cutoff, 3.0, 2.2):
+            graph = tap.neighbour_graph(cutoff).cpu().numpy()
+            assert sorted(map(tuple, graph.T.tolist())) == sorted(map(tuple, radius_graph(atoms, cutoff).T.tolist()))
+            assert (graph[:, : len(atoms)] == np.arange(len(atoms))).all()  # self loops first
+
+
 def test_layer_selection_and_close(backbone_name, backbones, cu_data):
     calc = backbones(backbone_name)
     with find_tap(calc) as full:

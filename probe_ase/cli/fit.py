@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")
     parser.add_argument("--epochs", type=int, default=200, help="most training epochs (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--cutoff", type=float, default=5.0, help="attention neighbourhood radius in Å (default: 5.0)")
+    parser.add_argument("--cutoff", type=float, default=None,
+                        help="attention neighbourhood radius in Å (default: the backbone's own cutoff)")
     parser.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (default: ~/.cache/probe-ase)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     add_batch_size(parser)

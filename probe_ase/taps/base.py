@@ -61,6 +61,8 @@ class Tap(ABC):
         self._handles = [
             modules[i].register_forward_hook(self._make_hook(i)) for i in self.layers
         ]
+        self._inputs_seen: dict | None = None  # the backbone's input dict of the last pass (its neighbour list)
+        self._handles.append(self.module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True))
         self.feature_dim = sum(self.layer_width(i) for i in self.layers)
 
     # ---- what a backbone adapter provides ---------------------------------
@@ -91,6 +93,15 @@ class Tap(ABC):
     def elements(self) -> tuple[int, ...]:
         """Atomic numbers the backbone knows."""
 
+    @property
+    @abstractmethod
+    def cutoff(self) -> float:
+        """Radius (Å) of the neighbour list the backbone builds for itself."""
+
+    @abstractmethod
+    def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Neighbour pairs ``(i, j, vectors)`` of a backbone input dict; vectors ``(n_pairs, 3)`` in Å."""
+
     @abstractmethod
     def _predict_batch(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One backbone pass over ``frames``: energies (eV) and forces (eV/Å)."""
@@ -103,6 +114,25 @@ class Tap(ABC):
             self._captured[layer] = self.invariant(layer, output).detach()
 
         return hook
+
+    def _keep_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._inputs_seen = args[0] if args else kwargs.get("data")
+
+    def neighbour_graph(self, cutoff: float) -> torch.Tensor | None:
+        """The head's graph ``(2, n_atoms + n_pairs)`` from the backbone's own neighbour list of the last pass.
+
+        Self loops first, then every pair closer than ``cutoff`` (Å), so it
+        equals :func:`probe_ase.graph.radius_graph` as a set of edges. None when
+        ``cutoff`` exceeds the backbone's (its list would miss pairs) or no
+        pass has been seen: the caller then builds the graph itself.
+        """
+        if self._inputs_seen is None or cutoff > self.cutoff + 1e-9:
+            return None
+        with torch.no_grad():
+            i, j, vectors = self._pairs(self._inputs_seen)
+            keep = (vectors.detach() ** 2).sum(1) < cutoff**2
+            loops = torch.arange(next(iter(self._captured.values())).shape[0], device=i.device)
+            return torch.stack([torch.cat([loops, i[keep]]), torch.cat([loops, j[keep]])])
 
     def _transform(self, layer_outputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Hook for adapters whose layer features are sums of hooked outputs."""
@@ -150,6 +180,7 @@ class Tap(ABC):
             handle.remove()
         self._handles.clear()
         self._captured.clear()
+        self._inputs_seen = None
 
     def __enter__(self) -> Tap:
         return self

@@ -52,6 +52,15 @@ class MaceTap(Tap):
         return output[:, index[0] : index[-1] + 1] if _contiguous(index) else output[:, index]
 
     @property
+    def cutoff(self) -> float:
+        return float(self.calc.r_max)
+
+    def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sender, receiver = inputs["edge_index"]
+        positions = inputs["positions"]
+        return receiver, sender, positions[receiver] - positions[sender] + inputs["shifts"]
+
+    @property
     def elements(self) -> tuple[int, ...]:
         return tuple(int(z) for z in self.calc.z_table.zs)
 

@@ -74,6 +74,16 @@ class SchNetPackTap(Tap):
         return q.squeeze(1)
 
     @property
+    def cutoff(self) -> float:
+        return float(self._rep.cutoff)
+
+    def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from schnetpack import properties
+
+        i, j, positions = inputs[properties.idx_i], inputs[properties.idx_j], inputs[properties.R]
+        return i, j, positions[j] - positions[i] + inputs[properties.offsets]
+
+    @property
     def elements(self) -> tuple[int, ...]:
         trained = getattr(self.module, "trained_elements", None)
         if trained is not None:
