@@ -426,7 +426,7 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, with_c
     ens = ensemble_disagreement(kind, member_paths, frames) if len(member_paths) > 1 else None
     if ens:
         scores.update({k: ens[k] for k in ("ens_force_std", "ens_force_max_std", "ens_energy_std")})
-    edges = [radius_graph(a, 5.0) for a in frames]
+    graphs: dict[float, list] = {}  # radius graphs by head cutoff (Å)
 
     # backbone errors per file (member 0 and ensemble mean)
     bb = {}
@@ -449,7 +449,10 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, with_c
             entry["skipped"] = probe
             results["regimes"].setdefault(regime, {})[crit] = entry
             continue
-        p = probe.predict(feats.to(probe.head.feature_mean.dtype), torch.as_tensor(numbers), ptr, edges)[0]
+        cutoff = probe.meta.config.cutoff
+        if cutoff not in graphs:
+            graphs[cutoff] = [radius_graph(a, cutoff) for a in frames]
+        p = probe.predict(feats.to(probe.head.feature_mean.dtype), torch.as_tensor(numbers), ptr, graphs[cutoff])[0]
         tau = probe.meta.tau
         entry.update(tau=tau, p_star=probe.p_star, fit_report=probe.meta.report, files={})
         usable = np.isfinite(err[crit])
