@@ -65,6 +65,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ from probe_ase.evaluate import plot_evaluation  # noqa: E402
 from probe_ase.exceptions import LabelError  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
 from probe_ase.fit import TrainConfig  # noqa: E402
+from probe_ase.head import HeadConfig  # noqa: E402
 from probe_ase.graph import radius_graph  # noqa: E402
 from probe_ase.labels import structure_error  # noqa: E402
 from probe_ase.retrain import mace_training_frames  # noqa: E402
@@ -387,7 +389,7 @@ def time_cost(kind, member_paths, probe, latent, frames, n=30) -> dict[str, floa
 
 
 # --------------------------------------------------------------------------- main pieces
-def fit_heads(calc, pool, quick, cache, criteria_ok):
+def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig):
     """Fitted probes keyed by (regime, criterion); LabelError gives None with the reason."""
     train_cfg = TrainConfig(epochs=40 if quick else 150, patience=10 if quick else 20, seed=0)
     probes = {}
@@ -397,7 +399,7 @@ def fit_heads(calc, pool, quick, cache, criteria_ok):
                 continue
             kw = {"threshold": spec[crit]} if regime == "absolute" else {"quantile": spec}
             try:
-                probes[(regime, crit)] = fit_probe(calc, pool, criterion=crit, train=train_cfg, cache_dir=cache,
+                probes[(regime, crit)] = fit_probe(calc, pool, criterion=crit, train=train_cfg, config=head, cache_dir=cache,
                                                    progress=True, **kw)
             except LabelError as err:
                 probes[(regime, crit)] = str(err)
@@ -405,11 +407,11 @@ def fit_heads(calc, pool, quick, cache, criteria_ok):
     return probes
 
 
-def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, with_cost=True):
+def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: HeadConfig, with_cost=True):
     calc0 = make_calc(kind, member_paths[0])
     criteria_ok = set(CRITERIA) if has_forces(pool) else {"energy"}
     t0 = time.perf_counter()
-    probes = fit_heads(calc0, pool, quick, cache, criteria_ok)
+    probes = fit_heads(calc0, pool, quick, cache, criteria_ok, head)
     t_fit = time.perf_counter() - t0
     with find_tap(calc0) as tap:
         pool_fs = featurize(tap, pool, cache_dir=cache, progress=False)
@@ -478,12 +480,12 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, with_c
     return results
 
 
-def scaling_rows(train, e0s, pool, evals, models, quick, epochs, retrain, cache, main_path, main_channels):
+def scaling_rows(train, e0s, pool, evals, models, quick, epochs, retrain, cache, main_path, main_channels, head):
     rows = []
     sizes = [4, 8, 16]
     for ch in tqdm(sizes, desc="scaling", unit="size"):
         path = main_path if ch == main_channels else train_mace(train, e0s, models, ch, 1, epochs, 0, retrain)
-        res = evaluate_backbone("mace", [path], pool, evals, quick, cache, Path(cache).parent / "scaling" / f"c{ch}",
+        res = evaluate_backbone("mace", [path], pool, evals, quick, cache, Path(cache).parent / "scaling" / f"c{ch}", head,
                                 with_cost=False)
         calc = make_calc("mace", path)
         row = {"channels": ch, "max_L": 1, "params": int(sum(p.numel() for p in calc.models[0].parameters()))}
@@ -584,6 +586,9 @@ def main(argv=None):
     ap.add_argument("--channels", type=int, default=None, help="MACE channels (default 16; quick 8)")
     ap.add_argument("--spk-rep", default="painn", choices=["painn", "schnet"])
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--max-pool", action="store_true", help="PROBE head with max pooling beside attention pooling")
+    ap.add_argument("--aux-quantiles", type=float, nargs="*", default=[], metavar="Q",
+                    help="auxiliary error-quantile targets for the head (e.g. 0.3 0.5 0.7 0.9)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch / OpenMP threads here and in mace_run_train (default 1: on shared cores more threads "
                          "spin-wait and ran ~50x slower here)")
@@ -599,6 +604,7 @@ def main(argv=None):
     channels = args.channels or (8 if args.quick else 16)
     width = 8 if args.quick else 32
 
+    head = HeadConfig(max_pool=args.max_pool, aux_quantiles=tuple(args.aux_quantiles))
     name, train, pool, evals, e0s = load_splits(data, args.quick)
     print(f"{name}: {len(train)} training frames, fit pool {len(pool)}, evaluation "
           + ", ".join(f"{k} {len(v)}" for k, v in evals.items()))
@@ -609,7 +615,7 @@ def main(argv=None):
                 "schnetpack": f"{args.spk_rep}, {width} features, 2 interactions, cutoff 5, {spk_epochs} epochs, "
                               "schnetpack AtomisticTask + pytorch_lightning Trainer, AdamW lr 5e-4, batch 16, "
                               "loss 0.01 E + 0.99 F MSE, best validation checkpoint",
-                "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
+                "probe_head": asdict(head), "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
                 "labels": "error of member 0 (the deployed model) for every method"}
     res = {"dataset": name, "settings": settings, "backbones": {}, "timings_s": {}}
 
@@ -623,7 +629,7 @@ def main(argv=None):
                 paths.append(train_spk(train, e0s, models, args.spk_rep, width, spk_epochs, seed, args.retrain))
         res["timings_s"][f"{kind}_train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out)
+        res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out, head)
         res["timings_s"][f"{kind}_evaluate"] = time.perf_counter() - t0
         for n, row in res["backbones"][kind]["backbone_errors"].items():
             print(f"  {kind} {n:28s} E RMSE {row['member0_energy_rmse_meV_atom']:8.1f} meV/atom   "
@@ -631,7 +637,7 @@ def main(argv=None):
         if kind == "mace" and not args.no_scaling:
             t0 = time.perf_counter()
             res["scaling"] = scaling_rows(train, e0s, pool, evals, models, args.quick, epochs, args.retrain,
-                                          cache, paths[0], channels)
+                                          cache, paths[0], channels, head)
             res["timings_s"]["scaling"] = time.perf_counter() - t0
         res["wall_seconds"] = time.perf_counter() - start
         _write(out, res)  # partial results after each backbone

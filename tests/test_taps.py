@@ -80,7 +80,8 @@ def test_neighbour_graph_is_the_radius_graph(backbone_name, backbones, cu_data, 
         assert tap.neighbour_graph(tap.cutoff) is None  # nothing seen yet
         atoms.calc = calc
         atoms.get_forces()
-        assert tap.neighbour_graph(tap.cutoff + 0.5) is None  # beyond the backbone's list
+        assert tap.list_cutoff == pytest.approx(tap.cutoff)
+        assert tap.neighbour_graph(tap.list_cutoff + 0.5) is None  # beyond the backbone's list
         for cutoff in (tap.cutoff, 3.0, 2.2):
             graph = tap.neighbour_graph(cutoff).cpu().numpy()
             assert sorted(map(tuple, graph.T.tolist())) == sorted(map(tuple, radius_graph(atoms, cutoff).T.tolist()))

@@ -96,7 +96,12 @@ class Tap(ABC):
     @property
     @abstractmethod
     def cutoff(self) -> float:
-        """Radius (Å) of the neighbour list the backbone builds for itself."""
+        """The backbone's interaction radius (Å)."""
+
+    @property
+    def list_cutoff(self) -> float:
+        """Radius (Å) of the neighbour list the calculator hands the backbone (at least :attr:`cutoff`)."""
+        return self.cutoff
 
     @abstractmethod
     def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,16 +128,18 @@ class Tap(ABC):
 
         Self loops first, then every pair closer than ``cutoff`` (Å), so it
         equals :func:`probe_ase.graph.radius_graph` as a set of edges. None when
-        ``cutoff`` exceeds the backbone's (its list would miss pairs) or no
-        pass has been seen: the caller then builds the graph itself.
+        ``cutoff`` exceeds the list's (it would miss pairs) or no pass has been
+        seen: the caller then builds the graph itself.
         """
-        if self._inputs_seen is None or cutoff > self.cutoff + 1e-9:
+        if self._inputs_seen is None or cutoff > self.list_cutoff + 1e-9:
             return None
         with torch.no_grad():
             i, j, vectors = self._pairs(self._inputs_seen)
-            keep = (vectors.detach() ** 2).sum(1) < cutoff**2
+            if cutoff < self.list_cutoff - 1e-9:  # a shorter radius than the list's: drop the far pairs
+                keep = (vectors.detach() ** 2).sum(1) < cutoff**2
+                i, j = i[keep], j[keep]
             loops = torch.arange(next(iter(self._captured.values())).shape[0], device=i.device)
-            return torch.stack([torch.cat([loops, i[keep]]), torch.cat([loops, j[keep]])])
+            return torch.stack([torch.cat([loops, i]), torch.cat([loops, j])])
 
     def _transform(self, layer_outputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Hook for adapters whose layer features are sums of hooked outputs."""

@@ -77,6 +77,11 @@ class SchNetPackTap(Tap):
     def cutoff(self) -> float:
         return float(self._rep.cutoff)
 
+    @property
+    def list_cutoff(self) -> float:
+        nl = getattr(getattr(self.calc, "converter", None), "neighbor_list", None)
+        return float(getattr(nl, "_cutoff", self.cutoff))
+
     def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from schnetpack import properties
 
