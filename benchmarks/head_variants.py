@@ -33,9 +33,9 @@ from probe_ase import HeadConfig, TrainConfig, fit_probe  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
 
 VARIANTS = {
-    "baseline (attention pool)": HeadConfig(),
-    "+ max pool": HeadConfig(max_pool=True),
-    "+ aux quantiles 0.3/0.5/0.7/0.9": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
+    "baseline (attention pool)": HeadConfig(aux_quantiles=()),
+    "+ max pool": HeadConfig(max_pool=True, aux_quantiles=()),
+    "+ aux quantiles 0.3/0.5/0.7/0.9 (default)": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
     "+ max pool + aux quantiles": HeadConfig(max_pool=True, aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
 }
 

@@ -28,7 +28,9 @@ Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
    test_MD + methanol frames of train_eth_meth, evaluation = other half of
    test_MD, methanol frames of test_eth_meth, test_H_removal, test_norm_mode_*.
 
-3. **PROBE** (:func:`probe_ase.fit_probe`) on member 0 over the fit pool, for
+3. **PROBE** (:func:`probe_ase.fit_probe`, default head: auxiliary quantile
+   targets 0.3/0.5/0.7/0.9, chosen with ``head_variants.py`` on the fit pool's
+   own splits; ``--aux-quantiles`` / ``--max-pool`` change it) on member 0 over the fit pool, for
    two label regimes (absolute: force RMSE 0.1 eV/Å, |ΔE| 0.043 eV;
    quantile: top 20 % of the pool unreliable) and two criteria (``force_rmse``
    on files with reference forces, ``energy`` everywhere).
@@ -587,8 +589,9 @@ def main(argv=None):
     ap.add_argument("--spk-rep", default="painn", choices=["painn", "schnet"])
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--max-pool", action="store_true", help="PROBE head with max pooling beside attention pooling")
-    ap.add_argument("--aux-quantiles", type=float, nargs="*", default=[], metavar="Q",
-                    help="auxiliary error-quantile targets for the head (e.g. 0.3 0.5 0.7 0.9)")
+    ap.add_argument("--aux-quantiles", type=float, nargs="*", default=list(HeadConfig().aux_quantiles), metavar="Q",
+                    help="auxiliary error-quantile targets of the head (default: HeadConfig's 0.3 0.5 0.7 0.9; "
+                         "none: off)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch / OpenMP threads here and in mace_run_train (default 1: on shared cores more threads "
                          "spin-wait and ran ~50x slower here)")
@@ -613,7 +616,7 @@ def main(argv=None):
                 "mace": f"mace_run_train, float32, {channels} channels, max_L 1, 2 interactions, correlation 3, "
                         f"r_max 5, {epochs} epochs, batch 10, E0s from isolated_atoms.xyz",
                 "schnetpack": f"{args.spk_rep}, {width} features, 2 interactions, cutoff 5, {spk_epochs} epochs, "
-                              "schnetpack AtomisticTask + pytorch_lightning Trainer, AdamW lr 5e-4, batch 16, "
+                              "schnetpack AtomisticTask + pytorch_lightning Trainer, AdamW lr 1e-3, batch 16, "
                               "loss 0.01 E + 0.99 F MSE, best validation checkpoint",
                 "probe_head": asdict(head), "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
                 "labels": "error of member 0 (the deployed model) for every method"}

@@ -74,7 +74,7 @@ class HeadMeta:
     @classmethod
     def from_json(cls, text: str) -> HeadMeta:
         d = json.loads(text)
-        d["config"] = HeadConfig(**{**d["config"], "aux_quantiles": tuple(d["config"].get("aux_quantiles", ()))})
+        d["config"] = HeadConfig(**{**d["config"], "aux_quantiles": tuple(d["config"]["aux_quantiles"])})
         d["layers"], d["elements"] = tuple(d["layers"]), tuple(d["elements"])
         return cls(**d)
 

@@ -62,7 +62,7 @@ def _two_structures():
 
 
 VARIANTS = {
-    "attention": {},
+    "attention": {"aux_quantiles": ()},
     "max_pool+aux": {"max_pool": True, "aux_quantiles": (0.5, 0.9)},
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -81,6 +82,7 @@ def test_neighbour_graph_is_the_radius_graph(backbone_name, backbones, cu_data, 
         atoms.calc = calc
         atoms.get_forces()
         assert tap.list_cutoff == pytest.approx(tap.cutoff)
+        copy.deepcopy(tap.module)  # what it keeps of the pass does not stop a deep copy (retraining does one)
         assert tap.neighbour_graph(tap.list_cutoff + 0.5) is None  # beyond the backbone's list
         for cutoff in (tap.cutoff, 3.0, 2.2):
             graph = tap.neighbour_graph(cutoff).cpu().numpy()

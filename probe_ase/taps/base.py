@@ -62,7 +62,7 @@ class Tap(ABC):
             modules[i].register_forward_hook(self._make_hook(i)) for i in self.layers
         ]
         self._inputs_seen: dict | None = None  # the backbone's input dict of the last pass (its neighbour list)
-        self._handles.append(self.module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True))
+        self._handles.append(self.module.register_forward_pre_hook(self._make_input_hook(), with_kwargs=True))
         self.feature_dim = sum(self.layer_width(i) for i in self.layers)
 
     # ---- what a backbone adapter provides ---------------------------------
@@ -103,6 +103,9 @@ class Tap(ABC):
         """Radius (Å) of the neighbour list the calculator hands the backbone (at least :attr:`cutoff`)."""
         return self.cutoff
 
+    #: keys of the backbone's input dict that :meth:`_pairs` reads
+    pair_keys: ClassVar[tuple[str, ...]]
+
     @abstractmethod
     def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Neighbour pairs ``(i, j, vectors)`` of a backbone input dict; vectors ``(n_pairs, 3)`` in Å."""
@@ -120,8 +123,14 @@ class Tap(ABC):
 
         return hook
 
-    def _keep_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._inputs_seen = args[0] if args else kwargs.get("data")
+    def _make_input_hook(self):
+        # a closure, like the feature hooks: deepcopy treats functions as atomic, so a
+        # tapped backbone can still be deep-copied (a bound method would drag the tap along)
+        def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs = args[0] if args else kwargs.get("data")
+            self._inputs_seen = {k: inputs[k].detach() for k in self.pair_keys if k in inputs}  # references, no copies
+
+        return pre_hook
 
     def neighbour_graph(self, cutoff: float) -> torch.Tensor | None:
         """The head's graph ``(2, n_atoms + n_pairs)`` from the backbone's own neighbour list of the last pass.
@@ -131,7 +140,7 @@ class Tap(ABC):
         ``cutoff`` exceeds the list's (it would miss pairs) or no pass has been
         seen: the caller then builds the graph itself.
         """
-        if self._inputs_seen is None or cutoff > self.list_cutoff + 1e-9:
+        if not self._inputs_seen or cutoff > self.list_cutoff + 1e-9:
             return None
         with torch.no_grad():
             i, j, vectors = self._pairs(self._inputs_seen)

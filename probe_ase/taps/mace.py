@@ -22,6 +22,7 @@ class MaceTap(Tap):
     """Hooks on ``MACECalculator.models[0].products``."""
 
     kind = "mace"
+    pair_keys = ("edge_index", "positions", "shifts")
 
     def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
         self._scalar_index = [

@@ -37,6 +37,7 @@ class SchNetPackTap(Tap):
     """Hooks on ``SpkCalculator.model.representation`` (SchNet or PaiNN)."""
 
     kind = "schnetpack"
+    pair_keys = ("_idx_i", "_idx_j", "_positions", "_offsets")  # schnetpack.properties idx_i, idx_j, R, offsets
 
     def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
         self._rep, self._arch = _find_representation(calc.model)
@@ -83,10 +84,8 @@ class SchNetPackTap(Tap):
         return float(getattr(nl, "_cutoff", self.cutoff))
 
     def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from schnetpack import properties
-
-        i, j, positions = inputs[properties.idx_i], inputs[properties.idx_j], inputs[properties.R]
-        return i, j, positions[j] - positions[i] + inputs[properties.offsets]
+        i, j, positions = inputs["_idx_i"], inputs["_idx_j"], inputs["_positions"]
+        return i, j, positions[j] - positions[i] + inputs["_offsets"]
 
     @property
     def elements(self) -> tuple[int, ...]:
