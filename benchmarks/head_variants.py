@@ -37,6 +37,7 @@ VARIANTS = {
     "+ max pool": HeadConfig(max_pool=True, aux_quantiles=()),
     "+ aux quantiles 0.3/0.5/0.7/0.9 (default)": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
     "+ max pool + aux quantiles": HeadConfig(max_pool=True, aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
+    "+ aux quantiles + per-element scaling": HeadConfig(per_element_scaling=True),
 }
 
 
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", required=True, type=Path, help="output folder of a finished uq_quality.py run (models, cache)")
     ap.add_argument("--backbone", default="mace", choices=["mace", "schnetpack"])
     ap.add_argument("--criteria", nargs="+", default=["force_rmse", "energy"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names of VARIANTS to fit (default: all)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_variants_<backbone>.json)")
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
     calc = uq_quality.make_calc(args.backbone, member0[0])
     rows = []
     for crit in args.criteria:
-        for name, config in VARIANTS.items():
+        for name in args.variants:
+            config = VARIANTS[name]
             scores = []
             t0 = time.perf_counter()
             for seed in range(args.seeds):

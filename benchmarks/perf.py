@@ -249,7 +249,7 @@ def bench_head(args, probe, rng) -> dict:
         reps = args.repeats if n <= 10000 else max(2, args.repeats // 2)
         edges = radius_graph(atoms, cutoff)
         noise = torch.randn(n, head.feature_dim, generator=torch.Generator().manual_seed(0)).to(head.feature_mean.device)
-        feats = head.feature_mean + head.feature_scale * noise
+        feats = head.feature_mean + head.feature_scale * noise  # Cu only: one row even when per element
         numbers = torch.as_tensor(atoms.numbers, device=args.device)
         ptr = np.array([0, n])
 

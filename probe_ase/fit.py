@@ -129,7 +129,7 @@ def train_head(
     generator = torch.Generator().manual_seed(train.seed)
     head = ProbeHead(data.features.shape[1], elements, config)
     rows = torch.cat([torch.arange(data.ptr[k], data.ptr[k + 1]) for k in tr])
-    head.set_standardisation(data.features[rows])
+    head.set_standardisation(data.features[rows], data.numbers[rows])
     y = torch.as_tensor(labels, dtype=torch.float32)
     n_pos = float(labels[tr].sum())
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(tr) - n_pos) / n_pos))

@@ -35,6 +35,9 @@ class HeadConfig:
             backbone's neighbour list instead of building one per step.
         max_pool: also pool each channel's maximum over atoms (beside
             attention pooling), so one badly described atom can decide.
+        per_element_scaling: standardise features with each element's own
+            mean and spread (H and C atoms sit far apart in feature space)
+            instead of one over all atoms.
         aux_quantiles: extra training targets "error <= the q-quantile of the
             training errors" for each q, read out from the same pooled vector;
             they teach the head to rank errors finer than one tolerance. Only
@@ -48,6 +51,7 @@ class HeadConfig:
     blocks: int = 1
     cutoff: float | None = None
     max_pool: bool = False
+    per_element_scaling: bool = False
     aux_quantiles: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
 
     def __post_init__(self) -> None:
@@ -139,8 +143,10 @@ class ProbeHead(nn.Module):
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[list(self.elements)] = torch.arange(len(self.elements))
         self.register_buffer("element_index", lookup)
-        self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
-        self.register_buffer("feature_scale", torch.ones(self.feature_dim))
+        self.per_element_scaling = config.per_element_scaling
+        rows = (len(self.elements),) if config.per_element_scaling else ()
+        self.register_buffer("feature_mean", torch.zeros(*rows, self.feature_dim))
+        self.register_buffer("feature_scale", torch.ones(*rows, self.feature_dim))
         self.register_buffer("temperature", torch.ones(()))
         hidden = config.hidden
         self.embed = nn.Embedding(len(self.elements), hidden)
@@ -152,11 +158,19 @@ class ProbeHead(nn.Module):
         self.readout = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(),
                                      nn.Linear(hidden, 1 + len(config.aux_quantiles)))
 
-    def set_standardisation(self, features: torch.Tensor) -> None:
-        """Store mean and scale of training features ``(n_atoms, feature_dim)``."""
+    def set_standardisation(self, features: torch.Tensor, numbers: torch.Tensor) -> None:
+        """Store mean and scale of training features ``(n_atoms, feature_dim)`` (per element if so configured)."""
         features = features.to(self.feature_mean)
-        self.feature_mean.copy_(features.mean(0))
-        self.feature_scale.copy_(features.std(0).clamp_min(1e-6))
+        if not self.per_element_scaling:
+            self.feature_mean.copy_(features.mean(0))
+            self.feature_scale.copy_(features.std(0).clamp_min(1e-6))
+            return
+        index = self.element_index[numbers]
+        for k in range(len(self.elements)):
+            rows = features[index == k]
+            if len(rows) > 1:
+                self.feature_mean[k] = rows.mean(0)
+                self.feature_scale[k] = rows.std(0).clamp_min(1e-6)
 
     def forward(
         self,
@@ -183,8 +197,13 @@ class ProbeHead(nn.Module):
         n_structures: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(n_structures, 1 + n_aux)`` (main first, then the auxiliary quantiles) and importances."""
-        x = (features.to(self.feature_mean) - self.feature_mean) / self.feature_scale
-        h = self.encode(x) + self.embed(self.element_index[numbers])
+        element = self.element_index[numbers]
+        x = features.to(self.feature_mean)
+        if self.per_element_scaling:
+            x = (x - self.feature_mean[element]) / self.feature_scale[element]
+        else:
+            x = (x - self.feature_mean) / self.feature_scale
+        h = self.encode(x) + self.embed(element)
         for block in self.blocks:
             h = block(h, edges)
         pooled, importance = self.pool(h, batch, n_structures)

@@ -63,7 +63,7 @@ def _two_structures():
 
 VARIANTS = {
     "attention": {"aux_quantiles": ()},
-    "max_pool+aux": {"max_pool": True, "aux_quantiles": (0.5, 0.9)},
+    "max_pool+aux+per_element": {"max_pool": True, "aux_quantiles": (0.5, 0.9), "per_element_scaling": True},
 }
 
 
@@ -75,7 +75,7 @@ def variant(request):
 def _head(**variant):
     torch.manual_seed(0)
     head = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, **variant))
-    head.set_standardisation(torch.randn(50, 8) * 2 + 1)
+    head.set_standardisation(torch.randn(50, 8) * 2 + 1, torch.tensor(ELEMENTS).repeat(17)[:50])
     return head.eval()
 
 
