@@ -474,6 +474,13 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
                 plot_evaluation(curves, p[mask], e, rel, tau, probe.p_star, crit, out / "plots" / f"{kind}_{regime}_{crit}")
             else:
                 entry["files"][names[i]] = res
+        ood = [j for j in file_ids if "(half)" not in names[j]]  # every file but the in-distribution half
+        if ood:
+            mask = usable & np.isin(file_of, ood)
+            e = err[crit][mask]
+            entry["ood_pooled"] = {m: method_summary(m, s[mask], e <= tau, e, probe.p_star if m == "PROBE" else None)
+                                   for m, s in all_scores.items()}
+            entry["ood_files"] = [names[j] for j in ood]
         results["regimes"].setdefault(regime, {})[crit] = entry
     if with_cost:
         probe = next((v for v in probes.values() if not isinstance(v, str)), None)
@@ -521,6 +528,29 @@ def fmt(v, d=3):
     return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{d}f}"
 
 
+def summary_table(res: dict) -> list[str]:
+    """One row per backbone, regime and criterion: PROBE vs the best ensemble score vs latent distance."""
+    lines = ["## Summary (pooled over the evaluation files; OOD = all but the in-distribution half)", "",
+             "Ensemble: the best by pooled AUROC of its energy-std, force-std and max-force-std scores.", "",
+             "| backbone | τ | criterion | PROBE AUROC / ρ | ensemble AUROC / ρ | latent AUROC / ρ | "
+             "OOD: PROBE AUROC | OOD: ensemble AUROC |", "|---|---|---|---|---|---|---|---|"]
+    for kind, r in res["backbones"].items():
+        for regime, by_crit in r["regimes"].items():
+            for crit, e in by_crit.items():
+                if "pooled" not in e:
+                    continue
+                pooled, ood = e["pooled"], e.get("ood_pooled", {})
+                ens = max((m for m in pooled if m.startswith("ens_")), key=lambda m: pooled[m]["auroc"] or 0, default=None)
+
+                def pair(m):
+                    return f"{fmt(pooled[m]['auroc'])} / {fmt(pooled[m]['spearman'])}" if m in pooled else "—"
+
+                lines.append(f"| {kind} | {regime} | {crit} | {pair('PROBE')} | {pair(ens)} ({ens}) | "
+                             f"{pair('latent_distance')} | {fmt(ood.get('PROBE', {}).get('auroc'))} | "
+                             f"{fmt(ood.get(ens, {}).get('auroc'))} |")
+    return lines + [""]
+
+
 def markdown(res: dict) -> str:
     s = res["settings"]
     lines = [f"# UQ quality on {res['dataset']}", "",
@@ -528,6 +558,7 @@ def markdown(res: dict) -> str:
              f"{s['threads']} CPU threads. Data: BOTNet-datasets (Kovács, Batatia et al., arXiv:2205.06643).", "",
              f"Settings: {json.dumps({k: v for k, v in s.items() if k != 'command'})}", ""]
     keys = ["auroc", "auprc", "spearman", "aurc", "excess_aurc", "risk_at_50", "risk_at_80", "risk_at_90", "ece", "brier"]
+    lines += summary_table(res)
     for kind, r in res["backbones"].items():
         lines += [f"## {kind}", "", "### Backbone test errors (member 0; ensemble mean)", "",
                   "| file | frames | E RMSE meV/atom | F RMSE meV/Å | ens. E RMSE | ens. F RMSE |", "|---|---|---|---|---|---|"]
@@ -588,6 +619,7 @@ def main(argv=None):
     ap.add_argument("--channels", type=int, default=None, help="MACE channels (default 16; quick 8)")
     ap.add_argument("--spk-rep", default="painn", choices=["painn", "schnet"])
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     ap.add_argument("--max-pool", action="store_true", help="PROBE head with max pooling beside attention pooling")
     ap.add_argument("--aux-quantiles", type=float, nargs="*", default=list(HeadConfig().aux_quantiles), metavar="Q",
                     help="auxiliary error-quantile targets of the head (default: HeadConfig's 0.3 0.5 0.7 0.9; "
@@ -600,6 +632,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     data = args.data.resolve()
     out = (args.out or Path("benchmarks/results") / f"uq-{data.name}{'-quick' if args.quick else ''}").resolve()
+    if args.render:
+        res = json.loads((out / "results.json").read_text())
+        atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown(res)))
+        print(f"wrote {out / 'results.md'}")
+        return
     models, cache = out / "models", out / "cache"
     models.mkdir(parents=True, exist_ok=True)
     epochs = args.epochs or (3 if args.quick else 20)
