@@ -75,19 +75,23 @@ probe = fit_probe(base, pool, criterion="force_rmse", quantile=0.7, train=TrainC
 print(f"head fitted: tau = {probe.meta.tau * 1000:.0f} meV/Å, p* = {probe.p_star:.2f}")
 
 
+MD_SEEDS = iter(range(1000, 10**6))  # a fresh, reproducible seed for every trajectory
+
+
 def hot_md(atoms):
-    MaxwellBoltzmannDistribution(atoms, temperature_K=1000, rng=np.random.default_rng(len(atoms)))
-    return Langevin(atoms, 0.5 * units.fs, temperature_K=1000, friction=0.02 / units.fs)
+    rng = np.random.default_rng(next(MD_SEEDS))
+    MaxwellBoltzmannDistribution(atoms, temperature_K=1000, rng=rng)
+    return Langevin(atoms, 0.5 * units.fs, temperature_K=1000, friction=0.02 / units.fs, rng=rng)
 
 
 db = out / "al.db"
 learner = ActiveLearner(ProbeCalculator(base, probe), xtb, db=db)
-trainer = MaceTrainer(train, pool, work_dir=out / "retrain", epochs=int(20 * scale))
+trainer = MaceTrainer(train, pool, work_dir=out / "retrain", epochs=20)
 starts = [f for f in train[:: max(1, len(train) // 3)]][:3]
 print(f"{'round':>5} {'explored':>9} {'selected':>9} {'labelled':>9} {'failed':>7} "
       f"{'F-RMSE before':>14} {'after':>7}  (meV/Å on new frames held out of retraining)")
 for _ in range(args.rounds):
-    seen = learner.explore(starts, md=hot_md, steps=int(300 * scale), max_new=int(20 * scale),
+    seen = learner.explore(starts, md=hot_md, steps=int(300 * scale), max_new=20,
                            min_separation=10, progress=False)
     labelled = learner.label(progress=False)
     new = learner.labelled(learner.round)
