@@ -140,6 +140,23 @@ def test_probe_head_permutation_invariant(variant):
     assert abs(float(logits3[1] - logits[1])) > 1e-4
 
 
+def test_edge_chunks_change_nothing(variant):
+    """Attention over edges in chunks of 5 equals one pass over all edges, outputs and gradients."""
+    features, numbers, ptr, edges = _two_structures()
+    inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
+    assert inputs[2].shape[1] > 20  # many chunks of 5
+    results = []
+    for chunk in (5, 10**9):
+        head = _head(**variant).train()
+        for block in head.blocks:
+            block.attention.chunk = chunk
+        logits, importance = head(*inputs)
+        logits.sum().backward()
+        results.append((logits.detach(), importance.detach(), head.blocks[0].attention.qkv.weight.grad))
+    for chunked, whole in zip(*results):
+        torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
 # --- HeadConfig -----------------------------------------------------------------------------
 
 

@@ -53,9 +53,15 @@ def test_one_backbone_pass_per_step(backbone_name, backbones, cu_data):
         assert tap.n_forward == 3
 
 
-def test_batched_predict_matches_calculator(backbone_name, backbones, cu_data):
+@pytest.mark.parametrize("periodic", [True, False])
+def test_batched_predict_matches_calculator(backbone_name, backbones, cu_data, periodic):
+    """Batched passes (their own neighbour lists) give the calculator's energies, forces and features."""
     calc = backbones(backbone_name)
-    frames = cu_data["test_out"][:5]
+    frames = [a.copy() for a in cu_data["test_out"][:5]]
+    if not periodic:  # a molecule-like cluster: no cell, no images
+        for atoms in frames:
+            atoms.pbc = False
+            atoms.cell = None
     with find_tap(calc) as tap:
         batched = list(tap.predict(frames, batch_size=3))
         for atoms, pred in zip(frames, batched):

@@ -62,6 +62,7 @@ class Tap(ABC):
             modules[i].register_forward_hook(self._make_hook(i)) for i in self.layers
         ]
         self._inputs_seen: dict | None = None  # the backbone's input dict of the last pass (its neighbour list)
+        self._loops: torch.Tensor | None = None  # self loops (2, n_atoms) of the last graph
         self._handles.append(self.module.register_forward_pre_hook(self._make_input_hook(), with_kwargs=True))
         self.feature_dim = sum(self.layer_width(i) for i in self.layers)
 
@@ -107,8 +108,12 @@ class Tap(ABC):
     pair_keys: ClassVar[tuple[str, ...]]
 
     @abstractmethod
-    def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Neighbour pairs ``(i, j, vectors)`` of a backbone input dict; vectors ``(n_pairs, 3)`` in Å."""
+    def _pairs(self, inputs: dict) -> torch.Tensor:
+        """Neighbour pairs ``(2, n_pairs)`` (destination, source) of a backbone input dict."""
+
+    @abstractmethod
+    def _vectors(self, inputs: dict) -> torch.Tensor:
+        """Pair vectors ``(n_pairs, 3)`` in Å, source minus destination, periodic images included."""
 
     @abstractmethod
     def _predict_batch(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -140,15 +145,15 @@ class Tap(ABC):
         ``cutoff`` exceeds the list's (it would miss pairs) or no pass has been
         seen: the caller then builds the graph itself.
         """
-        if not self._inputs_seen or cutoff > self.list_cutoff + 1e-9:
+        if self._inputs_seen is None or len(self._inputs_seen) < len(self.pair_keys) or cutoff > self.list_cutoff + 1e-9:
             return None
-        with torch.no_grad():
-            i, j, vectors = self._pairs(self._inputs_seen)
-            if cutoff < self.list_cutoff - 1e-9:  # a shorter radius than the list's: drop the far pairs
-                keep = (vectors.detach() ** 2).sum(1) < cutoff**2
-                i, j = i[keep], j[keep]
-            loops = torch.arange(next(iter(self._captured.values())).shape[0], device=i.device)
-            return torch.stack([torch.cat([loops, i]), torch.cat([loops, j])])
+        pairs = self._pairs(self._inputs_seen)
+        if cutoff < self.list_cutoff - 1e-9:  # a shorter radius than the list's: drop the far pairs
+            pairs = pairs[:, (self._vectors(self._inputs_seen) ** 2).sum(1) < cutoff**2]
+        n = next(iter(self._captured.values())).shape[0]
+        if self._loops is None or self._loops.shape[1] != n or self._loops.device != pairs.device:
+            self._loops = torch.arange(n, device=pairs.device).expand(2, n)
+        return torch.cat([self._loops, pairs], dim=1)
 
     def _transform(self, layer_outputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Hook for adapters whose layer features are sums of hooked outputs."""

@@ -56,10 +56,13 @@ class MaceTap(Tap):
     def cutoff(self) -> float:
         return float(self.calc.r_max)
 
-    def _pairs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pairs(self, inputs: dict) -> torch.Tensor:
+        return inputs["edge_index"].flip(0)  # MACE lists (sender, receiver); the head wants (receiver, sender)
+
+    def _vectors(self, inputs: dict) -> torch.Tensor:
         sender, receiver = inputs["edge_index"]
         positions = inputs["positions"]
-        return receiver, sender, positions[receiver] - positions[sender] + inputs["shifts"]
+        return positions[receiver] - positions[sender] + inputs["shifts"]
 
     @property
     def elements(self) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ def train_mace(
     max_ell: int = 1,
     num_interactions: int = 2,
     r_max: float = 4.0,
+    correlation: int = 2,
     dtype: str = "float32",
     epochs: int = 60,
     batch_size: int = 8,
@@ -52,7 +53,7 @@ def train_mace(
                 num_interactions=num_interactions, num_elements=len(zs),
                 hidden_irreps=o3.Irreps(f"{channels}x0e + {channels}x1o" if max_ell else f"{channels}x0e"),
                 MLP_irreps=o3.Irreps("16x0e"), gate=torch.nn.functional.silu, atomic_energies=e0,
-                avg_num_neighbors=_avg_neighbours(frames, r_max), atomic_numbers=zs, correlation=2,
+                avg_num_neighbors=_avg_neighbours(frames, r_max), atomic_numbers=zs, correlation=correlation,
             )
             keyspec = mace_data.KeySpecification(info_keys={}, arrays_keys={})
             graphs = []
