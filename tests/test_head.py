@@ -140,21 +140,28 @@ def test_probe_head_permutation_invariant(variant):
     assert abs(float(logits3[1] - logits[1])) > 1e-4
 
 
-def test_edge_chunks_change_nothing(variant):
-    """Attention over edges in chunks of 5 equals one pass over all edges, outputs and gradients."""
+def test_chunked_and_dense_attention_agree(variant):
+    """Edge chunks of 5, one pass over all edges and the dense (n, n) form give the same outputs and gradients.
+
+    Some edges are listed twice, as periodic images of one neighbour are: each copy must count.
+    """
     features, numbers, ptr, edges = _two_structures()
+    edges = [torch.cat([e, e[:, -3:]], dim=1) for e in edges]
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
     assert inputs[2].shape[1] > 20  # many chunks of 5
     results = []
-    for chunk in (5, 10**9):
+    for chunk, dense_max in ((5, 0), (10**9, 0), (5, 10**9)):
         head = _head(**variant).train()
         for block in head.blocks:
-            block.attention.chunk = chunk
+            block.attention.chunk, block.attention.dense_max = chunk, dense_max
         logits, importance = head(*inputs)
         logits.sum().backward()
         results.append((logits.detach(), importance.detach(), head.blocks[0].attention.qkv.weight.grad))
-    for chunked, whole in zip(*results):
+    for chunked, whole, dense in zip(*results):
         torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(dense, whole, atol=1e-6, rtol=1e-5)
+    single = batch_inputs(features, numbers, ptr, edges, [1])  # one structure: plain softmax pooling
+    torch.testing.assert_close(head(*single)[0], results[2][0][1:], atol=1e-6, rtol=1e-5)
 
 
 # --- HeadConfig -----------------------------------------------------------------------------
