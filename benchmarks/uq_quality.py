@@ -99,8 +99,8 @@ METHODS_ORDER = ["PROBE", "ens_force_std", "ens_force_max_std", "ens_energy_std"
 
 
 # --------------------------------------------------------------------------- data
-def load_splits(data: Path, quick: bool, seed: int = 0) -> tuple[str, list, list, dict[str, list], dict]:
-    """``(name, train, fit_pool, eval_files, e0s)`` for acac or ethanol."""
+def load_splits(data: Path, quick: bool, seed: int = 0) -> tuple[str, list, list, list, dict[str, list], dict]:
+    """``(name, train, fit_pool, fit_pool_in_distribution, eval_files, e0s)`` for acac or ethanol."""
     rng = np.random.default_rng(seed)
 
     def rd(name):
@@ -144,7 +144,7 @@ def load_splits(data: Path, quick: bool, seed: int = 0) -> tuple[str, list, list
         fit = {k: sub(v, 100) for k, v in fit.items()}
         evals = {k: sub(v, 60) for k, v in evals.items()}
     pool = [a for frames in fit.values() for a in frames]
-    return name, train, pool, evals, e0s
+    return name, train, pool, list(fit.values())[0], evals, e0s
 
 
 def has_forces(frames) -> bool:
@@ -409,7 +409,8 @@ def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig):
     return probes
 
 
-def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: HeadConfig, with_cost=True):
+def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: HeadConfig, with_cost=True,
+                      pool_in=None, target_risk=0.05):
     calc0 = make_calc(kind, member_paths[0])
     criteria_ok = set(CRITERIA) if has_forces(pool) else {"energy"}
     t0 = time.perf_counter()
@@ -456,7 +457,8 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
         cutoff = probe.meta.config.cutoff
         if cutoff not in graphs:
             graphs[cutoff] = [radius_graph(a, cutoff) for a in frames]
-        p = probe.predict(feats.to(probe.head.feature_mean.dtype), torch.as_tensor(numbers), ptr, graphs[cutoff])[0]
+        scored = probe.predict(feats.to(probe.head.feature_mean.dtype), torch.as_tensor(numbers), ptr, graphs[cutoff])
+        p = scored.reliability
         tau = probe.meta.tau
         entry.update(tau=tau, p_star=probe.p_star, fit_report=probe.meta.report, files={})
         usable = np.isfinite(err[crit])
@@ -482,11 +484,97 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
                                    for m, s in all_scores.items()}
             entry["ood_files"] = [names[j] for j in ood]
         results["regimes"].setdefault(regime, {})[crit] = entry
+    if pool_in is not None and ens:
+        t0 = time.perf_counter()
+        results["operating_point"] = operating_points(
+            kind, member_paths, calc0, pool, probes, names, frames, file_of, err, scores, feats, numbers, ptr,
+            quick, cache, head, target_risk)
+        lso_probes = fit_heads(calc0, pool_in, quick, cache, criteria_ok, head)
+        shifted = [n for n in names if "(half)" not in n]
+        results["leave_shift_out"] = operating_points(
+            kind, member_paths, calc0, pool_in, lso_probes, names, frames, file_of, err, scores, feats, numbers, ptr,
+            quick, cache, head, target_risk, only_files=shifted)
+        results["operating_seconds"] = time.perf_counter() - t0
     if with_cost:
         probe = next((v for v in probes.values() if not isinstance(v, str)), None)
         if probe is not None:
             results["cost"] = time_cost(kind, member_paths, probe, latent, frames, n=15 if quick else 40)
     return results
+
+
+def pool_scores(kind, member_paths, calc0, pool, cache):
+    """Member-0 errors and every baseline's score on fit-pool frames (for choosing their thresholds).
+
+    Latent distance is scored two-fold (each half against the other half's
+    atoms): scoring pool frames against an index holding themselves gives 0.
+    """
+    with find_tap(calc0) as tap:
+        fs = featurize(tap, pool, cache_dir=cache, progress=False)
+    ens = ensemble_disagreement(kind, member_paths, pool)
+    scores = {k: ens[k] for k in ("ens_force_std", "ens_force_max_std", "ens_energy_std")}
+    halves = np.arange(len(pool)) % 2
+    latent = np.empty(len(pool))
+    numbers = fs.numbers.numpy()
+    for h in (0, 1):
+        idx_fit, idx_score = np.flatnonzero(halves != h), np.flatnonzero(halves == h)
+        rows = lambda ids: np.concatenate([np.arange(fs.ptr[k], fs.ptr[k + 1]) for k in ids])  # noqa: E731
+        model = LatentDistance(fs.features[rows(idx_fit)], numbers[rows(idx_fit)])
+        sub_ptr = np.cumsum([0] + [fs.ptr[k + 1] - fs.ptr[k] for k in idx_score])
+        latent[idx_score] = model.score(fs.features[rows(idx_score)], numbers[rows(idx_score)], sub_ptr)
+    scores["latent_distance"] = latent
+    return fs.errors, scores
+
+
+def operating_points(kind, member_paths, calc0, pool, probes, names, frames, file_of, err, eval_scores, feats,
+                     numbers, ptr, quick, cache, head, target_risk, delta=0.1, only_files=None):
+    """The number a user lives with: each method's threshold chosen on ``pool``, then coverage and risk per file.
+
+    PROBE's threshold is its own certified p* (Learn-then-Test on its
+    calibration split), once on the probability alone and once with the
+    novelty support (the verdict). Each baseline's threshold is certified the
+    same way (:func:`probe_ase.certify.certify`, target ``target_risk``,
+    ``delta``) on its scores over the pool: 40 % of the pool fixes the grid,
+    60 % calibrates (the baselines need no training split, so they get more
+    calibration frames than PROBE's 20 %).
+    """
+    from probe_ase.certify import certify
+
+    pool_err, base_pool = pool_scores(kind, member_paths, calc0, pool, cache)
+    rng = np.random.default_rng(0)
+    grid_part = rng.uniform(size=len(pool)) < 0.4
+    files = [i for i, n in enumerate(names) if only_files is None or n in only_files]
+    out = {}
+    for (regime, crit), probe in probes.items():
+        if isinstance(probe, str):
+            continue
+        tau = probe.meta.tau
+        bad_pool = pool_err[crit] > tau
+        graphs = [radius_graph(a, probe.meta.config.cutoff) for a in frames]
+        sc = probe.predict(feats.to(probe.head.feature_mean.dtype), torch.as_tensor(numbers), ptr, graphs)
+        accept = {"PROBE (p only)": sc.reliability >= probe.p_star,
+                  "PROBE verdict (p and support)": probe.verdict(sc.reliability, sc.novelty)[0]}
+        certified = {"PROBE (p only)": probe.meta.certified_risk, "PROBE verdict (p and support)": probe.meta.certified_risk}
+        for m, pool_score in base_pool.items():
+            cert = certify(-pool_score[~grid_part], bad_pool[~grid_part], -pool_score[grid_part], target_risk, delta)
+            accept[m] = -eval_scores[m] >= cert.threshold
+            certified[m] = cert.risk
+        entry = {"tau": tau, "target_risk": target_risk, "delta": delta, "certified_risk": certified,
+                 "p_star": probe.p_star, "files": {}}
+        usable = np.isfinite(err[crit])
+        for i in files + [None]:
+            mask = usable & ((file_of == i) if i is not None else np.isin(file_of, files))
+            if not mask.any():
+                continue
+            good = err[crit][mask] <= tau
+            row = {}
+            for m, acc in accept.items():
+                a = acc[mask]
+                row[m] = {"n": int(mask.sum()), "accepted": int(a.sum()), "coverage": float(a.mean()),
+                          "risk": float(np.mean(~good[a])) if a.any() else float("nan"),
+                          "coverage_of_reliable": float(a[good].mean()) if good.any() else float("nan")}
+            entry["files"]["pooled" if i is None else names[i]] = row
+        out[f"{regime}/{crit}"] = entry
+    return out
 
 
 def scaling_rows(train, e0s, pool, evals, models, quick, epochs, retrain, cache, main_path, main_channels, head):
@@ -551,6 +639,23 @@ def summary_table(res: dict) -> list[str]:
     return lines + [""]
 
 
+def operating_table(kind: str, label: str, entry: dict, title: str) -> list[str]:
+    """One table: methods x files, each cell coverage / risk (accepted frames), at the certified thresholds."""
+    files = list(entry["files"])
+    lines = ["", f"### {kind} {label}: {title}", "",
+             f"τ = {entry['tau']:.4g}; target risk {entry['target_risk']:.0%}, δ = {entry['delta']}. Cell: coverage / "
+             "risk among accepted (accepted frames); the certified risk column is what each threshold's calibration "
+             "certified (above the target when the data could not certify it).", "",
+             "| method | certified risk | " + " | ".join(files) + " |", "|---|---|" + "---|" * len(files)]
+    for m in next(iter(entry["files"].values())):
+        cells = []
+        for f in files:
+            c = entry["files"][f][m]
+            cells.append(f"{fmt(c['coverage'], 2)} / {fmt(c['risk'], 2)} ({c['accepted']})")
+        lines.append(f"| {m} | {fmt(entry['certified_risk'][m], 3)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(res: dict) -> str:
     s = res["settings"]
     lines = [f"# UQ quality on {res['dataset']}", "",
@@ -594,6 +699,12 @@ def markdown(res: dict) -> str:
                       f"latent-distance query {c['ms']['latent_extra']:.2f} ms", "",
                       "| method | cost / backbone call |", "|---|---|"]
             lines += [f"| {k} | {fmt(v, 2)} |" for k, v in c["relative"].items()]
+    for kind, r in res["backbones"].items():
+        for key, title in (("operating_point", "Operating point: thresholds chosen on the fit pool"),
+                           ("leave_shift_out", "Leave-shift-out: head and thresholds from in-distribution frames "
+                                               "only, evaluated on every shifted file")):
+            for label, entry in r.get(key, {}).items():
+                lines += operating_table(kind, label, entry, title)
     if res.get("scaling"):
         lines += ["", "## Scaling: PROBE (quantile τ) vs MACE width (seed 0, max_L 1, 2 interactions)", "",
                   "| channels | params | F RMSE meV/Å per force file | force AUROC | force ρ | energy AUROC | energy ρ |",
@@ -624,6 +735,9 @@ def main(argv=None):
     ap.add_argument("--aux-quantiles", type=float, nargs="*", default=list(HeadConfig().aux_quantiles), metavar="Q",
                     help="auxiliary error-quantile targets of the head (default: HeadConfig's 0.3 0.5 0.7 0.9; "
                          "none: off)")
+    ap.add_argument("--models", type=Path, default=None, help="cached backbone folder (default OUT/models)")
+    ap.add_argument("--target-risk", type=float, default=0.05,
+                    help="target risk (fraction 0-1) for every method's operating threshold (default 0.05)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch / OpenMP threads here and in mace_run_train (default 1: on shared cores more threads "
                          "spin-wait and ran ~50x slower here)")
@@ -637,7 +751,7 @@ def main(argv=None):
         atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown(res)))
         print(f"wrote {out / 'results.md'}")
         return
-    models, cache = out / "models", out / "cache"
+    models, cache = (args.models or out / "models").resolve(), out / "cache"
     models.mkdir(parents=True, exist_ok=True)
     epochs = args.epochs or (3 if args.quick else 20)
     spk_epochs = args.spk_epochs or (3 if args.quick else 25)
@@ -645,7 +759,7 @@ def main(argv=None):
     width = 8 if args.quick else 32
 
     head = HeadConfig(max_pool=args.max_pool, aux_quantiles=tuple(args.aux_quantiles))
-    name, train, pool, evals, e0s = load_splits(data, args.quick)
+    name, train, pool, pool_in, evals, e0s = load_splits(data, args.quick)
     print(f"{name}: {len(train)} training frames, fit pool {len(pool)}, evaluation "
           + ", ".join(f"{k} {len(v)}" for k, v in evals.items()))
     settings = {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])), "quick": args.quick,
@@ -669,7 +783,8 @@ def main(argv=None):
                 paths.append(train_spk(train, e0s, models, args.spk_rep, width, spk_epochs, seed, args.retrain))
         res["timings_s"][f"{kind}_train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out, head)
+        res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out, head,
+                                                   pool_in=pool_in, target_risk=args.target_risk)
         res["timings_s"][f"{kind}_evaluate"] = time.perf_counter() - t0
         for n, row in res["backbones"][kind]["backbone_errors"].items():
             print(f"  {kind} {n:28s} E RMSE {row['member0_energy_rmse_meV_atom']:8.1f} meV/atom   "

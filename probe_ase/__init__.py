@@ -2,8 +2,10 @@
 
 A :class:`ProbeCalculator` wraps a MACE or SchNetPack calculator, taps the
 backbone's per-atom features with forward hooks during its own pass, and adds
-``reliability``, ``reliable`` and ``atom_importance`` to its results. Heads
-are fitted with :func:`fit_probe` (PROBE, arXiv:2605.00640).
+``reliability``, ``novelty``, the fail-safe verdict ``reliable`` with its
+``reason``, and per-atom ``atom_novelty`` and ``atom_importance`` to its
+results. Heads are fitted with :func:`fit_probe` (PROBE, arXiv:2605.00640),
+their operating threshold certified by Learn-then-Test.
 """
 
 from .active_learning import ActiveLearner
@@ -25,6 +27,7 @@ from .fit import TrainConfig, fit_probe
 from .head import HeadConfig, ProbeHead
 from .guard import GuardReport, guarded_optimize
 from .headfile import HeadMeta, Probe
+from .novelty import NoveltyConfig
 from .observers import ReliabilityHalt, ReliabilityMonitor, ReliabilityTrajectory
 from .taps import find_tap
 
@@ -41,6 +44,7 @@ __all__ = [
     "MismatchError",
     "MissingReferenceError",
     "NonFiniteError",
+    "NoveltyConfig",
     "Probe",
     "ProbeCalculator",
     "ProbeError",

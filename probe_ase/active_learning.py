@@ -4,13 +4,17 @@ Each round:
 
 1. :meth:`ActiveLearner.explore` runs MD from start structures on the
    :class:`~probe_ase.ProbeCalculator` and sorts every step into three bands
-   of reliability ``p`` (as DP-GEN does with force-deviation trust levels):
-   *reliable* (``p >= p_hi``: keep exploring), *candidate*
-   (``p_lo <= p < p_hi``: worth a reference calculation) and *failed*
-   (``p < p_lo``: too far off to be useful; that trajectory stops and the
-   frame is recorded with status ``rejected``). At most ``max_new`` candidates,
-   least reliable first, at least ``min_separation`` steps apart within a
-   trajectory and never two near-identical ones, are stored as ``pending``.
+   (as DP-GEN does with force-deviation trust levels). Inside the novelty
+   support (``novelty <= 1``) the bands are by reliability ``p``: *reliable*
+   (``p >= p_hi``: keep exploring), *candidate* (``p_lo <= p < p_hi``: worth a
+   reference calculation) and *failed* (``p < p_lo``: too far off to be useful;
+   that trajectory stops and the frame is recorded with status ``rejected``).
+   Outside the support ``p`` is not trusted, so the band is by novelty alone:
+   *candidate* while ``novelty <= novelty_hi`` (new, yet near enough to be
+   useful training data), *failed* beyond. At most ``max_new`` candidates,
+   out-of-support ones first, then least reliable first, at least
+   ``min_separation`` steps apart within a trajectory and never two
+   near-identical ones, are stored as ``pending``.
 2. :meth:`ActiveLearner.label` runs the reference calculator on every pending
    frame through a ``concurrent.futures.Executor`` (serial by default, a
    process pool, or Dask's ``Client.get_executor()``). Each result is
@@ -26,7 +30,7 @@ Each round:
 
 The database is an ase.db (SQLite file by default; a ``postgresql://`` URL
 works too). Rows carry ``round``, ``status``, ``band``, ``reliability``,
-``trajectory`` and ``step``; ``data`` holds the MLIP energy (eV), forces
+``novelty``, ``reason``, ``trajectory`` and ``step``; ``data`` holds the MLIP energy (eV), forces
 (eV/Å) and per-atom importances at selection time.
 """
 
@@ -67,6 +71,7 @@ class Candidate:
 
     atoms: Atoms
     reliability: float
+    novelty: float
     band: str
     trajectory: int
     step: int
@@ -151,6 +156,8 @@ class ActiveLearner:
         executor: where reference calls run (default: serially, here).
         p_lo, p_hi: band edges on reliability (0-1); default ``p_hi`` = the
             head's p* and ``p_lo`` = p*/2.
+        novelty_hi: out-of-support frames (novelty above the calculator's
+            ``max_novelty``) up to this novelty are candidates, beyond it failed.
         retries: extra attempts for a failing reference call before ``failed``.
         dedup_tol: candidates whose mean backbone features differ by less
             than this fraction are near-identical; only one is kept.
@@ -164,6 +171,7 @@ class ActiveLearner:
         executor: Executor | None = None,
         p_lo: float | None = None,
         p_hi: float | None = None,
+        novelty_hi: float = 2.0,
         retries: int = 1,
         dedup_tol: float = 1e-3,
     ) -> None:
@@ -174,6 +182,10 @@ class ActiveLearner:
         self.p_lo = self.p_hi / 2 if p_lo is None else float(p_lo)
         if not 0 <= self.p_lo <= self.p_hi <= 1:
             raise InputError(f"need 0 <= p_lo <= p_hi <= 1, got p_lo={self.p_lo}, p_hi={self.p_hi}")
+        self.novelty_hi = float(novelty_hi)
+        support = probe_calc.max_novelty if probe_calc is not None else 1.0
+        if self.novelty_hi < support:
+            raise InputError(f"novelty_hi={self.novelty_hi} lies inside the support (max_novelty={support})")
         self.db = connect(self.db_path)
         self.round = max((row.get("round", 0) for row in self.db.select()), default=0)
 
@@ -218,16 +230,16 @@ class ActiveLearner:
 
         def observe() -> None:
             p = float(self.probe_calc.get_property("reliability", atoms))
-            if p >= self.p_hi:
+            band = self.band(p, float(self.probe_calc.results["novelty"]))
+            if band == "reliable":
                 return
-            band = "candidate" if p >= self.p_lo else "failed"
             frame = atoms.copy()
             frame.calc = None
             frame.info["mlip_energy"] = float(self.probe_calc.results["energy"])
             frame.arrays["mlip_forces"] = np.array(self.probe_calc.results["forces"])
             frame.arrays["atom_importance"] = np.array(self.probe_calc.results["atom_importance"])
             fingerprint = self.probe_calc.tap.features()[: len(atoms)].mean(0).double().cpu().numpy()
-            cand = Candidate(frame, p, band, index, dyn.nsteps, fingerprint)
+            cand = Candidate(frame, p, float(self.probe_calc.results["novelty"]), band, index, dyn.nsteps, fingerprint)
             (found if band == "candidate" else failed).append(cand)
             if band == "failed":
                 dyn.max_steps = dyn.nsteps  # stop this trajectory: too far off to be useful data
@@ -236,11 +248,21 @@ class ActiveLearner:
         dyn.run(steps)
         return found, failed, dyn.nsteps + 1
 
+    def band(self, reliability: float, novelty: float) -> str:
+        """``"reliable"``, ``"candidate"`` or ``"failed"`` for one step (the rule in the module docstring)."""
+        if novelty > self.probe_calc.max_novelty:
+            return "candidate" if novelty <= self.novelty_hi else "failed"
+        if reliability >= self.p_hi:
+            return "reliable"
+        return "candidate" if reliability >= self.p_lo else "failed"
+
     def select(self, candidates: Sequence[Candidate], max_new: int, min_separation: int) -> list[Candidate]:
-        """Least reliable first, ``min_separation`` steps apart per trajectory, no near-duplicates."""
+        """Out-of-support first, then least reliable, ``min_separation`` steps apart per trajectory, no near-duplicates."""
         chosen: list[Candidate] = []
         known = [np.asarray(row.data["fingerprint"]) for row in self.db.select() if "fingerprint" in row.data]
-        for cand in sorted(candidates, key=lambda c: (c.reliability, c.trajectory, c.step)):
+        support = self.probe_calc.max_novelty if self.probe_calc is not None else 1.0
+        order = sorted(candidates, key=lambda c: (c.novelty <= support, c.reliability, c.trajectory, c.step))
+        for cand in order:
             if len(chosen) >= max_new:
                 break
             if any(c.trajectory == cand.trajectory and abs(c.step - cand.step) < min_separation for c in chosen):
@@ -256,8 +278,9 @@ class ActiveLearner:
         atoms = cand.atoms.copy()
         data = {"mlip_energy": atoms.info.pop("mlip_energy"), "mlip_forces": atoms.arrays.pop("mlip_forces"),
                 "atom_importance": atoms.arrays.pop("atom_importance"), "fingerprint": cand.fingerprint}
-        self.db.write(atoms, data=data, round=self.round, status=status, band=cand.band,
-                      reliability=cand.reliability, trajectory=cand.trajectory, step=cand.step)
+        reason = "out_of_support" if cand.novelty > self.probe_calc.max_novelty else "low_probability"
+        self.db.write(atoms, data=data, round=self.round, status=status, band=cand.band, reliability=cand.reliability,
+                      novelty=cand.novelty, reason=reason, trajectory=cand.trajectory, step=cand.step)
 
     # ---- labelling, export, retraining ---------------------------------------
     def label(self, progress: bool = True) -> dict[str, int]:

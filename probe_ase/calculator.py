@@ -15,7 +15,7 @@ from .headfile import Probe
 from .taps import find_tap
 from .validate import check_atoms
 
-PROBE_PROPERTIES = ["reliability", "reliable", "atom_importance"]
+PROBE_PROPERTIES = ["reliability", "reliable", "reason", "novelty", "atom_novelty", "atom_importance"]
 
 
 class ProbeCalculator(Calculator):
@@ -28,7 +28,14 @@ class ProbeCalculator(Calculator):
 
     * ``reliability``: calibrated probability (0-1) that the prediction is
       within the head's tolerance;
-    * ``reliable``: ``reliability >= threshold``;
+    * ``novelty``: how unlike the fit data the structure's features are
+      (the largest ``atom_novelty``; <= 1 inside the support the calibration
+      covered, see :mod:`probe_ase.novelty`);
+    * ``atom_novelty``: per atom, same scale;
+    * ``reliable``: the verdict, ``reliability >= threshold`` **and**
+      ``novelty <= max_novelty``;
+    * ``reason``: ``"ok"``, ``"low_probability"`` or ``"out_of_support"``
+      (outside the support the probability is not trusted, whatever its value);
     * ``atom_importance``: per-atom attention importance, summing to 1.
 
     Args:
@@ -36,10 +43,14 @@ class ProbeCalculator(Calculator):
             (``SumCalculator`` ...) holding exactly one backbone.
         probe: a fitted :class:`~probe_ase.headfile.Probe` or a head-file path.
         threshold: operating threshold on ``reliability``; default the head's
-            calibrated ``p*``.
+            certified ``p*``.
+        max_novelty: support edge of the verdict (default 1.0, where the
+            certificate holds; larger values trust the head farther out, at
+            your own risk).
     """
 
-    def __init__(self, base: Calculator, probe: Probe | str | os.PathLike, threshold: float | None = None, **kwargs) -> None:
+    def __init__(self, base: Calculator, probe: Probe | str | os.PathLike, threshold: float | None = None,
+                 max_novelty: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.base = base
         self.probe = probe if isinstance(probe, Probe) else Probe.load(probe)
@@ -52,9 +63,9 @@ class ProbeCalculator(Calculator):
             self.tap.close()
             raise
         self.threshold = meta.p_star if threshold is None else float(threshold)
+        self.max_novelty = float(max_novelty)
         self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES
-        device = next(self.tap.module.parameters()).device
-        self.probe.head.to(device)
+        self.probe.to(next(self.tap.module.parameters()).device)
         # for a head cutoff beyond the backbone's: a Verlet list, no full rebuild every MD step
         self._graph = NeighbourCache(meta.config.cutoff)
 
@@ -82,10 +93,11 @@ class ProbeCalculator(Calculator):
         numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=features.device)
         graph = self.tap.neighbour_graph(self.probe.meta.config.cutoff)  # the backbone's own list, when it covers
         edges = [graph if graph is not None else self._graph(atoms)]
-        p, importance = self.probe.predict(features, numbers, np.array([0, len(atoms)]), edges)
-        self.results["reliability"] = float(p[0])
-        self.results["reliable"] = bool(p[0] >= self.threshold)
-        self.results["atom_importance"] = importance
+        scores = self.probe.predict(features, numbers, np.array([0, len(atoms)]), edges)
+        reliable, reason = self.probe.verdict(scores.reliability, scores.novelty, self.threshold, self.max_novelty)
+        self.results.update(reliability=float(scores.reliability[0]), reliable=bool(reliable[0]), reason=str(reason[0]),
+                            novelty=float(scores.novelty[0]), atom_novelty=scores.atom_novelty,
+                            atom_importance=scores.importance)
 
     def close(self) -> None:
         """Remove the hooks from the backbone."""
@@ -103,12 +115,14 @@ def annotate(atoms: Atoms, results: dict | None = None) -> Atoms:
 
     ASE's extxyz and trajectory writers store only the standard calculator
     properties; after ``annotate`` a frame carries ``info["reliability"]``
-    (0-1), ``info["reliable"]`` and ``arrays["atom_importance"]`` (sums to 1),
-    which OVITO and ``ase.io.read`` read back. ``results`` defaults to
-    ``atoms.calc.results``. Returns ``atoms``.
+    (0-1), ``info["reliable"]``, ``info["reason"]``, ``info["novelty"]`` and
+    the per-atom ``arrays["atom_novelty"]`` and ``arrays["atom_importance"]``
+    (sums to 1), which OVITO and ``ase.io.read`` read back. ``results``
+    defaults to ``atoms.calc.results``. Returns ``atoms``.
     """
     results = atoms.calc.results if results is None else results
-    atoms.info["reliability"] = float(results["reliability"])
-    atoms.info["reliable"] = bool(results["reliable"])
-    atoms.arrays["atom_importance"] = np.asarray(results["atom_importance"], dtype=float)
+    atoms.info.update(reliability=float(results["reliability"]), reliable=bool(results["reliable"]),
+                      reason=str(results["reason"]), novelty=float(results["novelty"]))
+    for key in ("atom_novelty", "atom_importance"):
+        atoms.arrays[key] = np.asarray(results[key], dtype=float)
     return atoms

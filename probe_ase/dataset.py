@@ -176,3 +176,12 @@ def featurize(
     if cache is not None:
         atomic_write(cache, lambda tmp: torch.save(result.to_dict(), tmp))
     return result
+
+
+def features_only(tap: Tap, frames: Sequence[Atoms], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tapped features ``(n_atoms, F)`` and atomic numbers of unlabelled ``frames`` (one batched pass)."""
+    for k, atoms in enumerate(frames):
+        check_atoms(atoms, tap.elements, where=f"reference structure {k}")
+    features = torch.cat([pred.features for pred in tap.predict(frames, batch_size=batch_size)])
+    numbers = torch.from_numpy(np.concatenate([a.numbers for a in frames]).astype(np.int64))
+    return features, numbers

@@ -2,11 +2,12 @@
 
 Copper under ASE's EMT potential stands in for DFT: the backbone is trained
 on 300 K frames only, the head is fitted on a separate pool of in- and
-out-of-distribution frames, and evaluation uses fresh frames at 300 K, at
-1000 K and under 4 % strain. Finally a gated Langevin MD is heated from 300 K
-to 2000 K until the reliability monitor halts it; the run then continues
-unguarded for a while to show what the halt prevented. Needs no files and no
-network.
+out-of-distribution frames (300 K, 900 K, expanded cells), and evaluation uses
+fresh frames at 300 K, at 1000 K, under 4 % strain and under compression, a
+shift the pool never showed (the novelty term must catch it). Finally a gated
+Langevin MD is heated from 300 K to 2000 K until the reliability monitor halts
+it; the run then continues unguarded for a while to show what the halt
+prevented. Needs no files and no network.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ EVAL_SETS = {  # name: (frames, temperature K, strain, seed)
     "300 K (in distribution)": (40, 300, 0.0, 11),
     "1000 K (hot)": (30, 1000, 0.0, 12),
     "700 K, +4 % strain": (30, 700, 0.04, 13),
+    "300 K, -4 % (unseen)": (30, 300, -0.04, 14),
 }
 
 
@@ -60,22 +62,19 @@ def run_demo(out_dir: str | Path = "probe-ase-demo", seed: int = 0, log=print) -
     with find_tap(calc, probe.meta.layers) as tap:
         for name, frames in evaluation.items():
             scored = list(score_frames(probe, tap, frames))
-            err = np.array([force_rmse(f) for f in scored])
-            p = np.array([f.info["reliability"] for f in scored])
-            rows.append({"set": name, "frames": len(scored), "force_rmse_meV_A": 1000 * float(np.mean(err)),
-                         "unreliable_true": float(np.mean(err > probe.meta.tau)),
-                         "mean_reliability": float(p.mean()), "flagged": float(np.mean(p < probe.p_star))})
             for f in scored:
                 f.info["set"] = name
+            rows.append({"set": name, **_verdict_stats(scored, probe)})
             scored_all += scored
+    pooled = _verdict_stats(scored_all, probe)
     err = np.array([force_rmse(f) for f in scored_all])
     p = np.array([f.info["reliability"] for f in scored_all])
-    bad = err > probe.meta.tau
     summary = {
-        "tau_eV_A": probe.meta.tau, "p_star": probe.p_star, "rows": rows,
-        "auroc": metrics.auroc(bad, 1 - p), "spearman": metrics.spearman(1 - p, err),
-        "risk_at_p_star": float(np.mean(bad[p >= probe.p_star])) if np.any(p >= probe.p_star) else float("nan"),
-        "coverage_at_p_star": float(np.mean(p >= probe.p_star)), "seconds": time.perf_counter() - start,
+        "tau_eV_A": probe.meta.tau, "p_star": probe.p_star, "target_risk": probe.meta.target_risk,
+        "certified_risk": probe.meta.certified_risk, "delta": probe.meta.delta, "n_cal": probe.report["n_cal"],
+        "frames_needed": probe.report["certificate"]["frames_needed"], "rows": rows, "pooled": pooled,
+        "auroc": metrics.auroc(err > probe.meta.tau, 1 - p), "spearman": metrics.spearman(1 - p, err),
+        "seconds": time.perf_counter() - start,
     }
     atomic_write(out / "scored.xyz", lambda tmp: write(tmp, scored_all, format="extxyz"))
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
@@ -87,11 +86,31 @@ def run_demo(out_dir: str | Path = "probe-ase-demo", seed: int = 0, log=print) -
     log(f"    monitor halted at step {md['halt_step']} ({md['halt_temperature_K']:.0f} K); force RMSE at the halt "
         f"{md['error_at_halt_meV_A']:.0f} meV/Å vs tau {1000 * probe.meta.tau:.0f} meV/Å; "
         f"{md['extra_steps']} unguarded steps later it is {md['error_after_meV_A']:.0f} meV/Å")
+    if md["stopped_by_novelty_only"]:
+        log(f"    {md['stopped_by_novelty_only']} guarded steps (first: step {md['first_stopped_by_novelty_only']}) had "
+            "p >= p* but lay outside the support: the probability alone would have passed them, the verdict did not")
     summary["seconds"] = time.perf_counter() - start
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     log(f"wrote {out}/: backbone.model, probe.pt, scored.xyz, summary.json, demo.png, "
         f"md.traj, md.log, md.png ({summary['seconds']:.0f} s)")
     return summary
+
+
+def _verdict_stats(scored: list, probe) -> dict:
+    """Per set: true error, the probability alone at p*, and the verdict (p* and support)."""
+    err = np.array([force_rmse(f) for f in scored])
+    bad = err > probe.meta.tau
+    p = np.array([f.info["reliability"] for f in scored])
+    by_p, verdict = p >= probe.p_star, np.array([f.info["reliable"] for f in scored])
+    return {"frames": len(scored), "force_rmse_meV_A": 1000 * float(np.mean(err)), "unreliable_true": float(bad.mean()),
+            "mean_reliability": float(p.mean()),
+            "out_of_support": float(np.mean([f.info["reason"] == "out_of_support" for f in scored])),
+            "accepted_p_only": float(by_p.mean()), "risk_p_only": _risk(bad, by_p),
+            "accepted": float(verdict.mean()), "risk": _risk(bad, verdict)}
+
+
+def _risk(bad: np.ndarray, accepted: np.ndarray) -> float:
+    return float(bad[accepted].mean()) if accepted.any() else float("nan")
 
 
 def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, extra: int = 80) -> dict:
@@ -105,7 +124,7 @@ def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, ex
     atoms = start.copy()
     atoms.calc = ProbeCalculator(calc, probe)
     dyn = make_dynamics(atoms, "nvt", 300.0, timestep_fs=2.0, friction_per_fs=0.02, seed=seed)
-    record: dict[str, list] = {"step": [], "T": [], "p": [], "err": []}
+    record: dict[str, list] = {"step": [], "T": [], "p": [], "novelty": [], "err": []}
     reference = EMT()
 
     def ramp_and_record() -> None:
@@ -114,7 +133,8 @@ def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, ex
         exact = atoms.copy()
         exact.calc = reference
         err = np.sqrt(np.mean((atoms.calc.results["forces"] - exact.get_forces()) ** 2))
-        for key, value in zip(record, (dyn.nsteps, target, atoms.calc.results["reliability"], err)):
+        results = atoms.calc.results
+        for key, value in zip(record, (dyn.nsteps, target, results["reliability"], results["novelty"], err)):
             record[key].append(float(value))
 
     dyn.attach(ramp_and_record, interval=1)
@@ -127,7 +147,12 @@ def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, ex
     dyn.run(extra)  # unguarded continuation: what the halt prevented
     atoms.calc.close()
     plot_md(record, monitor.threshold, probe.meta.tau, halt, out / "md.png")
+    guarded = slice(0, halt_index + 1)
+    passed_by_p = [s for s, p, n in zip(record["step"][guarded], record["p"][guarded], record["novelty"][guarded])
+                   if p >= monitor.threshold and n > 1.0]
     return {
+        "stopped_by_novelty_only": len(passed_by_p),
+        "first_stopped_by_novelty_only": int(passed_by_p[0]) if passed_by_p else None,
         "halt_step": halt, "halted": monitor.halted,
         "halt_temperature_K": record["T"][halt_index],
         "first_unreliable_step": monitor.summary()["first_unreliable_step"],
@@ -144,15 +169,18 @@ def plot_md(record: dict, threshold: float, tau: float, halt: int | None, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True)
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(6.4, 7.0), sharex=True)
     top.plot(record["step"], record["p"], lw=1, color="tab:blue")
     top.axhline(threshold, color="grey", ls=":", lw=1, label=f"threshold p* = {threshold:.2f}")
     top.set_ylabel("PROBE reliability")
+    middle.plot(record["step"], record["novelty"], lw=1, color="tab:purple")
+    middle.axhline(1.0, color="grey", ls=":", lw=1, label="support edge (novelty 1)")
+    middle.set_ylabel("novelty")
     bottom.plot(record["step"], 1000 * np.asarray(record["err"]), lw=1, color="tab:red")
     bottom.axhline(1000 * tau, color="k", ls="--", lw=1, label=f"tolerance tau = {1000 * tau:.0f} meV/Å")
     bottom.set_ylabel("true force RMSE (meV/Å)")
     bottom.set_xlabel("MD step (2 fs), heated 300 K -> 2000 K")
-    for ax in (top, bottom):
+    for ax in (top, middle, bottom):
         if halt is not None:
             ax.axvspan(halt, record["step"][-1], color="tab:orange", alpha=0.15, lw=0)
             ax.axvline(halt, color="tab:orange", lw=1.5, label=f"monitor halts (step {halt}); shaded: unguarded")
@@ -164,15 +192,22 @@ def plot_md(record: dict, threshold: float, tau: float, halt: int | None, path: 
 
 
 def format_table(summary: dict) -> str:
-    """A plain-text table of the demo's results."""
-    head = f"{'evaluation set':<26}{'frames':>7}{'F-RMSE meV/Å':>14}{'truly bad':>11}{'mean p':>8}{'flagged':>9}"
-    lines = [head, "-" * len(head)]
-    for r in summary["rows"]:
-        lines.append(f"{r['set']:<26}{r['frames']:>7}{r['force_rmse_meV_A']:>14.1f}{r['unreliable_true']:>11.0%}"
-                     f"{r['mean_reliability']:>8.2f}{r['flagged']:>9.0%}")
-    lines.append(f"pooled: AUROC {summary['auroc']:.3f}, Spearman {summary['spearman']:.3f}; "
-                 f"at p* = {summary['p_star']:.2f}: coverage {summary['coverage_at_p_star']:.0%}, "
-                 f"risk {summary['risk_at_p_star']:.1%} (tau = {1000 * summary['tau_eV_A']:.0f} meV/Å)")
+    """A plain-text table of the demo's results: the probability alone at p* beside the verdict."""
+    def pct(x: float) -> str:
+        return "—" if np.isnan(x) else f"{x:.0%}"
+
+    head = (f"{'evaluation set':<24}{'frames':>7}{'F-RMSE':>8}{'bad':>6}{'mean p':>8}{'novel':>7}"
+            f"{'p-only acc':>11}{'risk':>6}{'verdict acc':>12}{'risk':>6}")
+    lines = [head, f"{'':<24}{'':>7}{'meV/Å':>8}", "-" * len(head)]
+    for r in summary["rows"] + [{"set": "pooled", **summary["pooled"]}]:
+        lines.append(f"{r['set']:<24}{r['frames']:>7}{r['force_rmse_meV_A']:>8.1f}{pct(r['unreliable_true']):>6}"
+                     f"{r['mean_reliability']:>8.2f}{pct(r['out_of_support']):>7}{pct(r['accepted_p_only']):>11}"
+                     f"{pct(r['risk_p_only']):>6}{pct(r['accepted']):>12}{pct(r['risk']):>6}")
+    needed = f"; {summary['frames_needed']} would certify the target" if summary["frames_needed"] else ""
+    lines.append(f"pooled AUROC {summary['auroc']:.3f}, Spearman {summary['spearman']:.3f}; tau = "
+                 f"{1000 * summary['tau_eV_A']:.0f} meV/Å; p* = {summary['p_star']:.2f}, certified at risk "
+                 f"{summary['certified_risk']:.1%} (target {summary['target_risk']:.0%}, delta {summary['delta']}) "
+                 f"from {summary['n_cal']} calibration frames{needed}")
     return "\n".join(lines)
 
 

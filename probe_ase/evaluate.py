@@ -68,8 +68,16 @@ def evaluate(
     error = np.array([structure_error(criterion, s.info["mlip_energy"], reference_energy(f),
                                       s.arrays["mlip_forces"], reference_forces(f)) for s, f in zip(scored, frames)])
     reliable = error <= tau
+    verdict = np.array([s.info["reliable"] for s in scored])
+    m = probe.meta
     results = {"criterion": criterion, "unit": UNITS[criterion], "tau": tau, "p_star": probe.p_star,
+               "target_risk": m.target_risk, "certified_risk": m.certified_risk, "delta": m.delta,
                "probe": metrics.summary(p, reliable, error, probe.p_star)}
+    results["probe"] |= {  # the verdict: p >= p* and inside the novelty support
+        "verdict_coverage": float(verdict.mean()),
+        "verdict_risk": float(np.mean(~reliable[verdict])) if verdict.any() else float("nan"),
+        "out_of_support": float(np.mean([s.info["reason"] == "out_of_support" for s in scored])),
+    }
     curves = {"PROBE": 1 - p}
     if committee is not None:
         for name, score in ensemble_scores(committee, frames).items():
@@ -175,14 +183,18 @@ def _importance_png(frame: Atoms, index: int, out: Path) -> str:
 
 def _markdown(results: dict, figures: list[str], n_frames: int) -> str:
     keys = ["auroc", "auprc", "spearman", "aurc", "excess_aurc", "risk_at_50", "risk_at_80", "risk_at_90",
-            "ece", "brier", "coverage_at_p_star", "risk_at_p_star"]
+            "ece", "brier", "coverage_at_p_star", "risk_at_p_star", "out_of_support", "verdict_coverage",
+            "verdict_risk"]
     methods = [m for m in results if isinstance(results[m], dict)]
     lines = [
         "# probe-ase evaluation", "",
         f"{n_frames} structures; criterion `{results['criterion']}`, tolerance tau = {results['tau']:.4g} "
-        f"{results['unit']}; operating threshold p* = {results['p_star']:.3f}; "
+        f"{results['unit']}; operating threshold p* = {results['p_star']:.3f}, certified at risk "
+        f"{results['certified_risk']:.1%} (target {results['target_risk']:.1%}) with probability >= "
+        f"{1 - results['delta']:.0%} for structures like the calibration ones; "
         f"{results['probe']['fraction_unreliable']:.1%} of structures are unreliable. Positive class: "
-        "unreliable; ranking score 1 - p for PROBE, the disagreement for the ensemble.", "",
+        "unreliable; ranking score 1 - p for PROBE, the disagreement for the ensemble. The verdict rows "
+        "count structures accepted by p >= p* *and* novelty <= 1 (inside the support).", "",
         "| metric | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods),
     ]
     for key in keys:

@@ -1,13 +1,17 @@
-"""Fit a PROBE head: split, train, calibrate, pick the operating threshold.
+"""Fit a PROBE head: split, train, fit novelty, calibrate, certify the operating threshold.
 
 1. Run the backbone over labelled data (:func:`~probe_ase.dataset.featurize`).
 2. Label each structure reliable iff its error is at most ``tau``.
 3. Split train / validation / calibration (stratified, seeded).
 4. Train with class-weighted binary cross-entropy and early stopping on the
    validation loss.
-5. Temperature-scale the logit on the calibration split.
-6. Choose ``p*``, the lowest probability threshold whose accepted calibration
-   structures have at most ``target_risk`` unreliable ones (maximum coverage).
+5. Fit the novelty model (:mod:`probe_ase.novelty`) on the train and
+   validation structures (plus the backbone's own training frames when
+   given); its support radius comes from out-of-fold distances.
+6. Temperature-scale the logit on the calibration split.
+7. Certify ``p*`` (:mod:`probe_ase.certify`): the loosest threshold whose
+   verdict (probability >= p* and inside the support) has risk <= ``target_risk``
+   with probability >= 1 - ``delta``, by Learn-then-Test on the calibration split.
 """
 
 from __future__ import annotations
@@ -27,13 +31,18 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from . import metrics
-from .dataset import FeatureSet, Frames, featurize, read_frames
+from .certify import certify
+from .dataset import FeatureSet, Frames, featurize, features_only, read_frames
 from .exceptions import InputError, LabelError
 from .graph import radius_graph
 from .head import HeadConfig, ProbeHead, batch_inputs
 from .headfile import HeadMeta, Probe
 from .labels import Criterion, check_criterion, make_labels, resolve_tolerance
+from .novelty import NoveltyConfig, fit_novelty, structure_novelty
 from .taps import find_tap
+
+#: temperature-scaled probabilities spread less than this over the calibration split carry no information
+FLAT_SPREAD = 0.05
 
 
 @dataclass(frozen=True)
@@ -71,21 +80,6 @@ def split_indices(labels: np.ndarray, train: TrainConfig) -> tuple[np.ndarray, n
     val_share = train.val_fraction / (1 - train.cal_fraction)
     tr, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=train.seed)
     return np.sort(tr), np.sort(val), np.sort(cal)
-
-
-def select_threshold(p: np.ndarray, reliable: np.ndarray, target_risk: float) -> tuple[float, float, float]:
-    """``(p*, coverage, risk)``: the lowest threshold with risk <= ``target_risk``.
-
-    If no threshold reaches the target, ``p*`` is 1.0 (nothing accepted below
-    certainty) and coverage is that of ``p >= 1``.
-    """
-    coverage, risk, thresholds = metrics.risk_coverage(p, reliable)
-    ok = np.flatnonzero(risk <= target_risk)
-    if ok.size == 0:
-        accepted = p >= 1.0
-        return 1.0, float(accepted.mean()), float("nan")
-    k = ok[-1]
-    return float(thresholds[k]), float(coverage[k]), float(risk[k])
 
 
 def fit_temperature(logits: np.ndarray, reliable: np.ndarray) -> float:
@@ -179,9 +173,12 @@ def fit_probe(
     threshold: float | None = None,
     quantile: float | None = None,
     target_risk: float = 0.05,
+    delta: float = 0.1,
+    reference_data: Frames | None = None,
     layers: Sequence[int] | None = None,
     config: HeadConfig = HeadConfig(),
     train: TrainConfig = TrainConfig(),
+    novelty: NoveltyConfig = NoveltyConfig(),
     energy_key: str = "energy",
     forces_key: str = "forces",
     batch_size: int = 32,
@@ -193,31 +190,41 @@ def fit_probe(
     Args:
         calc: a MACE or SchNetPack calculator (possibly inside a SumCalculator).
         data: extxyz / ase.db path or list of Atoms with reference energy (eV)
-            and, for force criteria, forces (eV/Å).
+            and, for force criteria, forces (eV/Å). Never the backbone's
+            training frames: their errors are not honest.
         criterion: ``force_rmse`` or ``force_max`` (eV/Å), ``energy_per_atom``
             (eV/atom) or ``energy`` (eV).
         threshold: absolute tolerance tau in the criterion's unit ...
         quantile: ... or tau as this quantile (0-1) of the observed errors.
             Default when neither is given: quantile 0.8.
         target_risk: largest fraction of accepted structures allowed to be
-            unreliable at the operating threshold p*.
+            unreliable at the operating threshold p* (0-1).
+        delta: p* keeps ``target_risk`` with probability >= 1 - delta over the
+            calibration draw (0-1), for structures like the calibration ones.
+        reference_data: the backbone's own training frames (path or list;
+            no labels needed): added to the novelty model's density, so
+            structures like them count as inside the support.
         layers: interaction layers to tap (default: all).
-        config, train: head size and training options.
+        config, train, novelty: head size, training and novelty options.
         energy_key, forces_key: where reference values live in ``info``/``arrays``.
         batch_size: structures per backbone pass.
         cache_dir: feature cache folder (None: default, False: off).
 
     Returns:
-        a :class:`~probe_ase.headfile.Probe`; ``.save(path)`` writes the head file.
+        a :class:`~probe_ase.headfile.Probe`; ``.save(path)`` writes the head
+        file. Warns when ``target_risk`` cannot be certified (p* is then
+        certified at the best risk it can, ``meta.certified_risk``) and when
+        the calibrated probability carries no information.
     """
     check_criterion(criterion)
-    if not 0 < target_risk < 1:
-        raise InputError(f"target_risk must lie strictly between 0 and 1, got {target_risk}")
+    if not 0 < target_risk < 1 or not 0 < delta < 1:
+        raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}")
     if threshold is None and quantile is None:
         quantile = 0.8
     frames = read_frames(data)
     with find_tap(calc, layers) as tap:
         features = featurize(tap, frames, energy_key, forces_key, batch_size, cache_dir, progress)
+        reference = None if reference_data is None else features_only(tap, read_frames(reference_data), batch_size)
         kind, fingerprint, tap_layers = tap.kind, tap.fingerprint(), tap.layers
         if config.cutoff is None:
             config = replace(config, cutoff=tap.cutoff)
@@ -229,30 +236,61 @@ def fit_probe(
     edges = [radius_graph(atoms, config.cutoff) for atoms in frames]
     splits = split_indices(labels, train)
     head, epochs = train_head(features, edges, labels, splits, elements, config, train, progress, errors)
+    tr, val, cal = splits
+    density, held_out_novelty = fit_novelty(features.features, features.numbers, features.ptr, np.concatenate([tr, val]), elements,
+                             novelty, reference, seed=train.seed)
 
-    cal = splits[2]
+    def logits_of(indices: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            z, _ = head(*batch_inputs(features.features, features.numbers, features.ptr, edges, indices))
+        return z.numpy().astype(float)
+
+    z_val, z_cal = logits_of(val), logits_of(cal)
     with torch.no_grad():
-        logits, _ = head(*batch_inputs(features.features, features.numbers, features.ptr, edges, cal))
-    temperature = fit_temperature(logits.numpy().astype(float), labels[cal])
+        cal_rows = torch.cat([torch.arange(features.ptr[k], features.ptr[k + 1]) for k in cal])
+        atom_novelty = density(features.features[cal_rows], features.numbers[cal_rows])
+    novelty_cal = structure_novelty(atom_novelty, np.cumsum([0] + [features.ptr[k + 1] - features.ptr[k] for k in cal]))
+    temperature = fit_temperature(z_cal, labels[cal])
     head.temperature.fill_(temperature)
-    p = torch.sigmoid(logits / temperature).numpy().astype(float)
-    p_star, coverage, risk = select_threshold(p, labels[cal], target_risk)
-    if np.isnan(risk):
-        warnings.warn(f"no threshold reaches target risk {target_risk:.1%} on the {len(cal)} calibration "
-                      "structures: p* = 1.0, so every structure will be called unreliable; "
-                      "raise target_risk or add data", stacklevel=2)
+    p = 1 / (1 + np.exp(-z_cal / temperature))
+    val_eligible = held_out_novelty[len(tr):] <= 1  # out-of-fold novelty of the validation structures
+    cert = certify(z_cal, labels[cal] == 0, z_val, target_risk, delta, cal_eligible=novelty_cal <= 1,
+                   val_eligible=val_eligible)
+    # accept p >= p*: p* = sigmoid(z*/T); nothing certified -> just above 1, so nothing is accepted
+    p_star = float(np.nextafter(1.0, 2.0)) if not np.isfinite(cert.threshold) else \
+        float(1 / (1 + np.exp(-cert.threshold / temperature)))
+    accepted = (z_cal >= cert.threshold) & (novelty_cal <= 1)
+    if not cert.certified:
+        more = (f"about {cert.frames_needed} calibration structures (now {len(cal)}) would certify it"
+                if cert.frames_needed else "more data like this would not certify it (its empirical risk is never "
+                "below the target): improve the backbone or the head, or raise target_risk")
+        warnings.warn(f"target risk {target_risk:.1%} cannot be certified at delta {delta} with {len(cal)} calibration "
+                      f"structures; p* = {p_star:.3f} is certified at risk {cert.risk:.1%} instead; {more}",
+                      stacklevel=2)
+    auroc = metrics.auroc(labels[cal] == 0, 1 - p)
+    informative = bool(np.ptp(p) >= FLAT_SPREAD)
+    if not informative:
+        warnings.warn(f"the calibrated probability carries no information: over the {len(cal)} calibration structures "
+                      f"it spans only {p.min():.4f}-{p.max():.4f} (temperature {temperature:.3g}, AUROC {auroc:.2f}); "
+                      "use the verdict (it is certified on the ranking), not the probability's value, or refit with "
+                      "more data, another criterion or tolerance", stacklevel=2)
     report = {
-        "n_train": len(splits[0]), "n_val": len(splits[1]), "n_cal": len(cal),
+        "n_train": len(tr), "n_val": len(val), "n_cal": len(cal),
         "fraction_reliable": float(labels.mean()), "epochs": epochs,
-        "auroc": metrics.auroc(labels[cal] == 0, 1 - p),
-        "spearman": metrics.spearman(1 - p, errors[cal]),
+        "auroc": auroc, "spearman": metrics.spearman(1 - p, errors[cal]),
         "ece": metrics.expected_calibration_error(p, labels[cal]),
-        "risk_at_p_star": risk,
+        "informative": informative, "probability_range": [float(p.min()), float(p.max())],
+        "risk_at_p_star": float(np.mean(labels[cal][accepted] == 0)) if accepted.any() else float("nan"),
+        "cal_out_of_support": float(np.mean(novelty_cal > 1)),
+        "certificate": {"certified": cert.certified, "risk": cert.risk, "delta": delta,
+                        "n_accepted": cert.n_accepted, "n_errors": cert.n_errors, "frames_needed": cert.frames_needed},
+        "n_reference": 0 if reference is None else int(reference[0].shape[0]),
         "train": asdict(train),
     }
     meta = HeadMeta(
         backbone=kind, fingerprint=fingerprint, layers=tap_layers, feature_dim=features.features.shape[1],
         elements=elements, criterion=criterion, tau=tau, quantile=quantile, temperature=temperature,
-        p_star=p_star, target_risk=target_risk, coverage=coverage, config=config, report=report,
+        p_star=p_star, target_risk=target_risk, coverage=float(accepted.mean()), config=config, report=report,
+        delta=delta, certified_risk=cert.risk, novelty=novelty,
     )
-    return Probe(head, meta)
+    return Probe(head, meta, density)

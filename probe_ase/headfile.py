@@ -1,4 +1,4 @@
-"""The head file: weights, calibration and backbone identity in one file.
+"""The head file: weights, novelty model, calibration and backbone identity in one file.
 
 The file is a ``torch.save`` archive holding only tensors and a JSON string,
 read back with ``torch.load(weights_only=True)`` so opening it never runs
@@ -25,9 +25,14 @@ import torch
 from .exceptions import HeadFileError, MismatchError
 from .fileio import atomic_write
 from .head import HeadConfig, ProbeHead, batch_inputs
+from .novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
-VERSION = 1
+#: bumped on every schema change; 2 added the novelty model and the certified threshold
+VERSION = 2
+
+#: why a structure is not reliable (``results["reason"]``); "ok" when it is
+REASONS = ("ok", "low_probability", "out_of_support")
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,15 @@ class HeadMeta:
         temperature: calibration temperature applied to the logit.
         p_star: operating threshold on the calibrated probability.
         target_risk: risk (fraction of accepted structures that are unreliable) p* aims for.
-        coverage: fraction of calibration structures accepted at p*.
+        coverage: fraction of calibration structures accepted by the verdict at p*.
         config: head sizes.
-        report: fitting summary (metrics on the calibration split).
+        report: fitting summary (metrics on the calibration split, the certificate).
         backbone_path: the backbone file the head was fitted with, when known.
+        delta: the certificate may fail with at most this probability (0-1).
+        certified_risk: the risk p* is certified at with probability >= 1 - delta
+            (``target_risk`` when the data certify it; larger when they cannot;
+            1.0 when nothing is certified and p* accepts nothing).
+        novelty: how the novelty model was fitted.
     """
 
     backbone: str
@@ -67,6 +77,14 @@ class HeadMeta:
     config: HeadConfig = HeadConfig()
     report: dict = field(default_factory=dict)
     backbone_path: str | None = None
+    delta: float = 0.1
+    certified_risk: float = 1.0
+    novelty: NoveltyConfig = NoveltyConfig()
+
+    @property
+    def certified(self) -> bool:
+        """Whether ``p_star`` is certified at the ``target_risk`` asked for."""
+        return self.certified_risk <= self.target_risk
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -75,6 +93,7 @@ class HeadMeta:
     def from_json(cls, text: str) -> HeadMeta:
         d = json.loads(text)
         d["config"] = HeadConfig(**{**d["config"], "aux_quantiles": tuple(d["config"]["aux_quantiles"])})
+        d["novelty"] = NoveltyConfig(**d["novelty"])
         d["layers"], d["elements"] = tuple(d["layers"]), tuple(d["elements"])
         return cls(**d)
 
@@ -87,16 +106,17 @@ def _checksum(meta_json: str, state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_head(head: ProbeHead, meta: HeadMeta, path: str | os.PathLike) -> None:
-    """Write ``head`` and ``meta`` to ``path`` atomically."""
+def save_head(head: ProbeHead, novelty: NoveltyModel, meta: HeadMeta, path: str | os.PathLike) -> None:
+    """Write ``head``, ``novelty`` and ``meta`` to ``path`` atomically."""
     state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    state |= {f"novelty.{k}": v.detach().cpu().clone() for k, v in novelty.state_dict().items()}
     meta_json = meta.to_json()
     payload = {"format": FORMAT, "version": VERSION, "meta": meta_json, "state": state,
                "sha256": _checksum(meta_json, state)}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta]:
+def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyModel]:
     """Read a head file without executing code; refuse truncated or edited files."""
     if not os.path.exists(path):
         raise HeadFileError(f"no head file at {path}")
@@ -107,15 +127,35 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise HeadFileError(f"{path} is not a probe-ase head file")
     if payload.get("version") != VERSION:
-        raise HeadFileError(f"{path} has head-file version {payload.get('version')}; this probe-ase reads {VERSION}")
+        raise HeadFileError(f"{path} has head-file version {payload.get('version')}; this probe-ase reads version "
+                            f"{VERSION} (version 2 added the novelty model and the certified threshold): refit the head")
     meta_json, state = payload["meta"], payload["state"]
     if _checksum(meta_json, state) != payload.get("sha256"):
         raise HeadFileError(f"{path} failed its checksum: the file was modified or damaged")
     meta = HeadMeta.from_json(meta_json)
     head = ProbeHead(meta.feature_dim, meta.elements, meta.config)
-    head.load_state_dict(state)
+    head.load_state_dict({k: v for k, v in state.items() if not k.startswith("novelty.")})
     head.eval()
-    return head, meta
+    novelty = NoveltyModel(meta.feature_dim, meta.elements, meta.novelty.components)
+    novelty.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("novelty.")})
+    return head, meta, novelty
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the head says about a batch of structures.
+
+    Attributes:
+        reliability: calibrated probability per structure (0-1).
+        importance: attention importance per atom (sums to 1 per structure).
+        atom_novelty: per atom, on the scale of :mod:`probe_ase.novelty` (<= 1 inside the support).
+        novelty: per structure, the largest atom novelty.
+    """
+
+    reliability: np.ndarray
+    importance: np.ndarray
+    atom_novelty: np.ndarray
+    novelty: np.ndarray
 
 
 @dataclass
@@ -128,6 +168,7 @@ class Probe:
 
     head: ProbeHead
     meta: HeadMeta
+    novelty: NoveltyModel
     _frozen: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -140,7 +181,7 @@ class Probe:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the head file to ``path`` atomically."""
-        save_head(self.head, self.meta, path)
+        save_head(self.head, self.novelty, self.meta, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Probe:
@@ -163,15 +204,44 @@ class Probe:
                 "(a different or retrained model); refit the head for it"
             )
 
+    def to(self, device: torch.device | str) -> Probe:
+        """Move head and novelty model to ``device``; returns self."""
+        self.head.to(device)
+        self.novelty.to(device)
+        return self
+
     def predict(
         self, features: torch.Tensor, numbers: torch.Tensor, ptr: np.ndarray, edges: Sequence[np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated reliability per structure and importance per atom (concatenated)."""
+    ) -> Scores:
+        """Reliability and novelty per structure, importance and novelty per atom (atoms concatenated)."""
         inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
         with torch.inference_mode():
             logits, importance = self._compiled()(*inputs)
             p = torch.sigmoid(logits / self.head.temperature)
-        return p.cpu().numpy().astype(float), importance.cpu().numpy().astype(float)
+            atom_novelty = self.novelty(inputs[0], inputs[1])
+            if inputs[4] == 1:
+                novelty = atom_novelty.max().reshape(1)
+            else:
+                novelty = atom_novelty.new_full((inputs[4],), -np.inf).scatter_reduce(
+                    0, inputs[3], atom_novelty, reduce="amax")
+        return Scores(*(t.cpu().numpy().astype(float) for t in (p, importance, atom_novelty, novelty)))
+
+    def verdict(
+        self, reliability: np.ndarray, novelty: np.ndarray, threshold: float | None = None, max_novelty: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(reliable, reason)`` per structure: reliable iff reliability >= threshold and novelty <= max_novelty.
+
+        ``threshold`` defaults to the certified p*; ``max_novelty`` to the
+        support edge. The reason of an unreliable structure is
+        ``out_of_support`` when it lies outside the support (there the
+        probability itself is not trusted), else ``low_probability``; "ok" for
+        reliable ones.
+        """
+        threshold = self.meta.p_star if threshold is None else threshold
+        inside = np.asarray(novelty) <= max_novelty
+        confident = np.asarray(reliability) >= threshold
+        reason = np.where(~inside, REASONS[2], np.where(confident, REASONS[0], REASONS[1]))
+        return inside & confident, reason
 
     def _compiled(self) -> torch.nn.Module:
         """The head scripted and frozen for inference (fewer small-op dispatches per step).

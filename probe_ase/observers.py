@@ -1,12 +1,14 @@
 """Observers that log, flag or halt ASE dynamics and optimisers on reliability.
 
 A :class:`ReliabilityMonitor` is an ordinary ASE observer
-(``dyn.attach(monitor, interval=1)``). It reads the ``reliability`` that the
-:class:`~probe_ase.ProbeCalculator` already computed for the current step (no
-extra backbone pass) and acts:
+(``dyn.attach(monitor, interval=1)``). It reads the ``reliability`` and
+``novelty`` that the :class:`~probe_ase.ProbeCalculator` already computed for
+the current step (no extra backbone pass); a step is unreliable when the
+verdict says so: reliability below the threshold (reason
+``low_probability``) or novelty beyond the support (``out_of_support``). It acts:
 
 * ``"log"``: append one line per call to a text log (step, time in fs,
-  reliability, energy in eV, temperature in K);
+  reliability, novelty, energy in eV, temperature in K, verdict, reason);
 * ``"flag"``: also append unreliable frames, with their results and per-atom
   importances, to an extxyz file (at most ``max_flagged`` per run);
 * ``"halt"``: also stop the dynamics cleanly after ``patience`` consecutive
@@ -52,6 +54,7 @@ class MonitorSummary:
 
     steps_seen: int = 0
     unreliable_steps: int = 0
+    out_of_support_steps: int = 0
     flagged_frames: int = 0
     first_unreliable_step: int | None = None
     min_reliability: float = float("nan")
@@ -76,8 +79,9 @@ class ReliabilityMonitor:
     Args:
         dyn: the MD or optimiser object it is attached to.
         action: ``"log"``, ``"flag"`` or ``"halt"`` (each includes the previous).
-        threshold: a step is unreliable when ``reliability < threshold``;
-            default the head's calibrated p*.
+        threshold: a step is unreliable when ``reliability < threshold`` or
+            its novelty exceeds the calculator's ``max_novelty``; default the
+            calculator's threshold (the head's certified p*).
         patience: consecutive unreliable steps before ``"halt"`` stops the run.
         log: text log path (appended), or None.
         flagged: extxyz path for unreliable frames (appended), or None.
@@ -118,25 +122,29 @@ class ReliabilityMonitor:
     def __call__(self) -> None:
         atoms, calc, step = self.atoms, self.atoms.calc, self.dyn.nsteps
         p = float(calc.get_property("reliability", atoms))
+        novelty = float(calc.results["novelty"])
+        ok, why = calc.probe.verdict([p], [novelty], self.threshold, calc.max_novelty)
+        reason = str(why[0])
         s = self.summary_data
         s.steps_seen += 1
         s.steps.append(step)
         s.reliabilities.append(p)
         if not p >= s.min_reliability:  # also true while min is NaN
             s.min_reliability, s.min_reliability_step = p, step
-        self._write_log(step, p, calc.get_property("energy", atoms))
-        if p >= self.threshold:
+        self._write_log(step, p, novelty, calc.get_property("energy", atoms), reason)
+        if ok[0]:
             self.streak = 0
             self.last_reliable = _snapshot(atoms)
             return
         self.streak += 1
         s.unreliable_steps += 1
+        s.out_of_support_steps += reason == "out_of_support"
         if s.first_unreliable_step is None:
             s.first_unreliable_step = step
         if self.action in ("flag", "halt") and self.flagged_path and s.flagged_frames < self.max_flagged:
             frame = result_frame(atoms)
-            del frame.info["atom_importance"]
-            frame.info["step"] = step
+            del frame.info["atom_importance"], frame.info["atom_novelty"]  # per-atom columns in extxyz
+            frame.info.update(step=step, reason=reason)
             with open(self.flagged_path, "a") as handle:
                 write(handle, frame, format="extxyz")
             s.flagged_frames += 1
@@ -147,22 +155,23 @@ class ReliabilityMonitor:
             self.dyn.max_steps = self.dyn.nsteps  # ASE's run/irun loops end after this step
             if self.raise_on_halt:
                 raise ReliabilityHalt(
-                    f"{self.patience} consecutive steps below reliability {self.threshold:.3f} "
-                    f"(step {step}, reliability {p:.3f})"
+                    f"{self.patience} consecutive unreliable steps (step {step}: reliability {p:.3f} vs threshold "
+                    f"{self.threshold:.3f}, novelty {novelty:.2f} vs support edge {calc.max_novelty:.2f}; {reason})"
                 )
 
-    def _write_log(self, step: int, p: float, energy: float) -> None:
+    def _write_log(self, step: int, p: float, novelty: float, energy: float, reason: str) -> None:
         if self.log_path is None:
             return
         if self._log is None:
             new = not os.path.exists(self.log_path) or os.path.getsize(self.log_path) == 0
             self._log = open(self.log_path, "a", buffering=1)
             if new:
-                self._log.write(f"# {'step':>8} {'time_fs':>10} {'reliability':>11} {'energy_eV':>14} {'T_K':>8} reliable\n")
+                self._log.write(f"# {'step':>8} {'time_fs':>10} {'reliability':>11} {'novelty':>8} {'energy_eV':>14} "
+                                f"{'T_K':>8} reliable reason\n")
         time_fs = self.dyn.get_time() / units.fs if isinstance(self.dyn, MolecularDynamics) else float("nan")
         temperature = self.atoms.get_temperature() if self.atoms.get_momenta().any() else 0.0
-        self._log.write(f"{step:>10d} {time_fs:>10.2f} {p:>11.5f} {energy:>14.6f} {temperature:>8.1f} "
-                        f"{int(p >= self.threshold)}\n")
+        self._log.write(f"{step:>10d} {time_fs:>10.2f} {p:>11.5f} {novelty:>8.3f} {energy:>14.6f} {temperature:>8.1f} "
+                        f"{int(reason == 'ok'):>8d} {reason}\n")
 
     # ---- reporting and files ------------------------------------------------
     @property
@@ -201,13 +210,14 @@ def result_frame(atoms: Atoms) -> Atoms:
 
     Standard results (energy in eV, forces in eV/Å ...) go to a
     SinglePointCalculator; PROBE results go to ``info``/``arrays`` via
-    :func:`~probe_ase.annotate`, and the importances also to
-    ``info["atom_importance"]`` because ASE trajectories keep ``info`` but not
-    custom per-atom arrays.
+    :func:`~probe_ase.annotate`, and the per-atom importances and novelties
+    also to ``info`` because ASE trajectories keep ``info`` but not custom
+    per-atom arrays.
     """
     results = atoms.calc.results
     frame = annotate(atoms.copy(), results)
-    frame.info["atom_importance"] = frame.arrays["atom_importance"].tolist()
+    for key in ("atom_importance", "atom_novelty"):
+        frame.info[key] = frame.arrays[key].tolist()
     frame.calc = SinglePointCalculator(frame, **{k: v for k, v in results.items() if k in all_properties})
     return frame
 
@@ -216,8 +226,10 @@ class ReliabilityTrajectory:
     """Observer appending each frame with its reliability and importances to a file.
 
     ``.traj`` files are ASE trajectories (``info["reliability"]``,
-    ``info["atom_importance"]``); anything else is extxyz with
-    ``atom_importance`` as a per-atom column that OVITO can colour by. Files
+    ``info["reason"]``, ``info["novelty"]``, ``info["atom_importance"]``,
+    ``info["atom_novelty"]``); anything else is extxyz with
+    ``atom_importance`` and ``atom_novelty`` as per-atom columns that OVITO
+    can colour by. Files
     are only ever appended to and flushed per frame.
     """
 
@@ -230,7 +242,7 @@ class ReliabilityTrajectory:
         if self._traj is not None:
             self._traj.write(frame)
             return
-        del frame.info["atom_importance"]  # extxyz has it as a column
+        del frame.info["atom_importance"], frame.info["atom_novelty"]  # extxyz has them as columns
         with open(self.path, "a") as handle:
             write(handle, frame, format="extxyz")
 

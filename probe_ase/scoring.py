@@ -19,8 +19,10 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
     """Score ``frames`` lazily; yield copies carrying the results.
 
     Each yielded frame keeps its own ``info``/``arrays`` and gains
-    ``info["reliability"]`` (0-1), ``info["reliable"]``, ``info["mlip_energy"]``
-    (eV), ``arrays["mlip_forces"]`` (eV/Å) and ``arrays["atom_importance"]``.
+    ``info["reliability"]`` (0-1), ``info["reliable"]`` (the verdict at the
+    head's p* and support), ``info["reason"]``, ``info["novelty"]``,
+    ``info["mlip_energy"]`` (eV), ``arrays["mlip_forces"]`` (eV/Å),
+    ``arrays["atom_novelty"]`` and ``arrays["atom_importance"]``.
     Memory stays constant in the number of frames.
     """
     frames = iter(frames)
@@ -33,12 +35,15 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
         ptr = np.cumsum([0] + [len(a) for a in chunk])
         numbers = torch.as_tensor(np.concatenate([a.numbers for a in chunk]), device=features.device)
         edges = [radius_graph(a, probe.meta.config.cutoff) for a in chunk]
-        p, importance = probe.predict(features, numbers, ptr, edges)
+        scores = probe.predict(features, numbers, ptr, edges)
+        reliable, reason = probe.verdict(scores.reliability, scores.novelty)
         for k, (atoms, pred) in enumerate(zip(chunk, predictions)):
             out = atoms.copy()
             out.calc = atoms.calc  # keeps reference energy/forces from extxyz
-            out.info.update(reliability=float(p[k]), reliable=bool(p[k] >= probe.p_star), mlip_energy=pred.energy)
+            out.info.update(reliability=float(scores.reliability[k]), reliable=bool(reliable[k]), reason=str(reason[k]),
+                            novelty=float(scores.novelty[k]), mlip_energy=pred.energy)
             out.arrays["mlip_forces"] = np.asarray(pred.forces, dtype=float)
-            out.arrays["atom_importance"] = importance[ptr[k] : ptr[k + 1]]
+            out.arrays["atom_novelty"] = scores.atom_novelty[ptr[k] : ptr[k + 1]]
+            out.arrays["atom_importance"] = scores.importance[ptr[k] : ptr[k + 1]]
             yield out
         index += len(chunk)

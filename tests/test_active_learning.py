@@ -18,7 +18,7 @@ from ase.io import read
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-from probe_ase import ProbeCalculator
+from probe_ase import InputError, ProbeCalculator
 from probe_ase.active_learning import ActiveLearner, Candidate, label_pending
 from probe_ase.labels import mean_force_rmse
 from probe_ase.testing.reference import CountingEMT, geometry_hash
@@ -60,27 +60,44 @@ def test_exploration_stores_the_selected_band(explored):
     rows = list(learner.db.select())
     pending = [r for r in rows if r.status == "pending"]
     assert 0 < len(pending) == counts["selected"] <= 6
-    assert all(learner.p_lo <= r.reliability < learner.p_hi for r in pending)
+    assert all((learner.p_lo <= r.reliability < learner.p_hi) if r.novelty <= 1 else r.novelty <= learner.novelty_hi
+               for r in pending)
     assert all(r.band == "candidate" and r.round == 1 and r.get("energy") is None for r in pending)
     for traj in {r.trajectory for r in pending}:
         steps = sorted(r.step for r in pending if r.trajectory == traj)
         assert all(b - a >= 4 for a, b in zip(steps, steps[1:]))
     rejected = [r for r in rows if r.status == "rejected"]
-    assert all(r.reliability < learner.p_lo for r in rejected)
+    assert all(r.reliability < learner.p_lo if r.novelty <= 1 else r.novelty > learner.novelty_hi for r in rejected)
     assert all(r.data["atom_importance"].shape == (r.natoms,) for r in pending)
 
 
 def test_select_takes_the_least_reliable_within_limits(probe_calc, tmp_path):
     learner = ActiveLearner(probe_calc, CountingEMT, db=tmp_path / "sel.db")
     frame = bulk("Cu", cubic=True)
-    cands = [Candidate(frame, p, "candidate", traj, step, np.array([1.0, float(k)]))
+    cands = [Candidate(frame, p, 0.5, "candidate", traj, step, np.array([1.0, float(k)]))
              for k, (p, traj, step) in enumerate([(0.30, 0, 0), (0.10, 0, 2), (0.20, 0, 20), (0.15, 1, 2),
                                                   (0.12, 0, 9), (0.25, 1, 30)])]
-    cands.append(Candidate(frame, 0.05, "candidate", 2, 0, np.array([1.0, 1.0 + 1e-6])))  # duplicate of k=1
+    cands.append(Candidate(frame, 0.05, 0.5, "candidate", 2, 0, np.array([1.0, 1.0 + 1e-6])))  # duplicate of k=1
     chosen = learner.select(cands, max_new=3, min_separation=10)
     # by reliability: 0.05 taken; 0.10 is a near-duplicate of it (fingerprints 1e-6 apart): skipped;
     # 0.12 (trajectory 0, nothing chosen there yet) taken; 0.15 taken; max_new=3 reached
     assert [(c.reliability, c.trajectory, c.step) for c in chosen] == [(0.05, 2, 0), (0.12, 0, 9), (0.15, 1, 2)]
+
+
+def test_bands_follow_the_documented_rule(probe_calc, tmp_path):
+    learner = ActiveLearner(probe_calc, CountingEMT, db=tmp_path / "bands.db", p_lo=0.2, p_hi=0.6, novelty_hi=2.0)
+    inside, outside, far = 0.5, 1.5, 2.5
+    assert [learner.band(p, inside) for p in (0.9, 0.6, 0.3, 0.2, 0.1)] == \
+        ["reliable", "reliable", "candidate", "candidate", "failed"]
+    # outside the support the probability is not trusted: the band is by novelty alone
+    assert [learner.band(p, outside) for p in (0.99, 0.01)] == ["candidate", "candidate"]
+    assert [learner.band(p, far) for p in (0.99, 0.01)] == ["failed", "failed"]
+    frame = bulk("Cu", cubic=True)
+    cands = [Candidate(frame, 0.3, inside, "candidate", 0, 0, np.array([1.0, 0.0])),
+             Candidate(frame, 0.95, outside, "candidate", 1, 0, np.array([1.0, 1.0]))]
+    assert [c.trajectory for c in learner.select(cands, max_new=1, min_separation=1)] == [1]  # out of support first
+    with pytest.raises(InputError, match="inside the support"):
+        ActiveLearner(probe_calc, CountingEMT, db=tmp_path / "bad.db", novelty_hi=0.5)
 
 
 def test_labelling_fills_the_db(explored, tmp_path):
@@ -164,7 +181,7 @@ def test_dask_executor_gives_the_same_db(explored, tmp_path):
 def test_separation_applies_within_a_trajectory(probe_calc, tmp_path):
     learner = ActiveLearner(probe_calc, CountingEMT, db=tmp_path / "sep.db")
     frame = bulk("Cu", cubic=True)
-    cands = [Candidate(frame, p, "candidate", 0, step, np.array([1.0, float(step)]))
+    cands = [Candidate(frame, p, 0.5, "candidate", 0, step, np.array([1.0, float(step)]))
              for p, step in [(0.1, 10), (0.2, 15), (0.3, 21), (0.4, 5)]]
     chosen = learner.select(cands, max_new=10, min_separation=6)
     assert [c.step for c in chosen] == [10, 21]  # 15 and 5 are closer than 6 steps to step 10

@@ -37,7 +37,10 @@ def test_results_pass_through_and_add_reliability(probe_calc, cu_data):
     assert energy == pytest.approx(probe_calc.base.results["energy"])
     np.testing.assert_allclose(results["forces"], probe_calc.base.results["forces"])
     assert 0.0 <= results["reliability"] <= 1.0
-    assert results["reliable"] == (results["reliability"] >= probe_calc.threshold)
+    assert results["reliable"] == (results["reliability"] >= probe_calc.threshold and results["novelty"] <= 1)
+    assert results["reason"] == ("ok" if results["reliable"] else
+                                 "out_of_support" if results["novelty"] > 1 else "low_probability")
+    assert results["atom_novelty"].shape == (len(atoms),) and results["atom_novelty"].max() == results["novelty"]
     assert results["atom_importance"].shape == (len(atoms),)
     assert results["atom_importance"].sum() == pytest.approx(1.0, abs=1e-5)
     assert probe_calc.get_property("reliability", atoms) == results["reliability"]
@@ -154,4 +157,4 @@ def test_head_refuses_another_backbone(probes, cu_data):
         import dataclasses
 
         probe = probes("mace")
-        ProbeCalculator(other, Probe(probe.head, dataclasses.replace(probe.meta, layers=(0,))))
+        ProbeCalculator(other, Probe(probe.head, dataclasses.replace(probe.meta, layers=(0,)), probe.novelty))

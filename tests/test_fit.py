@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import binom
 import pytest
 
 from probe_ase import HeadConfig, LabelError, MissingReferenceError, TrainConfig, find_tap, fit_probe
@@ -28,7 +29,11 @@ def test_head_separates_shifted_frames(backbone_name, backbones, probes, cu_data
     assert probe.meta.criterion == "force_rmse" and probe.meta.backbone in ("mace", "schnetpack")
     report = probe.report
     assert report["n_train"] + report["n_val"] + report["n_cal"] == len(cu_data["pool"])
-    assert 0 < probe.meta.p_star <= 1 and 0 <= probe.meta.coverage <= 1
+    assert 0 < probe.meta.p_star and 0 <= probe.meta.coverage <= 1
+    cert = report["certificate"]
+    # what is certified holds on the calibration split: few enough errors among the accepted for that risk
+    assert cert["n_accepted"] == 0 or binom.cdf(cert["n_errors"], cert["n_accepted"], probe.meta.certified_risk) <= 0.1
+    assert probe.meta.certified == (probe.meta.certified_risk <= probe.meta.target_risk)
 
 
 def test_fit_is_deterministic(backbones, cu_data):

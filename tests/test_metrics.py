@@ -11,7 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import probe_ase
 from probe_ase import metrics
-from probe_ase.fit import TrainConfig, fit_temperature, select_threshold, split_indices
+from probe_ase.fit import TrainConfig, fit_temperature, split_indices
 
 # Five structures, given out of order, with a tie at p = 0.7.
 P5 = np.array([0.4, 0.9, 0.2, 0.7, 0.7])
@@ -145,33 +145,6 @@ def test_brier_hand_case():
 
 
 # --- probe_ase.fit helpers ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "target, expected",
-    [
-        # risk at the 4 thresholds: 0, 1/3, 0.25, 0.4 (see P5 above)
-        (0.0, (0.9, 0.2, 0.0)),  # only p >= 0.9 is risk-free
-        (0.25, (0.4, 0.8, 0.25)),  # risk 0.25 <= 0.25 at p >= 0.4 though p >= 0.7 has risk 1/3
-        (0.3, (0.4, 0.8, 0.25)),
-        (0.4, (0.2, 1.0, 0.4)),
-        (0.9, (0.2, 1.0, 0.4)),
-    ],
-)
-def test_select_threshold_hand_case(target, expected):
-    p_star, coverage, risk = select_threshold(P5, R5, target)
-    assert (p_star, coverage, risk) == pytest.approx(expected)
-
-
-def test_select_threshold_unreachable_target():
-    # risks are 1 (p >= 0.9) and 1/2 (p >= 0.5): none <= 0.1 -> p* = 1.0, nothing accepted
-    p_star, coverage, risk = select_threshold(np.array([0.9, 0.5]), np.array([0, 1]), 0.1)
-    assert p_star == 1.0
-    assert coverage == 0.0
-    assert math.isnan(risk)
-    # with one structure at p = 1 exactly, coverage is that of p >= 1: 1 of 2
-    p_star, coverage, _ = select_threshold(np.array([1.0, 0.5]), np.array([0, 1]), 0.1)
-    assert (p_star, coverage) == (1.0, 0.5)
 
 
 def _logistic_data(seed: int, n: int = 4000):

@@ -32,8 +32,10 @@ def md_atoms(cu_data, calc, temperature_K, seed=0):
 
 
 def read_log(path):
-    rows = np.loadtxt(path, comments="#")
-    return rows[:, 0].astype(int), rows[:, 2]
+    """Steps, reliability, novelty, verdict (1 reliable) and reason of each logged step."""
+    rows = np.loadtxt(path, comments="#", usecols=(0, 2, 3, 6))
+    reasons = [line.split()[-1] for line in open(path) if not line.startswith("#")]
+    return rows[:, 0].astype(int), rows[:, 1], rows[:, 2], rows[:, 3].astype(int), reasons
 
 
 def test_in_distribution_md_is_never_halted(mace_probe_calc, cu_data, tmp_path):
@@ -45,7 +47,7 @@ def test_in_distribution_md_is_never_halted(mace_probe_calc, cu_data, tmp_path):
     summary = monitor.summary()
     assert not monitor.halted and dyn.nsteps == 60
     assert summary["steps_seen"] == 61
-    steps, p = read_log(tmp_path / "r.log")
+    steps, p, *_ = read_log(tmp_path / "r.log")
     assert len(steps) == 61 and summary["min_reliability"] == pytest.approx(p.min(), abs=1e-5)
 
 
@@ -61,16 +63,21 @@ def test_heated_md_is_flagged_and_halted_where_the_log_says(mace_probe_calc, cu_
     monitor.close()
     traj.close()
     assert monitor.halted and dyn.nsteps < 400
-    steps, p = read_log(tmp_path / "r.log")
-    bad = p < monitor.threshold
+    steps, p, novelty, verdict, reasons = read_log(tmp_path / "r.log")
+    bad = verdict == 0
+    np.testing.assert_array_equal(bad, (p < monitor.threshold) | (novelty > 1))
+    assert all(r == ("ok" if v else "out_of_support" if n > 1 else "low_probability")
+               for r, v, n in zip(reasons, verdict, novelty))
     # the halt step is the first step ending a run of `patience` unreliable steps in the log
     run = np.convolve(bad.astype(int), np.ones(3, dtype=int), mode="valid")
     assert steps[np.flatnonzero(run == 3)[0] + 2] == monitor.summary()["halt_step"] == dyn.nsteps
     assert monitor.summary()["first_unreliable_step"] == steps[np.flatnonzero(bad)[0]]
     flagged = read(tmp_path / "flagged.xyz", ":")
     assert len(flagged) == 2  # bounded
-    assert all(f.info["reliability"] < monitor.threshold for f in flagged)
+    assert all(f.info["reliability"] < monitor.threshold or f.info["novelty"] > 1 for f in flagged)
+    assert all(f.info["reason"] in ("low_probability", "out_of_support") for f in flagged)
     assert flagged[0].arrays["atom_importance"].sum() == pytest.approx(1.0, abs=1e-5)
+    assert flagged[0].arrays["atom_novelty"].max() == pytest.approx(flagged[0].info["novelty"])
     assert len(read(tmp_path / "md.traj", ":")) == dyn.nsteps + 1  # trajectory intact
     last = monitor.last_reliable
     assert last is not None and last.calc is None and np.abs(last.get_momenta()).sum() > 0
@@ -92,7 +99,7 @@ def test_raise_on_halt(mace_probe_calc, cu_data):
     atoms = md_atoms(cu_data, mace_probe_calc, 300)
     dyn = VelocityVerlet(atoms, 1 * units.fs)
     dyn.attach(ReliabilityMonitor(dyn, action="halt", threshold=1.01, patience=2, raise_on_halt=True))
-    with pytest.raises(ReliabilityHalt, match="2 consecutive steps"):
+    with pytest.raises(ReliabilityHalt, match="2 consecutive unreliable steps"):
         dyn.run(20)
 
 
@@ -125,7 +132,7 @@ def test_monitor_works_with_optimisers(mace_probe_calc, cu_data, tmp_path, optim
         opt.attach(monitor)
         opt.run(fmax=0.1, steps=10)
     assert monitor.summary()["steps_seen"] == opt.nsteps + 1
-    rows = np.loadtxt(tmp_path / "opt.log", comments="#", ndmin=2)
+    rows = np.loadtxt(tmp_path / "opt.log", comments="#", ndmin=2, usecols=range(7))  # the 8th column is the reason
     assert len(rows) == opt.nsteps + 1 and np.isnan(rows[:, 1]).all()  # optimisers have no time axis
 
 

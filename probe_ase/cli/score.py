@@ -34,18 +34,20 @@ def run(args: argparse.Namespace) -> int:
     if os.path.abspath(args.frames) == os.path.abspath(args.output):
         raise InputError("--output must differ from the input file")
     probe, calc = load_probe_and_backbone(args)
-    reliabilities = []
+    reliabilities, verdicts = [], []
     with find_tap(calc, probe.meta.layers) as tap, atomic_path(args.output) as tmp:
         probe.check_backbone(tap.kind, tap.fingerprint(), tap.feature_dim, tap.layers)
-        probe.head.to(args.device)
+        probe.to(args.device)
         with open(tmp, "w") as handle:
             frames = tqdm(iread(args.frames, index=":"), desc="score", unit="frame")
             for scored in score_frames(probe, tap, frames, batch_size=args.batch_size):
                 write(handle, scored, format="extxyz")
                 reliabilities.append(scored.info["reliability"])
+                verdicts.append(scored.info["reason"])
             if not reliabilities:
                 raise InputError(f"no structures in {args.frames}")
     p = np.asarray(reliabilities)
-    print(f"wrote {args.output}: {len(p)} frames, {np.sum(p >= probe.p_star)} reliable at p* = {probe.p_star:.3f}; "
-          f"reliability min {p.min():.3f}, median {np.median(p):.3f}")
+    print(f"wrote {args.output}: {len(p)} frames, {verdicts.count('ok')} reliable at p* = {probe.p_star:.3f} "
+          f"(certified risk {probe.meta.certified_risk:.1%}), {verdicts.count('out_of_support')} out of support, "
+          f"{verdicts.count('low_probability')} below p*; reliability min {p.min():.3f}, median {np.median(p):.3f}")
     return 0

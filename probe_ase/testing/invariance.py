@@ -1,4 +1,4 @@
-"""Check that reliability is invariant to rotation, translation and permutation."""
+"""Check that reliability and novelty are invariant to rotation, translation and permutation."""
 
 from __future__ import annotations
 
@@ -7,22 +7,31 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from scipy.spatial.transform import Rotation
 
+#: per-structure results that must not change, and per-atom ones that must follow a permutation
+STRUCTURE_RESULTS = ("reliability", "novelty")
+ATOM_RESULTS = ("atom_importance", "atom_novelty")
 
-def _score(calc: Calculator, atoms: Atoms) -> tuple[float, np.ndarray]:
+
+def _score(calc: Calculator, atoms: Atoms) -> dict[str, np.ndarray]:
     atoms = atoms.copy()
     atoms.calc = calc
     atoms.get_potential_energy()
-    return calc.results["reliability"], np.array(calc.results["atom_importance"])
+    return {key: np.array(calc.results[key], dtype=float) for key in STRUCTURE_RESULTS + ATOM_RESULTS}
 
 
-def assert_invariant(calc: Calculator, atoms: Atoms, tol: float = 1e-5, seed: int = 0) -> None:
-    """Raise AssertionError unless ``reliability`` (and importances, permuted) are invariant.
+def assert_invariant(
+    calc: Calculator, atoms: Atoms, tol: float = 1e-5, novelty_tol: float = 1e-4, seed: int = 0
+) -> None:
+    """Raise AssertionError unless reliability and novelty (and per-atom results, permuted) are invariant.
 
     Applies a random rotation (of positions and cell), a random translation
-    (Å) and a random permutation of atoms, each on its own.
+    (Å) and a random permutation of atoms, each on its own. Tolerances are
+    absolute for values up to 1 and relative above (novelty can exceed 1);
+    novelty gets its own (``novelty_tol``) because whitening magnifies the
+    float32 rounding of the features.
     """
     rng = np.random.default_rng(seed)
-    p0, imp0 = _score(calc, atoms)
+    reference = _score(calc, atoms)
     rotation = Rotation.random(random_state=seed).as_matrix()
     rotated = atoms.copy()
     rotated.positions = atoms.positions @ rotation.T
@@ -32,10 +41,11 @@ def assert_invariant(calc: Calculator, atoms: Atoms, tol: float = 1e-5, seed: in
     perm = rng.permutation(len(atoms))
     permuted = atoms[perm]
     for name, moved, order in (("rotation", rotated, None), ("translation", translated, None), ("permutation", permuted, perm)):
-        p, imp = _score(calc, moved)
-        expected = imp0 if order is None else imp0[order]
-        if abs(p - p0) > tol or np.max(np.abs(imp - expected)) > tol:
-            raise AssertionError(
-                f"not invariant under {name}: reliability {p0:.8f} -> {p:.8f}, "
-                f"largest importance change {np.max(np.abs(imp - expected)):.2e} (tol {tol})"
-            )
+        scored = _score(calc, moved)
+        for key, value in scored.items():
+            expected = reference[key] if order is None or key in STRUCTURE_RESULTS else reference[key][order]
+            change = np.max(np.abs(value - expected) / np.maximum(1.0, np.abs(expected)))
+            limit = novelty_tol if "novelty" in key else tol
+            if change > limit:
+                raise AssertionError(f"{key} not invariant under {name}: largest (relative) change {change:.2e} "
+                                     f"(tol {limit}); before {expected}, after {value}")

@@ -1,0 +1,208 @@
+"""Certified operating thresholds: what "target risk 5 %" can promise.
+
+Selective classification accepts a structure when its score clears a
+threshold; the *risk* is the fraction of accepted structures that are
+unreliable. An empirical cut on a small calibration split promises nothing,
+so the threshold is chosen with Learn-then-Test (Angelopoulos et al.,
+arXiv:2110.01052) and fixed-sequence testing:
+
+1. A grid of thresholds is fixed *before* the calibration split is looked at
+   (from the validation split's scores and eligibility), ordered strict to loose, starting at
+   the first threshold expected to accept at least :func:`min_accepted`
+   calibration structures (fewer can never reject the null).
+2. For each threshold in turn, the null "risk among accepted > alpha" is
+   tested with the exact binomial p-value ``P(Bin(n, alpha) <= errors)``
+   over the ``n`` accepted calibration structures.
+3. The walk stops at the first p-value above ``delta``; the loosest threshold
+   rejected before that is returned.
+
+Guarantee: with probability at least ``1 - delta`` over the calibration
+draw, the returned threshold has risk <= alpha on structures exchangeable
+with the calibration ones. It says nothing about structures from elsewhere:
+that is what the novelty term (:mod:`probe_ase.novelty`) guards.
+
+What data can certify (alpha = delta = 0.05): 59 accepted with 0 errors,
+about 200 with 4, 1 000 with 38; :func:`frames_needed` estimates how many
+calibration structures a target needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binom
+
+from .exceptions import InputError
+
+#: grid points of the fixed sequence (quantiles of the validation scores)
+GRID_POINTS = 400
+#: the first threshold tested is expected to accept this many times :func:`min_accepted` structures
+START_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A threshold on a score and what it certifies.
+
+    Attributes:
+        threshold: accept structures whose score is >= this (the head's raw logit).
+        target_risk: the risk alpha the caller asked for (fraction 0-1).
+        delta: allowed probability that the guarantee fails (0-1).
+        certified: whether ``threshold`` is certified at ``target_risk``.
+        risk: the risk the threshold *is* certified at (``target_risk`` when
+            certified, else the best certifiable risk on a ladder above it;
+            1.0 when nothing is).
+        n_accepted, n_errors: calibration structures accepted at the
+            threshold, and how many of them were unreliable.
+        coverage: fraction of calibration structures accepted.
+        frames_needed: estimated calibration structures needed to certify
+            ``target_risk`` (None when certified, or when more data of the
+            same kind would not help).
+    """
+
+    threshold: float
+    target_risk: float
+    delta: float
+    certified: bool
+    risk: float
+    n_accepted: int
+    n_errors: int
+    coverage: float
+    frames_needed: int | None
+
+
+def min_accepted(alpha: float, delta: float) -> int:
+    """Fewest accepted structures (all reliable) that can certify risk ``alpha`` at level ``delta``."""
+    return math.ceil(math.log(delta) / math.log(1 - alpha))
+
+
+def p_value(n_errors: int, n_accepted: int, alpha: float) -> float:
+    """Exact binomial p-value of the null "risk > alpha" given ``n_errors`` among ``n_accepted``."""
+    return 1.0 if n_accepted == 0 else float(binom.cdf(n_errors, n_accepted, alpha))
+
+
+def threshold_grid(
+    val_scores: np.ndarray, val_eligible: np.ndarray, n_cal: int, alpha: float, delta: float
+) -> np.ndarray:
+    """Thresholds, strict to loose, fixed from the validation split alone.
+
+    Quantiles of the eligible validation scores, from the one expected to
+    accept 2 x :func:`min_accepted` of ``n_cal`` calibration structures
+    (given the validation split's eligible fraction; the margin keeps the
+    first test from failing on a chance shortfall) down to the loosest score.
+    """
+    val_eligible = np.asarray(val_eligible, dtype=bool)
+    val_scores = np.asarray(val_scores, dtype=float)[val_eligible]
+    if len(val_scores) == 0:
+        return np.array([np.inf])
+    start = min(1.0, START_MARGIN * min_accepted(alpha, delta) / max(n_cal * val_eligible.mean(), 1))
+    levels = np.linspace(1 - start, 0.0, GRID_POINTS)
+    return np.unique(np.quantile(val_scores, levels))[::-1]
+
+
+def fixed_sequence(
+    scores: np.ndarray, bad: np.ndarray, eligible: np.ndarray, grid: np.ndarray, alpha: float, delta: float
+) -> int | None:
+    """Index into ``grid`` of the loosest threshold certified at ``alpha`` (None if none).
+
+    A calibration structure is accepted at threshold ``t`` when it is
+    ``eligible`` (e.g. inside the novelty support) and its score is >= ``t``.
+    """
+    found = None
+    for j, t in enumerate(grid):
+        accepted = eligible & (scores >= t)
+        if p_value(int(bad[accepted].sum()), int(accepted.sum()), alpha) > delta:
+            break
+        found = j
+    return found
+
+
+def frames_needed(scores: np.ndarray, bad: np.ndarray, eligible: np.ndarray, alpha: float, delta: float) -> int | None:
+    """Calibration structures needed to certify ``alpha``, from this split's own risk-coverage curve.
+
+    For each threshold whose empirical risk r is below ``alpha``, the accepted
+    count n with ``P(Bin(n, alpha) <= r n) <= delta`` (at least the grid's
+    first test, :data:`START_MARGIN` x :func:`min_accepted`) divided by its
+    coverage; the smallest over thresholds. None if the empirical risk is never below
+    ``alpha`` (more data of the same kind would not certify it).
+    """
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ok, wrong = np.asarray(eligible)[order], np.asarray(bad)[order]
+    n_acc, n_err = np.cumsum(ok), np.cumsum(ok & wrong)
+    best = None
+    for k in np.flatnonzero(ok):
+        rate, coverage = n_err[k] / n_acc[k], n_acc[k] / len(order)
+        if n_acc[k] < 10 or rate >= alpha:  # under 10 accepted the rate says nothing
+            continue
+        n = _accepted_needed(rate, alpha, delta)
+        if n is not None:
+            total = math.ceil(max(n, START_MARGIN * min_accepted(alpha, delta)) / coverage)
+            best = total if best is None else min(best, total)
+    return best
+
+
+def _accepted_needed(rate: float, alpha: float, delta: float, most: int = 10**6) -> int | None:
+    """Smallest n with ``P(Bin(n, alpha) <= floor(rate n)) <= delta`` (doubling, then bisection)."""
+    def ok(n: int) -> bool:
+        return binom.cdf(math.floor(rate * n), n, alpha) <= delta
+
+    hi = min_accepted(alpha, delta)
+    while not ok(hi):
+        hi *= 2
+        if hi > most:
+            return None
+    lo = hi // 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+def certify(
+    cal_scores: np.ndarray,
+    cal_bad: np.ndarray,
+    val_scores: np.ndarray,
+    target_risk: float,
+    delta: float = 0.1,
+    cal_eligible: np.ndarray | None = None,
+    val_eligible: np.ndarray | None = None,
+) -> Certificate:
+    """Choose a threshold on a score (higher = more reliable) certified at ``target_risk``.
+
+    Args:
+        cal_scores, cal_bad: calibration scores and whether each structure is
+            unreliable (error above tolerance).
+        val_scores: validation scores, used only to fix the grid.
+        target_risk: risk alpha to certify (0-1).
+        delta: the guarantee may fail with probability at most this (0-1).
+        cal_eligible: calibration structures that may be accepted at all
+            (default all); the others count as rejected at every threshold.
+        val_eligible: the same for the validation structures (for the grid).
+
+    When ``target_risk`` cannot be certified, the loosest threshold certified
+    on a ladder of risks above it (x 1.25 per rung) is returned with
+    ``certified=False``; ``risk`` says what it does certify (each rung holds at
+    level ``delta`` on its own, not simultaneously over rungs). When no rung
+    below risk 1 is certified, the threshold is +inf: nothing is accepted.
+    """
+    if not 0 < target_risk < 1 or not 0 < delta < 1:
+        raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}")
+    scores, bad = np.asarray(cal_scores, dtype=float), np.asarray(cal_bad, dtype=bool)
+    eligible = np.ones(len(scores), dtype=bool) if cal_eligible is None else np.asarray(cal_eligible, dtype=bool)
+    val_ok = np.ones(len(val_scores), dtype=bool) if val_eligible is None else np.asarray(val_eligible, dtype=bool)
+    ladder = [target_risk]
+    while ladder[-1] * 1.25 < 1:
+        ladder.append(ladder[-1] * 1.25)
+    for alpha in ladder:
+        grid = threshold_grid(val_scores, val_ok, len(scores), alpha, delta)
+        j = fixed_sequence(scores, bad, eligible, grid, alpha, delta)
+        if j is not None:
+            accepted = eligible & (scores >= grid[j])
+            certified = alpha == target_risk
+            needed = None if certified else frames_needed(scores, bad, eligible, target_risk, delta)
+            return Certificate(float(grid[j]), target_risk, delta, certified, alpha, int(accepted.sum()),
+                               int(bad[accepted].sum()), float(accepted.mean()), needed)
+    return Certificate(math.inf, target_risk, delta, False, 1.0, 0, 0, 0.0,
+                       frames_needed(scores, bad, eligible, target_risk, delta))

@@ -1,0 +1,220 @@
+"""Novelty: how unlike the fit data each atom's tapped features are.
+
+A discriminative head knows only the shifts its fit data showed it; on
+chemistry it never saw, its probability can be confidently wrong. The novelty
+term needs no labels: per element, a Gaussian mixture (one component by
+default) is fitted to the tapped features of the fit frames (and of the
+backbone's own training frames when given), and each atom's novelty is its
+Mahalanobis distance to the nearest component.
+
+Scale (documented, used everywhere in probe-ase):
+
+* ``atom_novelty`` = distance / (element's median held-out distance) /
+  support radius;
+* ``novelty`` (per structure) = the largest ``atom_novelty``;
+* ``novelty <= 1``: inside the support, i.e. no atom is farther from the fit
+  data than the atoms of the farthest held-out fit frame were. ``novelty = 2``:
+  some atom is twice as far as that.
+
+The unit and the support radius come from *out-of-fold* distances (each fit
+frame scored by a density fitted without it), so they describe frames the
+density never saw, as deployment frames are. Distances are invariant to
+rotation, translation and permutation because the features are. Cost per
+structure: one ``(n_atoms, F) @ (F, F)`` product per component.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .exceptions import InputError
+
+
+@dataclass(frozen=True)
+class NoveltyConfig:
+    """How the novelty model is fitted.
+
+    Attributes:
+        components: Gaussian mixture components per element (1: one Gaussian
+            per element, the default chosen on the fit pools with
+            ``benchmarks/novelty_variants.py``).
+        folds: cross-fitting folds for the out-of-fold distances that set the
+            per-element unit and the support radius.
+        support_quantile: the support radius is this quantile (0-1] of the
+            held-out fit structures' novelty; 1.0 takes the largest.
+    """
+
+    components: int = 1
+    folds: int = 5
+    support_quantile: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.components < 1 or self.folds < 2:
+            raise InputError(f"need components >= 1 and folds >= 2, got {self.components} and {self.folds}")
+        if not 0 < self.support_quantile <= 1:
+            raise InputError(f"support_quantile must lie in (0, 1], got {self.support_quantile}")
+
+
+class NoveltyModel(nn.Module):
+    """Per-element Gaussian mixtures over tapped features, as tensors (loads with ``weights_only``).
+
+    Args:
+        feature_dim: width of the tapped features.
+        elements: atomic numbers it scores.
+        components: mixture components per element.
+    """
+
+    def __init__(self, feature_dim: int, elements: Sequence[int], components: int = 1) -> None:
+        super().__init__()
+        self.elements = tuple(sorted(int(z) for z in elements))
+        n, f, k = len(self.elements), int(feature_dim), int(components)
+        lookup = torch.full((119,), -1, dtype=torch.long)
+        lookup[list(self.elements)] = torch.arange(n)
+        self.register_buffer("element_index", lookup)
+        self.register_buffer("centres", torch.zeros(n, k, f, dtype=torch.float64))
+        self.register_buffer("whiteners", torch.eye(f, dtype=torch.float64).repeat(n, k, 1, 1))
+        self.register_buffer("active", torch.zeros(n, k, dtype=torch.bool))  # components that exist
+        self.register_buffer("unit", torch.ones(n, dtype=torch.float64))  # median held-out distance per element
+        self.register_buffer("radius", torch.ones((), dtype=torch.float64))  # support radius (in units)
+
+    def distances(self, features: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance ``(n_atoms,)`` of each atom to its element's nearest component (raw units)."""
+        x = features.to(self.centres.dtype)
+        element = self.element_index[numbers.to(self.element_index.device)]
+        out = x.new_full((x.shape[0],), float("inf"))
+        for e in torch.unique(element).tolist():
+            rows = torch.nonzero(element == e).squeeze(1)
+            xe = x.index_select(0, rows)
+            best = out.new_full((len(rows),), float("inf"))
+            for c in torch.nonzero(self.active[e]).squeeze(1).tolist():
+                d = ((xe - self.centres[e, c]) @ self.whiteners[e, c]).norm(dim=1)
+                best = torch.minimum(best, d)
+            out[rows] = best
+        return out
+
+    def forward(self, features: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        """``atom_novelty`` ``(n_atoms,)`` on the documented scale (<= 1 inside the support)."""
+        element = self.element_index[numbers.to(self.element_index.device)]
+        return self.distances(features, numbers) / self.unit[element] / self.radius
+
+
+def structure_novelty(atom_novelty: np.ndarray | torch.Tensor, ptr: Sequence[int]) -> np.ndarray:
+    """Per-structure novelty: the largest atom novelty of each structure (rows ``ptr[k]:ptr[k+1]``)."""
+    values = np.asarray(atom_novelty.cpu() if isinstance(atom_novelty, torch.Tensor) else atom_novelty, dtype=float)
+    return np.array([values[ptr[k] : ptr[k + 1]].max() for k in range(len(ptr) - 1)])
+
+
+def _fit_mixtures(
+    x: np.ndarray, element: np.ndarray, n_elements: int, components: int, seed: int, max_atoms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres ``(E, K, F)``, whiteners ``(E, K, F, F)`` and active mask ``(E, K)`` per element.
+
+    Features are standardised per element before the mixture is fitted (so
+    ``reg_covar`` is relative), and the standardisation is folded into the
+    returned centres and whiteners, which act on raw features.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    f = x.shape[1]
+    centres = np.zeros((n_elements, components, f))
+    whiteners = np.tile(np.eye(f), (n_elements, components, 1, 1))
+    active = np.zeros((n_elements, components), dtype=bool)
+    rng = np.random.default_rng(seed)
+    for e in range(n_elements):
+        rows = x[element == e]
+        if len(rows) > max_atoms:
+            rows = rows[rng.choice(len(rows), max_atoms, replace=False)]
+        if len(rows) < 2:
+            continue
+        mean, scale = rows.mean(0), rows.std(0) + 1e-8
+        k = max(1, min(components, len(rows) // (2 * f)))  # no more components than the atoms support
+        gm = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed).fit((rows - mean) / scale)
+        for c in range(k):
+            centres[e, c] = mean + scale * gm.means_[c]
+            whiteners[e, c] = gm.precisions_cholesky_[c] / scale[:, None]
+            active[e, c] = True
+    return centres, whiteners, active
+
+
+def fit_novelty(
+    features: torch.Tensor,
+    numbers: torch.Tensor,
+    ptr: Sequence[int],
+    fit_structures: Sequence[int],
+    elements: Sequence[int],
+    config: NoveltyConfig = NoveltyConfig(),
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int = 0,
+    max_atoms: int = 20_000,
+) -> tuple[NoveltyModel, np.ndarray]:
+    """Fit the novelty model on structures ``fit_structures`` of a feature set.
+
+    Args:
+        features, numbers, ptr: concatenated per-atom features, atomic numbers,
+            and structure offsets (structure ``k`` owns rows ``ptr[k]:ptr[k+1]``).
+        fit_structures: structures the density is fitted on (never the
+            calibration split: the calibration frames must be scored as
+            deployment frames are).
+        elements: atomic numbers the model scores.
+        config: mixture components, folds and support quantile.
+        reference: extra ``(features, numbers)`` atoms (the backbone's own
+            training frames) added to the density, never to the radius.
+        seed: seeds fold assignment, subsampling and the mixtures.
+        max_atoms: most atoms per element per mixture fit (subsampled above).
+
+    Returns:
+        the fitted model and the out-of-fold novelty of each fit structure (on
+        the documented scale, so <= 1 for all but the farthest).
+    """
+    components, folds = config.components, config.folds
+    fit_structures = np.asarray(fit_structures)
+    if len(fit_structures) < folds:
+        raise InputError(f"novelty needs at least {folds} fit structures, got {len(fit_structures)}")
+    model = NoveltyModel(features.shape[1], elements, components)
+    lookup = model.element_index.numpy()
+    x_all = features.detach().cpu().double().numpy()
+    e_all = lookup[numbers.cpu().numpy()]
+    rows_of = [np.arange(ptr[k], ptr[k + 1]) for k in fit_structures]
+    ref_x = ref_e = None
+    if reference is not None:
+        ref_x, ref_e = reference[0].detach().cpu().double().numpy(), lookup[reference[1].cpu().numpy()]
+        if (ref_e < 0).any():
+            raise InputError("the reference frames hold elements the head was not fitted on")
+    n_el = len(model.elements)
+
+    def with_reference(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, e = x_all[rows], e_all[rows]
+        return (x, e) if ref_x is None else (np.concatenate([x, ref_x]), np.concatenate([e, ref_e]))
+
+    # out-of-fold distances: each fit structure scored by a density fitted without it
+    fold_of = np.random.default_rng(seed).permutation(len(fit_structures)) % folds
+    oof = np.empty(len(x_all))
+    for f in range(folds):
+        train_rows = np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of != f)])
+        test_rows = np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of == f)])
+        _load(model, *_fit_mixtures(*with_reference(train_rows), n_el, components, seed, max_atoms))
+        oof[test_rows] = model.distances(torch.from_numpy(x_all[test_rows]), numbers[test_rows]).numpy()
+    all_rows = np.concatenate(rows_of)
+    unit = np.ones(n_el)
+    for e in range(n_el):
+        held = oof[all_rows][e_all[all_rows] == e]
+        if len(held):
+            unit[e] = max(float(np.median(held)), 1e-12)
+    scaled = oof / unit[np.clip(e_all, 0, None)]
+    per_structure = np.array([scaled[r].max() for r in rows_of])
+    radius = float(np.quantile(per_structure, config.support_quantile))
+    _load(model, *_fit_mixtures(*with_reference(all_rows), n_el, components, seed, max_atoms))
+    model.unit.copy_(torch.from_numpy(unit))
+    model.radius.fill_(radius)
+    return model, per_structure / radius
+
+
+def _load(model: NoveltyModel, centres: np.ndarray, whiteners: np.ndarray, active: np.ndarray) -> None:
+    model.centres.copy_(torch.from_numpy(centres))
+    model.whiteners.copy_(torch.from_numpy(whiteners))
+    model.active.copy_(torch.from_numpy(active))

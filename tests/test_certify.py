@@ -1,0 +1,99 @@
+"""Certified thresholds: the Learn-then-Test guarantee, checked by simulation, and its edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from probe_ase.certify import certify, frames_needed, min_accepted, p_value
+from probe_ase.exceptions import InputError
+
+
+def draw(rng, n):
+    """Scores uniform on (0, 1); P(unreliable | s) = (1 - s)^2 / 2, so risk(t) = (1 - t)^2 / 6 above t."""
+    scores = rng.uniform(size=n)
+    return scores, rng.uniform(size=n) < 0.5 * (1 - scores) ** 2
+
+
+def true_risk(t):
+    return (1 - min(max(t, 0.0), 1.0)) ** 2 / 6
+
+
+def test_guarantee_holds_by_simulation_and_the_empirical_cut_breaks_it():
+    """Over many calibration draws, the true risk at the certified threshold exceeds the target in <= delta of them.
+
+    The same simulation catches the old empirical cut (loosest threshold whose
+    calibration risk is <= target), which breaks the target far more often: the
+    check can fail.
+    """
+    rng = np.random.default_rng(0)
+    alpha, delta, draws = 0.05, 0.1, 200
+    certified_fail = certified = empirical_fail = 0
+    for _ in range(draws):
+        scores, bad = draw(rng, 250)
+        val, _ = draw(rng, 150)
+        cert = certify(scores, bad, val, alpha, delta)
+        if cert.certified:
+            certified += 1
+            certified_fail += true_risk(cert.threshold) > alpha
+        order = np.argsort(-scores)
+        risk = np.cumsum(bad[order]) / np.arange(1, len(order) + 1)
+        k = np.flatnonzero(risk <= alpha)[-1]
+        empirical_fail += true_risk(scores[order][k]) > alpha
+    assert certified >= draws // 4  # the procedure has power here (the best coverage is 55 %)
+    assert certified_fail / draws <= delta
+    assert empirical_fail / draws > 3 * delta
+
+
+def test_what_data_can_certify():
+    # DESIGN.md §8: alpha = delta = 0.05
+    assert min_accepted(0.05, 0.05) == 59
+    assert p_value(0, 59, 0.05) <= 0.05 < p_value(0, 58, 0.05)
+    assert p_value(4, 200, 0.05) <= 0.05 < p_value(5, 200, 0.05)
+    assert p_value(38, 1000, 0.05) <= 0.05 < p_value(39, 1000, 0.05)
+    assert p_value(0, 0, 0.05) == 1.0
+
+
+def test_small_calibration_split_falls_back_to_a_certified_larger_risk():
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(size=28)
+    bad = scores < 0.2  # perfectly ranked, 20 % unreliable
+    cert = certify(scores, bad, rng.uniform(size=21), 0.05, 0.1)
+    assert not cert.certified and cert.risk > 0.05
+    # what it does certify is true: the accepted set holds few enough errors for its own risk
+    assert p_value(cert.n_errors, cert.n_accepted, cert.risk) <= 0.1
+    assert cert.n_accepted == int((scores >= cert.threshold).sum())
+    assert cert.frames_needed is not None and cert.frames_needed > 28
+    # with twice that many frames of the same kind (the estimate assumes the exact count), it is certified
+    more = rng.uniform(size=2 * cert.frames_needed)
+    assert certify(more, more < 0.2, rng.uniform(size=100), 0.05, 0.1).certified
+
+
+def test_nothing_certifiable_accepts_nothing():
+    rng = np.random.default_rng(2)
+    scores = rng.uniform(size=50)
+    cert = certify(scores, np.ones(50, dtype=bool), rng.uniform(size=30), 0.05, 0.1)
+    assert cert.threshold == math.inf and cert.risk == 1.0 and cert.n_accepted == 0
+    assert frames_needed(scores, np.ones(50, dtype=bool), np.ones(50, dtype=bool), 0.05, 0.1) is None
+
+
+def test_ineligible_structures_are_never_accepted():
+    rng = np.random.default_rng(3)
+    scores = rng.uniform(size=400)
+    bad = rng.uniform(size=400) < 0.5 * (1 - scores) ** 2
+    eligible = rng.uniform(size=400) < 0.7
+    cert = certify(scores, bad, rng.uniform(size=200), 0.1, 0.1, cal_eligible=eligible,
+                   val_eligible=rng.uniform(size=200) < 0.7)
+    assert cert.certified
+    accepted = eligible & (scores >= cert.threshold)
+    assert cert.n_accepted == accepted.sum() and cert.n_errors == bad[accepted].sum()
+    assert binom.cdf(cert.n_errors, cert.n_accepted, 0.1) <= 0.1
+
+
+@pytest.mark.parametrize("risk, delta", [(0.0, 0.1), (1.0, 0.1), (0.05, 0.0), (0.05, 1.5)])
+def test_bad_levels_are_input_errors(risk, delta):
+    with pytest.raises(InputError, match="strictly between 0 and 1"):
+        certify(np.ones(3), np.zeros(3, dtype=bool), np.ones(3), risk, delta)

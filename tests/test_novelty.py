@@ -1,0 +1,145 @@
+"""Novelty and the fail-safe verdict: unseen shifts are caught, the scale means what it says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from probe_ase import HeadConfig, Probe, ProbeCalculator, TrainConfig, fit_probe
+from probe_ase.headfile import save_head
+from probe_ase.novelty import NoveltyConfig, fit_novelty
+from probe_ase.testing import assert_invariant, emt_frames
+
+
+def labelled(atoms):
+    atoms.calc = EMT()
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def cold_probe(backbones):
+    """A head fitted on 300 K frames only: it has never seen a shift."""
+    pool = emt_frames(120, 300, seed=50)
+    return fit_probe(backbones("mace"), pool, criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=32),
+                     train=TrainConfig(epochs=60, patience=10), cache_dir=False, progress=False)
+
+
+def shifted_frames():
+    compressed = emt_frames(6, 300, strain=-0.03, seed=51)
+    slabs = []
+    for frame in emt_frames(6, 300, seed=52):
+        slab = frame.copy()
+        slab.pbc = [True, True, False]
+        slab.center(vacuum=6.0, axis=2)
+        slabs.append(labelled(slab))
+    return {"compressed 3 %": compressed, "surface slab": slabs}
+
+
+def test_unseen_shift_passes_the_probability_but_not_the_verdict(cold_probe, backbones):
+    calc = ProbeCalculator(backbones("mace"), cold_probe)
+    passed_by_p_only = []
+    for name, frames in shifted_frames().items():
+        for atoms in frames:
+            atoms = atoms.copy()
+            atoms.calc = calc
+            atoms.get_forces()
+            r = calc.results
+            assert r["reliable"] == (r["reliability"] >= calc.threshold and r["novelty"] <= 1.0)
+            if r["reliability"] >= calc.threshold and r["reason"] == "out_of_support":
+                passed_by_p_only.append(name)
+    # compressed cells (never in the pool) keep a high probability but leave the support
+    assert passed_by_p_only.count("compressed 3 %") >= 3, passed_by_p_only
+    # in distribution, the support holds fresh frames
+    fresh = emt_frames(20, 300, seed=53)
+    novelty = []
+    for atoms in fresh:
+        atoms.calc = calc
+        atoms.get_forces()
+        novelty.append(calc.results["novelty"])
+    assert np.mean(np.array(novelty) <= 1.0) >= 0.9
+    calc.close()
+
+
+def test_novelty_scale_on_known_distributions():
+    """Gaussian features: held-out draws sit inside the support, shifted draws far outside."""
+    rng = np.random.default_rng(0)
+    n_struct, atoms_per = 200, 8
+    features = torch.from_numpy(rng.normal(size=(n_struct * atoms_per, 6)))
+    numbers = torch.from_numpy(np.where(np.arange(n_struct * atoms_per) % 2, 29, 8))
+    ptr = np.arange(0, n_struct * atoms_per + 1, atoms_per)
+    model, held_out = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig())
+    assert held_out.max() == pytest.approx(1.0)  # the radius is the farthest held-out structure
+    fresh = torch.from_numpy(rng.normal(size=(4000, 6)))
+    numbers_fresh = torch.full((4000,), 29)
+    assert (model(fresh, numbers_fresh) <= 1.0).double().mean() > 0.99
+    shifted = fresh + torch.tensor([8.0, 0, 0, 0, 0, 0], dtype=fresh.dtype)  # 8 sigma along one axis
+    assert (model(shifted, numbers_fresh) > 1.0).float().mean() > 0.9
+    # one Gaussian cannot see a gap between two clusters; two components can
+    two = torch.cat([features[: len(features) // 2] - 5, features[len(features) // 2 :] + 5])
+    middle = torch.zeros(50, 6, dtype=two.dtype)
+    one_comp, _ = fit_novelty(two, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig(components=1))
+    two_comp, _ = fit_novelty(two, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig(components=2))
+    assert (one_comp(middle, torch.full((50,), 29)) <= 1).all()
+    assert (two_comp(middle, torch.full((50,), 29)) > 1).all()
+
+
+def test_novelty_is_invariant_on_a_real_backbone(backbones, cold_probe):
+    frames = shifted_frames()
+    with ProbeCalculator(backbones("mace"), cold_probe) as calc:
+        assert_invariant(calc, frames["compressed 3 %"][0])
+        # far outside the support (novelty ~6), whitening magnifies float32 rounding of the features
+        assert_invariant(calc, frames["surface slab"][0], novelty_tol=1e-3)
+
+
+def test_reference_data_widens_the_support(backbones, cu_data):
+    pool = emt_frames(60, 300, seed=54)
+    options = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=32),
+                   train=TrainConfig(epochs=5, patience=5), cache_dir=False, progress=False)
+    hot = emt_frames(10, 900, seed=55)
+    plain = fit_probe(backbones("mace"), pool, **options)
+    widened = fit_probe(backbones("mace"), pool, reference_data=hot, **options)
+    assert widened.report["n_reference"] == 32 * 10 and plain.report["n_reference"] == 0
+    probe_hot = emt_frames(5, 900, seed=56)
+    with ProbeCalculator(backbones("mace"), plain) as a, ProbeCalculator(backbones("mace"), widened) as b:
+        for atoms in probe_hot:
+            atoms.calc = a
+            atoms.get_forces()
+            before = a.results["novelty"]
+            atoms.calc = b
+            atoms.get_forces()
+            assert b.results["novelty"] < before
+
+
+def test_head_file_keeps_novelty_and_certificate(cold_probe, backbones, tmp_path):
+    cold_probe.save(tmp_path / "probe.pt")
+    loaded = Probe.load(tmp_path / "probe.pt")
+    assert loaded.meta == cold_probe.meta
+    assert loaded.meta.certified_risk == cold_probe.meta.certified_risk and loaded.meta.delta == 0.1
+    for key, value in cold_probe.novelty.state_dict().items():
+        assert torch.equal(loaded.novelty.state_dict()[key], value)
+    atoms = shifted_frames()["surface slab"][0]
+    results = []
+    for probe in (cold_probe, loaded):
+        with ProbeCalculator(backbones("mace"), probe) as calc:
+            atoms.calc = calc
+            atoms.get_forces()
+            results.append((calc.results["novelty"], calc.results["reason"], calc.results["atom_novelty"].copy()))
+    assert results[0][:2] == results[1][:2]
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+def test_older_head_file_names_both_versions(cold_probe, tmp_path):
+    import probe_ase.headfile as headfile
+
+    path = tmp_path / "old.pt"
+    save_head(cold_probe.head, cold_probe.novelty, cold_probe.meta, path)
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 1
+    torch.save(payload, path)
+    with pytest.raises(headfile.HeadFileError, match="version 1; this probe-ase reads version 2"):
+        Probe.load(path)
