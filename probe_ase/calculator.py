@@ -22,7 +22,10 @@ class ProbeCalculator(Calculator):
     """Wrap a MACE or SchNetPack calculator and add a reliability verdict.
 
     The backbone runs unchanged; hooks capture its per-atom features during its
-    own energy/force pass and the PROBE head scores them. ``results`` holds
+    own energy/force pass and the PROBE head scores them. Several wrappers may
+    share one backbone calculator, also across threads: they share its hooks
+    and a lock, so their steps on it run one at a time and each reads its own
+    pass. ``results`` holds
     everything the backbone gives (energy in eV, forces in eV/Å, stress in
     eV/Å³ ...) plus:
 
@@ -79,19 +82,21 @@ class ProbeCalculator(Calculator):
         # calculator that stores only what was asked (SpkCalculator) runs once per step
         wanted = [p for p in ("energy", "forces") if p in self.base.implemented_properties]
         wanted += [p for p in properties or [] if p in self.base.implemented_properties and p not in wanted]
-        before = self.tap.n_forward
-        backbone = self.tap.calc
-        if backbone is not self.base:  # inside a mixing calculator: one pass fills the backbone's cache
-            backbone.calculate(atoms, [p for p in ("energy", "forces") if p in backbone.implemented_properties],
-                               all_changes)
-        self.base.calculate(atoms, wanted, system_changes)
-        if self.tap.n_forward == before:  # backbone answered from its cache: make it run
-            self.tap.calc.reset()
-            self.base.calculate(atoms, wanted, all_changes)
-        self.results = dict(self.base.results)
-        features = self.tap.features()[: len(atoms)]
+        # the lock is shared by every wrapper on this backbone: its calculator keeps one results dict
+        with self.tap.lock:
+            before = self.tap.n_forward
+            backbone = self.tap.calc
+            if backbone is not self.base:  # inside a mixing calculator: one pass fills the backbone's cache
+                backbone.calculate(atoms, [p for p in ("energy", "forces") if p in backbone.implemented_properties],
+                                   all_changes)
+            self.base.calculate(atoms, wanted, system_changes)
+            if self.tap.n_forward == before:  # backbone answered from its cache: make it run
+                self.tap.calc.reset()
+                self.base.calculate(atoms, wanted, all_changes)
+            self.results = dict(self.base.results)
+            features = self.tap.features()[: len(atoms)]
+            graph = self.tap.neighbour_graph(self.probe.meta.config.cutoff)  # the backbone's own list, when it covers
         numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=features.device)
-        graph = self.tap.neighbour_graph(self.probe.meta.config.cutoff)  # the backbone's own list, when it covers
         edges = [graph if graph is not None else self._graph(atoms)]
         scores = self.probe.predict(features, numbers, np.array([0, len(atoms)]), edges)
         reliable, reason = self.probe.verdict(scores.reliability, scores.novelty, self.threshold, self.max_novelty)

@@ -10,7 +10,7 @@ Every error the package raises on purpose derives from :class:`ProbeError`, so
     │   ├── UnknownElementError   an element the backbone was not trained on
     │   └── MissingReferenceError reference energy or forces absent
     ├── LabelError            labels that cannot train a classifier (all one class)
-    ├── BackboneError         no supported backbone found in a calculator
+    ├── BackboneError         no supported backbone in a calculator, or a tap used closed / before a pass
     ├── MismatchError         head file and backbone disagree (fingerprint, width)
     └── HeadFileError         a head file that is missing, truncated or tampered
 """
@@ -47,7 +47,7 @@ class LabelError(ProbeError, ValueError):
 
 
 class BackboneError(ProbeError, TypeError):
-    """No supported backbone (MACE, SchNetPack) was found in a calculator."""
+    """No supported backbone (MACE, SchNetPack) in a calculator, or a tap used after close or before any pass."""
 
 
 class MismatchError(ProbeError, ValueError):

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,12 +133,16 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyMode
     meta_json, state = payload["meta"], payload["state"]
     if _checksum(meta_json, state) != payload.get("sha256"):
         raise HeadFileError(f"{path} failed its checksum: the file was modified or damaged")
-    meta = HeadMeta.from_json(meta_json)
-    head = ProbeHead(meta.feature_dim, meta.elements, meta.config)
-    head.load_state_dict({k: v for k, v in state.items() if not k.startswith("novelty.")})
+    try:  # a file of this version whose schema still differs (fields added without a version bump)
+        meta = HeadMeta.from_json(meta_json)
+        head = ProbeHead(meta.feature_dim, meta.elements, meta.config)
+        head.load_state_dict({k: v for k, v in state.items() if not k.startswith("novelty.")})
+        novelty = NoveltyModel(meta.feature_dim, meta.elements, meta.novelty.components)
+        novelty.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("novelty.")})
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise HeadFileError(f"{path} says head-file version {VERSION} but its contents do not match that schema "
+                            f"({type(err).__name__}: {err}); refit the head") from err
     head.eval()
-    novelty = NoveltyModel(meta.feature_dim, meta.elements, meta.novelty.components)
-    novelty.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("novelty.")})
     return head, meta, novelty
 
 
@@ -170,6 +175,14 @@ class Probe:
     meta: HeadMeta
     novelty: NoveltyModel
     _frozen: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # one prediction at a time: the frozen TorchScript head crashed when two threads ran it at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:  # copies and pickles get their own lock and compiled head
+        return {"head": self.head, "meta": self.meta, "novelty": self.novelty}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     @property
     def report(self) -> dict:
@@ -215,7 +228,7 @@ class Probe:
     ) -> Scores:
         """Reliability and novelty per structure, importance and novelty per atom (atoms concatenated)."""
         inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             logits, importance = self._compiled()(*inputs)
             p = torch.sigmoid(logits / self.head.temperature)
             atom_novelty = self.novelty(inputs[0], inputs[1])

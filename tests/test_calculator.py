@@ -158,3 +158,66 @@ def test_head_refuses_another_backbone(probes, cu_data):
 
         probe = probes("mace")
         ProbeCalculator(other, Probe(probe.head, dataclasses.replace(probe.meta, layers=(0,)), probe.novelty))
+
+
+def _cells(n_steps: int, repeat: int, seed: int) -> list[Atoms]:
+    from ase.build import bulk
+
+    rng = np.random.default_rng(seed)
+    base = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+    frames = []
+    for _ in range(n_steps):
+        atoms = base.copy()
+        atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
+        frames.append(atoms)
+    return frames
+
+
+def _run(calc, frames) -> list[tuple]:
+    out = []
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        forces = atoms.get_forces()
+        r = calc.results
+        out.append((r["energy"], forces.copy(), r["reliability"], r["novelty"], r["atom_importance"].copy()))
+    return out
+
+
+def test_wrappers_sharing_a_backbone_across_threads_match_single_threaded(backbone_name, backbones, probes):
+    """Two wrappers on one backbone calculator, one shared Probe, stepped from two threads at once."""
+    import threading
+
+    base, probe = backbones(backbone_name), probes(backbone_name)
+    jobs = [_cells(40, 2, seed=11), _cells(40, 3, seed=12)]  # 32- and 108-atom cells
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base_module.modules())  # noqa: E731
+    with ProbeCalculator(base, probe) as single:
+        base_module = single.tap.module
+        one = hooks()
+        expected = [_run(single, frames) for frames in jobs]
+    wrappers = [ProbeCalculator(base, probe), ProbeCalculator(base, probe)]
+    assert hooks() == one  # one set of hooks per backbone, shared by both wrappers
+    got: list = [None, None]
+    errors: list = []
+
+    def work(k: int) -> None:
+        try:
+            got[k] = _run(wrappers[k], jobs[k])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in range(2):
+        for (e, f, p, nov, imp), (e0, f0, p0, nov0, imp0) in zip(got[k], expected[k]):
+            assert (e, p, nov) == (e0, p0, nov0)
+            np.testing.assert_array_equal(f, f0)
+            np.testing.assert_array_equal(imp, imp0)
+    wrappers[0].close()
+    assert hooks() == one  # the other wrapper still holds them
+    wrappers[1].close()
+    assert hooks() == 0

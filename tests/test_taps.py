@@ -117,16 +117,26 @@ def test_layer_selection_and_close(backbone_name, backbones, cu_data):
     atoms = cu_data["test_in"][1].copy()
     atoms.calc = calc
     atoms.get_potential_energy()
-    assert tap.n_forward == 0 and not tap._captured
+    assert tap.n_forward == 0
+    with pytest.raises(BackboneError, match="closed"):
+        tap.features()
 
 
 def test_fingerprint_tells_models_apart(backbones, cu_data):
     from probe_ase.testing import train_mace
 
     other = train_mace(cu_data["train"][:10], epochs=1, seed=1)
-    with find_tap(backbones("mace")) as a, find_tap(other) as b:
-        assert a.fingerprint() == a.fingerprint()
-        assert a.fingerprint() != b.fingerprint()
+    calc = backbones("mace")
+    with find_tap(calc) as a, find_tap(other) as b:
+        twin = copy.deepcopy(calc)  # same weights, another module; the copied hooks must ignore it
+        with find_tap(twin) as c:
+            assert c.fingerprint() == a.fingerprint() != b.fingerprint()
+            before = a.n_forward
+            atoms = cu_data["test_in"][0].copy()
+            atoms.calc = twin
+            atoms.get_potential_energy()
+            assert (a.n_forward, c.n_forward) == (before, 1)  # the copy's pass reached only its own tap
+            assert c.features().shape == (len(atoms), c.feature_dim)
 
 
 def test_no_backbone_is_a_clear_error():

@@ -9,6 +9,14 @@ ever made to get features.
 Taps also offer :meth:`Tap.predict`, a batched backbone pass over many
 structures (energies, forces and features together) used to build training
 data and to score trajectories.
+
+One set of hooks per backbone module: every tap on the same module (two
+``ProbeCalculator`` wrappers, a guard and a monitor, NEB images sharing one
+model) shares it, refcounted, and what a pass captured is kept *per thread*,
+so a tap only ever reads the features of a pass made by its own thread. The
+shared :attr:`Tap.lock` serialises the backbone calculator's pass with reading
+its results and features (ASE calculators keep their results in one place);
+``ProbeCalculator`` holds it for each step.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +36,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from ..exceptions import InputError
+from ..exceptions import BackboneError, InputError
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,58 @@ class Prediction:
     energy: float
     forces: np.ndarray
     features: torch.Tensor
+
+
+class _Capture(threading.local):
+    """What the hooks kept from the last backbone pass made by the current thread."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, torch.Tensor] = {}  # invariant features per layer
+        self.inputs: dict | None = None  # the backbone's input dict (its neighbour list)
+        self.scratch: dict[int, torch.Tensor] = {}  # adapter state between a layer's pre-hook and hook
+        self.count = 0  # passes seen
+
+
+class _Hooks:
+    """The one set of hooks on a backbone module, shared (refcounted) by every tap on it."""
+
+    def __init__(self, tap: Tap) -> None:
+        self.capture = _Capture()
+        self.lock = threading.RLock()
+        self.users = 0
+        modules = tap.feature_modules()
+        self.handles = [m.register_forward_hook(_feature_hook(self, weakref.ref(m), i, tap.invariant))
+                        for i, m in enumerate(modules)]
+        self.handles += tap._extra_hooks(self)
+        self.handles.append(tap.module.register_forward_pre_hook(
+            _input_hook(self, weakref.ref(tap.module), tap.pair_keys), with_kwargs=True))
+
+
+# hooks are closures, not bound methods: deepcopy treats functions as atomic, so a tapped
+# backbone can still be deep-copied; a copy's passes are ignored (the module check)
+def _feature_hook(hooks: _Hooks, owner: weakref.ref, layer: int, invariant):
+    def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
+        if module is owner():
+            if layer == 0:
+                hooks.capture.count += 1
+            # a copy: a slice view would keep the whole output (l > 0 channels included) alive
+            hooks.capture.layers[layer] = invariant(layer, output).detach().clone()
+
+    return hook
+
+
+def _input_hook(hooks: _Hooks, owner: weakref.ref, keys: tuple[str, ...]):
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if module is owner():
+            inputs = args[0] if args else kwargs.get("data")
+            hooks.capture.inputs = {k: inputs[k].detach() for k in keys if k in inputs}  # references, no copies
+
+    return pre_hook
+
+
+#: the hooks of every tapped backbone module (weak: a dropped backbone drops its entry)
+_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, _Hooks] = weakref.WeakKeyDictionary()
+_HOOKS_LOCK = threading.Lock()
 
 
 class Tap(ABC):
@@ -56,15 +118,14 @@ class Tap(ABC):
         if not chosen or bad:
             raise InputError(f"layers {list(chosen)} invalid for a {self.kind} backbone with {n} tappable layers (0..{n - 1})")
         self.layers = tuple(sorted({i % n for i in chosen}))
-        self._captured: dict[int, torch.Tensor] = {}
-        self.n_forward = 0
-        self._handles = [
-            modules[i].register_forward_hook(self._make_hook(i)) for i in self.layers
-        ]
-        self._inputs_seen: dict | None = None  # the backbone's input dict of the last pass (its neighbour list)
-        self._loops: torch.Tensor | None = None  # self loops (2, n_atoms) of the last graph
-        self._handles.append(self.module.register_forward_pre_hook(self._make_input_hook(), with_kwargs=True))
         self.feature_dim = sum(self.layer_width(i) for i in self.layers)
+        with _HOOKS_LOCK:
+            hooks = _HOOKS.get(self.module)
+            if hooks is None:
+                hooks = _HOOKS[self.module] = _Hooks(self)
+            hooks.users += 1
+        self._hooks: _Hooks | None = hooks
+        self._loops: torch.Tensor | None = None  # self loops (2, n_atoms) of the last graph
 
     # ---- what a backbone adapter provides ---------------------------------
     @classmethod
@@ -119,23 +180,28 @@ class Tap(ABC):
     def _predict_batch(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One backbone pass over ``frames``: energies (eV) and forces (eV/Å)."""
 
+    def _extra_hooks(self, hooks: _Hooks) -> list[torch.utils.hooks.RemovableHandle]:
+        """Further hooks an adapter needs (e.g. pre-hooks), writing into ``hooks.capture.scratch``."""
+        return []
+
     # ---- shared machinery --------------------------------------------------
-    def _make_hook(self, layer: int):
-        def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
-            if layer == self.layers[0]:
-                self.n_forward += 1
-            self._captured[layer] = self.invariant(layer, output).detach()
+    @property
+    def _capture(self) -> _Capture:
+        if self._hooks is None:
+            raise BackboneError(f"this {self.kind} tap is closed: its hooks were removed")
+        return self._hooks.capture
 
-        return hook
+    @property
+    def lock(self) -> threading.RLock:
+        """Lock shared by every tap on this backbone: hold it around a pass and the reading of its results."""
+        if self._hooks is None:
+            raise BackboneError(f"this {self.kind} tap is closed: its hooks were removed")
+        return self._hooks.lock
 
-    def _make_input_hook(self):
-        # a closure, like the feature hooks: deepcopy treats functions as atomic, so a
-        # tapped backbone can still be deep-copied (a bound method would drag the tap along)
-        def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs = args[0] if args else kwargs.get("data")
-            self._inputs_seen = {k: inputs[k].detach() for k in self.pair_keys if k in inputs}  # references, no copies
-
-        return pre_hook
+    @property
+    def n_forward(self) -> int:
+        """Backbone passes this thread has made since the backbone was first tapped (0 once closed)."""
+        return 0 if self._hooks is None else self._hooks.capture.count
 
     def neighbour_graph(self, cutoff: float) -> torch.Tensor | None:
         """The head's graph ``(2, n_atoms + n_pairs)`` from the backbone's own neighbour list of the last pass.
@@ -145,12 +211,13 @@ class Tap(ABC):
         ``cutoff`` exceeds the list's (it would miss pairs) or no pass has been
         seen: the caller then builds the graph itself.
         """
-        if self._inputs_seen is None or len(self._inputs_seen) < len(self.pair_keys) or cutoff > self.list_cutoff + 1e-9:
+        seen = self._capture.inputs
+        if seen is None or len(seen) < len(self.pair_keys) or cutoff > self.list_cutoff + 1e-9:
             return None
-        pairs = self._pairs(self._inputs_seen)
+        pairs = self._pairs(seen)
         if cutoff < self.list_cutoff - 1e-9:  # a shorter radius than the list's: drop the far pairs
-            pairs = pairs[:, (self._vectors(self._inputs_seen) ** 2).sum(1) < cutoff**2]
-        n = next(iter(self._captured.values())).shape[0]
+            pairs = pairs[:, (self._vectors(seen) ** 2).sum(1) < cutoff**2]
+        n = next(iter(self._capture.layers.values())).shape[0]
         if self._loops is None or self._loops.shape[1] != n or self._loops.device != pairs.device:
             self._loops = torch.arange(n, device=pairs.device).expand(2, n)
         return torch.cat([self._loops, pairs], dim=1)
@@ -160,10 +227,11 @@ class Tap(ABC):
         return layer_outputs
 
     def features(self) -> torch.Tensor:
-        """Features of every atom in the last forward pass, ``(n_atoms, feature_dim)``."""
-        if len(self._captured) != len(self.layers):
-            raise RuntimeError(f"no {self.kind} forward pass has been captured yet")
-        layers = self._transform(self._captured)
+        """Features of every atom in this thread's last forward pass, ``(n_atoms, feature_dim)``."""
+        captured = self._capture.layers
+        if any(i not in captured for i in self.layers):
+            raise BackboneError(f"no {self.kind} forward pass has been captured in this thread yet")
+        layers = self._transform(captured)
         return torch.cat([layers[i] for i in self.layers], dim=-1)
 
     def predict(self, frames: Sequence[Atoms], batch_size: int = 32) -> Iterator[Prediction]:
@@ -171,7 +239,7 @@ class Tap(ABC):
         for start in range(0, len(frames), batch_size):
             chunk = frames[start : start + batch_size]
             energies, forces = self._predict_batch(chunk)
-            feats = self.features()
+            feats = self.features()  # this thread's pass: no lock needed, the calculator is not used
             offsets = np.cumsum([0] + [len(a) for a in chunk])
             for k, atoms in enumerate(chunk):
                 yield Prediction(float(energies[k]), forces[k], feats[offsets[k] : offsets[k + 1]])
@@ -196,12 +264,18 @@ class Tap(ABC):
         torch.save(clone, path)
 
     def close(self) -> None:
-        """Remove the hooks; the backbone is left exactly as it was."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._captured.clear()
-        self._inputs_seen = None
+        """Release the hooks (removed with the last tap on the backbone, which is then left as it was)."""
+        hooks, self._hooks = self._hooks, None
+        if hooks is None:
+            return
+        with _HOOKS_LOCK:
+            hooks.users -= 1
+            if hooks.users == 0:
+                for handle in hooks.handles:
+                    handle.remove()
+                hooks.handles.clear()
+                if _HOOKS.get(self.module) is hooks:
+                    del _HOOKS[self.module]
 
     def __enter__(self) -> Tap:
         return self

@@ -14,7 +14,8 @@ it would finally store as ``scalar_representation``):
   is kept, the equivariant vector ``mu`` never enters.
 
 Only one module per layer carries the base class's forward hook, so
-``n_forward`` still counts one per backbone pass. Representations with
+``n_forward`` still counts one per backbone pass; SchNet's block inputs go
+into the shared hooks' per-thread scratch. Representations with
 ``shared_interactions=True`` reuse one module for every layer, which per-module
 hooks cannot tell apart; they are refused with :class:`BackboneError`.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,15 +45,8 @@ class SchNetPackTap(Tap):
 
     def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
         self._rep, self._arch = _find_representation(calc.model)
-        self._inputs: dict[int, torch.Tensor] = {}
         self._converter = None  # built on first batched pass
         super().__init__(calc, layers)
-        self._extra_handles = []
-        if self._arch == "schnet":
-            modules = self.feature_modules()
-            self._extra_handles = [
-                modules[i].register_forward_pre_hook(self._make_pre_hook(i)) for i in self.layers
-            ]
 
     @classmethod
     def accepts(cls, calc: Calculator) -> bool:
@@ -73,7 +68,7 @@ class SchNetPackTap(Tap):
 
     def invariant(self, layer: int, output: object) -> torch.Tensor:
         if self._arch == "schnet":
-            return self._inputs.pop(layer) + output
+            return self._block_inputs.scratch.pop(layer) + output
         q = output[0]
         return q.squeeze(1)
 
@@ -142,18 +137,22 @@ class SchNetPackTap(Tap):
             ]
         return self._converter
 
-    def _make_pre_hook(self, layer: int):
-        def pre_hook(module: torch.nn.Module, args: tuple) -> None:
-            self._inputs[layer] = args[0].detach()
+    def _extra_hooks(self, hooks) -> list:
+        if self._arch != "schnet":
+            return []
+        self._block_inputs = hooks.capture  # kept by this (the hooks' first) tap even after it closes
+        return [m.register_forward_pre_hook(_block_input_hook(hooks, weakref.ref(m), i))
+                for i, m in enumerate(self.feature_modules())]
 
-        return pre_hook
 
-    def close(self) -> None:
-        for handle in self._extra_handles:
-            handle.remove()
-        self._extra_handles.clear()
-        self._inputs.clear()
-        super().close()
+def _block_input_hook(hooks, owner: weakref.ref, layer: int):
+    """Keep a SchNet interaction block's input ``x`` (this thread's pass) for the feature ``x + v``."""
+
+    def pre_hook(module: torch.nn.Module, args: tuple) -> None:
+        if module is owner():
+            hooks.capture.scratch[layer] = args[0].detach()
+
+    return pre_hook
 
 
 class MatscipyNeighbourList:
