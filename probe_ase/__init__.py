@@ -8,9 +8,6 @@ results. Heads are fitted with :func:`fit_probe` (PROBE, arXiv:2605.00640),
 their operating threshold certified by Learn-then-Test.
 """
 
-from .active_learning import ActiveLearner
-from .calculator import ProbeCalculator, annotate
-from .dataset import featurize, read_frames
 from .exceptions import (
     BackboneError,
     EmptyStructureError,
@@ -21,15 +18,34 @@ from .exceptions import (
     MissingReferenceError,
     NonFiniteError,
     ProbeError,
+    ReliabilityHalt,
     UnknownElementError,
 )
-from .fit import TrainConfig, fit_probe
-from .head import HeadConfig, ProbeHead
-from .guard import GuardReport, guarded_optimize
-from .headfile import HeadMeta, Probe
-from .novelty import NoveltyConfig
-from .observers import ReliabilityHalt, ReliabilityMonitor, ReliabilityTrajectory
-from .taps import find_tap
+
+#: public names and the module defining each, imported on first use (PEP 562): ``import probe_ase`` stays
+#: cheap (no torch, scikit-learn, scipy until a name that needs them is touched)
+_LAZY = {
+    "ActiveLearner": "active_learning", "ProbeCalculator": "calculator", "annotate": "calculator",
+    "featurize": "dataset", "read_frames": "dataset", "TrainConfig": "fit", "fit_probe": "fit",
+    "HeadConfig": "head", "ProbeHead": "head", "GuardReport": "guard", "guarded_optimize": "guard",
+    "HeadMeta": "headfile", "Probe": "headfile", "NoveltyConfig": "novelty",
+    "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers", "find_tap": "taps",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ActiveLearner",

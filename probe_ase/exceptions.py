@@ -12,7 +12,8 @@ Every error the package raises on purpose derives from :class:`ProbeError`, so
     ├── LabelError            labels that cannot train a classifier (all one class)
     ├── BackboneError         no supported backbone in a calculator, or a tap used closed / before a pass
     ├── MismatchError         head file and backbone disagree (fingerprint, width)
-    └── HeadFileError         a head file that is missing, truncated or tampered
+    ├── HeadFileError         a head file that is missing, truncated or tampered
+    └── ReliabilityHalt       a monitor with raise_on_halt=True stopped a run
 """
 
 from __future__ import annotations
@@ -56,3 +57,7 @@ class MismatchError(ProbeError, ValueError):
 
 class HeadFileError(ProbeError, OSError):
     """A head file is missing, truncated, tampered with, or of an unknown version."""
+
+
+class ReliabilityHalt(ProbeError):
+    """Raised by a monitor with ``raise_on_halt=True`` when it halts a run."""

@@ -39,13 +39,9 @@ from ase.md.md import MolecularDynamics
 from ase.optimize.optimize import Dynamics
 
 from .calculator import ProbeCalculator, annotate
-from .exceptions import InputError, ProbeError
+from .exceptions import InputError, ReliabilityHalt
 
 Action = Literal["log", "flag", "halt"]
-
-
-class ReliabilityHalt(ProbeError):
-    """Raised by a monitor with ``raise_on_halt=True`` when it halts a run."""
 
 
 @dataclass
