@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from ase import Atoms
-from ase.io import read
+from ase.io import iread, read
 from tqdm.auto import tqdm
 
 from .exceptions import InputError, MissingReferenceError
@@ -46,13 +46,31 @@ def read_frames(source: Frames) -> list[Atoms]:
         path = Path(source)
         if not path.exists() and not Path(str(source).split("@")[0]).exists():
             raise InputError(f"no such file: {path}")
-        frames = read(source, index=":") if "@" not in str(source) else read(source)
+        try:
+            frames = read(source, index=":") if "@" not in str(source) else read(source)
+        except Exception as err:  # ASE raises many types (XYZError, KeyError, ValueError, StopIteration ...)
+            raise InputError(f"cannot read structures from {source}: {type(err).__name__}: {err}") from err
         frames = frames if isinstance(frames, list) else [frames]
     else:
         frames = list(source)
     if not frames:
         raise InputError(f"no structures in {source if isinstance(source, (str, os.PathLike)) else 'the list'}")
     return frames
+
+
+def iter_frames(path: str | os.PathLike) -> Iterator[Atoms]:
+    """Structures of a file one at a time (constant memory); unreadable ones raise :class:`InputError`."""
+    frames = iread(path, index=":")
+    index = 0
+    while True:
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            return
+        except Exception as err:  # ASE raises many types (XYZError, KeyError, ValueError ...)
+            raise InputError(f"cannot read structures from {path} (frame {index}): {type(err).__name__}: {err}") from err
+        yield atoms
+        index += 1
 
 
 def reference_energy(atoms: Atoms, key: str = "energy") -> float | None:

@@ -38,8 +38,12 @@ def make_dynamics(
     """
     if ensemble not in ("nve", "nvt", "npt"):
         raise InputError(f"ensemble must be nve, nvt or npt, got {ensemble!r}")
-    if timestep_fs <= 0:
+    if not timestep_fs > 0:
         raise InputError(f"timestep must be positive (fs), got {timestep_fs}")
+    if not temperature_K >= 0:
+        raise InputError(f"temperature must be >= 0 K, got {temperature_K}")
+    if ensemble != "nve" and not friction_per_fs > 0:
+        raise InputError(f"friction must be positive (1/fs), got {friction_per_fs}")
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     dt = timestep_fs * units.fs

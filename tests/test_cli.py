@@ -63,6 +63,42 @@ def test_fit_errors_are_reported_not_raised(files, capsys):
     assert "no such backbone file" in capsys.readouterr().err
 
 
+BAD_INPUT = [  # (arguments after the subcommand's files, what the one error line must name)
+    ("score-malformed", "cannot read structures from"),
+    ("score-empty", "Empty file"),
+    ("md-negative-temperature", "temperature must be >= 0 K"),
+    ("md-zero-timestep", "timestep must be positive"),
+    ("md-negative-friction", "friction must be positive"),
+    ("fit-malformed", "cannot read structures from"),
+]
+
+
+@pytest.mark.parametrize("case,message", BAD_INPUT, ids=[c for c, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_line_and_writes_nothing(files, capsys, cu_data, case, message):
+    work = files / f"bad-{case}"
+    work.mkdir()
+    (work / "malformed.xyz").write_text("3\nLattice=\"1 0 0\" Properties=species:S:1:pos:R:3\nCu 0 0\n")
+    (work / "empty.xyz").write_text("")
+    write(work / "start.xyz", cu_data["test_in"][0])
+    probe, md = str(files / "probe.pt"), ["md", str(work / "start.xyz"), "--probe", str(files / "probe.pt"),
+                                          "--steps", "2", "--trajectory", str(work / "out.traj")]
+    args = {
+        "score-malformed": ["score", "--probe", probe, str(work / "malformed.xyz"), "-o", str(work / "out.xyz")],
+        "score-empty": ["score", "--probe", probe, str(work / "empty.xyz"), "-o", str(work / "out.xyz")],
+        "md-negative-temperature": md + ["--temperature", "-5"],
+        "md-zero-timestep": md + ["--timestep", "0"],
+        "md-negative-friction": md + ["--friction", "-0.01"],
+        "fit-malformed": ["fit", "--backbone", str(files / "mace.model"), "--data", str(work / "malformed.xyz"),
+                          "--no-cache", "-o", str(work / "out.pt")],
+    }[case]
+    before = sorted(p.name for p in work.iterdir())
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]  # beside progress bars
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert sorted(p.name for p in work.iterdir()) == before  # nothing written, nothing left behind
+
+
 def test_help_names_units(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])

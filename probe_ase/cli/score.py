@@ -21,9 +21,10 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     import numpy as np
-    from ase.io import iread, write
+    from ase.io import write
     from tqdm.auto import tqdm
 
+    from ..dataset import iter_frames
     from ..exceptions import InputError
     from ..fileio import atomic_path
     from ..scoring import score_frames
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         probe.check_backbone(tap.kind, tap.fingerprint(), tap.feature_dim, tap.layers)
         probe.to(args.device)
         with open(tmp, "w") as handle:
-            frames = tqdm(iread(args.frames, index=":"), desc="score", unit="frame")
+            frames = tqdm(iter_frames(args.frames), desc="score", unit="frame")
             for scored in score_frames(probe, tap, frames, batch_size=args.batch_size):
                 write(handle, scored, format="extxyz")
                 reliabilities.append(scored.info["reliability"])
