@@ -40,7 +40,7 @@ def explored_template(backbones, probes, cu_data, tmp_path_factory):
     """One exploration round (two hot trajectories), stored in a template database."""
     path = tmp_path_factory.mktemp("al") / "al.db"
     with ProbeCalculator(backbones("mace"), probes("mace")) as calc:
-        learner = ActiveLearner(calc, CountingEMT, db=path, p_lo=0.02)
+        learner = ActiveLearner(calc, CountingEMT, db=path, p_lo=0.02, novelty_hi=4.0)  # 2000 K leaves the support fast
         counts = learner.explore(cu_data["test_in"][:2], md=hot_md, steps=80, max_new=6, min_separation=4,
                                  progress=False)
     return path, counts
@@ -52,7 +52,7 @@ def explored(explored_template, probe_calc, tmp_path):
     template, counts = explored_template
     path = tmp_path / "al.db"
     shutil.copy(template, path)
-    return ActiveLearner(probe_calc, CountingEMT, db=path, p_lo=0.02), counts
+    return ActiveLearner(probe_calc, CountingEMT, db=path, p_lo=0.02, novelty_hi=4.0), counts
 
 
 def test_exploration_stores_the_selected_band(explored):

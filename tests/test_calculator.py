@@ -212,11 +212,13 @@ def test_wrappers_sharing_a_backbone_across_threads_match_single_threaded(backbo
     for t in threads:
         t.join()
     assert not errors, errors
+    # equal up to float32 reduction order (torch's intra-op threads may split sums differently
+    # when two Python threads use them); another pass's features would differ by far more
     for k in range(2):
-        for (e, f, p, nov, imp), (e0, f0, p0, nov0, imp0) in zip(got[k], expected[k]):
-            assert (e, p, nov) == (e0, p0, nov0)
-            np.testing.assert_array_equal(f, f0)
-            np.testing.assert_array_equal(imp, imp0)
+        assert len(got[k]) == len(expected[k])
+        for row, row0 in zip(got[k], expected[k]):
+            for value, value0 in zip(row, row0):
+                np.testing.assert_allclose(value, value0, rtol=1e-5, atol=1e-6)
     wrappers[0].close()
     assert hooks() == one  # the other wrapper still holds them
     wrappers[1].close()

@@ -54,14 +54,14 @@ def test_unseen_shift_passes_the_probability_but_not_the_verdict(cold_probe, bac
                 passed_by_p_only.append(name)
     # compressed cells (never in the pool) keep a high probability but leave the support
     assert passed_by_p_only.count("compressed 3 %") >= 3, passed_by_p_only
-    # in distribution, the support holds fresh frames
+    # in distribution, the support holds fresh frames (about 90 % by the default support_quantile)
     fresh = emt_frames(20, 300, seed=53)
     novelty = []
     for atoms in fresh:
         atoms.calc = calc
         atoms.get_forces()
         novelty.append(calc.results["novelty"])
-    assert np.mean(np.array(novelty) <= 1.0) >= 0.9
+    assert np.mean(np.array(novelty) <= 1.0) >= 0.7
     calc.close()
 
 
@@ -73,6 +73,9 @@ def test_novelty_scale_on_known_distributions():
     numbers = torch.from_numpy(np.where(np.arange(n_struct * atoms_per) % 2, 29, 8))
     ptr = np.arange(0, n_struct * atoms_per + 1, atoms_per)
     model, held_out = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig())
+    assert np.quantile(held_out, 0.9) == pytest.approx(1.0)  # default edge: 90 % of held-out structures inside
+    model, held_out = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29),
+                                  NoveltyConfig(support_quantile=1.0))
     assert held_out.max() == pytest.approx(1.0)  # the radius is the farthest held-out structure
     fresh = torch.from_numpy(rng.normal(size=(4000, 6)))
     numbers_fresh = torch.full((4000,), 29)

@@ -1,0 +1,285 @@
+"""Choose the novelty term on the fit pool's own leave-shift-out split (never on evaluation files).
+
+For one data folder (acac or ethanol, as in ``uq_quality.py``) the fit pool
+is split by what it contains: the in-distribution part (acac: the fit half of
+test_MD_300K; ethanol: the fit half of test_MD) fits a PROBE head exactly as
+``fit_probe`` does; the pool's shifted part (acac: train_600K; ethanol: the
+methanol frames of train_eth_meth) plays the unseen shift. For each novelty
+variant the verdict's threshold is certified on the in-distribution
+calibration split (Learn-then-Test, eligibility = inside that variant's
+support), then applied to the shifted part::
+
+    python benchmarks/novelty_variants.py --data ../shared/data/acac \\
+        --models benchmarks/results/uq-acac/models --out benchmarks/results/novelty-acac
+
+Variants (all per element, structure novelty = the largest atom novelty, unit
+and support radius from 5-fold out-of-fold distances as in
+:func:`probe_ase.novelty.fit_novelty`):
+
+* ``gmm<k>``: Mahalanobis distance to the nearest of ``k`` Gaussian components;
+* ``layers``: one Gaussian per tapped interaction layer, the largest of the
+  per-layer scaled distances;
+* ``knn<k>``: Euclidean distance to the ``k``-th nearest fit atom in
+  per-element standardised features;
+
+each with support radius at quantile ``q`` of the held-out fit structures'
+novelty (``q`` = 1: the farthest one). The ensemble's thresholds (mean and
+max force std, energy std; 5 members) are certified the same way on the
+in-distribution part (40 % fixes the grid, 60 % calibrates). Writes
+``results.json`` and ``results.md`` into ``--out``; units: eV/Å, eV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import uq_quality as uq  # noqa: E402
+
+from probe_ase import fit_probe, metrics  # noqa: E402
+from probe_ase.taps import find_tap  # noqa: E402
+from probe_ase.certify import certify  # noqa: E402
+from probe_ase.dataset import featurize  # noqa: E402
+from probe_ase.exceptions import LabelError  # noqa: E402
+from probe_ase.fileio import atomic_write  # noqa: E402
+from probe_ase.fit import TrainConfig, split_indices  # noqa: E402
+from probe_ase.graph import radius_graph  # noqa: E402
+from probe_ase.novelty import NoveltyConfig, fit_novelty, structure_novelty  # noqa: E402
+
+#: (name, criterion, absolute tolerance in eV/Å or eV, or quantile of the in-distribution errors), as in uq_quality
+LABELS = [("force_rmse 0.1 eV/Å", "force_rmse", 0.1, None), ("energy 43 meV", "energy", 0.043, None),
+          ("force_rmse q0.8", "force_rmse", None, 0.8), ("energy q0.8", "energy", None, 0.8)]
+QUANTILES = (1.0, 0.99, 0.95, 0.9, 0.8)
+
+
+def rows_of(ptr, structures):
+    return np.concatenate([np.arange(ptr[k], ptr[k + 1]) for k in structures])
+
+
+def sub_ptr(ptr, structures):
+    return np.cumsum([0] + [ptr[k + 1] - ptr[k] for k in structures])
+
+
+class Knn:
+    """k-th nearest fit atom of the same element, per-element standardised features (raw distance)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def fit(self, x, z):
+        from sklearn.neighbors import NearestNeighbors
+
+        self.models = {}
+        for e in np.unique(z):
+            xe = x[z == e]
+            mean, std = xe.mean(0), xe.std(0) + 1e-8
+            self.models[e] = (mean, std, NearestNeighbors(n_neighbors=self.k).fit((xe - mean) / std))
+        return self
+
+    def distances(self, x, z):
+        d = np.full(len(x), np.inf)
+        for e, (mean, std, nn) in self.models.items():
+            m = z == e
+            if m.any():
+                d[m] = nn.kneighbors((x[m] - mean) / std)[0][:, -1]
+        return d
+
+
+class Layers:
+    """One Gaussian per element and tapped layer; the largest of the per-layer distances, each in its median unit."""
+
+    def __init__(self, widths):
+        self.bounds = np.cumsum([0] + list(widths))
+
+    def fit(self, x, z):
+        self.parts = []
+        for a, b in zip(self.bounds[:-1], self.bounds[1:]):
+            stats = {}
+            for e in np.unique(z):
+                xe = x[z == e, a:b]
+                mean, cov = xe.mean(0), np.cov(xe, rowvar=False) + 1e-3 * np.diag(xe.var(0) + 1e-8)
+                stats[e] = (mean, np.linalg.cholesky(np.linalg.inv(cov)))
+            d = self._raw(stats, x[:, a:b], z)
+            scale = {e: np.median(d[z == e]) for e in stats}
+            self.parts.append((a, b, stats, scale))
+        return self
+
+    @staticmethod
+    def _raw(stats, x, z):
+        d = np.full(len(x), np.inf)
+        for e, (mean, chol) in stats.items():
+            m = z == e
+            if m.any():
+                d[m] = np.linalg.norm((x[m] - mean) @ chol, axis=1)
+        return d
+
+    def distances(self, x, z):
+        out = np.zeros(len(x))
+        for a, b, stats, scale in self.parts:
+            d = self._raw(stats, x[:, a:b], z)
+            out = np.maximum(out, d / np.array([scale.get(e, np.inf) for e in z]))
+        return out
+
+
+def oof_scaled(model_factory, x, z, ptr, fit_structures, folds=5, seed=0):
+    """Out-of-fold scaled atom distances of the fit structures, and a scorer for new atoms (same scale, radius 1)."""
+    fit_structures = np.asarray(fit_structures)
+    fold_of = np.random.default_rng(seed).permutation(len(fit_structures)) % folds
+    rows = [np.arange(ptr[k], ptr[k + 1]) for k in fit_structures]
+    oof = np.empty(len(x))
+    for f in range(folds):
+        tr = np.concatenate([rows[i] for i in np.flatnonzero(fold_of != f)])
+        te = np.concatenate([rows[i] for i in np.flatnonzero(fold_of == f)])
+        oof[te] = model_factory().fit(x[tr], z[tr]).distances(x[te], z[te])
+    all_rows = np.concatenate(rows)
+    unit = {e: max(np.median(oof[all_rows][z[all_rows] == e]), 1e-12) for e in np.unique(z[all_rows])}
+    per_structure = np.array([(oof[r] / np.array([unit[e] for e in z[r]])).max() for r in rows])
+    final = model_factory().fit(x[all_rows], z[all_rows])
+
+    def score(xs, zs, ptr_s):
+        d = final.distances(xs, zs) / np.array([unit.get(e, np.inf) for e in zs])
+        return np.array([d[ptr_s[k]:ptr_s[k + 1]].max() for k in range(len(ptr_s) - 1)])
+
+    return per_structure, score
+
+
+def outcome(accept, bad):
+    good = ~bad
+    return {"n": int(len(accept)), "accepted": int(accept.sum()), "coverage": float(accept.mean()),
+            "risk": float(bad[accept].mean()) if accept.any() else float("nan"),
+            "coverage_of_reliable": float(accept[good].mean()) if good.any() else float("nan")}
+
+
+def study(data: Path, models: Path, cache: Path, target_risk: float, delta: float) -> dict:
+    name, train, pool, pool_in, evals, e0s = uq.load_splits(data, False)
+    shift = pool[len(pool_in):]
+    paths = sorted(models.glob("ssmace_c16_L1_e20_*_s[0-4].model"))
+    if len(paths) != 5:
+        raise SystemExit(f"{models}: need the 5 MACE members of uq_quality.py (found {len(paths)})")
+    calc0 = uq.make_calc("mace", paths[0])
+    with find_tap(calc0) as tap:
+        fs_in = featurize(tap, pool_in, cache_dir=cache, progress=False)
+        fs_sh = featurize(tap, shift, cache_dir=cache, progress=False)
+        widths = [tap.layer_width(layer) for layer in tap.layers]
+    ens_file = cache / f"ensemble-{name}.npz"
+    if ens_file.exists():
+        ens = dict(np.load(ens_file))
+    else:
+        a, b = uq.ensemble_disagreement("mace", paths, pool_in), uq.ensemble_disagreement("mace", paths, shift)
+        keys = ("ens_force_std", "ens_force_max_std", "ens_energy_std")
+        ens = {**{f"in/{k}": a[k] for k in keys}, **{f"shift/{k}": b[k] for k in keys}}
+        np.savez(ens_file, **ens)
+    x_in, z_in = fs_in.features.double().numpy(), fs_in.numbers.numpy()
+    x_sh, z_sh = fs_sh.features.double().numpy(), fs_sh.numbers.numpy()
+    out = {"dataset": name, "n_in": len(pool_in), "n_shift": len(shift), "labels": {}}
+    for label, crit, threshold, quantile in LABELS:
+        err_in, err_sh = fs_in.error(crit), fs_sh.error(crit)
+        if not (np.isfinite(err_in).all() and np.isfinite(err_sh).all()):
+            continue
+        t0 = time.perf_counter()
+        try:
+            probe = fit_probe(calc0, pool_in, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
+                              delta=delta, cache_dir=cache, progress=False)
+        except LabelError as exc:  # e.g. acac energy: the 300 K frames are all within 43 meV
+            out["labels"][label] = {"skipped": str(exc)}
+            print(f"{name} {label}: skipped ({exc})", flush=True)
+            continue
+        tau = probe.meta.tau
+        labels = (err_in <= tau).astype(np.int64)
+        tr, val, cal = split_indices(labels, TrainConfig())
+        cutoff = probe.meta.config.cutoff
+        p_in = probe.predict(fs_in.features, fs_in.numbers, fs_in.ptr, [radius_graph(a, cutoff) for a in pool_in]).reliability
+        p_sh = probe.predict(fs_sh.features, fs_sh.numbers, fs_sh.ptr, [radius_graph(a, cutoff) for a in shift]).reliability
+        bad_in, bad_sh = err_in > tau, err_sh > tau
+        fit_s = np.concatenate([tr, val])
+        variants = {}
+        for k in (1, 2, 4, 8):
+            variants[f"gmm{k}"] = ("gmm", k)
+        variants["layers"] = ("layers", widths)
+        for k in (1, 5):
+            variants[f"knn{k}"] = ("knn", k)
+        rows = {}
+        cal_ptr, sh_ptr = sub_ptr(fs_in.ptr, cal), fs_sh.ptr
+        for vname, (kind, arg) in variants.items():
+            if kind == "gmm":
+                model, held = fit_novelty(fs_in.features, fs_in.numbers, fs_in.ptr, fit_s, probe.meta.elements,
+                                          NoveltyConfig(components=arg))
+                radius = float(model.radius)
+                held = held * radius  # back to unit scale, radius 1 = largest held-out structure
+                with torch.no_grad():
+                    nov_cal = structure_novelty(model(fs_in.features[torch.as_tensor(rows_of(fs_in.ptr, cal))],
+                                                      fs_in.numbers[torch.as_tensor(rows_of(fs_in.ptr, cal))]), cal_ptr) * radius
+                    nov_sh = structure_novelty(model(fs_sh.features, fs_sh.numbers), sh_ptr) * radius
+            else:
+                factory = (lambda a=arg: Knn(a)) if kind == "knn" else (lambda a=arg: Layers(a))
+                held, score = oof_scaled(factory, x_in, z_in, fs_in.ptr, fit_s)
+                nov_cal = score(x_in[rows_of(fs_in.ptr, cal)], z_in[rows_of(fs_in.ptr, cal)], cal_ptr)
+                nov_sh = score(x_sh, z_sh, sh_ptr)
+            held_val = held[len(tr):]
+            for q in QUANTILES:
+                r = float(np.quantile(held, q))
+                cert = certify(p_in[cal], bad_in[cal], p_in[val], target_risk, delta,
+                               cal_eligible=nov_cal <= r, val_eligible=held_val <= r)
+                acc_sh = (p_sh >= cert.threshold) & (nov_sh <= r)
+                acc_cal = (p_in[cal] >= cert.threshold) & (nov_cal <= r)
+                rows[f"{vname} q={q}"] = {"certified_risk": cert.risk, "shift": outcome(acc_sh, bad_sh),
+                                          "in_cal": outcome(acc_cal, bad_in[cal]),
+                                          "shift_out_of_support": float(np.mean(nov_sh > r)),
+                                          "auroc_shift": metrics.auroc(~bad_sh, -nov_sh)}
+        rows["p only"] = {"certified_risk": probe.meta.certified_risk,
+                          "shift": outcome(p_sh >= probe.p_star, bad_sh),
+                          "in_cal": outcome(p_in[cal] >= probe.p_star, bad_in[cal])}
+        grid_part = np.random.default_rng(0).uniform(size=len(pool_in)) < 0.4
+        for m in ("ens_force_std", "ens_force_max_std", "ens_energy_std"):
+            s_in, s_sh = -ens[f"in/{m}"], -ens[f"shift/{m}"]
+            cert = certify(s_in[~grid_part], bad_in[~grid_part], s_in[grid_part], target_risk, delta)
+            rows[m] = {"certified_risk": cert.risk, "shift": outcome(s_sh >= cert.threshold, bad_sh),
+                       "in_cal": outcome(s_in[~grid_part] >= cert.threshold, bad_in[~grid_part])}
+        out["labels"][label] = {"tau": tau, "p_star": probe.p_star, "shift_fraction_bad": float(bad_sh.mean()),
+                               "seconds": time.perf_counter() - t0, "rows": rows}
+        print(table(name, label, out["labels"][label]), flush=True)
+    return out
+
+
+def table(name, crit, entry) -> str:
+    lines = [f"\n### {name}, {crit} (tau {entry['tau']:.4g}), shift {entry['shift_fraction_bad']:.0%} bad",
+             "| variant | certified risk | shift coverage | shift risk | shift cov. of reliable | shift AUROC | "
+             "in-dist cal coverage | in-dist cal risk |", "|---|---|---|---|---|---|---|---|"]
+    for v, r in entry["rows"].items():
+        s, c = r["shift"], r["in_cal"]
+        lines.append(f"| {v} | {r['certified_risk']:.3f} | {s['coverage']:.2f} ({s['accepted']}) | "
+                     f"{uq.fmt(s['risk'])} | {uq.fmt(s['coverage_of_reliable'], 2)} | {uq.fmt(r.get('auroc_shift'))} | "
+                     f"{c['coverage']:.2f} | {uq.fmt(c['risk'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, type=Path, help="acac or ethanol folder of shared/data")
+    ap.add_argument("--models", required=True, type=Path, help="folder with uq_quality.py's 5 MACE members")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--target-risk", type=float, default=0.05, help="target risk, fraction 0-1 (default 0.05)")
+    ap.add_argument("--delta", type=float, default=0.1, help="certificate failure probability (default 0.1)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / "cache"
+    cache.mkdir(exist_ok=True)
+    res = study(args.data.resolve(), args.models.resolve(), cache, args.target_risk, args.delta)
+    res["command"] = " ".join(["novelty_variants.py"] + (argv or sys.argv[1:]))
+    atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
+    md = "\n".join(table(res["dataset"], c, e) if "rows" in e else f"\n### {res['dataset']}, {c}: skipped: {e['skipped']}"
+                   for c, e in res["labels"].items())
+    atomic_write(args.out / "results.md", lambda tmp: tmp.write_text(f"# Novelty variants, {res['dataset']}\n\n"
+                                                                       f"`{res['command']}`\n{md}\n"))
+
+
+if __name__ == "__main__":
+    main()
