@@ -69,6 +69,16 @@ class TrainConfig:
     cal_fraction: float = 0.2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise InputError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, "
+                             f"{self.batch_size}")
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise InputError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+        if not (0 < self.val_fraction and 0 < self.cal_fraction and self.val_fraction + self.cal_fraction < 1):
+            raise InputError(f"val_fraction and cal_fraction must be > 0 with a sum < 1, got {self.val_fraction} "
+                             f"and {self.cal_fraction}")
+
 
 def split_indices(labels: np.ndarray, train: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified train / validation / calibration indices."""
@@ -130,7 +140,7 @@ def train_head(
     optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     if config.aux_quantiles:
         if errors is None:
-            raise ValueError("aux_quantiles need the per-structure errors")
+            raise InputError("aux_quantiles need the per-structure errors")
         levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
         y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
 

@@ -8,6 +8,7 @@ import torch
 from ase import Atoms
 from ase.build import bulk, molecule
 
+from probe_ase import InputError
 from probe_ase.graph import radius_graph
 from probe_ase.head import HeadConfig, ProbeHead, batch_inputs, segment_softmax
 
@@ -173,9 +174,20 @@ def test_head_config_validation():
         HeadConfig(hidden=10, heads=4)
     with pytest.raises(ValueError, match="not divisible"):
         HeadConfig(hidden=64, heads=5)
-    for cutoff in (0.0, -1.0):
-        with pytest.raises(ValueError, match="cutoff must be positive"):
+    for cutoff in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="cutoff must be positive"):
             HeadConfig(cutoff=cutoff)
+    with pytest.raises(InputError, match="must be >= 1"):
+        HeadConfig(heads=0)  # was a ZeroDivisionError
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(weight_decay=-1.0),
+                                 dict(val_fraction=0.5, cal_fraction=0.5), dict(cal_fraction=0.0)])
+def test_train_config_validation(bad):
+    from probe_ase import TrainConfig
+
+    with pytest.raises(InputError):
+        TrainConfig(**bad)
 
 
 # --- batch_inputs ---------------------------------------------------------------------------
