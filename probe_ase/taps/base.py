@@ -185,18 +185,19 @@ class Tap(ABC):
         return []
 
     # ---- shared machinery --------------------------------------------------
-    @property
-    def _capture(self) -> _Capture:
+    def _live(self) -> _Hooks:
         if self._hooks is None:
             raise BackboneError(f"this {self.kind} tap is closed: its hooks were removed")
-        return self._hooks.capture
+        return self._hooks
+
+    @property
+    def _capture(self) -> _Capture:
+        return self._live().capture
 
     @property
     def lock(self) -> threading.RLock:
         """Lock shared by every tap on this backbone: hold it around a pass and the reading of its results."""
-        if self._hooks is None:
-            raise BackboneError(f"this {self.kind} tap is closed: its hooks were removed")
-        return self._hooks.lock
+        return self._live().lock
 
     @property
     def n_forward(self) -> int:
