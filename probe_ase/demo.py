@@ -164,12 +164,10 @@ def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, ex
 
 def plot_md(record: dict, threshold: float, tau: float, halt: int | None, path: Path) -> None:
     """Reliability and true force error along the heated run, with the halt marked."""
-    import matplotlib
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(6.4, 7.0), sharex=True)
+    fig = Figure(figsize=(6.4, 7.0))
+    top, middle, bottom = fig.subplots(3, 1, sharex=True)
     top.plot(record["step"], record["p"], lw=1, color="tab:blue")
     top.axhline(threshold, color="grey", ls=":", lw=1, label=f"threshold p* = {threshold:.2f}")
     top.set_ylabel("PROBE reliability")
@@ -188,7 +186,6 @@ def plot_md(record: dict, threshold: float, tau: float, halt: int | None, path: 
     top.set_title("Gated MD driven out of distribution")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
 
 
 def format_table(summary: dict) -> str:
@@ -213,12 +210,10 @@ def format_table(summary: dict) -> str:
 
 def plot_demo(scored: list, tau: float, p_star: float, path: Path) -> None:
     """Scatter of true force error against reliability, one colour per evaluation set."""
-    import matplotlib
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
     for name in EVAL_SETS:
         frames = [f for f in scored if f.info["set"] == name]
         ax.scatter([1000 * force_rmse(f) for f in frames], [f.info["reliability"] for f in frames], s=18, label=name)
@@ -230,4 +225,3 @@ def plot_demo(scored: list, tau: float, p_star: float, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)

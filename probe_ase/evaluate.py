@@ -103,10 +103,7 @@ def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Pat
     force criteria, eV or eV/atom for energy ones), ``reliable`` the labels
     ``error <= tau``. Returns the file names written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import roc_curve
 
@@ -115,10 +112,10 @@ def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Pat
     def save(fig, name):
         fig.tight_layout()
         atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
         names.append(name)
 
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    fig = Figure(figsize=(4.8, 4.2))
+    ax = fig.subplots()
     for label, score in curves.items():
         if reliable.all() or not reliable.any():
             break
@@ -129,7 +126,8 @@ def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Pat
     ax.legend(fontsize=7)
     save(fig, "roc.png")
 
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    fig = Figure(figsize=(4.8, 4.2))
+    ax = fig.subplots()
     for label, score in list(curves.items()) + [("oracle", error)]:
         coverage, risk, _ = metrics.risk_coverage(-score, reliable)
         ax.plot(coverage, risk, label=label, ls="--" if label == "oracle" else "-")
@@ -138,7 +136,8 @@ def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Pat
     ax.legend(fontsize=7)
     save(fig, "risk_coverage.png")
 
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    fig = Figure(figsize=(4.8, 4.2))
+    ax = fig.subplots()
     ax.scatter(error, p, s=10, c=np.where(reliable, "tab:blue", "tab:red"))
     ax.axvline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:.3g} {UNITS[criterion]}")
     ax.axhline(p_star, color="grey", ls=":", lw=1, label=f"p* = {p_star:.2f}")
@@ -146,7 +145,8 @@ def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Pat
     ax.legend(fontsize=7)
     save(fig, "scatter.png")
 
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    fig = Figure(figsize=(4.8, 4.2))
+    ax = fig.subplots()
     frac, mean_p = calibration_curve(reliable.astype(int), p, n_bins=10, strategy="uniform")
     ax.plot(mean_p, frac, "o-", label="PROBE")
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
@@ -158,18 +158,18 @@ def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Pat
 
 def _importance_png(frame: Atoms, index: int, out: Path) -> str:
     """The structure seen along z, atoms coloured by PROBE importance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
     from ase.visualize.plot import plot_atoms
 
     importance = frame.arrays["atom_importance"]
-    cmap = plt.get_cmap("viridis")
+    from matplotlib import cm, colormaps, colors
+
+    cmap = colormaps["viridis"]
     colours = [cmap(x) for x in importance / (importance.max() or 1.0)]
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig = Figure(figsize=(4.2, 4.2))
+    ax = fig.subplots()
     plot_atoms(frame, ax, colors=colours, radii=0.5)
-    scale = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, float(importance.max())))
+    scale = cm.ScalarMappable(cmap=cmap, norm=colors.Normalize(0, float(importance.max())))
     fig.colorbar(scale, ax=ax, shrink=0.7, label="atom importance (sums to 1)")
     ax.set_axis_off()
     ax.set_title(f"frame {index}: reliability {frame.info['reliability']:.3f}\n"
@@ -177,7 +177,6 @@ def _importance_png(frame: Atoms, index: int, out: Path) -> str:
     name = f"importance_{index}.png"
     fig.tight_layout()
     atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
     return name
 
 

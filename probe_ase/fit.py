@@ -129,9 +129,10 @@ def train_head(
     the main loss only.
     """
     tr, val, _ = splits
-    torch.manual_seed(train.seed)
     generator = torch.Generator().manual_seed(train.seed)
-    head = ProbeHead(data.features.shape[1], elements, config)
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's global RNG alone
+        torch.manual_seed(train.seed)
+        head = ProbeHead(data.features.shape[1], elements, config)
     rows = torch.cat([torch.arange(data.ptr[k], data.ptr[k + 1]) for k in tr])
     head.set_standardisation(data.features[rows], data.numbers[rows])
     y = torch.as_tensor(labels, dtype=torch.float32)

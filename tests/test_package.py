@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import probe_ase
@@ -35,3 +36,30 @@ def test_every_exception_is_in_the_tree():
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         probe_ase.nope  # noqa: B018
+
+
+def test_library_calls_leave_global_state_alone(backbones, cu_data, tmp_path):
+    """fit_probe and the plots change neither torch's global RNG nor matplotlib's backend."""
+    import matplotlib
+    import torch
+
+    from probe_ase import TrainConfig, fit_probe
+    from probe_ase.evaluate import plot_evaluation
+
+    base = backbones("mace")  # trained (and seeded) before the RNG is watched
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's choice that the library must not switch to Agg
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    probe = fit_probe(base, cu_data["pool"][:60], quantile=0.7, train=TrainConfig(epochs=3),
+                      cache_dir=False, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+    rng = np.random.default_rng(0)
+    err = rng.uniform(0, 0.1, 40)
+    try:
+        written = plot_evaluation({"PROBE": err}, 1 - err, err, err <= 0.05, 0.05, probe.p_star, "force_rmse", tmp_path)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
+    assert len(written) == 4 and all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name in written)
