@@ -144,3 +144,22 @@ def test_no_backbone_is_a_clear_error():
 
     with pytest.raises(BackboneError, match="EMT"):
         find_tap(EMT())
+
+
+def test_untappable_mace_models_are_refused_up_front(backbones, tmp_path):
+    """TorchScript, torch.compile'd and cuEquivariance MACE fail at construction with the fix named."""
+    from e3nn.util import jit as e3nn_jit
+    from mace.calculators import MACECalculator
+
+    model = backbones("mace").models[0]
+    torch.save(model, tmp_path / "m.model")
+    scripted = MACECalculator(model_paths=str(tmp_path / "m.model"), device="cpu", default_dtype="float32")
+    scripted.models[0] = e3nn_jit.compile(scripted.models[0])  # what a *_compiled.model file holds
+    with pytest.raises(BackboneError, match="TorchScript.*uncompiled"):
+        find_tap(scripted)
+    for flag, fix in (("use_compile", "compile_mode"), ("_uses_accelerated_backend", "enable_cueq=False")):
+        calc = MACECalculator(model_paths=str(tmp_path / "m.model"), device="cpu", default_dtype="float32")
+        setattr(calc, flag, True)  # the state enable_cueq / compile_mode leave (neither runs on this CPU)
+        with pytest.raises(BackboneError, match=fix):
+            find_tap(calc)
+        assert not any(m._forward_hooks for m in calc.models[0].modules())  # refused before any hook

@@ -15,6 +15,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
+from ..exceptions import BackboneError
 from .base import Tap
 
 
@@ -25,6 +26,7 @@ class MaceTap(Tap):
     pair_keys = ("edge_index", "positions", "shifts")
 
     def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
+        _refuse_untappable(calc)
         self._scalar_index = [
             _scalar_channels(product.linear.irreps_out) for product in calc.models[0].products
         ]
@@ -96,6 +98,21 @@ class MaceTap(Tap):
         forces = out["forces"].detach().cpu().numpy() * (calc.energy_units_to_eV / calc.length_units_to_A)
         offsets = np.cumsum([0] + [len(a) for a in frames])
         return energies, [forces[offsets[k] : offsets[k + 1]] for k in range(len(frames))]
+
+
+def _refuse_untappable(calc: Calculator) -> None:
+    """Refuse, up front and naming the fix, MACE models whose feature modules hooks cannot reach."""
+    model = calc.models[0]
+    if isinstance(model, torch.jit.ScriptModule):
+        raise BackboneError("this MACE model is TorchScript (a *_compiled.model file); forward hooks cannot tap it: "
+                            "load the uncompiled .model file instead")
+    if getattr(calc, "use_compile", False) or hasattr(model, "_orig_mod"):
+        raise BackboneError("this MACE calculator runs a torch.compile'd model, whose modules hooks cannot tap: "
+                            "create it without compile_mode")
+    if getattr(calc, "_uses_accelerated_backend", False):
+        raise BackboneError("this MACE calculator converted its model to cuEquivariance/OpenEquivariance kernels "
+                            "(enable_cueq / enable_oeq), whose product modules differ from the e3nn ones probe-ase "
+                            "taps: create it with enable_cueq=False, enable_oeq=False")
 
 
 def _scalar_channels(irreps: object) -> list[int]:
