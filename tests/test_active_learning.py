@@ -187,6 +187,7 @@ def test_separation_applies_within_a_trajectory(probe_calc, tmp_path):
     assert [c.step for c in chosen] == [10, 21]  # 15 and 5 are closer than 6 steps to step 10
 
 
+@pytest.mark.slow
 def test_retraining_lowers_the_error_on_new_frames(explored, cu_data, tmp_path):
     from probe_ase.retrain import MaceTrainer
 

@@ -124,6 +124,7 @@ def test_md_command_halts_a_hot_run(files, capsys, cu_data):
     assert len(read(work / "npt.xyz", ":")) == 4
 
 
+@pytest.mark.slow
 def test_al_command_runs_a_round(files, capsys, cu_data):
     work = files / "al"
     work.mkdir()

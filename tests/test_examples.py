@@ -18,6 +18,7 @@ def run_example(name, monkeypatch, *args):
     return runpy.run_path(str(EXAMPLES / name), run_name="__main__")
 
 
+@pytest.mark.slow
 def test_md_gating_example(monkeypatch, tmp_path, capsys):
     ns = run_example("md_gating.py", monkeypatch, "--out", str(tmp_path))
     assert ns["monitor"].halted
@@ -25,6 +26,7 @@ def test_md_gating_example(monkeypatch, tmp_path, capsys):
     assert "halted after" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_optimisation_guard_example(monkeypatch, capsys):
     ns = run_example("optimisation_guard.py", monkeypatch)
     report = ns["report"]
@@ -33,6 +35,7 @@ def test_optimisation_guard_example(monkeypatch, capsys):
     assert "handed over at step" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_active_learning_xtb_example(tmp_path):
     """Shortened xTB loop; a subprocess, because tblite needs OMP_NUM_THREADS=1 before torch loads."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
