@@ -177,7 +177,7 @@ def fit_novelty(
 
     Returns:
         the fitted model and the out-of-fold novelty of each fit structure (on
-        the documented scale, so <= 1 for all but the farthest).
+        the documented scale: <= 1 for the share ``support_quantile`` of them).
     """
     components, folds = config.components, config.folds
     fit_structures = np.asarray(fit_structures)
