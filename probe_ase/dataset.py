@@ -46,11 +46,14 @@ def read_frames(source: Frames) -> list[Atoms]:
         path = Path(source)
         if not path.exists() and not Path(str(source).split("@")[0]).exists():
             raise InputError(f"no such file: {path}")
-        try:
-            frames = read(source, index=":") if "@" not in str(source) else read(source)
-        except Exception as err:  # ASE raises many types (XYZError, KeyError, ValueError, StopIteration ...)
-            raise InputError(f"cannot read structures from {source}: {type(err).__name__}: {err}") from err
-        frames = frames if isinstance(frames, list) else [frames]
+        if "@" in str(source):  # ASE's selection syntax
+            try:
+                frames = read(source)
+            except Exception as err:  # ASE raises many types (XYZError, KeyError, ValueError ...)
+                raise InputError(f"cannot read structures from {source}: {type(err).__name__}: {err}") from err
+            frames = frames if isinstance(frames, list) else [frames]
+        else:
+            frames = list(iter_frames(source))
     else:
         frames = list(source)
     if not frames:
