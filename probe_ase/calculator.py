@@ -16,6 +16,8 @@ from .taps import find_tap
 from .validate import check_atoms
 
 PROBE_PROPERTIES = ["reliability", "reliable", "reason", "novelty", "atom_novelty", "atom_importance"]
+#: per-atom results (``atom_reliability`` only from heads with a per-atom logit)
+ATOM_RESULTS = ("atom_novelty", "atom_importance", "atom_reliability")
 
 
 class ProbeCalculator(Calculator):
@@ -39,7 +41,10 @@ class ProbeCalculator(Calculator):
       ``novelty <= max_novelty``;
     * ``reason``: ``"ok"``, ``"low_probability"`` or ``"out_of_support"``
       (outside the support the probability is not trusted, whatever its value);
-    * ``atom_importance``: per-atom attention importance, summing to 1.
+    * ``atom_importance``: per-atom attention importance, summing to 1;
+    * ``atom_reliability`` (heads fitted with ``atom_threshold`` only):
+      per atom, calibrated probability (0-1) that its force error norm
+      ``|ΔF_i|`` is within the head's atom tolerance (eV/Å).
 
     Args:
         base: the backbone calculator, or an ASE mixing calculator
@@ -67,7 +72,8 @@ class ProbeCalculator(Calculator):
             raise
         self.threshold = meta.p_star if threshold is None else float(threshold)
         self.max_novelty = float(max_novelty)
-        self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES
+        self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES + (
+            ["atom_reliability"] if meta.local else [])
         self.probe.to(next(self.tap.module.parameters()).device)
         # for a head cutoff beyond the backbone's: a Verlet list, no full rebuild every MD step
         self._graph = NeighbourCache(meta.config.cutoff)
@@ -103,6 +109,8 @@ class ProbeCalculator(Calculator):
         self.results.update(reliability=float(scores.reliability[0]), reliable=bool(reliable[0]), reason=str(reason[0]),
                             novelty=float(scores.novelty[0]), atom_novelty=scores.atom_novelty,
                             atom_importance=scores.importance)
+        if self.probe.meta.local:
+            self.results["atom_reliability"] = scores.atom_reliability
 
     def close(self) -> None:
         """Remove the hooks from the backbone."""
@@ -121,13 +129,15 @@ def annotate(atoms: Atoms, results: dict | None = None) -> Atoms:
     ASE's extxyz and trajectory writers store only the standard calculator
     properties; after ``annotate`` a frame carries ``info["reliability"]``
     (0-1), ``info["reliable"]``, ``info["reason"]``, ``info["novelty"]`` and
-    the per-atom ``arrays["atom_novelty"]`` and ``arrays["atom_importance"]``
-    (sums to 1), which OVITO and ``ase.io.read`` read back. ``results``
-    defaults to ``atoms.calc.results``. Returns ``atoms``.
+    the per-atom ``arrays["atom_novelty"]``, ``arrays["atom_importance"]``
+    (sums to 1) and, from heads with a per-atom logit,
+    ``arrays["atom_reliability"]`` (0-1), which OVITO and ``ase.io.read``
+    read back. ``results`` defaults to ``atoms.calc.results``. Returns ``atoms``.
     """
     results = atoms.calc.results if results is None else results
     atoms.info.update(reliability=float(results["reliability"]), reliable=bool(results["reliable"]),
                       reason=str(results["reason"]), novelty=float(results["novelty"]))
-    for key in ("atom_novelty", "atom_importance"):
-        atoms.arrays[key] = np.asarray(results[key], dtype=float)
+    for key in ATOM_RESULTS:
+        if key in results:
+            atoms.arrays[key] = np.asarray(results[key], dtype=float)
     return atoms

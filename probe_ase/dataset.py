@@ -23,11 +23,13 @@ from tqdm.auto import tqdm
 
 from .exceptions import InputError, MissingReferenceError
 from .fileio import atomic_write
-from .labels import CRITERIA, check_criterion, needs_forces, structure_error
+from .labels import CRITERIA, atom_errors, check_criterion, needs_forces, structure_error
 from .taps.base import Tap
 from .validate import check_atoms
 
 Frames = str | os.PathLike | Sequence[Atoms]
+#: part of every cache file name: bumped when FeatureSet gains fields (2: per-atom force errors)
+CACHE_SCHEMA = "s2"
 
 
 def default_cache_dir() -> Path:
@@ -98,13 +100,16 @@ class FeatureSet:
 
     ``features`` (n_atoms_total, F) and ``numbers`` are concatenated over
     structures; structure ``k`` owns rows ``ptr[k]:ptr[k+1]``. ``errors`` maps
-    each criterion to per-structure errors (NaN where a reference is missing).
+    each criterion to per-structure errors (NaN where a reference is missing);
+    ``atom_errors`` (n_atoms_total,) holds each atom's force-error norm
+    ``|ΔF_i|`` in eV/Å (NaN where reference forces are missing).
     """
 
     features: torch.Tensor
     numbers: torch.Tensor
     ptr: np.ndarray
     errors: dict[str, np.ndarray]
+    atom_errors: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ptr) - 1
@@ -121,15 +126,26 @@ class FeatureSet:
             )
         return values
 
+    def atom_error(self) -> np.ndarray:
+        """Per-atom force-error norms (eV/Å); every structure must have reference forces."""
+        missing = [k for k in range(len(self)) if np.isnan(self.atom_errors[self.ptr[k]:self.ptr[k + 1]]).any()]
+        if missing:
+            raise MissingReferenceError(
+                f"per-atom labels need reference forces, missing for {len(missing)} structures "
+                f"(first indices {missing[:5]}); drop atom_threshold or add reference forces"
+            )
+        return self.atom_errors
+
     def to_dict(self) -> dict[str, torch.Tensor]:
-        out = {"features": self.features, "numbers": self.numbers, "ptr": torch.from_numpy(self.ptr)}
+        out = {"features": self.features, "numbers": self.numbers, "ptr": torch.from_numpy(self.ptr),
+               "atom_errors": torch.from_numpy(self.atom_errors)}
         out.update({f"error_{k}": torch.from_numpy(v) for k, v in self.errors.items()})
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> FeatureSet:
         errors = {k[6:]: v.numpy() for k, v in d.items() if k.startswith("error_")}
-        return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors)
+        return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors, d["atom_errors"].numpy())
 
 
 def data_hash(frames: Sequence[Atoms], energy_key: str, forces_key: str) -> str:
@@ -171,14 +187,14 @@ def featurize(
             raise MissingReferenceError(f"structure {k} has no reference energy under key {energy_key!r}")
     cache = None
     if cache_dir is not False:
-        key = f"{tap.fingerprint()[:16]}-{'_'.join(map(str, tap.layers))}-{data_hash(frames, energy_key, forces_key)[:24]}"
+        key = f"{CACHE_SCHEMA}-{tap.fingerprint()[:16]}-{'_'.join(map(str, tap.layers))}-{data_hash(frames, energy_key, forces_key)[:24]}"
         cache = Path(cache_dir or default_cache_dir()) / f"{tap.kind}-{key}.pt"
         if cache.exists():
             try:
                 return FeatureSet.from_dict(torch.load(cache, weights_only=True))
             except Exception:  # corrupt cache: recompute and overwrite
                 pass
-    feats, errors = [], {c: [] for c in CRITERIA}
+    feats, errors, atom_errs = [], {c: [] for c in CRITERIA}, []
     predictions = tap.predict(frames, batch_size=batch_size)
     for atoms, pred in tqdm(zip(frames, predictions), total=len(frames), desc="featurize", unit="frame", disable=not progress):
         feats.append(pred.features)
@@ -188,11 +204,13 @@ def featurize(
                 errors[c].append(np.nan)
             else:
                 errors[c].append(structure_error(c, pred.energy, ref_e, pred.forces, ref_f))
+        atom_errs.append(np.full(len(atoms), np.nan) if ref_f is None else atom_errors(pred.forces, ref_f))
     result = FeatureSet(
         features=torch.cat(feats),
         numbers=torch.from_numpy(np.concatenate([a.numbers for a in frames]).astype(np.int64)),
         ptr=np.cumsum([0] + [len(a) for a in frames]),
         errors={c: np.asarray(v, dtype=float) for c, v in errors.items()},
+        atom_errors=np.concatenate(atom_errs),
     )
     if cache is not None:
         atomic_write(cache, lambda tmp: torch.save(result.to_dict(), tmp))

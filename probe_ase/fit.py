@@ -35,7 +35,7 @@ from .certify import certify
 from .dataset import FeatureSet, Frames, featurize, features_only, read_frames
 from .exceptions import InputError, LabelError
 from .graph import radius_graph
-from .head import HeadConfig, ProbeHead, batch_inputs
+from .head import HeadConfig, ProbeHead, batch_inputs, structure_rows
 from .headfile import HeadMeta, Probe
 from .labels import Criterion, check_criterion, make_labels, resolve_tolerance
 from .novelty import NoveltyConfig, fit_novelty, structure_novelty
@@ -120,20 +120,24 @@ def train_head(
     train: TrainConfig = TrainConfig(),
     progress: bool = True,
     errors: np.ndarray | None = None,
+    atom_labels: np.ndarray | None = None,
 ) -> tuple[ProbeHead, int]:
     """Train a head with class-weighted BCE and early stopping; return it and epochs run.
 
     With ``config.aux_quantiles`` the per-structure ``errors`` (criterion
     units) give the auxiliary targets ``error <= quantile_q(errors[train])``,
-    added to the loss with unit weight each (averaged); early stopping watches
-    the main loss only.
+    added to the loss with unit weight each (averaged). With
+    ``config.atom_logit`` the per-atom ``atom_labels`` (1 = the atom's force
+    error within tolerance; rows as in ``data``) add a class-weighted BCE over
+    atoms with unit weight. Early stopping watches the main loss plus the atom
+    loss.
     """
     tr, val, _ = splits
     generator = torch.Generator().manual_seed(train.seed)
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's global RNG alone
         torch.manual_seed(train.seed)
         head = ProbeHead(data.features.shape[1], elements, config)
-    rows = torch.cat([torch.arange(data.ptr[k], data.ptr[k + 1]) for k in tr])
+    rows = structure_rows(data.ptr, tr)
     head.set_standardisation(data.features[rows], data.numbers[rows])
     y = torch.as_tensor(labels, dtype=torch.float32)
     n_pos = float(labels[tr].sum())
@@ -144,12 +148,21 @@ def train_head(
             raise InputError("aux_quantiles need the per-structure errors")
         levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
         y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
+    if config.atom_logit:
+        if atom_labels is None:
+            raise InputError("atom_logit needs per-atom labels")
+        y_atom = torch.as_tensor(atom_labels, dtype=torch.float32)
+        n_good_atoms = float(y_atom[rows].sum())
+        atom_loss_fn = torch.nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor(max(len(rows) - n_good_atoms, 1.0) / max(n_good_atoms, 1.0)))
 
     def loss_on(indices: Sequence[int], main_only: bool = False) -> torch.Tensor:
-        logits, _ = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges, indices))
+        logits, _, atom_logits = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges, indices))
         loss = loss_fn(logits[:, 0], y[list(indices)])
         if config.aux_quantiles and not main_only:
             loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], y_aux[list(indices)])
+        if config.atom_logit:
+            loss = loss + atom_loss_fn(atom_logits, y_atom[structure_rows(data.ptr, indices)])
         return loss
 
     best, best_state, since, epoch = math.inf, copy.deepcopy(head.state_dict()), 0, 0
@@ -177,12 +190,56 @@ def train_head(
     return head, epoch + 1
 
 
+def empirical_threshold(p: np.ndarray, reliable: np.ndarray, target_risk: float) -> float:
+    """Loosest threshold t whose accepted set ``p >= t`` has empirical risk <= ``target_risk``.
+
+    Just above 1 (accept nothing) when no threshold reaches it. Not a
+    certificate: used for atoms, which are not independent draws.
+    """
+    order = np.argsort(-p, kind="stable")
+    risk = np.cumsum(~reliable[order]) / np.arange(1, len(p) + 1)
+    ok = np.flatnonzero(risk <= target_risk)
+    return float(p[order][ok[-1]]) if ok.size else float(np.nextafter(1.0, 2.0))
+
+
+def calibrate_atoms(
+    z: np.ndarray, reliable: np.ndarray, error: np.ndarray, novelty: np.ndarray, importance: np.ndarray,
+    ptr: np.ndarray, target_risk: float,
+) -> tuple[float, dict]:
+    """The atoms' operating threshold and their calibration report.
+
+    ``z`` are temperature-scaled atom logits of the calibration atoms,
+    ``reliable`` their labels, ``error`` their force-error norms (eV/Å),
+    ``novelty`` their atom novelty, ``importance`` the head's importances,
+    ``ptr`` the calibration structures' atom offsets. The threshold is
+    :func:`empirical_threshold` over atoms inside the support (novelty <= 1).
+    """
+    p = 1 / (1 + np.exp(-z))
+    inside = novelty <= 1
+    p_star = empirical_threshold(p[inside], reliable[inside], target_risk)
+    accepted = (p >= p_star) & inside
+    # does the head's importance point at the worst atoms? Spearman within each structure that has a bad atom
+    within = [metrics.spearman(importance[a:b], error[a:b]) for a, b in zip(ptr[:-1], ptr[1:])
+              if (~reliable[a:b]).any() and b - a > 2]
+    report = {
+        "n_atoms": int(len(p)), "fraction_reliable": float(reliable.mean()),
+        "auroc": metrics.auroc(~reliable, 1 - p), "spearman": metrics.spearman(1 - p, error),
+        "ece": metrics.expected_calibration_error(p, reliable.astype(int)),
+        "p_star": p_star, "coverage_at_p_star": float(accepted.mean()),
+        "risk_at_p_star": float(np.mean(~reliable[accepted])) if accepted.any() else float("nan"),
+        "importance_spearman": float(np.nanmean(within)) if within else float("nan"),
+    }
+    return p_star, report
+
+
 def fit_probe(
     calc: Calculator,
     data: Frames,
     criterion: Criterion = "force_rmse",
     threshold: float | None = None,
     quantile: float | None = None,
+    atom_threshold: float | None = None,
+    atom_quantile: float | None = None,
     target_risk: float = 0.05,
     delta: float = 0.1,
     reference_data: Frames | None = None,
@@ -208,6 +265,12 @@ def fit_probe(
         threshold: absolute tolerance tau in the criterion's unit ...
         quantile: ... or tau as this quantile (0-1) of the observed errors.
             Default when neither is given: quantile 0.8.
+        atom_threshold: per-atom tolerance on the norm of each atom's force
+            error ``|ΔF_i|`` (eV/Å) ... (needs reference forces)
+        atom_quantile: ... or as this quantile (0-1) of all atoms' errors.
+            Either one adds a per-atom logit to the head, trained beside the
+            structure logit and temperature-scaled on the calibration atoms:
+            ``results["atom_reliability"]`` is then P(|ΔF_i| <= atom tolerance).
         target_risk: largest fraction of accepted structures allowed to be
             unreliable at the operating threshold p* (0-1).
         delta: p* keeps ``target_risk`` with probability >= 1 - delta over the
@@ -232,6 +295,9 @@ def fit_probe(
         raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}")
     if threshold is None and quantile is None:
         quantile = 0.8
+    local = atom_threshold is not None or atom_quantile is not None
+    if local:
+        config = replace(config, atom_logit=True)
     frames = read_frames(data)
     with find_tap(calc, layers) as tap:
         features = featurize(tap, frames, energy_key, forces_key, batch_size, cache_dir, progress)
@@ -244,21 +310,26 @@ def fit_probe(
     errors = features.error(criterion)
     tau = resolve_tolerance(errors, threshold, quantile)
     labels = make_labels(errors, tau)
+    atom_tau, atom_labels = None, None
+    if local:
+        atom_tau = resolve_tolerance(features.atom_error(), atom_threshold, atom_quantile)
+        atom_labels = make_labels(features.atom_errors, atom_tau, what="atoms")
     edges = [radius_graph(atoms, config.cutoff) for atoms in frames]
     splits = split_indices(labels, train)
-    head, epochs = train_head(features, edges, labels, splits, elements, config, train, progress, errors)
+    head, epochs = train_head(features, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
     tr, val, cal = splits
     density, held_out_novelty = fit_novelty(features.features, features.numbers, features.ptr, np.concatenate([tr, val]), elements,
                              novelty, reference, seed=train.seed)
 
-    def logits_of(indices: np.ndarray) -> np.ndarray:
+    def logits_of(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.no_grad():
-            z, _ = head(*batch_inputs(features.features, features.numbers, features.ptr, edges, indices))
-        return z.numpy().astype(float)
+            outputs = head(*batch_inputs(features.features, features.numbers, features.ptr, edges, indices))
+        return tuple(t.numpy().astype(float) for t in outputs)
 
-    z_val, z_cal = logits_of(val), logits_of(cal)
+    z_val = logits_of(val)[0]
+    z_cal, importance_cal, z_atom_cal = logits_of(cal)
+    cal_rows = structure_rows(features.ptr, cal)
     with torch.no_grad():
-        cal_rows = torch.cat([torch.arange(features.ptr[k], features.ptr[k + 1]) for k in cal])
         atom_novelty = density(features.features[cal_rows], features.numbers[cal_rows])
     novelty_cal = structure_novelty(atom_novelty, np.cumsum([0] + [features.ptr[k + 1] - features.ptr[k] for k in cal]))
     temperature = fit_temperature(z_cal, labels[cal])
@@ -298,10 +369,19 @@ def fit_probe(
         "n_reference": 0 if reference is None else int(reference[0].shape[0]),
         "train": asdict(train),
     }
+    atom_p_star = None
+    if local:
+        cal_ptr = np.cumsum([0] + [features.ptr[k + 1] - features.ptr[k] for k in cal])
+        head.atom_temperature.fill_(fit_temperature(z_atom_cal, atom_labels[cal_rows]))
+        atom_p_star, report["atoms"] = calibrate_atoms(
+            z_atom_cal / float(head.atom_temperature), atom_labels[cal_rows] == 1, features.atom_errors[cal_rows],
+            atom_novelty.numpy(), importance_cal, cal_ptr, target_risk)
+        report["atoms"]["temperature"] = float(head.atom_temperature)
     meta = HeadMeta(
         backbone=kind, fingerprint=fingerprint, layers=tap_layers, feature_dim=features.features.shape[1],
         elements=elements, criterion=criterion, tau=tau, quantile=quantile, temperature=temperature,
         p_star=p_star, target_risk=target_risk, coverage=float(accepted.mean()), config=config, report=report,
         delta=delta, certified_risk=cert.risk, novelty=novelty,
+        atom_tau=atom_tau, atom_quantile=atom_quantile, atom_p_star=atom_p_star,
     )
     return Probe(head, meta, density)

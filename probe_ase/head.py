@@ -4,7 +4,10 @@ Standardised features and an element embedding are encoded per atom, mixed by
 multi-head self-attention restricted to each atom's neighbourhood graph (so the
 cost is linear in the number of atoms), and pooled by attention with learned
 queries into one logit per structure. The pooling weights, averaged over heads,
-are the per-atom importance map (they sum to 1 within each structure).
+are the per-atom importance map (they sum to 1 within each structure). With
+``HeadConfig(atom_logit=True)`` a second readout gives one logit per atom from
+the same encoding (is this atom's force error within tolerance?), in the same
+forward pass.
 
 The head knows nothing of ASE: it takes tensors. :mod:`probe_ase.headfile`
 stores it with its calibration and backbone fingerprint.
@@ -46,6 +49,9 @@ class HeadConfig:
             the main logit is used at inference. On the acac and ethanol fit
             pools they raised force-error Spearman from 0.79 / 0.74 to 0.84 /
             0.84 (``benchmarks/head_variants.py``); ``()`` turns them off.
+        atom_logit: also read out one logit per atom (local reliability);
+            :func:`~probe_ase.fit_probe` switches it on when given an
+            ``atom_threshold`` or ``atom_quantile``.
     """
 
     hidden: int = 64
@@ -55,6 +61,7 @@ class HeadConfig:
     max_pool: bool = False
     per_element_scaling: bool = False
     aux_quantiles: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    atom_logit: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aux_quantiles", tuple(float(q) for q in self.aux_quantiles))
@@ -170,7 +177,7 @@ class AttentionPool(nn.Module):
 
 
 class ProbeHead(nn.Module):
-    """Attention classifier: per-atom features -> reliability logit and importances.
+    """Attention classifier: per-atom features -> reliability logit, importances and per-atom logits.
 
     Args:
         feature_dim: width of the backbone features it reads.
@@ -191,6 +198,7 @@ class ProbeHead(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(*rows, self.feature_dim))
         self.register_buffer("feature_scale", torch.ones(*rows, self.feature_dim))
         self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("atom_temperature", torch.ones(()))
         hidden = config.hidden
         self.embed = nn.Embedding(len(self.elements), hidden)
         self.encode = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -200,6 +208,9 @@ class ProbeHead(nn.Module):
         width = 2 * hidden if config.max_pool else hidden
         self.readout = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(),
                                      nn.Linear(hidden, 1 + len(config.aux_quantiles)))
+        self.atom_logit = config.atom_logit
+        self.atom_readout = (nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
+                                           nn.Linear(hidden, 1)) if config.atom_logit else nn.Identity())
 
     def set_standardisation(self, features: torch.Tensor, numbers: torch.Tensor) -> None:
         """Store mean and scale of training features ``(n_atoms, feature_dim)`` (per element if so configured)."""
@@ -222,14 +233,15 @@ class ProbeHead(nn.Module):
         edges: torch.Tensor,
         batch: torch.Tensor,
         n_structures: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uncalibrated logits ``(n_structures,)`` and importances ``(n_atoms,)``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Uncalibrated logits ``(n_structures,)``, importances and atom logits ``(n_atoms,)``.
 
         ``edges`` is ``(2, n_edges)`` (destination, source) over the atoms of all
-        structures; ``batch`` gives each atom's structure index.
+        structures; ``batch`` gives each atom's structure index. Without
+        ``atom_logit`` the atom logits are an empty tensor.
         """
-        logits, importance = self.all_logits(features, numbers, edges, batch, n_structures)
-        return logits[:, 0], importance
+        logits, importance, atom_logits = self.all_logits(features, numbers, edges, batch, n_structures)
+        return logits[:, 0], importance, atom_logits
 
     def all_logits(
         self,
@@ -238,8 +250,8 @@ class ProbeHead(nn.Module):
         edges: torch.Tensor,
         batch: torch.Tensor,
         n_structures: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(n_structures, 1 + n_aux)`` (main first, then the auxiliary quantiles) and importances."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits ``(n_structures, 1 + n_aux)`` (main first, then the auxiliary quantiles), importances, atom logits."""
         element = self.element_index[numbers]
         x = features.to(self.feature_mean)
         if self.per_element_scaling:
@@ -254,13 +266,19 @@ class ProbeHead(nn.Module):
             index = batch.unsqueeze(-1).expand_as(h)
             peak = h.new_full((n_structures, h.shape[-1]), -math.inf)
             pooled = torch.cat([pooled, peak.scatter_reduce(0, index, h, reduce="amax", include_self=True)], dim=-1)
-        return self.readout(pooled), importance
+        atom_logits = self.atom_readout(h).squeeze(-1) if self.atom_logit else h.new_zeros(0)
+        return self.readout(pooled), importance, atom_logits
 
     @torch.inference_mode()
-    def reliability(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Calibrated probability ``(n_structures,)`` and importances ``(n_atoms,)``."""
-        logits, importance = self(*inputs)
-        return torch.sigmoid(logits / self.temperature), importance
+    def reliability(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Calibrated probabilities: per structure, importances ``(n_atoms,)``, per atom (empty without atom logits)."""
+        logits, importance, atom_logits = self(*inputs)
+        return torch.sigmoid(logits / self.temperature), importance, torch.sigmoid(atom_logits / self.atom_temperature)
+
+
+def structure_rows(ptr: Sequence[int], indices: Iterable[int]) -> torch.Tensor:
+    """Row indices of structures ``indices`` in atom-concatenated arrays (structure ``k`` owns ``ptr[k]:ptr[k+1]``)."""
+    return torch.cat([torch.arange(int(ptr[k]), int(ptr[k + 1])) for k in indices])
 
 
 def batch_inputs(
@@ -275,7 +293,8 @@ def batch_inputs(
     ``features``/``numbers`` are concatenated over all structures, structure
     ``k`` owning rows ``ptr[k]:ptr[k+1]``; ``edges[k]`` is its local
     ``(2, n_edges)`` neighbourhood graph. Returns ``(features, numbers, edges,
-    batch, n_structures)`` for :meth:`ProbeHead.forward`.
+    batch, n_structures)`` for :meth:`ProbeHead.forward`; atoms come in the
+    order of :func:`structure_rows`.
     """
     indices = list(indices)
     if len(indices) == 1 and int(ptr[indices[0] + 1]) - int(ptr[indices[0]]) == features.shape[0]:
@@ -284,15 +303,14 @@ def batch_inputs(
         graph = torch.as_tensor(edges[indices[0]], device=device)
         owner = torch.zeros(features.shape[0], dtype=torch.long, device=device)
         return features, numbers.to(device), graph, owner, 1
-    rows, graph, owner = [], [], []
+    graph, owner = [], []
     offset = 0
     for b, k in enumerate(indices):
         start, stop = int(ptr[k]), int(ptr[k + 1])
-        rows.append(torch.arange(start, stop))
         graph.append(torch.as_tensor(edges[k]) + offset)
         owner.append(torch.full((stop - start,), b, dtype=torch.long))
         offset += stop - start
-    rows_t = torch.cat(rows)
+    rows_t = structure_rows(ptr, indices)
     feats, nums = features[rows_t.to(features.device)], numbers[rows_t.to(numbers.device)]
     device = feats.device
-    return feats, nums.to(device), torch.cat(graph, dim=1).to(device), torch.cat(owner).to(device), len(rows)
+    return feats, nums.to(device), torch.cat(graph, dim=1).to(device), torch.cat(owner).to(device), len(indices)

@@ -29,10 +29,13 @@ from .head import HeadConfig, ProbeHead, batch_inputs
 from .novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
-#: bumped on every schema change; 2 added the novelty model and the certified threshold
-VERSION = 2
+#: bumped on every schema change; 2 added the novelty model and the certified threshold, 3 the per-atom logit
+VERSION = 3
+#: what each version added, for the message when a file of another version is opened
+CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability"}
 
-#: why a structure is not reliable (``results["reason"]``); "ok" when it is
+#: why a structure is not reliable (``results["reason"]``); "ok" when it is. The monitor adds
+#: "low_atom_reliability" when it judges atoms (:class:`~probe_ase.observers.ReliabilityMonitor`)
 REASONS = ("ok", "low_probability", "out_of_support")
 
 
@@ -61,6 +64,12 @@ class HeadMeta:
             (``target_risk`` when the data certify it; larger when they cannot;
             1.0 when nothing is certified and p* accepts nothing).
         novelty: how the novelty model was fitted.
+        atom_tau: per-atom tolerance on ``|ΔF_i|`` (eV/Å) when the head has a
+            per-atom logit, else None.
+        atom_quantile: the quantile ``atom_tau`` came from, if any.
+        atom_p_star: operating threshold on ``atom_reliability`` (empirical
+            risk <= ``target_risk`` over the calibration atoms inside the
+            support; not certified: atoms of one structure are not independent).
     """
 
     backbone: str
@@ -81,6 +90,14 @@ class HeadMeta:
     delta: float = 0.1
     certified_risk: float = 1.0
     novelty: NoveltyConfig = NoveltyConfig()
+    atom_tau: float | None = None
+    atom_quantile: float | None = None
+    atom_p_star: float | None = None
+
+    @property
+    def local(self) -> bool:
+        """Whether the head gives per-atom reliability."""
+        return self.atom_tau is not None
 
     @property
     def certified(self) -> bool:
@@ -128,8 +145,12 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyMode
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise HeadFileError(f"{path} is not a probe-ase head file")
     if payload.get("version") != VERSION:
-        raise HeadFileError(f"{path} has head-file version {payload.get('version')}; this probe-ase reads version "
-                            f"{VERSION} (version 2 added the novelty model and the certified threshold): refit the head")
+        found = payload.get("version")
+        newer = isinstance(found, int) and found > VERSION
+        added = "; ".join(f"version {v} added {what}" for v, what in CHANGES.items()
+                          if not isinstance(found, int) or v > found)
+        raise HeadFileError(f"{path} has head-file version {found}; this probe-ase reads version {VERSION} "
+                            + ("(upgrade probe-ase to read it)" if newer else f"({added}): refit the head"))
     meta_json, state = payload["meta"], payload["state"]
     if _checksum(meta_json, state) != payload.get("sha256"):
         raise HeadFileError(f"{path} failed its checksum: the file was modified or damaged")
@@ -155,12 +176,15 @@ class Scores:
         importance: attention importance per atom (sums to 1 per structure).
         atom_novelty: per atom, on the scale of :mod:`probe_ase.novelty` (<= 1 inside the support).
         novelty: per structure, the largest atom novelty.
+        atom_reliability: per atom, calibrated P(|ΔF_i| <= atom tolerance)
+            (0-1); empty when the head has no per-atom logit.
     """
 
     reliability: np.ndarray
     importance: np.ndarray
     atom_novelty: np.ndarray
     novelty: np.ndarray
+    atom_reliability: np.ndarray
 
 
 @dataclass
@@ -226,18 +250,19 @@ class Probe:
     def predict(
         self, features: torch.Tensor, numbers: torch.Tensor, ptr: np.ndarray, edges: Sequence[np.ndarray]
     ) -> Scores:
-        """Reliability and novelty per structure, importance and novelty per atom (atoms concatenated)."""
+        """Reliability and novelty per structure; importance, novelty and reliability per atom (atoms concatenated)."""
         inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
         with self._lock, torch.inference_mode():
-            logits, importance = self._compiled()(*inputs)
+            logits, importance, atom_logits = self._compiled()(*inputs)
             p = torch.sigmoid(logits / self.head.temperature)
+            atom_p = torch.sigmoid(atom_logits / self.head.atom_temperature)
             atom_novelty = self.novelty(inputs[0], inputs[1])
             if inputs[4] == 1:
                 novelty = atom_novelty.max().reshape(1)
             else:
                 novelty = atom_novelty.new_full((inputs[4],), -np.inf).scatter_reduce(
                     0, inputs[3], atom_novelty, reduce="amax")
-        return Scores(*(t.cpu().numpy().astype(float) for t in (p, importance, atom_novelty, novelty)))
+        return Scores(*(t.cpu().numpy().astype(float) for t in (p, importance, atom_novelty, novelty, atom_p)))
 
     def verdict(
         self, reliability: np.ndarray, novelty: np.ndarray, threshold: float | None = None, max_novelty: float = 1.0
@@ -255,6 +280,18 @@ class Probe:
         confident = np.asarray(reliability) >= threshold
         reason = np.where(~inside, REASONS[2], np.where(confident, REASONS[0], REASONS[1]))
         return inside & confident, reason
+
+    def atom_verdict(self, atom_reliability: np.ndarray, atom_novelty: np.ndarray, threshold: float | None = None,
+                     max_novelty: float = 1.0) -> np.ndarray:
+        """Per atom: reliable iff ``atom_reliability >= threshold`` and ``atom_novelty <= max_novelty``.
+
+        ``threshold`` defaults to the head's ``atom_p_star``; a head without a
+        per-atom logit raises :class:`MismatchError`.
+        """
+        if not self.meta.local:
+            raise MismatchError("this head has no per-atom logit: refit it with atom_threshold= or atom_quantile=")
+        threshold = self.meta.atom_p_star if threshold is None else threshold
+        return (np.asarray(atom_reliability) >= threshold) & (np.asarray(atom_novelty) <= max_novelty)
 
     def _compiled(self) -> torch.nn.Module:
         """The head scripted and frozen for inference (fewer small-op dispatches per step).

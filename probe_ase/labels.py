@@ -11,6 +11,11 @@ criterion           error                                     unit
 ``energy_per_atom`` abs(ΔE) / n_atoms                         eV/atom
 ``energy``          abs(ΔE)                                   eV
 ==================  ========================================  =========
+
+An *atom* is reliable (atom label 1) when the norm of its force error,
+``|ΔF_i|`` in eV/Å, is at most the atom tolerance (``atom_threshold``). A
+structure is reliable under ``force_max`` at ``tau`` exactly when every atom
+is reliable at atom tolerance ``tau``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ def structure_error(
     return delta
 
 
+def atom_errors(pred_forces: np.ndarray, ref_forces: np.ndarray) -> np.ndarray:
+    """Norm of each atom's force error ``|ΔF_i|`` (eV/Å), shape (n_atoms,)."""
+    return np.linalg.norm(np.asarray(pred_forces, dtype=float) - np.asarray(ref_forces, dtype=float), axis=1)
+
+
 def resolve_tolerance(errors: np.ndarray, threshold: float | None = None, quantile: float | None = None) -> float:
     """Tolerance ``tau``: an absolute ``threshold`` or a ``quantile`` (0-1) of ``errors``."""
     if (threshold is None) == (quantile is None):
@@ -71,14 +81,14 @@ def resolve_tolerance(errors: np.ndarray, threshold: float | None = None, quanti
     return float(np.quantile(errors, quantile))
 
 
-def make_labels(errors: np.ndarray, tau: float) -> np.ndarray:
+def make_labels(errors: np.ndarray, tau: float, what: str = "structures") -> np.ndarray:
     """Binary labels, 1 = reliable (error <= tau); both classes must occur."""
     labels = (np.asarray(errors) <= tau).astype(np.int64)
     n_good = int(labels.sum())
     if n_good == 0 or n_good == len(labels):
         which = "reliable" if n_good else "unreliable"
         raise LabelError(
-            f"all {len(labels)} structures are {which} at tau={tau:.4g} "
+            f"all {len(labels)} {what} are {which} at tau={tau:.4g} "
             f"(errors span {np.min(errors):.4g}..{np.max(errors):.4g}); choose another threshold or add data"
         )
     return labels

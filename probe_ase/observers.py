@@ -5,12 +5,18 @@ A :class:`ReliabilityMonitor` is an ordinary ASE observer
 ``novelty`` that the :class:`~probe_ase.ProbeCalculator` already computed for
 the current step (no extra backbone pass); a step is unreliable when the
 verdict says so: reliability below the threshold (reason
-``low_probability``) or novelty beyond the support (``out_of_support``). It acts:
+``low_probability``) or novelty beyond the support (``out_of_support``). With
+``min_atom_reliability`` (heads fitted with ``atom_threshold``) a step is also
+unreliable when any atom's ``atom_reliability`` falls below it or any atom
+lies outside the support (reason ``low_atom_reliability``), so one bad region
+of a big cell counts even while the cell as a whole looks fine. It acts:
 
 * ``"log"``: append one line per call to a text log (step, time in fs,
-  reliability, novelty, energy in eV, temperature in K, verdict, reason);
+  reliability, novelty, energy in eV, temperature in K, verdict, reason, and
+  the count and indices of unreliable atoms, ``-`` when atoms are not judged);
 * ``"flag"``: also append unreliable frames, with their results and per-atom
-  importances, to an extxyz file (at most ``max_flagged`` per run);
+  importances, novelties and reliabilities (``atom_reliability`` column, for
+  OVITO to colour by), to an extxyz file (at most ``max_flagged`` per run);
 * ``"halt"``: also stop the dynamics cleanly after ``patience`` consecutive
   unreliable steps. The run returns normally (``run`` and ``irun`` both end,
   as when the step budget is spent); ``monitor.halted`` is True and
@@ -30,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
+import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -38,8 +45,11 @@ from ase.io.trajectory import Trajectory
 from ase.md.md import MolecularDynamics
 from ase.optimize.optimize import Dynamics
 
-from .calculator import ProbeCalculator, annotate
+from .calculator import ATOM_RESULTS, ProbeCalculator, annotate
 from .exceptions import InputError, ReliabilityHalt
+
+#: most unreliable-atom indices written per log line (then "+N")
+LOG_ATOMS = 20
 
 Action = Literal["log", "flag", "halt"]
 
@@ -51,6 +61,8 @@ class MonitorSummary:
     steps_seen: int = 0
     unreliable_steps: int = 0
     out_of_support_steps: int = 0
+    low_atom_reliability_steps: int = 0
+    max_unreliable_atoms: int = 0
     flagged_frames: int = 0
     first_unreliable_step: int | None = None
     min_reliability: float = float("nan")
@@ -84,6 +96,10 @@ class ReliabilityMonitor:
         max_flagged: most frames written to ``flagged`` per run.
         callback: called as ``callback(monitor, atoms)`` at every unreliable step.
         raise_on_halt: raise :class:`ReliabilityHalt` instead of stopping cleanly.
+        min_atom_reliability: also judge atoms: an atom is unreliable below
+            this ``atom_reliability`` (0-1) or outside the support; ``"auto"``
+            takes the head's ``atom_p_star``; None (default) judges the
+            structure only. Needs a head fitted with ``atom_threshold``.
     """
 
     def __init__(
@@ -97,6 +113,7 @@ class ReliabilityMonitor:
         max_flagged: int = 100,
         callback: Callable[[ReliabilityMonitor, Atoms], None] | None = None,
         raise_on_halt: bool = False,
+        min_atom_reliability: float | Literal["auto"] | None = None,
     ) -> None:
         if action not in ("log", "flag", "halt"):
             raise InputError(f"action must be 'log', 'flag' or 'halt', got {action!r}")
@@ -107,6 +124,15 @@ class ReliabilityMonitor:
         if not isinstance(self.atoms.calc, ProbeCalculator):
             raise InputError(f"the dynamics' atoms need a ProbeCalculator, not {type(self.atoms.calc).__name__}")
         self.threshold = self.atoms.calc.threshold if threshold is None else float(threshold)
+        meta = self.atoms.calc.probe.meta
+        if min_atom_reliability is not None and not meta.local:
+            raise InputError("min_atom_reliability needs a head with per-atom reliability: refit it with "
+                             "atom_threshold= (eV/Å) or atom_quantile=")
+        if min_atom_reliability == "auto":
+            min_atom_reliability = meta.atom_p_star
+        if min_atom_reliability is not None and not 0 <= float(min_atom_reliability) <= 1:
+            raise InputError(f"min_atom_reliability must lie in 0-1 (or be 'auto'), got {min_atom_reliability}")
+        self.min_atom_reliability = None if min_atom_reliability is None else float(min_atom_reliability)
         self.log_path, self.flagged_path = log, flagged
         self.max_flagged, self.callback, self.raise_on_halt = int(max_flagged), callback, raise_on_halt
         self.summary_data = MonitorSummary()
@@ -120,27 +146,36 @@ class ReliabilityMonitor:
         p = float(calc.get_property("reliability", atoms))
         novelty = float(calc.results["novelty"])
         ok, why = calc.probe.verdict([p], [novelty], self.threshold, calc.max_novelty)
-        reason = str(why[0])
+        reliable, reason = bool(ok[0]), str(why[0])
+        bad_atoms = self.unreliable_atoms()
         s = self.summary_data
+        if bad_atoms is not None:
+            s.max_unreliable_atoms = max(s.max_unreliable_atoms, len(bad_atoms))
+            if reliable and len(bad_atoms):
+                reliable, reason = False, "low_atom_reliability"
         s.steps_seen += 1
         s.steps.append(step)
         s.reliabilities.append(p)
         if not p >= s.min_reliability:  # also true while min is NaN
             s.min_reliability, s.min_reliability_step = p, step
-        self._write_log(step, p, novelty, calc.get_property("energy", atoms), reason)
-        if ok[0]:
+        self._write_log(step, p, novelty, calc.get_property("energy", atoms), reason, bad_atoms)
+        if reliable:
             self.streak = 0
             self.last_reliable = _snapshot(atoms)
             return
         self.streak += 1
         s.unreliable_steps += 1
         s.out_of_support_steps += reason == "out_of_support"
+        s.low_atom_reliability_steps += reason == "low_atom_reliability"
         if s.first_unreliable_step is None:
             s.first_unreliable_step = step
         if self.action in ("flag", "halt") and self.flagged_path and s.flagged_frames < self.max_flagged:
             frame = result_frame(atoms)
-            del frame.info["atom_importance"], frame.info["atom_novelty"]  # per-atom columns in extxyz
+            for key in ATOM_RESULTS:  # per-atom columns in extxyz
+                frame.info.pop(key, None)
             frame.info.update(step=step, reason=reason)
+            if bad_atoms is not None:
+                frame.arrays["atom_unreliable"] = np.isin(np.arange(len(frame)), bad_atoms)
             with open(self.flagged_path, "a") as handle:
                 write(handle, frame, format="extxyz")
             s.flagged_frames += 1
@@ -152,10 +187,21 @@ class ReliabilityMonitor:
             if self.raise_on_halt:
                 raise ReliabilityHalt(
                     f"{self.patience} consecutive unreliable steps (step {step}: reliability {p:.3f} vs threshold "
-                    f"{self.threshold:.3f}, novelty {novelty:.2f} vs support edge {calc.max_novelty:.2f}; {reason})"
+                    f"{self.threshold:.3f}, novelty {novelty:.2f} vs support edge {calc.max_novelty:.2f}"
+                    + ("" if bad_atoms is None else f", {len(bad_atoms)} unreliable atoms") + f"; {reason})"
                 )
 
-    def _write_log(self, step: int, p: float, novelty: float, energy: float, reason: str) -> None:
+    def unreliable_atoms(self) -> np.ndarray | None:
+        """Indices of this step's unreliable atoms (None when the monitor does not judge atoms)."""
+        if self.min_atom_reliability is None:
+            return None
+        calc = self.atoms.calc
+        ok = calc.probe.atom_verdict(calc.results["atom_reliability"], calc.results["atom_novelty"],
+                                     self.min_atom_reliability, calc.max_novelty)
+        return np.flatnonzero(~ok)
+
+    def _write_log(self, step: int, p: float, novelty: float, energy: float, reason: str,
+                   bad_atoms: np.ndarray | None) -> None:
         if self.log_path is None:
             return
         if self._log is None:
@@ -163,11 +209,17 @@ class ReliabilityMonitor:
             self._log = open(self.log_path, "a", buffering=1)
             if new:
                 self._log.write(f"# {'step':>8} {'time_fs':>10} {'reliability':>11} {'novelty':>8} {'energy_eV':>14} "
-                                f"{'T_K':>8} reliable reason\n")
+                                f"{'T_K':>8} reliable reason n_bad_atoms bad_atoms\n")
         time_fs = self.dyn.get_time() / units.fs if isinstance(self.dyn, MolecularDynamics) else float("nan")
         temperature = self.atoms.get_temperature() if self.atoms.get_momenta().any() else 0.0
+        if bad_atoms is None:
+            count, listed = "-", "-"
+        else:
+            count = str(len(bad_atoms))
+            listed = ",".join(map(str, bad_atoms[:LOG_ATOMS])) + (f",+{len(bad_atoms) - LOG_ATOMS}"
+                                                                  if len(bad_atoms) > LOG_ATOMS else "")
         self._log.write(f"{step:>10d} {time_fs:>10.2f} {p:>11.5f} {novelty:>8.3f} {energy:>14.6f} {temperature:>8.1f} "
-                        f"{int(reason == 'ok'):>8d} {reason}\n")
+                        f"{int(reason == 'ok'):>8d} {reason} {count} {listed or '-'}\n")
 
     # ---- reporting and files ------------------------------------------------
     @property
@@ -212,8 +264,9 @@ def result_frame(atoms: Atoms) -> Atoms:
     """
     results = atoms.calc.results
     frame = annotate(atoms.copy(), results)
-    for key in ("atom_importance", "atom_novelty"):
-        frame.info[key] = frame.arrays[key].tolist()
+    for key in ATOM_RESULTS:
+        if key in frame.arrays:
+            frame.info[key] = frame.arrays[key].tolist()
     frame.calc = SinglePointCalculator(frame, **{k: v for k, v in results.items() if k in all_properties})
     return frame
 
@@ -238,7 +291,8 @@ class ReliabilityTrajectory:
         if self._traj is not None:
             self._traj.write(frame)
             return
-        del frame.info["atom_importance"], frame.info["atom_novelty"]  # extxyz has them as columns
+        for key in ATOM_RESULTS:  # extxyz has them as columns
+            frame.info.pop(key, None)
         with open(self.path, "a") as handle:
             write(handle, frame, format="extxyz")
 

@@ -22,7 +22,8 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
     ``info["reliability"]`` (0-1), ``info["reliable"]`` (the verdict at the
     head's p* and support), ``info["reason"]``, ``info["novelty"]``,
     ``info["mlip_energy"]`` (eV), ``arrays["mlip_forces"]`` (eV/Å),
-    ``arrays["atom_novelty"]`` and ``arrays["atom_importance"]``.
+    ``arrays["atom_novelty"]``, ``arrays["atom_importance"]`` and, from heads
+    with a per-atom logit, ``arrays["atom_reliability"]`` (0-1).
     Memory stays constant in the number of frames.
     """
     frames = iter(frames)
@@ -45,5 +46,7 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
             out.arrays["mlip_forces"] = np.asarray(pred.forces, dtype=float)
             out.arrays["atom_novelty"] = scores.atom_novelty[ptr[k] : ptr[k + 1]]
             out.arrays["atom_importance"] = scores.importance[ptr[k] : ptr[k + 1]]
+            if probe.meta.local:
+                out.arrays["atom_reliability"] = scores.atom_reliability[ptr[k] : ptr[k + 1]]
             yield out
         index += len(chunk)

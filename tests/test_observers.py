@@ -34,7 +34,7 @@ def md_atoms(cu_data, calc, temperature_K, seed=0):
 def read_log(path):
     """Steps, reliability, novelty, verdict (1 reliable) and reason of each logged step."""
     rows = np.loadtxt(path, comments="#", usecols=(0, 2, 3, 6))
-    reasons = [line.split()[-1] for line in open(path) if not line.startswith("#")]
+    reasons = [line.split()[7] for line in open(path) if not line.startswith("#")]
     return rows[:, 0].astype(int), rows[:, 1], rows[:, 2], rows[:, 3].astype(int), reasons
 
 

@@ -8,8 +8,8 @@ in :mod:`probe_ase.testing.schnetpack` (needs the ``schnetpack`` extra).
 
 from __future__ import annotations
 
-from .data import emt_frames
+from .data import emt_frames, hot_spot_frames
 from .invariance import assert_invariant
 from .mace import train_mace
 
-__all__ = ["assert_invariant", "emt_frames", "train_mace"]
+__all__ = ["assert_invariant", "emt_frames", "hot_spot_frames", "train_mace"]

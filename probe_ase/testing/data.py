@@ -48,3 +48,36 @@ def emt_frames(
         frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
         frames.append(frame)
     return frames
+
+
+def hot_spot_frames(
+    n: int,
+    displacement: float = 0.3,
+    radius: float = 3.0,
+    size: int = 3,
+    temperature_K: float = 300.0,
+    symbol: str = "Cu",
+    seed: int = 0,
+) -> list[Atoms]:
+    """``n`` thermal fcc frames, each with one local hot spot: a local defect for per-atom labels.
+
+    Every atom within ``radius`` (Å) of one random atom is displaced by a
+    random vector of length up to ``displacement`` (Å); the rest of the cell
+    stays thermal (``temperature_K``), so the error is local. Frames come
+    from :func:`emt_frames` (``size`` repeats: 3 gives 108 atoms) and carry
+    EMT energy (eV) and forces (eV/Å); ``info["hot_spot"]`` is the centre atom.
+    """
+    rng = np.random.default_rng(seed)
+    frames = []
+    for atoms in emt_frames(n, temperature_K, symbol=symbol, size=size, interval=20, seed=seed):
+        centre = int(rng.integers(len(atoms)))
+        near = atoms.get_distances(centre, range(len(atoms)), mic=True) <= radius
+        kick = rng.normal(size=(int(near.sum()), 3))
+        kick *= displacement * rng.uniform(0.3, 1.0, size=(len(kick), 1)) / np.linalg.norm(kick, axis=1, keepdims=True)
+        atoms.positions[near] += kick
+        atoms.calc = EMT()
+        frame = atoms.copy()
+        frame.info["hot_spot"] = centre
+        frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        frames.append(frame)
+    return frames

@@ -9,20 +9,24 @@ from scipy.spatial.transform import Rotation
 
 #: per-structure results that must not change, and per-atom ones that must follow a permutation
 STRUCTURE_RESULTS = ("reliability", "novelty")
-ATOM_RESULTS = ("atom_importance", "atom_novelty")
+ATOM_RESULTS = ("atom_importance", "atom_novelty", "atom_reliability")
 
 
 def _score(calc: Calculator, atoms: Atoms) -> dict[str, np.ndarray]:
     atoms = atoms.copy()
     atoms.calc = calc
     atoms.get_potential_energy()
-    return {key: np.array(calc.results[key], dtype=float) for key in STRUCTURE_RESULTS + ATOM_RESULTS}
+    return {key: np.array(calc.results[key], dtype=float) for key in STRUCTURE_RESULTS + ATOM_RESULTS
+            if key in calc.results}  # atom_reliability only from heads with a per-atom logit
 
 
 def assert_invariant(
     calc: Calculator, atoms: Atoms, tol: float = 1e-5, novelty_tol: float = 1e-4, seed: int = 0
 ) -> None:
     """Raise AssertionError unless reliability and novelty (and per-atom results, permuted) are invariant.
+
+    Per-atom results are ``atom_importance``, ``atom_novelty`` and, when the
+    head has a per-atom logit, ``atom_reliability``.
 
     Applies a random rotation (of positions and cell), a random translation
     (Å) and a random permutation of atoms, each on its own. Tolerances are
