@@ -15,6 +15,20 @@ Each round:
    out-of-support ones first, then least reliable first, at least
    ``min_separation`` steps apart within a trajectory and never two
    near-identical ones, are stored as ``pending``.
+
+   *Regions* (``region_buffer`` in Å; for big cells, DESIGN §9): atoms are
+   judged too (an atom is unreliable when its ``atom_reliability`` is below
+   ``min_atom_reliability`` or it lies outside the support), a step with any
+   unreliable atom is a candidate even when the cell as a whole passes, and
+   instead of the whole cell each selected frame stores, as ``pending`` rows,
+   the regions :func:`~probe_ase.regions.extract_regions` cuts around its
+   unreliable atoms (core plus buffer shell), so the reference labels a few
+   hundred atoms, not the cell. The source frame is stored once (status
+   ``source``); each region row carries ``source_id`` (that row's id) and, in
+   ``data``, ``source_index`` (each atom's index in the source frame),
+   ``core`` (True for the unreliable atoms) and ``mlip_forces`` (the MLIP's
+   own forces on the region, eV/Å). Retraining uses the reference forces of
+   the core only (:func:`~probe_ase.retrain.mace_training_frames`).
 2. :meth:`ActiveLearner.label` runs the reference calculator on every pending
    frame through a ``concurrent.futures.Executor`` (serial by default, a
    process pool, or Dask's ``Client.get_executor()``). Each result is
@@ -31,7 +45,7 @@ Each round:
 The database is an ase.db (SQLite file by default; a ``postgresql://`` URL
 works too). Rows carry ``round``, ``status``, ``band``, ``reliability``,
 ``novelty``, ``reason``, ``trajectory`` and ``step``; ``data`` holds the MLIP energy (eV), forces
-(eV/Å) and per-atom importances at selection time.
+(eV/Å) and per-atom importances (and reliabilities, for heads with a per-atom logit) at selection time.
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ from tqdm.auto import tqdm
 from .calculator import ProbeCalculator
 from .exceptions import InputError
 from .fileio import atomic_write
+from .regions import extract_regions
 
 ReferenceFactory = Callable[[], BaseCalculator]
 MDFactory = Callable[[Atoms], MolecularDynamics]
@@ -76,6 +91,7 @@ class Candidate:
     trajectory: int
     step: int
     fingerprint: np.ndarray
+    unreliable_atoms: np.ndarray | None = None
 
 
 class SerialExecutor(Executor):
@@ -161,6 +177,12 @@ class ActiveLearner:
         retries: extra attempts for a failing reference call before ``failed``.
         dedup_tol: candidates whose mean backbone features differ by less
             than this fraction are near-identical; only one is kept.
+        region_buffer: label regions instead of whole cells: the unreliable
+            atoms plus every atom within this radius (Å) of them (module
+            docstring). None (default): whole frames.
+        min_atom_reliability: with ``region_buffer``, an atom is unreliable
+            below this ``atom_reliability`` (0-1); ``"auto"`` (default) takes
+            the head's ``atom_p_star``.
     """
 
     def __init__(
@@ -174,6 +196,8 @@ class ActiveLearner:
         novelty_hi: float = 2.0,
         retries: int = 1,
         dedup_tol: float = 1e-3,
+        region_buffer: float | None = None,
+        min_atom_reliability: float | str = "auto",
     ) -> None:
         self.probe_calc, self.reference, self.executor = probe_calc, reference, executor
         self.db_path, self.retries, self.dedup_tol = os.fspath(db), int(retries), float(dedup_tol)
@@ -186,6 +210,16 @@ class ActiveLearner:
         support = probe_calc.max_novelty if probe_calc is not None else 1.0
         if self.novelty_hi < support:
             raise InputError(f"novelty_hi={self.novelty_hi} lies inside the support (max_novelty={support})")
+        self.region_buffer = None if region_buffer is None else float(region_buffer)
+        self.min_atom_reliability = None
+        if self.region_buffer is not None:
+            if not self.region_buffer > 0:
+                raise InputError(f"region_buffer must be a positive radius (Å), got {region_buffer}")
+            if probe_calc is None or not probe_calc.probe.meta.local:
+                raise InputError("region labelling needs a head with per-atom reliability: refit it with "
+                                 "atom_threshold= (eV/Å) or atom_quantile=")
+            auto = min_atom_reliability == "auto"
+            self.min_atom_reliability = probe_calc.probe.meta.atom_p_star if auto else float(min_atom_reliability)
         self.db = connect(self.db_path)
         self.round = max((row.get("round", 0) for row in self.db.select()), default=0)
 
@@ -230,16 +264,26 @@ class ActiveLearner:
 
         def observe() -> None:
             p = float(self.probe_calc.get_property("reliability", atoms))
-            band = self.band(p, float(self.probe_calc.results["novelty"]))
+            results = self.probe_calc.results
+            band = self.band(p, float(results["novelty"]))
+            bad = None
+            if self.region_buffer is not None:
+                ok = self.probe_calc.probe.atom_verdict(results["atom_reliability"], results["atom_novelty"],
+                                                        self.min_atom_reliability, self.probe_calc.max_novelty)
+                bad = np.flatnonzero(~ok)
+                if band == "reliable" and bad.size:
+                    band = "candidate"  # the cell passes, some atoms do not
             if band == "reliable":
                 return
             frame = atoms.copy()
             frame.calc = None
-            frame.info["mlip_energy"] = float(self.probe_calc.results["energy"])
-            frame.arrays["mlip_forces"] = np.array(self.probe_calc.results["forces"])
-            frame.arrays["atom_importance"] = np.array(self.probe_calc.results["atom_importance"])
+            frame.info["mlip_energy"] = float(results["energy"])
+            frame.arrays["mlip_forces"] = np.array(results["forces"])
+            for key in ("atom_importance", "atom_reliability"):
+                if key in results:
+                    frame.arrays[key] = np.array(results[key])
             fingerprint = self.probe_calc.tap.features()[: len(atoms)].mean(0).double().cpu().numpy()
-            cand = Candidate(frame, p, float(self.probe_calc.results["novelty"]), band, index, dyn.nsteps, fingerprint)
+            cand = Candidate(frame, p, float(results["novelty"]), band, index, dyn.nsteps, fingerprint, bad)
             (found if band == "candidate" else failed).append(cand)
             if band == "failed":
                 dyn.max_steps = dyn.nsteps  # stop this trajectory: too far off to be useful data
@@ -277,10 +321,27 @@ class ActiveLearner:
     def _store(self, cand: Candidate, status: str) -> None:
         atoms = cand.atoms.copy()
         data = {"mlip_energy": atoms.info.pop("mlip_energy"), "mlip_forces": atoms.arrays.pop("mlip_forces"),
-                "atom_importance": atoms.arrays.pop("atom_importance"), "fingerprint": cand.fingerprint}
-        reason = "out_of_support" if cand.novelty > self.probe_calc.max_novelty else "low_probability"
-        self.db.write(atoms, data=data, round=self.round, status=status, band=cand.band, reliability=cand.reliability,
-                      novelty=cand.novelty, reason=reason, trajectory=cand.trajectory, step=cand.step)
+                "fingerprint": cand.fingerprint}
+        data |= {key: atoms.arrays.pop(key) for key in ("atom_importance", "atom_reliability") if key in atoms.arrays}
+        if cand.novelty > self.probe_calc.max_novelty:
+            reason = "out_of_support"
+        elif cand.reliability < self.p_hi:
+            reason = "low_probability"
+        else:
+            reason = "low_atom_reliability"
+        rows = dict(round=self.round, band=cand.band, reliability=cand.reliability, novelty=cand.novelty,
+                    reason=reason, trajectory=cand.trajectory, step=cand.step)
+        if status != "pending" or cand.unreliable_atoms is None or not cand.unreliable_atoms.size:
+            self.db.write(atoms, data=data, status=status, **rows)
+            return
+        source_id = self.db.write(atoms, data=data, status="source", **rows)
+        for k, region in enumerate(extract_regions(atoms, cand.unreliable_atoms, self.region_buffer)):
+            mlip = region.atoms.copy()
+            mlip.calc = self.probe_calc.base  # the MLIP's own forces on the cut region
+            self.db.write(region.atoms, status="pending", source_id=source_id, region=k,
+                          periodic_region=region.periodic, n_core=int(region.core.sum()),
+                          data={"source_index": region.source_index, "core": region.core,
+                                "mlip_forces": np.array(mlip.get_forces())}, **rows)
 
     # ---- labelling, export, retraining ---------------------------------------
     def label(self, progress: bool = True) -> dict[str, int]:
@@ -292,9 +353,20 @@ class ActiveLearner:
         return self.label(progress)
 
     def labelled(self, round: int | None = None) -> list[Atoms]:
-        """Frames with reference results (``status=done``), optionally of one round."""
+        """Frames with reference results (``status=done``), optionally of one round.
+
+        Regions carry ``arrays["core"]``, ``arrays["source_index"]`` and
+        ``arrays["mlip_forces"]`` (eV/Å) from their row's ``data``.
+        """
         selection = {"status": "done"} if round is None else {"status": "done", "round": round}
-        return [row.toatoms(add_additional_information=True) for row in self.db.select(**selection)]
+        frames = []
+        for row in self.db.select(**selection):
+            atoms = row.toatoms(add_additional_information=True)
+            if "core" in row.data:
+                for key in ("core", "source_index", "mlip_forces"):
+                    atoms.arrays[key] = np.asarray(row.data[key])
+            frames.append(atoms)
+        return frames
 
     def export(self, path: str | os.PathLike, round: int | None = None) -> int:
         """Write labelled frames to extxyz atomically; returns how many."""
@@ -309,7 +381,7 @@ class ActiveLearner:
     def status_counts(self) -> dict[str, int]:
         """Rows per status in the database."""
         statuses = [row.status for row in self.db.select()]
-        return {s: statuses.count(s) for s in ("pending", "done", "failed", "rejected")}
+        return {s: statuses.count(s) for s in ("pending", "done", "failed", "rejected", "source")}
 
     def retrain(self, trainer: Callable[[list[Atoms], int, ProbeCalculator], ProbeCalculator]) -> ProbeCalculator:
         """Replace the MLIP: ``trainer(labelled_frames, round, current)`` returns a new ProbeCalculator.

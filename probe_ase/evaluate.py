@@ -11,6 +11,16 @@ structures with atoms coloured by PROBE's importance).
 With an ensemble (a MACE committee calculator), its disagreement (mean over
 atoms of the per-atom force standard deviation, eV/Å, and the energy
 standard deviation per atom, eV/atom) is evaluated on the same frames.
+
+With reference forces, the report also judges atoms (``metrics.json``
+``"atoms"``, the "Per-atom" table and ``atom_roc.png``): for a head with a
+per-atom logit, AUROC and Spearman of ``1 - atom_reliability`` against each
+atom's force-error norm ``|ΔF_i|`` (unreliable: above the head's atom
+tolerance), and coverage and risk at the atom p*; the ensemble's per-atom
+force standard deviation on the same atoms; and, for every head, whether the
+attention importance points at the worst atoms (Spearman of importance vs
+``|ΔF_i|`` within each unreliable structure, averaged, and how often the most
+important atom is among the three worst).
 """
 
 from __future__ import annotations
@@ -28,22 +38,28 @@ from .dataset import Frames, read_frames, reference_energy, reference_forces
 from .exceptions import MissingReferenceError
 from .fileio import atomic_write
 from .headfile import Probe
-from .labels import UNITS, needs_forces, structure_error
+from .labels import UNITS, atom_errors, needs_forces, structure_error
 from .scoring import score_frames
 from .taps import find_tap
 
 
-def ensemble_scores(committee: BaseCalculator, frames: list[Atoms]) -> dict[str, np.ndarray]:
-    """Disagreement of a MACE committee calculator per structure (higher = less reliable)."""
-    force_std, energy_std = [], []
+def ensemble_scores(committee: BaseCalculator, frames: list[Atoms]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Disagreement of a MACE committee calculator per structure (higher = less reliable), and per atom.
+
+    Returns ``({"ensemble_force_std": ..., "ensemble_energy_std": ...}, atom_force_std)``, the last the
+    norm of each atom's force standard deviation over members (eV/Å), atoms of all frames concatenated.
+    """
+    force_std, energy_std, atom_std = [], [], []
     for atoms in frames:
         atoms = atoms.copy()
         atoms.calc = committee
         atoms.get_potential_energy()
         forces = committee.results["forces_comm"]  # (members, atoms, 3)
-        force_std.append(np.linalg.norm(forces.std(axis=0), axis=1).mean())
+        atom_std.append(np.linalg.norm(forces.std(axis=0), axis=1))
+        force_std.append(atom_std[-1].mean())
         energy_std.append(np.sqrt(committee.results["energy_var"]) / len(atoms))
-    return {"ensemble_force_std": np.array(force_std), "ensemble_energy_std": np.array(energy_std)}
+    return ({"ensemble_force_std": np.array(force_std), "ensemble_energy_std": np.array(energy_std)},
+            np.concatenate(atom_std))
 
 
 def evaluate(
@@ -79,8 +95,10 @@ def evaluate(
         "out_of_support": float(np.mean([s.info["reason"] == "out_of_support" for s in scored])),
     }
     curves = {"PROBE": 1 - p}
+    atom_std = None
     if committee is not None:
-        for name, score in ensemble_scores(committee, frames).items():
+        structure_scores, atom_std = ensemble_scores(committee, frames)
+        for name, score in structure_scores.items():
             curves[name] = score
             ranking = 1 - score / (score.max() or 1.0)  # a monotone map to [0, 1]: only ranking metrics count
             results[name] = {k: v for k, v in metrics.summary(ranking, reliable, error).items()
@@ -88,11 +106,69 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_evaluation(curves, p, error, reliable, tau, probe.p_star, criterion, out)
+    if all(reference_forces(f) is not None for f in frames):
+        atom_error = np.concatenate([atom_errors(s.arrays["mlip_forces"], reference_forces(f))
+                                     for s, f in zip(scored, frames)])
+        results["atoms"] = atom_metrics(probe, scored, atom_error, reliable, atom_std)
+        if probe.meta.local:
+            atom_curves = {"PROBE atoms": 1 - np.concatenate([s.arrays["atom_reliability"] for s in scored])}
+            if atom_std is not None:
+                atom_curves["ensemble atom force std"] = atom_std
+            figures.append(_atom_roc(atom_curves, atom_error > probe.meta.atom_tau, probe.meta.atom_tau, out))
     least = np.argsort(p)[:n_importance]
     figures += [_importance_png(scored[k], k, out) for k in least]
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(_markdown(results, figures, len(frames))))
     return results
+
+
+def atom_metrics(probe: Probe, scored: list[Atoms], atom_error: np.ndarray, reliable: np.ndarray,
+                 atom_std: np.ndarray | None = None) -> dict:
+    """Per-atom metrics (see the module docstring); ``atom_error`` is ``|ΔF_i|`` in eV/Å over all atoms."""
+    ptr = np.cumsum([0] + [len(s) for s in scored])
+    importance = np.concatenate([s.arrays["atom_importance"] for s in scored])
+    within, top = [], []
+    for k in np.flatnonzero(~reliable):
+        a, b = ptr[k], ptr[k + 1]
+        if b - a > 2:
+            within.append(metrics.spearman(importance[a:b], atom_error[a:b]))
+            top.append(int(np.argmax(importance[a:b])) in np.argsort(-atom_error[a:b])[:3])
+    out: dict = {"n_atoms": int(len(atom_error)), "importance_spearman": float(np.nanmean(within)) if within else None,
+                 "importance_top_is_top3_worst": float(np.mean(top)) if top else None,
+                 "n_unreliable_structures": len(within)}
+    if not probe.meta.local:
+        return out
+    m = probe.meta
+    p_atom = np.concatenate([s.arrays["atom_reliability"] for s in scored])
+    bad = atom_error > m.atom_tau
+    accepted = p_atom >= m.atom_p_star
+    out |= {"atom_tau": m.atom_tau, "atom_p_star": m.atom_p_star, "fraction_unreliable": float(bad.mean()),
+            "auroc": metrics.auroc(bad, 1 - p_atom), "spearman": metrics.spearman(1 - p_atom, atom_error),
+            "coverage_at_p_star": float(accepted.mean()),
+            "risk_at_p_star": float(bad[accepted].mean()) if accepted.any() else None}
+    if atom_std is not None:
+        out["ensemble"] = {"auroc": metrics.auroc(bad, atom_std), "spearman": metrics.spearman(atom_std, atom_error)}
+    return out
+
+
+def _atom_roc(curves: dict[str, np.ndarray], unreliable: np.ndarray, atom_tau: float, out: Path) -> str:
+    """ROC of per-atom scores against ``|ΔF_i| > atom_tau``; returns the file name."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    fig = Figure(figsize=(4.8, 4.2))
+    ax = fig.subplots()
+    if unreliable.any() and not unreliable.all():
+        for label, score in curves.items():
+            fpr, tpr, _ = roc_curve(unreliable, score)
+            ax.plot(fpr, tpr, label=f"{label} (AUROC {metrics.auroc(unreliable, score):.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="random")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate (unreliable atoms caught)",
+           title=f"Per-atom ROC, |ΔF_i| > {atom_tau:.3g} eV/Å")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(out / "atom_roc.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return "atom_roc.png"
 
 
 def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Path) -> list[str]:
@@ -184,7 +260,7 @@ def _markdown(results: dict, figures: list[str], n_frames: int) -> str:
     keys = ["auroc", "auprc", "spearman", "aurc", "excess_aurc", "risk_at_50", "risk_at_80", "risk_at_90",
             "ece", "brier", "coverage_at_p_star", "risk_at_p_star", "out_of_support", "verdict_coverage",
             "verdict_risk"]
-    methods = [m for m in results if isinstance(results[m], dict)]
+    methods = [m for m in results if isinstance(results[m], dict) and m != "atoms"]
     lines = [
         "# probe-ase evaluation", "",
         f"{n_frames} structures; criterion `{results['criterion']}`, tolerance tau = {results['tau']:.4g} "
@@ -199,5 +275,28 @@ def _markdown(results: dict, figures: list[str], n_frames: int) -> str:
     for key in keys:
         row = [results[m].get(key) for m in methods]
         lines.append(f"| {key} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in row) + " |")
+    lines += _atom_markdown(results.get("atoms"))
     lines += ["", *[f"![{name}]({name})" for name in figures], ""]
     return "\n".join(lines)
+
+
+def _atom_markdown(atoms: dict | None) -> list[str]:
+    if not atoms:
+        return []
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["", "## Per-atom", ""]
+    if "auroc" in atoms:
+        ens = atoms.get("ensemble", {})
+        lines += [f"{atoms['n_atoms']} atoms; unreliable: |ΔF_i| > {atoms['atom_tau']:.3g} eV/Å "
+                  f"({atoms['fraction_unreliable']:.1%} of atoms); atom p* = {atoms['atom_p_star']:.3f} "
+                  "(empirical on the calibration atoms, not certified).", "",
+                  "| metric | PROBE atom_reliability | ensemble atom force std |", "|---|---|---|",
+                  f"| AUROC | {fmt(atoms['auroc'])} | {fmt(ens.get('auroc'))} |",
+                  f"| Spearman vs abs(ΔF_i) | {fmt(atoms['spearman'])} | {fmt(ens.get('spearman'))} |",
+                  f"| coverage at atom p* | {fmt(atoms['coverage_at_p_star'])} | — |",
+                  f"| risk at atom p* | {fmt(atoms['risk_at_p_star'])} | — |", ""]
+    lines += [f"Does the attention importance point at the worst atoms? Over {atoms['n_unreliable_structures']} "
+              f"unreliable structures: mean Spearman of importance vs abs(ΔF_i) {fmt(atoms['importance_spearman'])}; "
+              f"the most important atom is among the three worst in {fmt(atoms['importance_top_is_top3_worst'])} "
+              "of them."]
+    return lines

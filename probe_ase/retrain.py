@@ -31,15 +31,27 @@ from .fit import TrainConfig, fit_probe
 
 
 def mace_training_frames(frames: Sequence[Atoms]) -> list[Atoms]:
-    """Copies carrying ``REF_energy`` / ``REF_forces``, the keys mace-torch reads."""
+    """Copies carrying ``REF_energy`` / ``REF_forces``, the keys mace-torch reads.
+
+    A region cut from a big cell (``arrays["core"]`` and ``arrays["mlip_forces"]``,
+    see :mod:`probe_ase.regions`) trains on the reference forces of its core
+    only: mace-torch has no per-atom force weights, so each buffer atom's
+    target is the MLIP's own force on it, whose loss is zero when retraining
+    starts and which carries no reference information (the cut surface
+    distorts the buffer's reference forces).
+    """
     out = []
     for atoms in frames:
         energy, forces = reference_energy(atoms), reference_forces(atoms)
         if energy is None or forces is None:
             raise InputError("every training frame needs a reference energy (eV) and forces (eV/Å)")
+        if "core" in atoms.arrays and "mlip_forces" in atoms.arrays:
+            forces = np.where(atoms.arrays["core"][:, None], forces, atoms.arrays["mlip_forces"])
         copy = atoms.copy()
         copy.calc = None
         copy.info = {"REF_energy": energy}
+        for key in ("core", "source_index", "mlip_forces"):
+            copy.arrays.pop(key, None)
         copy.arrays["REF_forces"] = forces
         out.append(copy)
     return out

@@ -175,3 +175,79 @@ def test_far_apart_cores_give_separate_regions_and_small_cells_stay_periodic():
         extract_regions(cell, [0], buffer=0)
     with pytest.raises(InputError, match="indices"):
         extract_regions(cell, [len(cell)], buffer=2.0)
+
+
+# --- active learning on regions --------------------------------------------------------
+
+
+def test_active_learning_labels_regions_not_cells(local_calc, local_probe, tmp_path):
+    from ase.calculators.emt import EMT
+
+    from probe_ase import ActiveLearner
+    from probe_ase.retrain import mace_training_frames
+
+    start = hot_spot_frames(1, size=5, seed=18)[0]  # 500 atoms, one hot spot
+    learner = ActiveLearner(local_calc, EMT, db=tmp_path / "al.db", region_buffer=3.0)
+    assert learner.min_atom_reliability == local_probe.meta.atom_p_star
+    counts = learner.explore([start], md=lambda atoms: VelocityVerlet(atoms, 0.5 * units.fs), steps=3, max_new=2,
+                             min_separation=1, progress=False)
+    assert counts["selected"] >= 1
+    sources = {row.id: row for row in learner.db.select(status="source")}
+    regions = list(learner.db.select(status="pending"))
+    assert sources and regions and all(row.source_id in sources for row in regions)
+    for row in regions:
+        source = sources[row.source_id].toatoms()
+        index, core = row.data["source_index"], row.data["core"]
+        assert row.natoms == len(index) < len(source) // 2 and core.sum() == row.n_core > 0
+        assert not row.periodic_region and not row.toatoms().pbc.any()
+        _, in_source = get_distances(source.positions[index], cell=source.cell, pbc=True)
+        _, in_region = get_distances(row.toatoms().positions)
+        np.testing.assert_allclose(in_region, in_source, atol=1e-6)  # the mapping is right across the boundary
+    assert learner.label(progress=False)["done"] == len(regions)
+    frames = learner.labelled()
+    training = mace_training_frames(frames)
+    for frame, train in zip(frames, training):
+        core = frame.arrays["core"]
+        np.testing.assert_allclose(train.arrays["REF_forces"][core], frame.get_forces()[core])
+        np.testing.assert_allclose(train.arrays["REF_forces"][~core], frame.arrays["mlip_forces"][~core])
+    assert learner.export(tmp_path / "regions.xyz") == len(regions)
+    assert all("core" in f.arrays for f in read(tmp_path / "regions.xyz", ":"))
+
+
+# --- evaluation and the command line ------------------------------------------------------
+
+
+def test_evaluate_reports_atoms_and_the_cli_gates_on_them(local_probe, backbones, tmp_path, capsys):
+    import copy
+    import json
+
+    import torch
+    from ase.io import write
+
+    from probe_ase.cli import main
+    from probe_ase.evaluate import evaluate
+
+    frames = hot_spot_frames(6, seed=19)
+    results = evaluate(local_probe, backbones("mace"), frames, tmp_path / "report")
+    atoms = results["atoms"]
+    assert atoms["n_atoms"] == 6 * 108 and atoms["auroc"] >= 0.8 and -1 <= atoms["importance_spearman"] <= 1
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["atoms"]["auroc"] == atoms["auroc"]
+    assert "## Per-atom" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "atom_roc.png").stat().st_size > 0
+
+    model = copy.deepcopy(backbones("mace").models[0])
+    for module in model.modules():  # the live tap's hooks are closures, which pickle cannot save
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    torch.save(model, tmp_path / "mace.model")
+    local_probe.save(tmp_path / "local.pt")
+    write(tmp_path / "start.xyz", frames[0])
+    args = ["md", str(tmp_path / "start.xyz"), "--probe", str(tmp_path / "local.pt"), "--backbone",
+            str(tmp_path / "mace.model"), "--ensemble", "nve", "--temperature", "10", "--timestep", "0.5",
+            "--steps", "2", "--action", "log", "--threshold", "0", "--min-atom-reliability", "auto",
+            "--trajectory", str(tmp_path / "md.traj"), "--log", str(tmp_path / "r.log")]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert summary["low_atom_reliability_steps"] >= 1 and summary["max_unreliable_atoms"] >= 1
+    with pytest.raises(SystemExit):
+        main(args[:-4] + ["--min-atom-reliability", "most"])

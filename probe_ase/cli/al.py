@@ -21,6 +21,8 @@ Example config (units: K, fs, 1/fs)::
     max_new = 20
     min_separation = 10
     # p_lo = 0.1, p_hi = 0.5    (default: p*/2 and p*)
+    # region_buffer = 6.0       big cells: label regions (unreliable atoms + this buffer, Å), not whole cells;
+    # min_atom_reliability = "auto"   needs a head fitted with --atom-threshold; "auto": the head's atom p*
 
     [label]
     workers = 1                   # > 1: a process pool of this size
@@ -42,7 +44,7 @@ SECTIONS = {
     "": {"backbone", "probe", "db", "start", "rounds", "reference", "explore", "label", "retrain"},
     "reference": {"calculator", "options"},
     "explore": {"ensemble", "temperature", "timestep", "friction", "steps", "max_new", "min_separation",
-                "p_lo", "p_hi", "seed"},
+                "p_lo", "p_hi", "seed", "region_buffer", "min_atom_reliability"},
     "label": {"workers", "retries"},
     "retrain": {"train_data", "fit_data", "epochs", "work_dir"},
 }
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     executor = ProcessPoolExecutor(workers) if workers > 1 else None
     learner = ActiveLearner(probe_calc, reference_factory(config["reference"]), db=config.get("db", "al.db"),
                             executor=executor, p_lo=explore.get("p_lo"), p_hi=explore.get("p_hi"),
-                            retries=int(label.get("retries", 1)))
+                            retries=int(label.get("retries", 1)), region_buffer=explore.get("region_buffer"),
+                            min_atom_reliability=explore.get("min_atom_reliability", "auto"))
     trainer = None if retrain is None else MaceTrainer(
         retrain["train_data"], retrain["fit_data"], retrain.get("work_dir", "al-retrain"), int(retrain.get("epochs", 20)))
     starts = read_frames(config["start"])

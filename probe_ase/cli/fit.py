@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="absolute tolerance in the criterion's unit (eV/Å, eV/atom or eV)")
     tol.add_argument("--quantile", type=float, metavar="Q",
                      help="tolerance as this quantile (0-1) of the observed errors (default: 0.8)")
+    atom = parser.add_mutually_exclusive_group()
+    atom.add_argument("--atom-threshold", type=float, metavar="TAU_ATOM",
+                      help="also a per-atom reliability: tolerance on each atom's force error norm, in eV/Å")
+    atom.add_argument("--atom-quantile", type=float, metavar="Q",
+                      help="... or the atom tolerance as this quantile (0-1) of all atoms' force errors")
     parser.add_argument("--target-risk", type=float, default=0.05,
                         help="largest fraction of accepted structures allowed to be unreliable (default: 0.05)")
     parser.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")
@@ -46,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     calc = load_backbone(args.backbone, args.backbone_type, args.device)
     probe = fit_probe(
         calc, args.data, criterion=args.criterion, threshold=args.threshold, quantile=args.quantile,
+        atom_threshold=args.atom_threshold, atom_quantile=args.atom_quantile,
         target_risk=args.target_risk, layers=args.layers, config=HeadConfig(cutoff=args.cutoff),
         train=TrainConfig(epochs=args.epochs, seed=args.seed), energy_key=args.energy_key,
         forces_key=args.forces_key, batch_size=args.batch_size,
@@ -56,5 +62,8 @@ def run(args: argparse.Namespace) -> int:
     m = probe.meta
     print(f"wrote {args.output}: {m.backbone} backbone, criterion {m.criterion}, tau = {m.tau:.4g}, "
           f"p* = {m.p_star:.3f}, coverage {m.coverage:.1%} at target risk {m.target_risk:.1%}")
+    if m.local:
+        print(f"per-atom reliability: atom tolerance {m.atom_tau:.4g} eV/Å, atom p* = {m.atom_p_star:.3f} "
+              f"(calibration atoms: AUROC {m.report['atoms']['auroc']:.3f})")
     print(json.dumps({k: v for k, v in m.report.items() if k != "train"}, indent=2))
     return 0

@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log reliability; also flag unreliable frames; also halt the run (default: halt)")
     parser.add_argument("--patience", type=int, default=3, help="consecutive unreliable steps before halting (default: 3)")
     parser.add_argument("--threshold", type=float, help="reliability threshold, 0-1 (default: the head's p*)")
+    parser.add_argument("--min-atom-reliability", type=_atom_threshold, metavar="P|auto",
+                        help="also judge atoms (heads fitted with --atom-threshold): a step is unreliable when any "
+                             "atom's reliability is below P (0-1; 'auto': the head's atom p*); the log lists them "
+                             "(default: structure only)")
     parser.add_argument("--trajectory", default="md.traj", metavar="PATH",
                         help="trajectory to append (.traj, or extxyz for other suffixes; default: md.traj)")
     parser.add_argument("--interval", type=int, default=1, help="write every N-th step to the trajectory (default: 1)")
@@ -34,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flagged", default="flagged.xyz", metavar="PATH", help="extxyz of unreliable frames to append")
     parser.add_argument("--max-flagged", type=int, default=100, help="most flagged frames written (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed for velocities and thermostat (default: 0)")
+
+
+def _atom_threshold(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in 0-1 or 'auto', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                         args.pressure, args.compressibility, args.seed)
     monitor = run_gated(dyn, args.steps, trajectory=args.trajectory, interval=args.interval,
                         action=args.action, threshold=args.threshold, patience=args.patience,
-                        log=args.log, flagged=args.flagged, max_flagged=args.max_flagged)
+                        log=args.log, flagged=args.flagged, max_flagged=args.max_flagged,
+                        min_atom_reliability=args.min_atom_reliability)
     atoms.calc.close()
     summary = monitor.summary()
     verdict = f"halted at step {summary['halt_step']}" if monitor.halted else f"ran {dyn.nsteps} steps"
