@@ -189,6 +189,8 @@ def build(args, tmp: str, system: str) -> dict:
         pool = read(args.data / "test_MD_300K.xyz", ":60")
         r_max, epochs = 5.0, max(1, epochs // 3)
     fit_kw = dict(quantile=0.8, train=TrainConfig(epochs=5, patience=5), cache_dir=False, progress=False)
+    if args.atom_logit:  # heads with the per-atom logit (local reliability)
+        fit_kw["atom_quantile"] = 0.9
     out = {}
     if "mace" in args.backbones:
         variants = {"mace": dict(channels=32, max_ell=1, correlation=2)}
@@ -441,6 +443,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=None,
                    help="BOTNet acac folder (../shared/data/acac): time the 15-atom molecule with backbones "
                         "trained on its DFT frames (default: a 15-atom Cu cluster stands in)")
+    p.add_argument("--atom-logit", action="store_true",
+                   help="fit heads with the per-atom logit (atom_quantile 0.9): the cost of atom_reliability")
     p.add_argument("--quick", action="store_true", help="smoke run: sizes 16 128 1000, 3 repeats, 50 frames")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "perf.json", help="JSON output path")
     args = p.parse_args(argv)

@@ -276,9 +276,9 @@ class ReliabilityTrajectory:
 
     ``.traj`` files are ASE trajectories (``info["reliability"]``,
     ``info["reason"]``, ``info["novelty"]``, ``info["atom_importance"]``,
-    ``info["atom_novelty"]``); anything else is extxyz with
-    ``atom_importance`` and ``atom_novelty`` as per-atom columns that OVITO
-    can colour by. Files
+    ``info["atom_novelty"]`` and, from heads with a per-atom logit,
+    ``info["atom_reliability"]``); anything else is extxyz with those
+    per-atom results as columns that OVITO can colour by. Files
     are only ever appended to and flushed per frame.
     """
 

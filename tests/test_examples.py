@@ -50,6 +50,26 @@ def test_active_learning_xtb_example(tmp_path):
     assert (tmp_path / "round1.xyz").exists() and (tmp_path / "al.db").exists()
 
 
-@pytest.mark.parametrize("name", ["md_gating.py", "optimisation_guard.py", "active_learning_xtb.py"])
+@pytest.mark.slow
+def test_large_cell_example(monkeypatch, tmp_path, capsys):
+    """The structure verdict passes the 4 092-atom defective cell; the per-atom map finds the defect."""
+    ns = run_example("large_cell_local.py", monkeypatch, "--out", str(tmp_path))
+    summary = ns["summary"]
+    assert summary["n_atoms"] >= 4000 and summary["structure_verdict"]
+    assert summary["atom_auroc"] >= 0.9 and summary["flagged_within_5_A_of_defect"] >= 1
+    assert summary["unreliable_within_5_A"] >= 1
+    assert "atom_reliability" in read_columns(tmp_path / "large_cell.xyz")
+    assert (tmp_path / "large_cell.png").stat().st_size > 0
+    assert "per-atom AUROC" in capsys.readouterr().out
+
+
+def read_columns(path):
+    from ase.io import read
+
+    return set(read(path).arrays)
+
+
+@pytest.mark.parametrize("name", ["md_gating.py", "optimisation_guard.py", "active_learning_xtb.py",
+                                  "large_cell_local.py"])
 def test_examples_say_how_to_run_them(name):
     assert f"python examples/{name}" in (EXAMPLES / name).read_text()
