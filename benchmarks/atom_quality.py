@@ -50,7 +50,8 @@ from probe_ase.scoring import score_frames  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
 
 REGIMES = {"top 10 % of fit atoms (atom_quantile 0.9)": {"atom_quantile": 0.9},
-           "absolute 0.15 eV/Å": {"atom_threshold": 0.15}}
+           "absolute 0.15 eV/Å": {"atom_threshold": 0.15},
+           "default head, no atom labels (importance only)": {}}
 STRUCTURE_TAU = 0.1  # eV/Å, force RMSE
 
 
@@ -72,27 +73,30 @@ def ensemble_atom_std(kind: str, paths: list[Path], frames: list, cache: Path, k
     return std
 
 
-def file_row(scored: list, frames: list, std: np.ndarray | None, atom_tau: float, atom_p_star: float) -> dict:
+def file_row(scored: list, frames: list, std: np.ndarray | None, atom_tau: float | None,
+             atom_p_star: float | None) -> dict:
     """Per-atom metrics of one file (see the module docstring)."""
     error = np.concatenate([atom_errors(s.arrays["mlip_forces"], reference_forces(f)) for s, f in zip(scored, frames)])
-    p = np.concatenate([s.arrays["atom_reliability"] for s in scored])
     importance = np.concatenate([s.arrays["atom_importance"] for s in scored])
     ptr = np.cumsum([0] + [len(f) for f in frames])
-    bad = error > atom_tau
-    accepted = p >= atom_p_star
     within, top = [], []
     for k, (s, f) in enumerate(zip(scored, frames)):
         a, b = ptr[k], ptr[k + 1]
         if np.sqrt(np.mean((s.arrays["mlip_forces"] - reference_forces(f)) ** 2)) > STRUCTURE_TAU:
             within.append(metrics.spearman(importance[a:b], error[a:b]))
             top.append(int(np.argmax(importance[a:b])) in np.argsort(-error[a:b])[:3])
-    row = {"n_atoms": int(len(error)), "fraction_unreliable": float(bad.mean()),
-           "probe_auroc": metrics.auroc(bad, 1 - p), "probe_spearman": metrics.spearman(1 - p, error),
-           "coverage_at_atom_p_star": float(accepted.mean()),
-           "risk_at_atom_p_star": float(bad[accepted].mean()) if accepted.any() else float("nan"),
-           "n_unreliable_structures": len(within),
+    row = {"n_atoms": int(len(error)), "n_unreliable_structures": len(within),
            "importance_spearman": float(np.nanmean(within)) if within else float("nan"),
            "importance_top_in_top3_worst": float(np.mean(top)) if top else float("nan")}
+    if atom_tau is None:  # a head without the per-atom logit: the importance check only
+        return row
+    p = np.concatenate([s.arrays["atom_reliability"] for s in scored])
+    bad = error > atom_tau
+    accepted = p >= atom_p_star
+    row |= {"fraction_unreliable": float(bad.mean()),
+            "probe_auroc": metrics.auroc(bad, 1 - p), "probe_spearman": metrics.spearman(1 - p, error),
+            "coverage_at_atom_p_star": float(accepted.mean()),
+            "risk_at_atom_p_star": float(bad[accepted].mean()) if accepted.any() else float("nan")}
     if std is not None:
         row |= {"ensemble_auroc": metrics.auroc(bad, std), "ensemble_spearman": metrics.spearman(std, error)}
     return row
@@ -123,10 +127,10 @@ def run_backbone(kind: str, paths: list[Path], pool: list, evals: dict, cache: P
                     pooled["std"].append(stds[name])
         std = np.concatenate(pooled["std"]) if pooled["std"] else None
         rows["pooled"] = file_row(pooled["scored"], pooled["frames"], std, m.atom_tau, m.atom_p_star)
-        out[regime] = {"atom_tau": m.atom_tau, "atom_p_star": m.atom_p_star, "calibration": m.report["atoms"],
+        out[regime] = {"atom_tau": m.atom_tau, "atom_p_star": m.atom_p_star, "calibration": m.report.get("atoms"),
                        "fit_seconds": time.perf_counter() - t0, "files": rows}
-        print(f"  {kind} {regime}: atom tau {m.atom_tau:.3f} eV/Å, pooled AUROC PROBE "
-              f"{rows['pooled']['probe_auroc']:.3f} / ensemble {rows['pooled'].get('ensemble_auroc', float('nan')):.3f}")
+        print(f"  {kind} {regime}: pooled", {k: round(v, 3) for k, v in rows["pooled"].items() if "auroc" in k
+                                              or "importance" in k})
     return out
 
 
@@ -147,6 +151,12 @@ def markdown(res: dict) -> str:
                 lines += [f"Not fittable: {entry['error']}", ""]
                 continue
             cal = entry["calibration"]
+            if cal is None:
+                lines += ["| file | importance Spearman | top-importance in 3 worst (n) |", "|---|---|---|"]
+                lines += [f"| {name} | {f(r['importance_spearman'])} | {f(r['importance_top_in_top3_worst'])} "
+                          f"({r['n_unreliable_structures']}) |" for name, r in entry["files"].items()]
+                lines.append("")
+                continue
             lines += [f"Atom tolerance {entry['atom_tau']:.3f} eV/Å, atom p* {entry['atom_p_star']:.3f} (empirical); "
                       f"calibration atoms AUROC {cal['auroc']:.3f}.", "",
                       "| file | atoms | unreliable | AUROC PROBE | AUROC ensemble | Spearman PROBE | Spearman ensemble "

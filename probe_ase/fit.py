@@ -12,6 +12,12 @@
 7. Certify ``p*`` (:mod:`probe_ase.certify`): the loosest threshold whose
    verdict (probability >= p* and inside the support) has risk <= ``target_risk``
    with probability >= 1 - ``delta``, by Learn-then-Test on the calibration split.
+
+With ``atom_threshold`` / ``atom_quantile`` each atom is labelled too (its
+force-error norm within the atom tolerance), the head gets a per-atom logit
+trained beside the structure one (step 4), its own temperature on the
+calibration atoms (step 6) and an empirical atom threshold (step 7, not
+certified: atoms of one structure are not independent).
 """
 
 from __future__ import annotations
@@ -296,6 +302,8 @@ def fit_probe(
     if threshold is None and quantile is None:
         quantile = 0.8
     local = atom_threshold is not None or atom_quantile is not None
+    if config.atom_logit and not local:
+        raise InputError("HeadConfig(atom_logit=True) needs per-atom labels: give atom_threshold (eV/Å) or atom_quantile")
     if local:
         config = replace(config, atom_logit=True)
     frames = read_frames(data)

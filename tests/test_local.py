@@ -105,6 +105,16 @@ def test_heads_without_atoms_say_so(backbones, probes, cu_data):
             ReliabilityMonitor(VelocityVerlet(atoms, units.fs), min_atom_reliability=0.5)
 
 
+def test_bad_atom_options_are_input_errors(backbones, cu_data):
+    options = dict(criterion="force_rmse", quantile=0.7, progress=False, cache_dir=False)
+    with pytest.raises(InputError, match="needs per-atom labels"):
+        fit_probe(backbones("mace"), cu_data["pool"], config=HeadConfig(atom_logit=True), **options)
+    with pytest.raises(InputError, match="quantile must lie strictly between 0 and 1"):
+        fit_probe(backbones("mace"), cu_data["pool"], atom_quantile=1.5, **options)
+    with pytest.raises(InputError, match="exactly one"):
+        fit_probe(backbones("mace"), cu_data["pool"], atom_quantile=0.9, atom_threshold=0.1, **options)
+
+
 def test_atom_labels_need_reference_forces(backbones, cu_data):
     frames = []
     for frame in cu_data["pool"][:40]:
