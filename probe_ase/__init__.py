@@ -3,8 +3,8 @@
 A :class:`ProbeCalculator` wraps a MACE or SchNetPack calculator, taps the
 backbone's per-atom features with forward hooks during its own pass, and adds
 ``reliability``, ``novelty``, the fail-safe verdict ``reliable`` with its
-``reason``, and per-atom ``atom_novelty`` and ``atom_importance`` to its
-results. Heads are fitted with :func:`fit_probe` (PROBE, arXiv:2605.00640),
+``reason``, and per-atom ``atom_novelty`` and ``atom_importance`` (and, for
+heads fitted with an atom tolerance, ``atom_reliability``) to its results. Heads are fitted with :func:`fit_probe` (PROBE, arXiv:2605.00640),
 their operating threshold certified by Learn-then-Test.
 """
 
@@ -30,6 +30,7 @@ _LAZY = {
     "HeadConfig": "head", "ProbeHead": "head", "GuardReport": "guard", "guarded_optimize": "guard",
     "HeadMeta": "headfile", "Probe": "headfile", "NoveltyConfig": "novelty",
     "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers", "find_tap": "taps",
+    "Region": "regions", "extract_regions": "regions",
 }
 
 
@@ -65,12 +66,14 @@ __all__ = [
     "ProbeCalculator",
     "ProbeError",
     "ProbeHead",
+    "Region",
     "ReliabilityHalt",
     "ReliabilityMonitor",
     "ReliabilityTrajectory",
     "TrainConfig",
     "UnknownElementError",
     "annotate",
+    "extract_regions",
     "featurize",
     "find_tap",
     "fit_probe",
