@@ -19,6 +19,7 @@ from .exceptions import (
     NonFiniteError,
     ProbeError,
     ReliabilityHalt,
+    TrainingError,
     UnknownElementError,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "ReliabilityMonitor",
     "ReliabilityTrajectory",
     "TrainConfig",
+    "TrainingError",
     "UnknownElementError",
     "annotate",
     "extract_regions",

@@ -13,14 +13,29 @@ Every error the package raises on purpose derives from :class:`ProbeError`, so
     ├── BackboneError         no supported backbone in a calculator, or a tap used closed / before a pass
     ├── MismatchError         head file and backbone disagree (fingerprint, width)
     ├── HeadFileError         a head file that is missing, truncated or tampered
+    ├── TrainingError         the backbone's trainer (mace_run_train) failed
     └── ReliabilityHalt       a monitor with raise_on_halt=True stopped a run
+
+Errors carry the offending values as attributes besides the message, e.g.
+``err.unknown`` (atomic numbers) of an :class:`UnknownElementError`; every
+error lists them in ``err.details`` (a dict, empty when there are none).
 """
 
 from __future__ import annotations
 
 
 class ProbeError(Exception):
-    """Root of every error raised on purpose by probe-ase."""
+    """Root of every error raised on purpose by probe-ase.
+
+    ``ProbeError(message, **details)``: each detail (an offending value) is
+    also an attribute, and all of them are in ``details``.
+    """
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message)
+        self.details = details
+        for name, value in details.items():
+            setattr(self, name, value)
 
 
 class InputError(ProbeError, ValueError):
@@ -57,6 +72,10 @@ class MismatchError(ProbeError, ValueError):
 
 class HeadFileError(ProbeError, OSError):
     """A head file is missing, truncated, tampered with, or of an unknown version."""
+
+
+class TrainingError(ProbeError, RuntimeError):
+    """The backbone's trainer failed (``returncode`` and the tail of its ``stderr`` as attributes)."""
 
 
 class ReliabilityHalt(ProbeError):

@@ -137,23 +137,25 @@ def save_head(head: ProbeHead, novelty: NoveltyModel, meta: HeadMeta, path: str 
 def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyModel]:
     """Read a head file without executing code; refuse truncated or edited files."""
     if not os.path.exists(path):
-        raise HeadFileError(f"no head file at {path}")
+        raise HeadFileError(f"no head file at {path}", path=str(path))
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise HeadFileError(f"{path} is not a readable probe-ase head file ({type(err).__name__}: {err})") from err
+        raise HeadFileError(f"{path} is not a readable probe-ase head file ({type(err).__name__}: {err})",
+                            path=str(path)) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise HeadFileError(f"{path} is not a probe-ase head file")
+        raise HeadFileError(f"{path} is not a probe-ase head file", path=str(path))
     if payload.get("version") != VERSION:
         found = payload.get("version")
         newer = isinstance(found, int) and found > VERSION
         added = "; ".join(f"version {v} added {what}" for v, what in CHANGES.items()
                           if not isinstance(found, int) or v > found)
         raise HeadFileError(f"{path} has head-file version {found}; this probe-ase reads version {VERSION} "
-                            + ("(upgrade probe-ase to read it)" if newer else f"({added}): refit the head"))
+                            + ("(upgrade probe-ase to read it)" if newer else f"({added}): refit the head"),
+                            path=str(path), found_version=found, version=VERSION)
     meta_json, state = payload["meta"], payload["state"]
     if _checksum(meta_json, state) != payload.get("sha256"):
-        raise HeadFileError(f"{path} failed its checksum: the file was modified or damaged")
+        raise HeadFileError(f"{path} failed its checksum: the file was modified or damaged", path=str(path))
     try:  # a file of this version whose schema still differs (fields added without a version bump)
         meta = HeadMeta.from_json(meta_json)
         head = ProbeHead(meta.feature_dim, meta.elements, meta.config)
@@ -162,7 +164,7 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyMode
         novelty.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("novelty.")})
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise HeadFileError(f"{path} says head-file version {VERSION} but its contents do not match that schema "
-                            f"({type(err).__name__}: {err}); refit the head") from err
+                            f"({type(err).__name__}: {err}); refit the head", path=str(path)) from err
     head.eval()
     return head, meta, novelty
 
@@ -229,16 +231,18 @@ class Probe:
         """Raise :class:`MismatchError` unless the head was fitted on this backbone and layers."""
         m = self.meta
         if kind != m.backbone:
-            raise MismatchError(f"head was fitted on a {m.backbone} backbone, not {kind}")
+            raise MismatchError(f"head was fitted on a {m.backbone} backbone, not {kind}", expected=m.backbone, found=kind)
         if tuple(layers) != m.layers or feature_dim != m.feature_dim:
             raise MismatchError(
                 f"head reads {m.feature_dim} features from layers {list(m.layers)}; "
-                f"the tap gives {feature_dim} from layers {list(layers)}"
+                f"the tap gives {feature_dim} from layers {list(layers)}",
+                expected=(m.layers, m.feature_dim), found=(tuple(layers), feature_dim),
             )
         if fingerprint != m.fingerprint:
             raise MismatchError(
                 f"head was fitted on backbone {m.fingerprint[:12]}..., but this backbone is {fingerprint[:12]}... "
-                "(a different or retrained model); refit the head for it"
+                "(a different or retrained model); refit the head for it",
+                expected=m.fingerprint, found=fingerprint,
             )
 
     def to(self, device: torch.device | str) -> Probe:

@@ -89,7 +89,8 @@ def make_labels(errors: np.ndarray, tau: float, what: str = "structures") -> np.
         which = "reliable" if n_good else "unreliable"
         raise LabelError(
             f"all {len(labels)} {what} are {which} at tau={tau:.4g} "
-            f"(errors span {np.min(errors):.4g}..{np.max(errors):.4g}); choose another threshold or add data"
+            f"(errors span {np.min(errors):.4g}..{np.max(errors):.4g}); choose another threshold or add data",
+            n=len(labels), n_reliable=n_good, tau=tau,
         )
     return labels
 

@@ -26,7 +26,7 @@ from ase.io import write
 
 from .calculator import ProbeCalculator
 from .dataset import Frames, read_frames, reference_energy, reference_forces
-from .exceptions import InputError, LabelError, ProbeError
+from .exceptions import InputError, LabelError, TrainingError
 from .fit import TrainConfig, fit_probe
 
 
@@ -74,7 +74,8 @@ def run_mace_train(frames: Sequence[Atoms], foundation: str | os.PathLike, work_
     done = subprocess.run(args, capture_output=True, text=True)
     model = model_dir / f"{name}.model"
     if done.returncode != 0 or not model.exists():
-        raise ProbeError(f"mace_run_train failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        raise TrainingError(f"mace_run_train failed (exit {done.returncode}):\n{done.stderr[-2000:]}",
+                            returncode=done.returncode, stderr=done.stderr[-2000:])
     return model
 
 

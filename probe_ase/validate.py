@@ -18,16 +18,18 @@ def check_atoms(atoms: Atoms, elements: Iterable[int], where: str = "structure",
     elements in ``elements`` (atomic numbers the backbone, or head, knows).
     """
     if len(atoms) == 0:
-        raise EmptyStructureError(f"{where} has no atoms")
+        raise EmptyStructureError(f"{where} has no atoms", where=where)
     bad = ~np.isfinite(atoms.positions).all(axis=1)
     if bad.any():
-        raise NonFiniteError(f"{where} has NaN or inf positions at atom indices {np.flatnonzero(bad)[:10].tolist()}")
+        raise NonFiniteError(f"{where} has NaN or inf positions at atom indices {np.flatnonzero(bad)[:10].tolist()}",
+                             where=where, atoms=np.flatnonzero(bad).tolist())
     if not np.isfinite(atoms.cell.array).all():
-        raise NonFiniteError(f"{where} has a NaN or inf cell")
+        raise NonFiniteError(f"{where} has a NaN or inf cell", where=where, atoms=[])
     known = set(int(z) for z in elements)
     unknown = sorted(set(atoms.numbers.tolist()) - known)
     if unknown:
         raise UnknownElementError(
             f"{where} contains {', '.join(chemical_symbols[z] for z in unknown)}, which {what} "
-            f"does not know (it knows {', '.join(chemical_symbols[z] for z in sorted(known))})"
+            f"does not know (it knows {', '.join(chemical_symbols[z] for z in sorted(known))})",
+            where=where, unknown=unknown, known=sorted(known),
         )

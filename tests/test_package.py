@@ -33,6 +33,25 @@ def test_every_exception_is_in_the_tree():
         assert getattr(probe_ase, err.__name__) is err
 
 
+def test_errors_carry_the_offending_values(tmp_path):
+    from ase import Atoms
+
+    from probe_ase.labels import make_labels
+    from probe_ase.validate import check_atoms
+
+    with pytest.raises(probe_ase.UnknownElementError) as info:
+        check_atoms(Atoms("CuAuAu", positions=[[0, 0, 0], [2, 0, 0], [4, 0, 0]]), [29], where="frame 3")
+    assert info.value.unknown == [79] and info.value.known == [29] and info.value.where == "frame 3"
+    assert info.value.details == {"where": "frame 3", "unknown": [79], "known": [29]}
+    with pytest.raises(probe_ase.LabelError) as info:
+        make_labels([0.1, 0.2], tau=1.0)
+    assert (info.value.n, info.value.n_reliable, info.value.tau) == (2, 2, 1.0)
+    with pytest.raises(probe_ase.HeadFileError) as info:
+        probe_ase.Probe.load(tmp_path / "absent.pt")
+    assert info.value.path == str(tmp_path / "absent.pt")
+    assert probe_ase.ProbeError("plain").details == {}
+
+
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         probe_ase.nope  # noqa: B018
