@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from probe_ase import ProbeCalculator, TrainConfig, fit_probe
 from probe_ase.graph import NeighbourCache, radius_graph
 from probe_ase.head import ProbeHead, batch_inputs
-from probe_ase.headfile import Probe
+from probe_ase.probe import Probe
 from probe_ase.scoring import score_frames
 from probe_ase.taps.base import Tap
 from probe_ase.testing import emt_frames, train_mace

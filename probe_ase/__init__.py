@@ -29,7 +29,7 @@ _LAZY = {
     "ActiveLearner": "active_learning", "ProbeCalculator": "calculator", "annotate": "calculator",
     "featurize": "dataset", "read_frames": "dataset", "TrainConfig": "fit", "fit_probe": "fit",
     "HeadConfig": "head", "ProbeHead": "head", "GuardReport": "guard", "guarded_optimize": "guard",
-    "HeadMeta": "headfile", "Probe": "headfile", "NoveltyConfig": "novelty",
+    "HeadMeta": "headfile", "Probe": "probe", "NoveltyConfig": "novelty",
     "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers", "find_tap": "taps",
     "Region": "regions", "extract_regions": "regions",
 }

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from .graph import NeighbourCache
-from .headfile import Probe
+from .probe import Probe
 from .taps import find_tap
 from .validate import check_atoms
 
@@ -49,7 +49,7 @@ class ProbeCalculator(Calculator):
     Args:
         base: the backbone calculator, or an ASE mixing calculator
             (``SumCalculator`` ...) holding exactly one backbone.
-        probe: a fitted :class:`~probe_ase.headfile.Probe` or a head-file path.
+        probe: a fitted :class:`~probe_ase.probe.Probe` or a head-file path.
         threshold: operating threshold on ``reliability``; default the head's
             certified ``p*``.
         max_novelty: support edge of the verdict (default 1.0, where the

@@ -115,7 +115,6 @@ def _risk(bad: np.ndarray, accepted: np.ndarray) -> float:
 
 def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, extra: int = 80) -> dict:
     """Heat a gated Langevin run until the monitor halts it; record true errors along the way."""
-    from ase import units
     from ase.calculators.emt import EMT
 
     from .calculator import ProbeCalculator

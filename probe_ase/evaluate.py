@@ -37,7 +37,7 @@ from . import metrics
 from .dataset import Frames, read_frames, reference_energy, reference_forces
 from .exceptions import MissingReferenceError
 from .fileio import atomic_write
-from .headfile import Probe
+from .probe import Probe
 from .labels import UNITS, atom_errors, needs_forces, structure_error
 from .scoring import score_frames
 from .taps import find_tap

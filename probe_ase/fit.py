@@ -42,7 +42,8 @@ from .dataset import FeatureSet, Frames, featurize, features_only, read_frames
 from .exceptions import InputError, LabelError
 from .graph import radius_graph
 from .head import HeadConfig, ProbeHead, batch_inputs, structure_rows
-from .headfile import HeadMeta, Probe
+from .headfile import HeadMeta
+from .probe import Probe
 from .labels import Criterion, check_criterion, make_labels, resolve_tolerance
 from .novelty import NoveltyConfig, fit_novelty, structure_novelty
 from .taps import find_tap
@@ -292,7 +293,7 @@ def fit_probe(
         cache_dir: feature cache folder (None: default, False: off).
 
     Returns:
-        a :class:`~probe_ase.headfile.Probe`; ``.save(path)`` writes the head
+        a :class:`~probe_ase.probe.Probe`; ``.save(path)`` writes the head
         file. Warns when ``target_risk`` cannot be certified (p* is then
         certified at the best risk it can, ``meta.certified_risk``) and when
         the calibrated probability carries no information.

@@ -10,7 +10,7 @@ import torch
 from ase import Atoms
 
 from .graph import radius_graph
-from .headfile import Probe
+from .probe import Probe
 from .taps.base import Tap
 from .validate import check_atoms
 

@@ -153,7 +153,7 @@ def test_head_refuses_another_backbone(probes, cu_data):
     with pytest.raises(MismatchError, match="different or retrained"):
         ProbeCalculator(other, probes("mace"))
     with pytest.raises(MismatchError, match="layers"):
-        from probe_ase.headfile import Probe
+        from probe_ase.probe import Probe
         import dataclasses
 
         probe = probes("mace")

@@ -30,7 +30,7 @@ def load_probe_and_backbone(args: argparse.Namespace):
     """The head in ``--probe`` and a calculator for ``--backbone`` (default: the file the head was fitted with)."""
     from ..backbones import load_backbone
     from ..exceptions import InputError
-    from ..headfile import Probe
+    from ..probe import Probe
 
     probe = Probe.load(args.probe)
     backbone = args.backbone or probe.meta.backbone_path

@@ -1,0 +1,173 @@
+"""The fitted PROBE head as one object: prediction, verdicts and the backbone check.
+
+A :class:`Probe` holds the head, its novelty model and its metadata
+(:class:`~probe_ase.headfile.HeadMeta`); :func:`~probe_ase.fit_probe` returns
+one, :meth:`Probe.load` reads one from a head file
+(:mod:`probe_ase.headfile`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .exceptions import MismatchError
+from .head import ProbeHead, batch_inputs
+from .headfile import HeadMeta, load_head, save_head
+from .novelty import NoveltyModel
+
+#: why a structure is not reliable (``results["reason"]``); "ok" when it is. The monitor adds
+#: "low_atom_reliability" when it judges atoms (:class:`~probe_ase.observers.ReliabilityMonitor`)
+REASONS = ("ok", "low_probability", "out_of_support")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the head says about a batch of structures.
+
+    Attributes:
+        reliability: calibrated probability per structure (0-1).
+        importance: attention importance per atom (sums to 1 per structure).
+        atom_novelty: per atom, on the scale of :mod:`probe_ase.novelty` (<= 1 inside the support).
+        novelty: per structure, the largest atom novelty.
+        atom_reliability: per atom, calibrated P(|ΔF_i| <= atom tolerance)
+            (0-1); empty when the head has no per-atom logit.
+    """
+
+    reliability: np.ndarray
+    importance: np.ndarray
+    atom_novelty: np.ndarray
+    novelty: np.ndarray
+    atom_reliability: np.ndarray
+
+
+@dataclass
+class Probe:
+    """A fitted PROBE head with its metadata: what :func:`~probe_ase.fit_probe` returns.
+
+    ``probe.report`` summarises the fit; ``probe.save(path)`` writes the head
+    file and ``Probe.load(path)`` reads it back.
+    """
+
+    head: ProbeHead
+    meta: HeadMeta
+    novelty: NoveltyModel
+    _frozen: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # one prediction at a time: the frozen TorchScript head crashed when two threads ran it at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:  # copies and pickles get their own lock and compiled head
+        return {"head": self.head, "meta": self.meta, "novelty": self.novelty}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def report(self) -> dict:
+        return self.meta.report
+
+    @property
+    def p_star(self) -> float:
+        return self.meta.p_star
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the head file to ``path`` atomically."""
+        save_head(self.head, self.novelty, self.meta, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Probe:
+        """Read a head file (never executes code)."""
+        return cls(*load_head(path))
+
+    def check_backbone(self, kind: str, fingerprint: str, feature_dim: int, layers: Sequence[int]) -> None:
+        """Raise :class:`MismatchError` unless the head was fitted on this backbone and layers."""
+        m = self.meta
+        if kind != m.backbone:
+            raise MismatchError(f"head was fitted on a {m.backbone} backbone, not {kind}", expected=m.backbone, found=kind)
+        if tuple(layers) != m.layers or feature_dim != m.feature_dim:
+            raise MismatchError(
+                f"head reads {m.feature_dim} features from layers {list(m.layers)}; "
+                f"the tap gives {feature_dim} from layers {list(layers)}",
+                expected=(m.layers, m.feature_dim), found=(tuple(layers), feature_dim),
+            )
+        if fingerprint != m.fingerprint:
+            raise MismatchError(
+                f"head was fitted on backbone {m.fingerprint[:12]}..., but this backbone is {fingerprint[:12]}... "
+                "(a different or retrained model); refit the head for it",
+                expected=m.fingerprint, found=fingerprint,
+            )
+
+    def to(self, device: torch.device | str) -> Probe:
+        """Move head and novelty model to ``device``; returns self."""
+        self.head.to(device)
+        self.novelty.to(device)
+        return self
+
+    def predict(
+        self, features: torch.Tensor, numbers: torch.Tensor, ptr: np.ndarray, edges: Sequence[np.ndarray]
+    ) -> Scores:
+        """Reliability and novelty per structure; importance, novelty and reliability per atom (atoms concatenated)."""
+        inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
+        with self._lock, torch.inference_mode():
+            logits, importance, atom_logits = self._compiled()(*inputs)
+            p = torch.sigmoid(logits / self.head.temperature)
+            atom_p = torch.sigmoid(atom_logits / self.head.atom_temperature)
+            atom_novelty = self.novelty(inputs[0], inputs[1])
+            if inputs[4] == 1:
+                novelty = atom_novelty.max().reshape(1)
+            else:
+                novelty = atom_novelty.new_full((inputs[4],), -np.inf).scatter_reduce(
+                    0, inputs[3], atom_novelty, reduce="amax")
+        return Scores(*(t.cpu().numpy().astype(float) for t in (p, importance, atom_novelty, novelty, atom_p)))
+
+    def verdict(
+        self, reliability: np.ndarray, novelty: np.ndarray, threshold: float | None = None, max_novelty: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(reliable, reason)`` per structure: reliable iff reliability >= threshold and novelty <= max_novelty.
+
+        ``threshold`` defaults to the certified p*; ``max_novelty`` to the
+        support edge. The reason of an unreliable structure is
+        ``out_of_support`` when it lies outside the support (there the
+        probability itself is not trusted), else ``low_probability``; "ok" for
+        reliable ones.
+        """
+        threshold = self.meta.p_star if threshold is None else threshold
+        inside = np.asarray(novelty) <= max_novelty
+        confident = np.asarray(reliability) >= threshold
+        reason = np.where(~inside, REASONS[2], np.where(confident, REASONS[0], REASONS[1]))
+        return inside & confident, reason
+
+    def atom_verdict(self, atom_reliability: np.ndarray, atom_novelty: np.ndarray, threshold: float | None = None,
+                     max_novelty: float = 1.0) -> np.ndarray:
+        """Per atom: reliable iff ``atom_reliability >= threshold`` and ``atom_novelty <= max_novelty``.
+
+        ``threshold`` defaults to the head's ``atom_p_star``; a head without a
+        per-atom logit raises :class:`MismatchError`.
+        """
+        if not self.meta.local:
+            raise MismatchError("this head has no per-atom logit: refit it with atom_threshold= or atom_quantile=")
+        threshold = self.meta.atom_p_star if threshold is None else threshold
+        return (np.asarray(atom_reliability) >= threshold) & (np.asarray(atom_novelty) <= max_novelty)
+
+    def _compiled(self) -> torch.nn.Module:
+        """The head scripted and frozen for inference (fewer small-op dispatches per step).
+
+        Built on first use on the head's current device; falls back to the
+        eager head where TorchScript cannot compile it.
+        """
+        device = self.head.feature_mean.device
+        if self._frozen is None or self._frozen[0] != device:
+            try:
+                frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(self.head).eval()))
+            except Exception as err:  # noqa: BLE001 - an optimisation only; the eager head is exact
+                warnings.warn(f"TorchScript could not compile the head ({err}); running it eagerly", stacklevel=3)
+                frozen = self.head
+            self._frozen = (device, frozen)
+        return self._frozen[1]
