@@ -10,7 +10,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import NeighbourCache
+from .graph import HeadGraph
 from .probe import Probe
 from .taps import find_tap
 from .validate import check_atoms
@@ -75,8 +75,7 @@ class ProbeCalculator(Calculator):
         self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES + (
             ["atom_reliability"] if meta.local else [])
         self.probe.to(next(self.tap.module.parameters()).device)
-        # for a head cutoff beyond the backbone's: a Verlet list, no full rebuild every MD step
-        self._graph = NeighbourCache(meta.config.cutoff)
+        self._graph = HeadGraph(meta.config.cutoff)
 
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
                   system_changes: list[str] = all_changes) -> None:
@@ -101,9 +100,8 @@ class ProbeCalculator(Calculator):
                 self.base.calculate(atoms, wanted, all_changes)
             self.results = dict(self.base.results)
             features = self.tap.features()[: len(atoms)]
-            graph = self.tap.neighbour_graph(self.probe.meta.config.cutoff)  # the backbone's own list, when it covers
+            edges = [self._graph.step(atoms, self.tap)]  # the backbone's own list when it covers the cutoff
         numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=features.device)
-        edges = [graph if graph is not None else self._graph(atoms)]
         scores = self.probe.predict(features, numbers, np.array([0, len(atoms)]), edges)
         reliable, reason = self.probe.verdict(scores.reliability, scores.novelty, self.threshold, self.max_novelty)
         self.results.update(reliability=float(scores.reliability[0]), reliable=bool(reliable[0]), reason=str(reason[0]),

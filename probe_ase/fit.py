@@ -40,7 +40,7 @@ from . import metrics
 from .certify import certify
 from .dataset import FeatureSet, Frames, featurize, features_only, read_frames
 from .exceptions import InputError, LabelError
-from .graph import radius_graph
+from .graph import HeadGraph
 from .head import HeadConfig, ProbeHead, batch_inputs, structure_rows
 from .headfile import HeadMeta
 from .probe import Probe
@@ -324,7 +324,7 @@ def fit_probe(
     if local:
         atom_tau = resolve_tolerance(features.atom_error(), atom_threshold, atom_quantile)
         atom_labels = make_labels(features.atom_errors, atom_tau, what="atoms")
-    edges = [radius_graph(atoms, config.cutoff) for atoms in frames]
+    edges = HeadGraph(config.cutoff).frames(frames)
     splits = split_indices(labels, train)
     head, epochs = train_head(features, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
     tr, val, cal = splits

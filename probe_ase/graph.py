@@ -1,11 +1,25 @@
-"""Neighbourhood graphs that bound the head's attention to local atoms."""
+"""Neighbourhood graphs that bound the head's attention to local atoms.
+
+:class:`HeadGraph` is the one place that chooses a structure's graph: for a
+calculator step the backbone's own neighbour list when it covers the head's
+cutoff, else a Verlet list (:class:`NeighbourCache`); for batches of frames
+(fitting, scoring) :func:`radius_graph` per frame.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 from matscipy.neighbours import neighbour_list
+
+if TYPE_CHECKING:
+    import torch
+
+    from .taps.base import Tap
 
 
 def radius_graph(atoms: Atoms, cutoff: float, shifts: bool = False) -> np.ndarray:
@@ -69,3 +83,27 @@ class NeighbourCache:
         n = len(atoms)
         self._i, self._j, self._offsets = wide[0][n:], wide[1][n:], wide[2][n:]
         self._positions, self._key = atoms.positions.copy(), key
+
+
+class HeadGraph:
+    """The head's neighbourhood graph within ``cutoff`` (Å), chosen in one place.
+
+    :meth:`step` serves a calculator step: the tap's graph from the
+    backbone's own neighbour list of that pass when it covers ``cutoff`` (no
+    second neighbour search), else this trajectory's Verlet list.
+    :meth:`frames` serves batches: :func:`radius_graph` of each frame. All
+    give the same set of edges.
+    """
+
+    def __init__(self, cutoff: float) -> None:
+        self.cutoff = float(cutoff)
+        self._cache = NeighbourCache(self.cutoff)
+
+    def step(self, atoms: Atoms, tap: Tap | None = None) -> np.ndarray | torch.Tensor:
+        """Graph of ``atoms`` just passed through the backbone that ``tap`` watches (call in the pass's thread)."""
+        graph = None if tap is None else tap.neighbour_graph(self.cutoff)
+        return graph if graph is not None else self._cache(atoms)
+
+    def frames(self, frames: Sequence[Atoms]) -> list[np.ndarray]:
+        """Graphs of independent structures."""
+        return [radius_graph(atoms, self.cutoff) for atoms in frames]

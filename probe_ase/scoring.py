@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from .graph import radius_graph
+from .graph import HeadGraph
 from .probe import Probe
 from .taps.base import Tap
 from .validate import check_atoms
@@ -27,6 +27,7 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
     Memory stays constant in the number of frames.
     """
     frames = iter(frames)
+    graphs = HeadGraph(probe.meta.config.cutoff)
     index = 0
     while chunk := list(islice(frames, batch_size)):
         for k, atoms in enumerate(chunk):
@@ -35,7 +36,7 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
         features = torch.cat([pr.features for pr in predictions])
         ptr = np.cumsum([0] + [len(a) for a in chunk])
         numbers = torch.as_tensor(np.concatenate([a.numbers for a in chunk]), device=features.device)
-        edges = [radius_graph(a, probe.meta.config.cutoff) for a in chunk]
+        edges = graphs.frames(chunk)
         scores = probe.predict(features, numbers, ptr, edges)
         reliable, reason = probe.verdict(scores.reliability, scores.novelty)
         for k, (atoms, pred) in enumerate(zip(chunk, predictions)):
