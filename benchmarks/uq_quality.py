@@ -83,7 +83,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from probe_ase import fit_probe, metrics  # noqa: E402
 from probe_ase.dataset import featurize, reference_energy, reference_forces  # noqa: E402
-from probe_ase.evaluate import plot_evaluation  # noqa: E402
+from probe_ase.report import plot_evaluation  # noqa: E402
 from probe_ase.exceptions import LabelError  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
 from probe_ase.fit import TrainConfig  # noqa: E402

@@ -63,7 +63,7 @@ def test_library_calls_leave_global_state_alone(backbones, cu_data, tmp_path):
     import torch
 
     from probe_ase import TrainConfig, fit_probe
-    from probe_ase.evaluate import plot_evaluation
+    from probe_ase.report import plot_evaluation
 
     base = backbones("mace")  # trained (and seeded) before the RNG is watched
     backend = matplotlib.get_backend()
