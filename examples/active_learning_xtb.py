@@ -34,8 +34,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution  # noqa: E4
 from tblite.ase import TBLite  # noqa: E402
 
 from probe_ase import ProbeCalculator, TrainConfig, fit_probe  # noqa: E402
-from probe_ase.active_learning import ActiveLearner  # noqa: E402
-from probe_ase.labels import mean_force_rmse  # noqa: E402
+from probe_ase.active_learning import ActiveLearner, RoundReport  # noqa: E402
 from probe_ase.retrain import MaceTrainer  # noqa: E402
 from probe_ase.testing import train_mace  # noqa: E402
 
@@ -88,19 +87,10 @@ db = out / "al.db"
 learner = ActiveLearner(ProbeCalculator(base, probe), xtb, db=db)
 trainer = MaceTrainer(train, pool, work_dir=out / "retrain", epochs=20)
 starts = [f for f in train[:: max(1, len(train) // 3)]][:3]
-print(f"{'round':>5} {'explored':>9} {'selected':>9} {'labelled':>9} {'failed':>7} "
-      f"{'F-RMSE before':>14} {'after':>7}  (meV/Å on new frames held out of retraining)")
+print(RoundReport.HEADER)
 for _ in range(args.rounds):
-    seen = learner.explore(starts, md=hot_md, steps=int(300 * scale), max_new=20,
-                           min_separation=10, progress=False)
-    labelled = learner.label(progress=False)
-    new = learner.labelled(learner.round)
-    learner.export(out / f"round{learner.round}.xyz", round=learner.round)
-
-    old = learner.probe_calc.base
-    new_calc = learner.retrain(trainer).base  # fine-tunes on 70 % of the new frames
-    before = 1000 * mean_force_rmse(old, trainer.held_out)  # the other 30 %: never trained on
-    after = 1000 * mean_force_rmse(new_calc, trainer.held_out)
-    print(f"{learner.round:>5} {seen['explored']:>9} {seen['selected']:>9} {labelled['done']:>9} "
-          f"{labelled['failed']:>7} {before:>14.1f} {after:>7.1f}")
+    # explore, label with xTB, export, fine-tune on 70 % of the new frames; the force RMSE is on the other 30 %
+    report = learner.run_round(starts, md=hot_md, steps=int(300 * scale), max_new=20, min_separation=10,
+                               trainer=trainer, export=out / "round{round}.xyz", progress=False)
+    print(report.row())
 print(f"database {db}: {learner.status_counts()}")

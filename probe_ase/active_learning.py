@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 from .calculator import ProbeCalculator
 from .exceptions import InputError
 from .fileio import atomic_write
+from .labels import mean_force_rmse
 from .regions import extract_regions
 
 ReferenceFactory = Callable[[], BaseCalculator]
@@ -78,6 +79,29 @@ MDFactory = Callable[[Atoms], MolecularDynamics]
 def default_md(atoms: Atoms) -> MolecularDynamics:
     """Langevin at 300 K with 1 fs steps and friction 0.01 / fs."""
     return Langevin(atoms, 1.0 * units.fs, temperature_K=300, friction=0.01 / units.fs)
+
+
+@dataclass
+class RoundReport:
+    """What one :meth:`ActiveLearner.run_round` did; force RMSEs in eV/Å (NaN when not measured)."""
+
+    round: int
+    explored: int
+    selected: int
+    labelled: int
+    failed: int
+    rejected: int
+    force_rmse_before: float = float("nan")
+    force_rmse_after: float = float("nan")
+
+    #: column titles matching :meth:`row`
+    HEADER = (f"{'round':>5} {'explored':>9} {'selected':>9} {'labelled':>9} {'failed':>7} {'rejected':>9} "
+              f"{'F-RMSE before':>14} {'after':>8}  (meV/Å, on new frames held out of retraining)")
+
+    def row(self) -> str:
+        """One table line (force RMSE in meV/Å)."""
+        return (f"{self.round:>5} {self.explored:>9} {self.selected:>9} {self.labelled:>9} {self.failed:>7} "
+                f"{self.rejected:>9} {1000 * self.force_rmse_before:>14.1f} {1000 * self.force_rmse_after:>8.1f}")
 
 
 @dataclass
@@ -342,6 +366,47 @@ class ActiveLearner:
                           periodic_region=region.periodic, n_core=int(region.core.sum()),
                           data={"source_index": region.source_index, "core": region.core,
                                 "mlip_forces": np.array(mlip.get_forces())}, **rows)
+
+    # ---- one whole round ----------------------------------------------------------
+    def run_round(
+        self,
+        start_structures: Iterable[Atoms],
+        md: MDFactory = default_md,
+        steps: int = 1000,
+        max_new: int = 50,
+        min_separation: int = 10,
+        trainer: Callable[[list[Atoms], int, ProbeCalculator], ProbeCalculator] | None = None,
+        export: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> RoundReport:
+        """Explore, label, optionally export and retrain: one round of the loop.
+
+        ``export`` is an extxyz path for this round's labelled frames, where
+        ``{round}`` is replaced by the round number. With a ``trainer`` (at
+        least two new frames) the backbone is retrained; when the trainer
+        holds frames out (``trainer.held_out``, as
+        :class:`~probe_ase.retrain.MaceTrainer` does) the MLIP's force RMSE on
+        them is measured before and after; without one, before only, on all
+        new frames.
+        """
+        seen = self.explore(start_structures, md=md, steps=steps, max_new=max_new, min_separation=min_separation,
+                            progress=progress)
+        labelled = self.label(progress=progress)
+        new = self.labelled(self.round)
+        if export is not None:
+            self.export(str(export).replace("{round}", str(self.round)), round=self.round)
+        report = RoundReport(self.round, seen["explored"], seen["selected"], labelled["done"], labelled["failed"],
+                             seen["rejected"])
+        old = self.probe_calc.base
+        if trainer is not None and len(new) >= 2:
+            new_calc = self.retrain(trainer).base
+            held_out = getattr(trainer, "held_out", None)
+            if held_out:
+                report.force_rmse_before = mean_force_rmse(old, held_out)
+                report.force_rmse_after = mean_force_rmse(new_calc, held_out)
+        elif new:
+            report.force_rmse_before = mean_force_rmse(old, new)
+        return report
 
     # ---- labelling, export, retraining ---------------------------------------
     def label(self, progress: bool = True) -> dict[str, int]:

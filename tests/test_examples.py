@@ -43,8 +43,9 @@ def test_active_learning_xtb_example(tmp_path):
                            "--quick", "--rounds", "1"], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("1 ")][0]
+    # RoundReport.row(): round explored selected labelled failed rejected before after
     selected, labelled, failed, before, after = int(summary[2]), int(summary[3]), int(summary[4]), \
-        float(summary[5]), float(summary[6])
+        float(summary[6]), float(summary[7])
     assert selected == labelled > 0 and failed == 0
     assert after < before
     assert (tmp_path / "round1.xyz").exists() and (tmp_path / "al.db").exists()

@@ -96,11 +96,10 @@ def reference_factory(spec: dict):
 def run(args: argparse.Namespace) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..active_learning import ActiveLearner
+    from ..active_learning import ActiveLearner, RoundReport
     from ..backbones import load_backbone
     from ..calculator import ProbeCalculator
     from ..dataset import read_frames
-    from ..labels import mean_force_rmse
     from ..md import make_dynamics
     from ..retrain import MaceTrainer
 
@@ -123,24 +122,12 @@ def run(args: argparse.Namespace) -> int:
                              seed=int(explore.get("seed", 0)) + learner.round)
 
     learner.resume()  # finish reference calls an interrupted run left pending
-    header = f"{'round':>5} {'explored':>9} {'selected':>9} {'labelled':>9} {'failed':>7} {'rejected':>9} " \
-             f"{'F-RMSE before':>14} {'after':>8}  (meV/Å, on new frames held out of retraining)"
-    rows = [header]
+    rows = [RoundReport.HEADER]
     for _ in range(int(config.get("rounds", 1))):
-        seen = learner.explore(starts, md=md, steps=int(explore.get("steps", 500)),
-                               max_new=int(explore.get("max_new", 20)),
-                               min_separation=int(explore.get("min_separation", 10)))
-        labelled = learner.label()
-        new = learner.labelled(learner.round)
-        old_calc = learner.probe_calc.base
-        before = after = float("nan")
-        if trainer is not None and len(new) >= 2:  # error on held-out new frames, before and after
-            new_calc = learner.retrain(trainer).base
-            before, after = mean_force_rmse(old_calc, trainer.held_out), mean_force_rmse(new_calc, trainer.held_out)
-        elif new:
-            before = mean_force_rmse(old_calc, new)
-        rows.append(f"{learner.round:>5} {seen['explored']:>9} {seen['selected']:>9} {labelled['done']:>9} "
-                    f"{labelled['failed']:>7} {seen['rejected']:>9} {1000 * before:>14.1f} {1000 * after:>8.1f}")
+        report = learner.run_round(starts, md=md, steps=int(explore.get("steps", 500)),
+                                   max_new=int(explore.get("max_new", 20)),
+                                   min_separation=int(explore.get("min_separation", 10)), trainer=trainer)
+        rows.append(report.row())
         print(rows[-1])
     if executor is not None:
         executor.shutdown()
