@@ -227,11 +227,9 @@ def test_active_learning_labels_regions_not_cells(local_calc, local_probe, tmp_p
 # --- evaluation and the command line ------------------------------------------------------
 
 
-def test_evaluate_reports_atoms_and_the_cli_gates_on_them(local_probe, backbones, tmp_path, capsys):
-    import copy
+def test_evaluate_reports_atoms_and_the_cli_gates_on_them(local_probe, local_calc, backbones, tmp_path, capsys):
     import json
 
-    import torch
     from ase.io import write
 
     from probe_ase.cli import main
@@ -245,11 +243,7 @@ def test_evaluate_reports_atoms_and_the_cli_gates_on_them(local_probe, backbones
     assert "## Per-atom" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "atom_roc.png").stat().st_size > 0
 
-    model = copy.deepcopy(backbones("mace").models[0])
-    for module in model.modules():  # the live tap's hooks are closures, which pickle cannot save
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
-    torch.save(model, tmp_path / "mace.model")
+    local_calc.tap.save_backbone(tmp_path / "mace.model")  # a hook-free copy: the live tap's hooks do not pickle
     local_probe.save(tmp_path / "local.pt")
     write(tmp_path / "start.xyz", frames[0])
     args = ["md", str(tmp_path / "start.xyz"), "--probe", str(tmp_path / "local.pt"), "--backbone",
