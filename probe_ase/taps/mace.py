@@ -125,7 +125,7 @@ def _refuse_untappable(calc: Calculator) -> None:
 def _scalar_channels(irreps: object) -> list[int]:
     """Column indices of the ``0e`` channels of an e3nn ``Irreps``."""
     index: list[int] = []
-    for (mul, ir), sl in zip(irreps, irreps.slices()):
+    for (_mul, ir), sl in zip(irreps, irreps.slices()):
         if ir.l == 0 and ir.p == 1:
             index.extend(range(sl.start, sl.stop))
     return index
