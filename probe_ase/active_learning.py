@@ -122,6 +122,7 @@ class SerialExecutor(Executor):
     """Runs each call at submission, in this process (the default executor)."""
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
+        """Call ``fn(*args, **kwargs)`` now; return a done future holding its result or its exception."""
         future: Future = Future()
         try:
             future.set_result(fn(*args, **kwargs))

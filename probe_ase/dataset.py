@@ -137,6 +137,7 @@ class FeatureSet:
         return self.atom_errors
 
     def to_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict for ``torch.save`` (``weights_only`` loadable); errors go under ``error_<criterion>``."""
         out = {"features": self.features, "numbers": self.numbers, "ptr": torch.from_numpy(self.ptr),
                "atom_errors": torch.from_numpy(self.atom_errors)}
         out.update({f"error_{k}": torch.from_numpy(v) for k, v in self.errors.items()})
@@ -144,6 +145,7 @@ class FeatureSet:
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> FeatureSet:
+        """Rebuild a feature set from :meth:`to_dict`'s output."""
         errors = {k[6:]: v.numpy() for k, v in d.items() if k.startswith("error_")}
         return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors, d["atom_errors"].numpy())
 

@@ -175,7 +175,7 @@ def train_head(
 
     best, best_state, since, epoch = math.inf, copy.deepcopy(head.state_dict()), 0, 0
     bar = tqdm(range(train.epochs), desc="fit head", unit="epoch", disable=not progress)
-    for epoch in bar:
+    for epoch in bar:  # noqa: B007 - read after the loop: the epochs run
         head.train()
         order = tr[torch.randperm(len(tr), generator=generator).numpy()]
         for start in range(0, len(order), train.batch_size):

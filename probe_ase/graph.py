@@ -68,6 +68,7 @@ class NeighbourCache:
         self._positions: np.ndarray | None = None
 
     def __call__(self, atoms: Atoms) -> np.ndarray:
+        """This step's radius graph ``(2, n_edges)`` of ``atoms``, self loops first; rebuilds the list when needed."""
         key = (atoms.numbers.tobytes(), atoms.cell.array.tobytes(), atoms.pbc.tobytes())
         moved = np.inf if self._positions is None or key != self._key or len(atoms) != len(self._positions) \
             else np.sqrt(((atoms.positions - self._positions) ** 2).sum(1)).max()

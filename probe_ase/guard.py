@@ -35,10 +35,12 @@ class GuardReport:
 
     @property
     def mlip_steps(self) -> int:
+        """Optimiser steps recorded on the ProbeCalculator (the MLIP)."""
         return sum(1 for _, name in self.calculator_by_step if name == "mlip")
 
     @property
     def reference_steps(self) -> int:
+        """Optimiser steps recorded on the reference calculator (0 without a handover)."""
         return sum(1 for _, name in self.calculator_by_step if name == "reference")
 
 

@@ -110,6 +110,7 @@ class GraphAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
 
     def forward(self, h: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """Attention of each atom over its in-edges: ``h`` (n_atoms, hidden), ``edges`` (2, n_edges) as (dst, src)."""
         n = h.shape[0]
         if n <= self.dense_max:
             return self._dense(h, edges)
@@ -148,6 +149,7 @@ class AttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.SiLU(), nn.Linear(2 * hidden, hidden))
 
     def forward(self, h: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """Attention, then the MLP, each on layer-normed input and added back: (n_atoms, hidden) in and out."""
         h = h + self.attention(self.norm1(h), edges)
         return h + self.mlp(self.norm2(h))
 
@@ -163,6 +165,7 @@ class AttentionPool(nn.Module):
         self.value = nn.Linear(hidden, hidden)
 
     def forward(self, h: torch.Tensor, batch: torch.Tensor, n_structures: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled vectors (n_structures, hidden) and each atom's attention weight (n_atoms,), averaged over heads."""
         n = h.shape[0]
         keys = self.key(h).view(n, self.heads, self.dim)
         scores = (keys * self.query).sum(-1) / math.sqrt(self.dim)

@@ -98,10 +98,12 @@ class HeadMeta:
         return self.certified_risk <= self.target_risk
 
     def to_json(self) -> str:
+        """The metadata as a JSON string (keys sorted), as stored in the head file."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> HeadMeta:
+        """Metadata from :meth:`to_json`'s string, nested configs and tuples restored."""
         d = json.loads(text)
         d["config"] = HeadConfig(**{**d["config"], "aux_quantiles": tuple(d["config"]["aux_quantiles"])})
         d["novelty"] = NoveltyConfig(**d["novelty"])

@@ -37,6 +37,7 @@ def needs_forces(criterion: str) -> bool:
 
 
 def check_criterion(criterion: str) -> str:
+    """Return ``criterion`` unchanged, or raise :class:`InputError` if it is not one of :data:`CRITERIA`."""
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     return criterion

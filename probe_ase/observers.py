@@ -142,6 +142,12 @@ class ReliabilityMonitor:
 
     # ---- the observer ------------------------------------------------------
     def __call__(self) -> None:
+        """Judge the dynamics' current step and act on it.
+
+        Logs every step to ``log`` (if given). An unreliable step is written to ``flagged`` (actions flag and
+        halt, at most ``max_flagged``) and passed to ``callback``; ``patience`` in a row halt the dynamics
+        (action halt).
+        """
         atoms, calc, step = self.atoms, self.atoms.calc, self.dyn.nsteps
         p = float(calc.get_property("reliability", atoms))
         novelty = float(calc.results["novelty"])
@@ -224,6 +230,7 @@ class ReliabilityMonitor:
     # ---- reporting and files ------------------------------------------------
     @property
     def halted(self) -> bool:
+        """Whether the monitor halted the dynamics."""
         return self.summary_data.halted
 
     def summary(self) -> dict:
@@ -287,6 +294,7 @@ class ReliabilityTrajectory:
         self._traj = Trajectory(self.path, "a") if self.path.endswith(".traj") else None
 
     def __call__(self) -> None:
+        """Append the current frame with its reliability results to the file."""
         frame = result_frame(self.atoms)
         if self._traj is not None:
             self._traj.write(frame)
@@ -297,6 +305,7 @@ class ReliabilityTrajectory:
             write(handle, frame, format="extxyz")
 
     def close(self) -> None:
+        """Close the ASE trajectory, if the file is one (extxyz files are opened per frame)."""
         if self._traj is not None:
             self._traj.close()
 

@@ -71,10 +71,12 @@ class Probe:
 
     @property
     def report(self) -> dict:
+        """The fitting summary stored in the head's metadata (``meta.report``)."""
         return self.meta.report
 
     @property
     def p_star(self) -> float:
+        """The operating threshold p* on reliability (``meta.p_star``)."""
         return self.meta.p_star
 
     def save(self, path: str | os.PathLike) -> None:

@@ -120,6 +120,7 @@ def importance_png(frame: Atoms, index: int, out: Path) -> str:
 
 
 def markdown(results: dict, figures: list[str], n_frames: int) -> str:
+    """The text of ``report.md``: headline, a metric table over the methods, the per-atom section, figures."""
     keys = ["auroc", "auprc", "spearman", "aurc", "excess_aurc", "risk_at_50", "risk_at_80", "risk_at_90",
             "ece", "brier", "coverage_at_p_star", "risk_at_p_star", "out_of_support", "verdict_coverage",
             "verdict_risk"]
@@ -144,6 +145,7 @@ def markdown(results: dict, figures: list[str], n_frames: int) -> str:
 
 
 def atom_markdown(atoms: dict | None) -> list[str]:
+    """Lines of the report's per-atom section (none without per-atom results)."""
     if not atoms:
         return []
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731

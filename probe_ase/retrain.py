@@ -110,6 +110,12 @@ class MaceTrainer:
         self.held_out: list[Atoms] = []
 
     def __call__(self, labelled: list[Atoms], round: int, current: ProbeCalculator) -> ProbeCalculator:
+        """One round: fine-tune ``current``'s backbone, refit the head, return a calculator on both.
+
+        Holds out a share of ``labelled`` (kept in :attr:`held_out`), fine-tunes on the original training
+        frames plus the rest, then refits the head on ``fit_data`` plus the held-out frames at the old
+        tolerance (at a quantile of the errors when those labels are unusable). Files go to ``work_dir``.
+        """
         from mace.calculators import MACECalculator
 
         if len(labelled) < 2:

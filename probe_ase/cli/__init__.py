@@ -16,6 +16,7 @@ COMMANDS = {"al": al, "demo": demo, "evaluate": evaluate, "fit": fit, "md": md, 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``probe-ase`` argument parser, with one subparser per module in ``COMMANDS``."""
     parser = argparse.ArgumentParser(
         prog="probe-ase",
         description="Per-step reliability of machine-learned interatomic potentials (PROBE) for ASE.",

@@ -51,6 +51,7 @@ SECTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``probe-ase al``'s arguments: the TOML config file and ``--device``."""
     parser.add_argument("config", help="TOML config file (see 'probe-ase al --help' and the README)")
     parser.add_argument("--device", default="cpu", help="torch device for the backbone (default: cpu)")
 
@@ -94,6 +95,7 @@ def reference_factory(spec: dict):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the config's active-learning rounds, printing one report row per round; returns 0."""
     from concurrent.futures import ProcessPoolExecutor
 
     from ..active_learning import ActiveLearner, RoundReport

@@ -8,12 +8,14 @@ HELP = "run the embedded demo: EMT copper data, tiny MACE, PROBE head, table and
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``probe-ase demo``'s arguments: ``--out`` and ``--seed``."""
     parser.add_argument("--out", default="probe-ase-demo", metavar="DIR",
                         help="folder for the model, head, scored frames, table and plot (default: probe-ase-demo)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the embedded demo into ``args.out`` with library warnings silenced; returns 0."""
     import logging
     import warnings
 

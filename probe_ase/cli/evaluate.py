@@ -10,6 +10,7 @@ HELP = "evaluate a head (and optionally a MACE ensemble) on labelled structures;
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``probe-ase evaluate``'s arguments: frames, head, report folder, ensemble, importance, backbone."""
     parser.add_argument("frames", help="labelled structures (reference energy in eV, forces in eV/Å)")
     parser.add_argument("--probe", required=True, metavar="PATH", help="head file written by 'probe-ase fit'")
     parser.add_argument("--report", required=True, metavar="DIR",
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate the head (and the ensemble, if given), write the report folder, print the metrics; returns 0."""
     import json
 
     from ..backbones import load_backbone

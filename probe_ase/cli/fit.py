@@ -13,6 +13,7 @@ HELP = "fit a PROBE head on labelled structures (reference energies in eV, force
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``probe-ase fit``'s arguments: backbone, data, criterion and tolerances, training options."""
     add_backbone(parser)
     parser.add_argument("--data", required=True, metavar="PATH",
                         help="labelled structures: extxyz, ASE trajectory or ase.db (never used for backbone training)")
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Fit a head, record the backbone's absolute path in it, save it and print its summary; returns 0."""
     from ..backbones import load_backbone
     from ..fit import TrainConfig, fit_probe
     from ..head import HeadConfig

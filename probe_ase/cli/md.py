@@ -10,6 +10,7 @@ HELP = "run MD with a backbone and head; log, flag or halt on reliability"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``probe-ase md``'s arguments: structure, head, backbone, dynamics, gating and output files."""
     parser.add_argument("structure", help="starting structure (any file ASE reads; the last frame is used)")
     parser.add_argument("--probe", required=True, metavar="PATH", help="head file written by 'probe-ase fit'")
     add_backbone(parser, required=False)
@@ -50,6 +51,7 @@ def _atom_threshold(text: str) -> float | str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run gated MD from the structure's last frame and print the monitor's summary; returns 0."""
     import json
 
     from ase.io import read

@@ -15,11 +15,13 @@ def add_backbone(parser: argparse.ArgumentParser, required: bool = True) -> None
 
 
 def add_batch_size(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size N``: structures per backbone pass."""
     parser.add_argument("--batch-size", type=int, default=32, metavar="N",
                         help="structures per backbone pass (default: 32)")
 
 
 def add_reference_keys(parser: argparse.ArgumentParser) -> None:
+    """``--energy-key`` and ``--forces-key``: where the reference energy (eV) and forces (eV/Å) are stored."""
     parser.add_argument("--energy-key", default="energy",
                         help="info key of the reference energy in eV (default: energy; calculator results also read)")
     parser.add_argument("--forces-key", default="forces",

@@ -10,6 +10,7 @@ HELP = "score structures with a fitted head; writes extxyz with reliability and 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``probe-ase score``'s arguments: frames, head, output file, backbone, batch size."""
     parser.add_argument("frames", help="structures to score (any file ASE reads; streamed)")
     parser.add_argument("--probe", required=True, metavar="PATH", help="head file written by 'probe-ase fit'")
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="extxyz file to write (atomically)")
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Score the frames into an extxyz written atomically and print a summary; returns 0."""
     import os
 
     import numpy as np

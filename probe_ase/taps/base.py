@@ -242,7 +242,7 @@ class Tap(ABC):
             energies, forces = self._predict_batch(chunk)
             feats = self.features()  # this thread's pass: no lock needed, the calculator is not used
             offsets = np.cumsum([0] + [len(a) for a in chunk])
-            for k, atoms in enumerate(chunk):
+            for k, _atoms in enumerate(chunk):
                 yield Prediction(float(energies[k]), forces[k], feats[offsets[k] : offsets[k + 1]])
 
     def fingerprint(self) -> str:

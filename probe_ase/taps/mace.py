@@ -34,6 +34,7 @@ class MaceTap(Tap):
 
     @classmethod
     def accepts(cls, calc: Calculator) -> bool:
+        """Whether ``calc`` is a mace-torch ``MACECalculator``."""
         try:
             from mace.calculators import MACECalculator
         except ImportError:  # pragma: no cover - mace-torch is a core dependency
@@ -42,20 +43,25 @@ class MaceTap(Tap):
 
     @property
     def module(self) -> torch.nn.Module:
+        """The calculator's first model, ``calc.models[0]`` (the only one tapped)."""
         return self.calc.models[0]
 
     def feature_modules(self) -> list[torch.nn.Module]:
+        """The model's ``products`` blocks, one per interaction layer."""
         return list(self.module.products)
 
     def layer_width(self, layer: int) -> int:
+        """Number of scalar (``0e``) channels in the output of ``products[layer]``."""
         return len(self._scalar_index[layer])
 
     def invariant(self, layer: int, output: object) -> torch.Tensor:
+        """The scalar (``0e``) channels ``(n_atoms, width)`` of a product block's output (a view when contiguous)."""
         index = self._scalar_index[layer]
         return output[:, index[0] : index[-1] + 1] if _contiguous(index) else output[:, index]
 
     @property
     def cutoff(self) -> float:
+        """The model's ``r_max`` (Å)."""
         return float(self.calc.r_max)
 
     def _pairs(self, inputs: dict) -> torch.Tensor:
@@ -68,6 +74,7 @@ class MaceTap(Tap):
 
     @property
     def elements(self) -> tuple[int, ...]:
+        """Atomic numbers in the calculator's ``z_table``."""
         return tuple(int(z) for z in self.calc.z_table.zs)
 
     def _predict_batch(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -118,7 +125,7 @@ def _refuse_untappable(calc: Calculator) -> None:
 def _scalar_channels(irreps: object) -> list[int]:
     """Column indices of the ``0e`` channels of an e3nn ``Irreps``."""
     index: list[int] = []
-    for (mul, ir), sl in zip(irreps, irreps.slices()):
+    for (_mul, ir), sl in zip(irreps, irreps.slices()):
         if ir.l == 0 and ir.p == 1:
             index.extend(range(sl.start, sl.stop))
     return index

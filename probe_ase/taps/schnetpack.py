@@ -50,6 +50,7 @@ class SchNetPackTap(Tap):
 
     @classmethod
     def accepts(cls, calc: Calculator) -> bool:
+        """Whether ``calc`` is a SchNetPack ``SpkCalculator`` (False when schnetpack cannot be imported)."""
         try:
             from schnetpack.interfaces import SpkCalculator
         except Exception:  # schnetpack absent, or broken against this torch
@@ -58,15 +59,19 @@ class SchNetPackTap(Tap):
 
     @property
     def module(self) -> torch.nn.Module:
+        """The calculator's whole model, ``calc.model`` (representation and output modules)."""
         return self.calc.model
 
     def feature_modules(self) -> list[torch.nn.Module]:
+        """SchNet's ``interactions`` or PaiNN's ``mixing`` blocks, one per layer."""
         return list(self._rep.interactions if self._arch == "schnet" else self._rep.mixing)
 
     def layer_width(self, layer: int) -> int:
+        """The representation's ``n_atom_basis``: every layer has that width."""
         return int(self._rep.n_atom_basis)
 
     def invariant(self, layer: int, output: object) -> torch.Tensor:
+        """Layer features ``(n_atoms, width)``: SchNet's block input plus output ``x + v``, PaiNN's ``q``."""
         if self._arch == "schnet":
             return self._block_inputs.scratch.pop(layer) + output
         q = output[0]
@@ -74,10 +79,12 @@ class SchNetPackTap(Tap):
 
     @property
     def cutoff(self) -> float:
+        """The representation's cutoff (Å)."""
         return float(self._rep.cutoff)
 
     @property
     def list_cutoff(self) -> float:
+        """The cutoff (Å) of the calculator's converter's neighbour list (the representation's when there is none)."""
         nl = getattr(getattr(self.calc, "converter", None), "neighbor_list", None)
         return float(getattr(nl, "_cutoff", self.cutoff))
 
@@ -90,6 +97,7 @@ class SchNetPackTap(Tap):
 
     @property
     def elements(self) -> tuple[int, ...]:
+        """The model's ``trained_elements`` when recorded, else Z = 1 up to the embedding's row count minus one."""
         trained = getattr(self.module, "trained_elements", None)
         if trained is not None:
             return tuple(sorted(int(z) for z in trained))
@@ -168,6 +176,7 @@ class MatscipyNeighbourList:
         self.cutoff = float(cutoff)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Set ``inputs``' pairs within ``cutoff`` (``_idx_i``, ``_idx_j``; no self pairs) and ``_offsets`` (Å)."""
         from schnetpack import properties
 
         positions = inputs[properties.R]

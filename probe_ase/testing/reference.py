@@ -27,6 +27,7 @@ class CountingEMT(EMT):
         self.log, self.delay, self.fail_above_x = log, delay, fail_above_x
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        """EMT's calculation, after the optional failure check and delay; then log the geometry hash."""
         if self.fail_above_x is not None and atoms.positions[0, 0] > self.fail_above_x:
             raise RuntimeError(f"reference failed: atom 0 at x = {atoms.positions[0, 0]:.3f} Å")
         time.sleep(self.delay)
