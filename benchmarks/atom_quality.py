@@ -140,7 +140,8 @@ def markdown(res: dict) -> str:
 
     lines = [f"# Per-atom reliability: {res['dataset']}", "", f"Command: `{res['command']}`", "",
              "Positive class: atoms whose force-error norm |ΔF_i| of member 0 exceeds the atom tolerance. "
-             "PROBE scores `1 - atom_reliability`; the ensemble its per-atom force std over 5 members. "
+             f"PROBE scores `1 - atom_reliability`; the ensemble its per-atom force std over {res['members']} members "
+             "(— with one member: no ensemble). "
              "Importance: within-structure Spearman of attention importance vs |ΔF_i| over structures with force "
              f"RMSE > {STRUCTURE_TAU} eV/Å, and how often the most important atom is among the three worst. "
              "Every row measured; none dropped.", ""]
@@ -185,7 +186,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     name, train, pool, _, evals, e0s = load_splits(args.data.resolve(), quick=False)
     evals = {k: v for k, v in evals.items() if all(reference_forces(a) is not None for a in v)}
-    res = {"dataset": name, "command": " ".join(["atom_quality.py"] + (argv or sys.argv[1:])), "backbones": {}}
+    res = {"dataset": name, "command": " ".join(["atom_quality.py"] + (argv or sys.argv[1:])), "members": args.members,
+           "backbones": {}}
     for kind in args.backbones:
         paths = [train_mace(train, e0s, args.models, 16, 1, 20, seed, False) if kind == "mace"
                  else train_spk(train, e0s, args.models, "painn", 32, 25, seed, False) for seed in range(args.members)]
