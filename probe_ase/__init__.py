@@ -1,6 +1,7 @@
 """probe-ase: per-step reliability of machine-learned interatomic potentials in ASE.
 
-A :class:`ProbeCalculator` wraps a MACE or SchNetPack calculator, taps the
+A :class:`ProbeCalculator` wraps a backbone calculator (MACE, SchNet, PaiNN,
+CHGNet; any other torch MLIP through :class:`ModuleTap`), taps the
 backbone's per-atom features with forward hooks during its own pass, and adds
 ``reliability``, ``novelty``, the fail-safe verdict ``reliable`` with its
 ``reason``, and per-atom ``atom_novelty`` and ``atom_importance`` (and, for
@@ -31,6 +32,7 @@ _LAZY = {
     "HeadConfig": "head", "ProbeHead": "head", "GuardReport": "guard", "guarded_optimize": "guard",
     "HeadMeta": "headfile", "Probe": "probe", "NoveltyConfig": "novelty",
     "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers", "find_tap": "taps",
+    "ModuleTap": "taps", "ADAPTERS": "taps", "load_backbone": "backbones",
     "Region": "regions", "extract_regions": "regions",
 }
 
@@ -50,6 +52,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ADAPTERS",
     "ActiveLearner",
     "BackboneError",
     "EmptyStructureError",
@@ -61,6 +64,7 @@ __all__ = [
     "LabelError",
     "MismatchError",
     "MissingReferenceError",
+    "ModuleTap",
     "NonFiniteError",
     "NoveltyConfig",
     "Probe",
@@ -80,6 +84,7 @@ __all__ = [
     "find_tap",
     "fit_probe",
     "guarded_optimize",
+    "load_backbone",
     "read_frames",
 ]
 __version__ = "0.1.0"

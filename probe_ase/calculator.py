@@ -12,7 +12,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from .graph import HeadGraph
 from .probe import Probe
-from .taps import find_tap
+from .exceptions import InputError
+from .taps import Tap, find_tap
 from .validate import check_atoms
 
 PROBE_PROPERTIES = ["reliability", "reliable", "reason", "novelty", "atom_novelty", "atom_importance"]
@@ -21,7 +22,7 @@ ATOM_RESULTS = ("atom_novelty", "atom_importance", "atom_reliability")
 
 
 class ProbeCalculator(Calculator):
-    """Wrap a MACE or SchNetPack calculator and add a reliability verdict.
+    """Wrap a backbone calculator (MACE, SchNet, PaiNN, CHGNet, or any with a ModuleTap) and add a reliability verdict.
 
     The backbone runs unchanged; hooks capture its per-atom features during its
     own energy/force pass and the PROBE head scores them. Several wrappers may
@@ -55,20 +56,28 @@ class ProbeCalculator(Calculator):
         max_novelty: support edge of the verdict (default 1.0, where the
             certificate holds; larger values trust the head farther out, at
             your own risk).
+        tap: a tap you built (e.g. a :class:`~probe_ase.taps.ModuleTap` for a
+            backbone no adapter knows) on the backbone in ``base``, instead of
+            the adapter found for it. It stays yours: :meth:`close` leaves it open.
     """
 
     def __init__(self, base: Calculator, probe: Probe | str | os.PathLike, threshold: float | None = None,
-                 max_novelty: float = 1.0, **kwargs) -> None:
+                 max_novelty: float = 1.0, tap: Tap | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.base = base
         self.probe = probe if isinstance(probe, Probe) else Probe.load(probe)
         meta = self.probe.meta
-        self.tap = find_tap(base, meta.layers)
-        weakref.finalize(self, self.tap.close)  # a dropped calculator leaves no hooks behind
+        self._own_tap = tap is None
+        self.tap = find_tap(base, meta.layers) if tap is None else tap
+        if self._own_tap:
+            weakref.finalize(self, self.tap.close)  # a dropped calculator leaves no hooks behind
         try:
-            self.probe.check_backbone(self.tap.kind, self.tap.fingerprint(), self.tap.feature_dim, self.tap.layers)
+            if not self._own_tap and not _holds(base, tap.calc):
+                raise InputError(f"the tap watches a {type(tap.calc).__name__} that is not (inside) this "
+                                 f"{type(base).__name__}", tap_calculator=type(tap.calc).__name__)
+            self.probe.check_backbone(self.tap)
         except Exception:
-            self.tap.close()
+            self.close()
             raise
         self.threshold = meta.p_star if threshold is None else float(threshold)
         self.max_novelty = float(max_novelty)
@@ -111,14 +120,23 @@ class ProbeCalculator(Calculator):
             self.results["atom_reliability"] = scores.atom_reliability
 
     def close(self) -> None:
-        """Remove the hooks from the backbone."""
-        self.tap.close()
+        """Remove the hooks from the backbone (a tap passed as ``tap=`` stays open: it is yours)."""
+        if self._own_tap:
+            self.tap.close()
 
     def __enter__(self) -> ProbeCalculator:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _holds(calc: Calculator, backbone: Calculator) -> bool:
+    """Whether ``backbone`` is ``calc`` or one of the calculators an ASE mixing calculator holds."""
+    if calc is backbone:
+        return True
+    members = getattr(getattr(calc, "mixer", calc), "calcs", [])
+    return any(_holds(member, backbone) for member in members)
 
 
 def annotate(atoms: Atoms, results: dict | None = None) -> Atoms:

@@ -79,7 +79,7 @@ def evaluate(
         if reference_energy(atoms) is None or (needs_forces(criterion) and reference_forces(atoms) is None):
             raise MissingReferenceError(f"frame {k} lacks the reference data criterion {criterion!r} needs")
     with find_tap(calc, probe.meta.layers) as tap:
-        probe.check_backbone(tap.kind, tap.fingerprint(), tap.feature_dim, tap.layers)
+        probe.check_backbone(tap)
         scored = list(score_frames(probe, tap, frames, batch_size))
     p = np.array([s.info["reliability"] for s in scored])
     error = np.array([structure_error(criterion, s.info["mlip_energy"], reference_energy(f),

@@ -27,6 +27,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -46,7 +47,7 @@ from .headfile import HeadMeta
 from .probe import Probe
 from .labels import Criterion, check_criterion, make_labels, resolve_tolerance
 from .novelty import NoveltyConfig, fit_novelty, structure_novelty
-from .taps import find_tap
+from .taps import Tap, find_tap
 
 #: temperature-scaled probabilities spread less than this over the calibration split carry no information
 FLAT_SPREAD = 0.05
@@ -260,11 +261,13 @@ def fit_probe(
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None | bool = None,
     progress: bool = True,
+    tap: Tap | None = None,
 ) -> Probe:
     """Fit a PROBE head for the backbone in ``calc`` on labelled ``data``.
 
     Args:
-        calc: a MACE or SchNetPack calculator (possibly inside a SumCalculator).
+        calc: a backbone calculator an adapter knows (MACE, SchNet, PaiNN,
+            CHGNet; possibly inside a SumCalculator), or the one ``tap`` watches.
         data: extxyz / ase.db path or list of Atoms with reference energy (eV)
             and, for force criteria, forces (eV/Å). Never the backbone's
             training frames: their errors are not honest.
@@ -291,6 +294,10 @@ def fit_probe(
         energy_key, forces_key: where reference values live in ``info``/``arrays``.
         batch_size: structures per backbone pass.
         cache_dir: feature cache folder (None: default, False: off).
+        progress: show progress bars.
+        tap: a tap you built on the backbone (e.g. a
+            :class:`~probe_ase.taps.ModuleTap`) instead of the adapter found
+            for ``calc``; it stays open (it is yours).
 
     Returns:
         a :class:`~probe_ase.probe.Probe`; ``.save(path)`` writes the head
@@ -309,7 +316,9 @@ def fit_probe(
     if local:
         config = replace(config, atom_logit=True)
     frames = read_frames(data)
-    with find_tap(calc, layers) as tap:
+    if tap is not None and layers is not None and tuple(layers) != tap.layers:
+        raise InputError(f"layers={list(layers)} differ from the tap's {list(tap.layers)}: choose them on the tap")
+    with find_tap(calc, layers) if tap is None else nullcontext(tap) as tap:  # a tap you pass stays open
         features = featurize(tap, frames, energy_key, forces_key, batch_size, cache_dir, progress)
         reference = None if reference_data is None else features_only(tap, read_frames(reference_data), batch_size)
         kind, fingerprint, tap_layers = tap.kind, tap.fingerprint(), tap.layers

@@ -14,6 +14,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from .exceptions import MismatchError
 from .head import ProbeHead, batch_inputs
 from .headfile import HeadMeta, load_head, save_head
 from .novelty import NoveltyModel
+
+if TYPE_CHECKING:
+    from .taps import Tap
 
 #: why a structure is not reliable (``results["reason"]``); "ok" when it is. The monitor adds
 #: "low_atom_reliability" when it judges atoms (:class:`~probe_ase.observers.ReliabilityMonitor`)
@@ -88,10 +92,11 @@ class Probe:
         """Read a head file (never executes code)."""
         return cls(*load_head(path))
 
-    def check_backbone(self, kind: str, fingerprint: str, feature_dim: int, layers: Sequence[int]) -> None:
-        """Raise :class:`MismatchError` unless the head was fitted on this backbone and layers."""
+    def check_backbone(self, tap: Tap) -> None:
+        """Raise :class:`MismatchError` unless the head was fitted on the backbone ``tap`` watches, and its layers."""
         m = self.meta
-        if kind != m.backbone:
+        kind, layers, feature_dim = tap.kind, tap.layers, tap.feature_dim
+        if m.backbone not in (kind, *tap.aliases):
             raise MismatchError(f"head was fitted on a {m.backbone} backbone, not {kind}", expected=m.backbone, found=kind)
         if tuple(layers) != m.layers or feature_dim != m.feature_dim:
             raise MismatchError(
@@ -99,6 +104,7 @@ class Probe:
                 f"the tap gives {feature_dim} from layers {list(layers)}",
                 expected=(m.layers, m.feature_dim), found=(tuple(layers), feature_dim),
             )
+        fingerprint = tap.fingerprint()
         if fingerprint != m.fingerprint:
             raise MismatchError(
                 f"head was fitted on backbone {m.fingerprint[:12]}..., but this backbone is {fingerprint[:12]}... "

@@ -1,10 +1,14 @@
-"""Shared fixtures: tiny real backbones trained on EMT copper, fitted heads.
+"""Shared fixtures: real backbones (tiny ones trained on EMT copper, pretrained CHGNet), fitted heads.
 
-Backbones are trained once per session. Tests that need SchNetPack skip when
-it is missing on a developer machine but fail under CI (``CI`` set), so a
-missing optional backbone can never pass unnoticed. The SchNet and PaiNN cases
-carry the ``schnetpack`` marker, so a MACE-only install (CI's current-torch
-leg) leaves them out explicitly with ``python -m pytest -m "not schnetpack"``.
+The backbone parametrisation is the adapter registry, ``probe_ase.taps.ADAPTERS``:
+every shipped adapter is tested, and an adapter without a test backbone here
+fails the suite. Backbones are built once per session. Tests that need an
+optional backbone library skip when it is missing on a developer machine but
+fail under CI (``CI`` set), so a missing optional backbone can never pass
+unnoticed. Each optional backbone's cases carry its extra's marker
+(``schnetpack`` for SchNet and PaiNN, ``chgnet``), so a MACE-only install (CI's
+current-torch leg) leaves them out explicitly with
+``python -m pytest -m "not schnetpack and not chgnet"``.
 """
 
 from __future__ import annotations
@@ -19,16 +23,24 @@ import pytest
 import torch
 
 from probe_ase import HeadConfig, TrainConfig, fit_probe
+from probe_ase.taps import ADAPTERS
 from probe_ase.testing import emt_frames, train_mace
 
 logging.getLogger().setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=UserWarning)
 
-BACKBONES = [
-    "mace",
-    pytest.param("schnet", marks=pytest.mark.schnetpack),
-    pytest.param("painn", marks=pytest.mark.schnetpack),
-]
+#: one test backbone per registered adapter: how to build it from the EMT training frames
+TEST_BACKBONES = {
+    "mace": lambda frames: train_mace(frames, epochs=30, seed=0),
+    "schnet": lambda frames: _train_schnetpack("schnet", frames),
+    "painn": lambda frames: _train_schnetpack("painn", frames),
+    "chgnet": lambda frames: ADAPTERS["chgnet"].load("chgnet-0.3.0"),  # pretrained, from the wheel: no training
+}
+#: backbones that cost ~10 ms per atom on one core: long runs take fewer steps on them
+SLOW_BACKBONES = {"chgnet"}
+assert set(TEST_BACKBONES) == set(ADAPTERS), f"adapters without a test backbone: {set(ADAPTERS) - set(TEST_BACKBONES)}"
+BACKBONES = [pytest.param(kind, marks=[getattr(pytest.mark, cls.extra)] if cls.extra else [])
+             for kind, cls in ADAPTERS.items()]
 
 
 @pytest.fixture(autouse=True)
@@ -38,13 +50,13 @@ def _seed_everything():
     torch.manual_seed(0)
 
 
-def require_schnetpack():
-    try:
-        import schnetpack  # noqa: F401
-    except ImportError as err:
+def require_backbone(kind: str):
+    """Skip (fail under CI) when the library of the ``kind`` adapter cannot be imported."""
+    cls = ADAPTERS[kind]
+    if not cls.available():
         if os.environ.get("CI"):
-            pytest.fail(f"schnetpack is required in CI but cannot be imported: {err}")
-        pytest.skip("schnetpack extra not installed (pip install -e '.[schnetpack]')")
+            pytest.fail(f"{cls.library} (backbone {kind}) is required in CI but cannot be imported")
+        pytest.skip(f"{cls.extra} extra not installed (pip install -e '.[{cls.extra}]')")
 
 
 @pytest.fixture(scope="session")
@@ -58,13 +70,10 @@ def cu_data():
     }
 
 
-def _train_backbone(name: str, frames):
-    if name == "mace":
-        return train_mace(frames, epochs=30, seed=0)
-    require_schnetpack()
+def _train_schnetpack(representation: str, frames):
     from probe_ase.testing.schnetpack import train_schnetpack
 
-    return train_schnetpack(frames, representation=name, seed=0)
+    return train_schnetpack(frames, representation=representation, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +83,8 @@ def backbones(cu_data):
 
     def get(name: str):
         if name not in cache:
-            cache[name] = _train_backbone(name, cu_data["train"])
+            require_backbone(name)
+            cache[name] = TEST_BACKBONES[name](cu_data["train"])
         return cache[name]
 
     return get
@@ -99,6 +109,5 @@ def probes(backbones, cu_data):
 
 @pytest.fixture(params=BACKBONES)
 def backbone_name(request):
-    if request.param != "mace":
-        require_schnetpack()
+    require_backbone(request.param)
     return request.param

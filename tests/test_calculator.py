@@ -21,6 +21,8 @@ from probe_ase import (
 )
 from probe_ase.testing import assert_invariant, train_mace
 
+from conftest import SLOW_BACKBONES
+
 
 @pytest.fixture
 def probe_calc(backbone_name, backbones, probes):
@@ -189,7 +191,8 @@ def test_wrappers_sharing_a_backbone_across_threads_match_single_threaded(backbo
     import threading
 
     base, probe = backbones(backbone_name), probes(backbone_name)
-    jobs = [_cells(40, 2, seed=11), _cells(40, 3, seed=12)]  # 32- and 108-atom cells
+    steps = 10 if backbone_name in SLOW_BACKBONES else 40
+    jobs = [_cells(steps, 2, seed=11), _cells(steps, 3, seed=12)]  # 32- and 108-atom cells
     hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base_module.modules())  # noqa: E731
     with ProbeCalculator(base, probe) as single:
         base_module = single.tap.module

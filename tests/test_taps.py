@@ -1,99 +1,35 @@
-"""Conformance tests every backbone tap must pass (MACE, SchNet, PaiNN)."""
+"""Every adapter in the registry passes check_tap; layer choice, fingerprints, refusals."""
 
 from __future__ import annotations
 
 import copy
-import numpy as np
 import pytest
 import torch
 
 from probe_ase import BackboneError, InputError, find_tap
+from probe_ase.taps import MaceTap, ModuleTap
+from probe_ase.testing import check_tap
 
 
-def reference_last_layer(name: str, calc, atoms) -> np.ndarray:
-    """The backbone's own invariant features of its last layer, computed without hooks."""
-    if name == "mace":
-        return calc.get_descriptors(atoms)[:, -calc.models[0].products[-1].linear.irreps_out.dim :]
-    inputs = calc.converter(atoms)
-    for module in calc.model.input_modules:
-        inputs = module(inputs)
-    return calc.model.representation(inputs)["scalar_representation"].detach().cpu().numpy()
+def test_every_adapter_passes_check_tap(backbone_name, backbones, cu_data):
+    """The conformance suite: layers vs a hook-free reference, one pass, batched, graph, invariance, copy, close."""
+    report = check_tap(backbones(backbone_name), cu_data["test_out"][0])
+    assert set(report) == {"layers", "one_pass", "batched", "neighbour_graph", "invariance", "copy", "close"}
+    assert "equal the reference" in report["layers"]  # every shipped adapter has a reference computation
+    assert report["neighbour_graph"].startswith("equal")  # and reads the backbone's own list
 
 
-def test_features_shape_dtype_and_values(backbone_name, backbones, cu_data):
-    calc = backbones(backbone_name)
-    atoms = cu_data["test_in"][0].copy()
-    with find_tap(calc) as tap:
-        atoms.calc = calc
-        atoms.get_forces()
-        feats = tap.features()
-        assert feats.shape == (len(atoms), tap.feature_dim)
-        assert not feats.requires_grad
-        assert feats.dtype == next(tap.module.parameters()).dtype
-        last = feats[:, -tap.layer_width(tap.layers[-1]) :].cpu().numpy()
-        expected = reference_last_layer(backbone_name, calc, atoms)
-        np.testing.assert_allclose(last, expected, rtol=1e-5, atol=1e-6)
+def test_check_tap_catches_a_wrong_tap(backbones, cu_data):
+    """A tap whose features are not the layer's (here: one step stale) fails the suite, naming the check."""
+    calc = backbones("mace")
 
+    class StaleTap(MaceTap):
+        def features(self):
+            stale, self._last = getattr(self, "_last", None), super().features().clone()
+            return stale if stale is not None else self._last
 
-def test_one_backbone_pass_per_step(backbone_name, backbones, cu_data):
-    """Hooks ride on the backbone's own pass: exactly one forward per calculation."""
-    calc = backbones(backbone_name)
-    calc.reset()  # the session-wide calculator may hold results for these atoms
-    with find_tap(calc) as tap:
-        calls = []
-        handle = tap.module.register_forward_hook(lambda *a: calls.append(1))
-        try:
-            for atoms in cu_data["test_in"][:3]:
-                atoms = atoms.copy()
-                atoms.calc = calc
-                atoms.get_forces()
-        finally:
-            handle.remove()
-        assert len(calls) == 3
-        assert tap.n_forward == 3
-
-
-@pytest.mark.parametrize("periodic", [True, False])
-def test_batched_predict_matches_calculator(backbone_name, backbones, cu_data, periodic):
-    """Batched passes (their own neighbour lists) give the calculator's energies, forces and features."""
-    calc = backbones(backbone_name)
-    frames = [a.copy() for a in cu_data["test_out"][:5]]
-    if not periodic:  # a molecule-like cluster: no cell, no images
-        for atoms in frames:
-            atoms.pbc = False
-            atoms.cell = None
-    with find_tap(calc) as tap:
-        batched = list(tap.predict(frames, batch_size=3))
-        for atoms, pred in zip(frames, batched):
-            atoms = atoms.copy()
-            atoms.calc = calc
-            assert pred.energy == pytest.approx(atoms.get_potential_energy(), rel=1e-5, abs=1e-5)
-            np.testing.assert_allclose(pred.forces, atoms.get_forces(), rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(pred.features, tap.features(), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("periodic", [True, False])
-def test_neighbour_graph_is_the_radius_graph(backbone_name, backbones, cu_data, periodic):
-    """The backbone's own neighbour list, cut at a radius, gives radius_graph's edges."""
-    from probe_ase.graph import radius_graph
-
-    calc = backbones(backbone_name)
-    atoms = cu_data["test_out"][0].copy()
-    if not periodic:
-        atoms.pbc = False
-        atoms.center(vacuum=6.0)
-    calc.reset()
-    with find_tap(calc) as tap:
-        assert tap.neighbour_graph(tap.cutoff) is None  # nothing seen yet
-        atoms.calc = calc
-        atoms.get_forces()
-        assert tap.list_cutoff == pytest.approx(tap.cutoff)
-        copy.deepcopy(tap.module)  # what it keeps of the pass does not stop a deep copy (retraining does one)
-        assert tap.neighbour_graph(tap.list_cutoff + 0.5) is None  # beyond the backbone's list
-        for cutoff in (tap.cutoff, 3.0, 2.2):
-            graph = tap.neighbour_graph(cutoff).cpu().numpy()
-            assert sorted(map(tuple, graph.T.tolist())) == sorted(map(tuple, radius_graph(atoms, cutoff).T.tolist()))
-            assert (graph[:, : len(atoms)] == np.arange(len(atoms))).all()  # self loops first
+    with pytest.raises(AssertionError, match="check_tap layers"):
+        check_tap(calc, cu_data["test_out"][0], make_tap=lambda: StaleTap(calc))
 
 
 def test_layer_selection_and_close(backbone_name, backbones, cu_data):
@@ -163,3 +99,81 @@ def test_untappable_mace_models_are_refused_up_front(backbones, tmp_path):
         with pytest.raises(BackboneError, match=fix):
             find_tap(calc)
         assert not any(m._forward_hooks for m in calc.models[0].modules())  # refused before any hook
+
+
+def test_module_tap_on_mace_products_equals_the_mace_adapter(backbones, cu_data):
+    """The generic tap, told where MACE's features are, reads what the MACE adapter reads."""
+    calc = backbones("mace")
+    model = calc.models[0]
+    with find_tap(calc) as mace:
+        widths = [mace.layer_width(i) for i in mace.layers]
+        generic = ModuleTap(calc, modules=["products.0", "products.1"], widths=widths, model=model, cutoff=mace.cutoff,
+                            invariant=lambda layer, out: out[:, : widths[layer]])  # the 0e channels come first
+        with generic:
+            atoms = cu_data["test_out"][3].copy()
+            atoms.calc = calc
+            atoms.get_forces()
+            torch.testing.assert_close(generic.features(), mace.features(), rtol=0, atol=0)
+            assert generic.neighbour_graph(generic.cutoff) is None  # reads no list: the head builds its graph
+            (pred,) = generic.predict([atoms])
+            torch.testing.assert_close(pred.features, mace.features(), rtol=1e-6, atol=1e-6)
+
+
+def test_module_tap_bad_input_is_clear(backbones, cu_data):
+    calc = backbones("mace")
+    model = calc.models[0]
+    with pytest.raises(InputError, match="no module 'products.9'"):
+        ModuleTap(calc, modules=["products.9"], widths=[8], model=model, cutoff=4.0)
+    with pytest.raises(InputError, match="no torch module in .model"):
+        ModuleTap(calc, modules=["products.0"], widths=[8], cutoff=4.0)
+    with pytest.raises(InputError, match="cannot read the output width"):
+        ModuleTap(calc, modules=["products.0"], model=model, cutoff=4.0)
+    with ModuleTap(calc, modules=["products.0"], widths=[5], model=model, cutoff=4.0) as wrong:
+        atoms = cu_data["test_in"][0].copy()
+        atoms.calc = calc
+        calc.reset()
+        with pytest.raises(BackboneError, match=r"layer 0: invariant\(\) gave .* expected \(n_atoms, 5\)"):
+            atoms.get_forces()
+    assert wrong.n_forward == 0  # closed by the with block
+
+
+def test_a_tap_you_pass_stays_yours(backbones, probes, cu_data):
+    from probe_ase import ProbeCalculator
+
+    calc = backbones("mace")
+    tap = find_tap(calc)
+    with ProbeCalculator(calc, probes("mace"), tap=tap) as probe_calc:
+        atoms = cu_data["test_in"][0].copy()
+        atoms.calc = probe_calc
+        atoms.get_potential_energy()
+        assert 0 <= probe_calc.results["reliability"] <= 1
+    tap.features()  # still open after the calculator closed
+    tap.close()
+    from ase.calculators.emt import EMT
+
+    with find_tap(calc) as tap, pytest.raises(InputError, match="not \\(inside\\) this EMT"):
+        ProbeCalculator(EMT(), probes("mace"), tap=tap)
+
+
+def test_multi_head_foundation_mace_taps_the_selected_head(cu_data):
+    """A foundation-shaped multi-head ScaleShiftMACE: every head passes check_tap on its own readout."""
+    from mace.calculators import MACECalculator
+
+    from probe_ase.testing.mace import foundation_shaped_mace
+
+    model = foundation_shaped_mace(heads=("pt_head", "Default"))
+    crystal = cu_data["test_out"][1]
+    energies, features, prints = {}, {}, {}
+    for head in ("pt_head", "Default"):
+        calc = MACECalculator(models=model, device="cpu", default_dtype="float32", head=head)
+        assert "equal the reference" in check_tap(calc, crystal)["layers"]  # batched passes use this head too
+        with find_tap(calc) as tap:
+            calc.reset()
+            atoms = crystal.copy()
+            atoms.calc = calc
+            energies[head] = atoms.get_potential_energy()
+            features[head] = tap.features().clone()
+            prints[head] = tap.fingerprint()
+    assert energies["pt_head"] != pytest.approx(energies["Default"])  # two readouts ...
+    torch.testing.assert_close(features["pt_head"], features["Default"], rtol=0, atol=0)  # ... of one shared body
+    assert prints["pt_head"] != prints["Default"]  # a PROBE head judges one readout's errors: refused for the other

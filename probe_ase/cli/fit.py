@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fit a head, record the backbone's absolute path in it, save it and print its summary; returns 0."""
+    """Fit a head, record the backbone's absolute path (or pretrained name) in it, save it and print its summary; returns 0."""
     from ..backbones import load_backbone
     from ..fit import TrainConfig, fit_probe
     from ..head import HeadConfig
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         forces_key=args.forces_key, batch_size=args.batch_size,
         cache_dir=False if args.no_cache else args.cache_dir,
     )
-    probe.meta = dataclasses.replace(probe.meta, backbone_path=str(Path(args.backbone).resolve()))
+    source = Path(args.backbone)  # a file: its absolute path; a pretrained name: the name
+    probe.meta = dataclasses.replace(probe.meta, backbone_path=str(source.resolve()) if source.exists() else args.backbone)
     probe.save(args.output)
     m = probe.meta
     print(f"wrote {args.output}: {m.backbone} backbone, criterion {m.criterion}, tau = {m.tau:.4g}, "

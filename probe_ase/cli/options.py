@@ -7,10 +7,13 @@ import argparse
 
 def add_backbone(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--backbone PATH``, ``--backbone-type`` and ``--device``."""
+    from ..backbones import backbone_types, pretrained_names
+
     parser.add_argument("--backbone", required=required, metavar="PATH",
-                        help="trained MACE (.model) or SchNetPack model file")
-    parser.add_argument("--backbone-type", choices=["auto", "mace", "schnetpack"], default="auto",
-                        help="backbone library (default: detected from the file)")
+                        help="model file (MACE .model, SchNetPack, CHGNet) or a pretrained name: "
+                             + ", ".join(pretrained_names()))
+    parser.add_argument("--backbone-type", choices=backbone_types(), default="auto",
+                        help="backbone adapter (default: detected from the file)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     probe, calc = load_probe_and_backbone(args)
     reliabilities, verdicts = [], []
     with find_tap(calc, probe.meta.layers) as tap, atomic_path(args.output) as tmp:
-        probe.check_backbone(tap.kind, tap.fingerprint(), tap.feature_dim, tap.layers)
+        probe.check_backbone(tap)
         probe.to(args.device)
         with open(tmp, "w") as handle:
             frames = tqdm(iter_frames(args.frames), desc="score", unit="frame")

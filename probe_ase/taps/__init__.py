@@ -1,8 +1,14 @@
-"""Backbone taps: one adapter per backbone behind :class:`~probe_ase.taps.base.Tap`.
+"""Backbone adapters behind :class:`~probe_ase.taps.base.Tap`, and their registry.
 
-:func:`find_tap` picks the adapter for a calculator, looking inside ASE's
-mixing calculators (``SumCalculator``, ``LinearCombinationCalculator``,
-``MixedCalculator``) for the one backbone they hold.
+:data:`ADAPTERS` is the single list of shipped adapters: :func:`find_tap`
+picks from it, :func:`probe_ase.backbones.load_backbone` loads model files
+through it, the CLI's ``--backbone-type`` choices and the test suite's
+backbone parametrisation come from it. :class:`ModuleTap` taps a backbone no
+adapter knows, from modules you name.
+
+:func:`find_tap` looks inside ASE's mixing calculators (``SumCalculator``,
+``LinearCombinationCalculator``, ``MixedCalculator``) for the one backbone
+they hold.
 """
 
 from __future__ import annotations
@@ -14,15 +20,26 @@ from ase.calculators.mixing import LinearCombinationCalculator
 
 from ..exceptions import BackboneError
 from .base import Prediction, Tap
+from .chgnet import CHGNetTap
+from .generic import ModuleTap
 from .mace import MaceTap
-from .schnetpack import SchNetPackTap
+from .schnetpack import PaiNNTap, SchNetTap
 
-TAPS: tuple[type[Tap], ...] = (MaceTap, SchNetPackTap)
+#: every shipped adapter by ``kind``
+ADAPTERS: dict[str, type[Tap]] = {cls.kind: cls for cls in (MaceTap, SchNetTap, PaiNNTap, CHGNetTap)}
+
+
+def adapter(kind: str) -> type[Tap]:
+    """The adapter registered as ``kind`` (or as one of its ``aliases``)."""
+    for cls in ADAPTERS.values():
+        if kind == cls.kind or kind in cls.aliases:
+            return cls
+    raise BackboneError(f"no backbone adapter {kind!r}; known: {', '.join(ADAPTERS)}", kind=kind)
 
 
 def backbone_calculators(calc: BaseCalculator) -> list[tuple[type[Tap], BaseCalculator]]:
-    """Every (tap class, calculator) pair for supported backbones inside ``calc``."""
-    for tap_cls in TAPS:
+    """Every (adapter, calculator) pair for supported backbones inside ``calc``."""
+    for tap_cls in ADAPTERS.values():
         if tap_cls.accepts(calc):
             return [(tap_cls, calc)]
     if isinstance(calc, LinearCombinationCalculator):
@@ -32,17 +49,19 @@ def backbone_calculators(calc: BaseCalculator) -> list[tuple[type[Tap], BaseCalc
 
 
 def find_tap(calc: BaseCalculator, layers: Sequence[int] | None = None) -> Tap:
-    """Attach the right tap to the one backbone in ``calc`` (hooks are live on return)."""
+    """Attach the right adapter to the one backbone in ``calc`` (hooks are live on return)."""
     found = backbone_calculators(calc)
     if len(found) != 1:
-        kinds = ", ".join(t.kind for t in TAPS)
+        kinds = ", ".join(ADAPTERS)
         what = "no" if not found else f"{len(found)}"
         raise BackboneError(
             f"{what} supported backbone calculators ({kinds}) found in {type(calc).__name__}; "
-            "probe-ase needs exactly one"
+            "probe-ase needs exactly one (for another backbone, name its feature modules with ModuleTap)",
+            calculator=type(calc).__name__, found=len(found),
         )
     tap_cls, backbone = found[0]
     return tap_cls(backbone, layers)
 
 
-__all__ = ["TAPS", "MaceTap", "Prediction", "SchNetPackTap", "Tap", "backbone_calculators", "find_tap"]
+__all__ = ["ADAPTERS", "CHGNetTap", "MaceTap", "ModuleTap", "PaiNNTap", "Prediction", "SchNetTap", "Tap", "adapter",
+           "backbone_calculators", "find_tap"]

@@ -1,4 +1,4 @@
-"""The small interface every backbone tap implements.
+"""The adapter contract: the small interface every backbone tap implements.
 
 A tap attaches torch forward hooks to the per-atom feature modules of a
 backbone held by an ASE calculator. Whenever the backbone runs its own
@@ -6,13 +6,29 @@ energy/force pass, the hooks keep the invariant (scalar) part of each tapped
 layer's output, detached and in the backbone's dtype. No second forward pass is
 ever made to get features.
 
+An adapter (a :class:`Tap` subclass) says:
+
+* what it is: ``kind`` (its name in :data:`probe_ase.taps.ADAPTERS`, the CLI's
+  ``--backbone-type`` and head files), ``library`` and the pip ``extra`` that
+  installs it;
+* which calculators and model files are its: :meth:`Tap.accepts`,
+  :meth:`Tap.owns`, :meth:`Tap.load` (a file, or a name in ``pretrained``);
+* where its features are: :meth:`Tap.feature_modules`, :meth:`Tap.layer_width`,
+  :meth:`Tap.invariant` (the rotation-invariant part of a hooked output);
+* how to read the backbone's own neighbour list from its input:
+  :meth:`Tap.read_inputs`, ``_pairs`` and ``_vectors``;
+* a batched backbone pass: ``_predict_batch``;
+* optionally, :meth:`Tap.reference_features`: the tapped layers computed without
+  hooks, against which :func:`probe_ase.testing.check_tap` checks the hooks.
+
 Taps also offer :meth:`Tap.predict`, a batched backbone pass over many
 structures (energies, forces and features together) used to build training
 data and to score trajectories.
 
-One set of hooks per backbone module: every tap on the same module (two
-``ProbeCalculator`` wrappers, a guard and a monitor, NEB images sharing one
-model) shares it, refcounted, and what a pass captured is kept *per thread*,
+One set of hooks per backbone module and :meth:`Tap.hook_key` (the adapter;
+for a ModuleTap also its modules and invariant): every such tap on the same
+module (two ``ProbeCalculator`` wrappers, a guard and a monitor, NEB images
+sharing one model) shares it, refcounted, and what a pass captured is kept *per thread*,
 so a tap only ever reads the features of a pass made by its own thread. The
 shared :attr:`Tap.lock` serialises the backbone calculator's pass with reading
 its results and features (ASE calculators keep their results in one place);
@@ -27,7 +43,7 @@ import os
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -70,7 +86,7 @@ class _Hooks:
                         for i, m in enumerate(modules)]
         self.handles += tap._extra_hooks(self)
         self.handles.append(tap.module.register_forward_pre_hook(
-            _input_hook(self, weakref.ref(tap.module), tap.pair_keys), with_kwargs=True))
+            _input_hook(self, weakref.ref(tap.module), type(tap).read_inputs), with_kwargs=True))
 
 
 # hooks are closures, not bound methods: deepcopy treats functions as atomic, so a tapped
@@ -86,28 +102,39 @@ def _feature_hook(hooks: _Hooks, owner: weakref.ref, layer: int, invariant):
     return hook
 
 
-def _input_hook(hooks: _Hooks, owner: weakref.ref, keys: tuple[str, ...]):
+def _input_hook(hooks: _Hooks, owner: weakref.ref, read_inputs):
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if module is owner():
-            inputs = args[0] if args else kwargs.get("data")
-            hooks.capture.inputs = {k: inputs[k].detach() for k in keys if k in inputs}  # references, no copies
+            hooks.capture.inputs = read_inputs(args, kwargs)
 
     return pre_hook
 
 
-#: the hooks of every tapped backbone module (weak: a dropped backbone drops its entry)
-_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, _Hooks] = weakref.WeakKeyDictionary()
+#: the hooks of every tapped backbone module, by the taps' hook key (weak: a dropped backbone drops its entry)
+_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, _Hooks]] = weakref.WeakKeyDictionary()
 _HOOKS_LOCK = threading.Lock()
 
 
 class Tap(ABC):
     """Hooks on one backbone's feature modules.
 
-    Subclasses name the backbone (``kind``), say which calculators they accept,
-    list the modules to hook and how to take the invariant part of each output.
+    Subclasses implement the adapter contract (module docstring): name the
+    backbone, say which calculators and files are theirs, list the modules to
+    hook and how to take the invariant part of each output.
     """
 
+    #: the adapter's name (registry key, CLI ``--backbone-type``, head files)
     kind: ClassVar[str]
+    #: the Python package that defines the backbone
+    library: ClassVar[str]
+    #: the pip extra of probe-ase that installs it (None: a core dependency)
+    extra: ClassVar[str | None] = None
+    #: names :meth:`load` takes instead of a file (pretrained weights shipped with the library)
+    pretrained: ClassVar[tuple[str, ...]] = ()
+    #: older ``kind`` names head files may carry for this adapter
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: the backbone needs a cell: molecules are boxed (with pbc) to run it
+    periodic_only: ClassVar[bool] = False
 
     def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
         self.calc = calc
@@ -120,9 +147,10 @@ class Tap(ABC):
         self.layers = tuple(sorted({i % n for i in chosen}))
         self.feature_dim = sum(self.layer_width(i) for i in self.layers)
         with _HOOKS_LOCK:
-            hooks = _HOOKS.get(self.module)
+            on_module = _HOOKS.setdefault(self.module, {})
+            hooks = on_module.get(self.hook_key())
             if hooks is None:
-                hooks = _HOOKS[self.module] = _Hooks(self)
+                hooks = on_module[self.hook_key()] = _Hooks(self)
             hooks.users += 1
         self._hooks: _Hooks | None = hooks
         self._loops: torch.Tensor | None = None  # self loops (2, n_atoms) of the last graph
@@ -131,7 +159,37 @@ class Tap(ABC):
     @classmethod
     @abstractmethod
     def accepts(cls, calc: Calculator) -> bool:
-        """Whether ``calc`` is a calculator of this backbone."""
+        """Whether ``calc`` is a calculator of this backbone (False when its library cannot be imported)."""
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the backbone's library imports here."""
+        try:
+            __import__(cls.library)
+        except Exception:  # absent, or broken against this torch
+            return False
+        return True
+
+    @classmethod
+    def owns(cls, model: object) -> bool:
+        """Whether ``model`` (what ``torch.load`` returned for a model file) is this adapter's."""
+        return False
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", model: object = None) -> Calculator:
+        """A calculator for the model file ``path`` or the pretrained name ``path`` (eV, eV/Å).
+
+        ``model`` is the file's content when the caller already loaded it.
+        """
+        raise BackboneError(f"the {cls.kind} adapter cannot load model files; build the calculator yourself")
+
+    def reference_features(self, atoms: Atoms) -> dict[int, np.ndarray]:
+        """Each tapped layer's invariant features ``(n_atoms, width)`` of ``atoms``, computed without hooks.
+
+        What :func:`probe_ase.testing.check_tap` compares the hooks against;
+        adapters compute it through the library's own API where it has one.
+        """
+        raise NotImplementedError(f"the {self.kind} adapter has no hook-free reference computation")
 
     @property
     @abstractmethod
@@ -165,8 +223,20 @@ class Tap(ABC):
         """Radius (Å) of the neighbour list the calculator hands the backbone (at least :attr:`cutoff`)."""
         return self.cutoff
 
-    #: keys of the backbone's input dict that :meth:`_pairs` reads
-    pair_keys: ClassVar[tuple[str, ...]]
+    #: keys of the backbone's input dict that :meth:`_pairs` reads (default :meth:`read_inputs`)
+    pair_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def read_inputs(cls, args: tuple, kwargs: dict) -> dict | None:
+        """What :meth:`_pairs` and :meth:`_vectors` need from the backbone's forward arguments.
+
+        Default: the ``pair_keys`` of an input dict (references, no copies).
+        None when the list cannot be read: the head then builds its own graph.
+        """
+        inputs = args[0] if args else next(iter(kwargs.values()), None)
+        if not cls.pair_keys or not isinstance(inputs, Mapping) or any(k not in inputs for k in cls.pair_keys):
+            return None
+        return {k: inputs[k].detach() for k in cls.pair_keys}
 
     @abstractmethod
     def _pairs(self, inputs: dict) -> torch.Tensor:
@@ -179,6 +249,10 @@ class Tap(ABC):
     @abstractmethod
     def _predict_batch(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One backbone pass over ``frames``: energies (eV) and forces (eV/Å)."""
+
+    def hook_key(self) -> Hashable:
+        """Taps with equal keys on one module hook the same outputs the same way, so they share one set of hooks."""
+        return type(self)
 
     def _extra_hooks(self, hooks: _Hooks) -> list[torch.utils.hooks.RemovableHandle]:
         """Further hooks an adapter needs (e.g. pre-hooks), writing into ``hooks.capture.scratch``."""
@@ -213,7 +287,7 @@ class Tap(ABC):
         seen: the caller then builds the graph itself.
         """
         seen = self._capture.inputs
-        if seen is None or len(seen) < len(self.pair_keys) or cutoff > self.list_cutoff + 1e-9:
+        if seen is None or cutoff > self.list_cutoff + 1e-9:
             return None
         pairs = self._pairs(seen)
         if cutoff < self.list_cutoff - 1e-9:  # a shorter radius than the list's: drop the far pairs
@@ -275,8 +349,9 @@ class Tap(ABC):
                 for handle in hooks.handles:
                     handle.remove()
                 hooks.handles.clear()
-                if _HOOKS.get(self.module) is hooks:
-                    del _HOOKS[self.module]
+                on_module = _HOOKS.get(self.module, {})
+                if on_module.get(self.hook_key()) is hooks:
+                    del on_module[self.hook_key()]
 
     def __enter__(self) -> Tap:
         return self

@@ -4,10 +4,19 @@ Features are the scalar (``0e``) channels of each interaction layer's node
 features, i.e. the outputs of ``model.products[i]``. Equivariant (l > 0)
 channels are left out so that every feature is rotation invariant. For a
 committee calculator only the first model is tapped.
+
+Foundation shapes: ``ScaleShiftMACE`` (MACE-MP/OFF/MPA) is tapped like any
+MACE. A multi-head model (mace-torch's multi-head fine-tuning) shares its body
+between heads: the features feeding the selected head (``MACECalculator(...,
+head=name)``) are the shared products, and batched passes use that head's
+readout. The fingerprint includes the selected head, so a PROBE head fitted on
+one readout's errors is refused for another.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +32,7 @@ class MaceTap(Tap):
     """Hooks on ``MACECalculator.models[0].products``."""
 
     kind = "mace"
+    library = "mace"
     pair_keys = ("edge_index", "positions", "shifts")
 
     def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
@@ -41,6 +51,30 @@ class MaceTap(Tap):
             return False
         return isinstance(calc, MACECalculator)
 
+    @classmethod
+    def owns(cls, model: object) -> bool:
+        """Whether ``model`` is a mace-torch module (``MACE``, ``ScaleShiftMACE`` ...)."""
+        return isinstance(model, torch.nn.Module) and type(model).__module__.split(".")[0] == "mace"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", model: object = None) -> Calculator:
+        """A ``MACECalculator`` for the ``.model`` file ``path`` (a pickled module: only load files you trust)."""
+        from mace.calculators import MACECalculator
+
+        if model is None:
+            import mace.modules  # noqa: F401  (e3nn's own torch.load must not run nested in ours)
+
+            model = torch.load(path, map_location=device, weights_only=False)
+        return MACECalculator(models=model, device=device)
+
+    def reference_features(self, atoms: Atoms) -> dict[int, np.ndarray]:
+        """Every layer's scalar channels from mace-torch's own ``MACECalculator.get_descriptors``."""
+        descriptors = self.calc.get_descriptors(atoms, invariants_only=True)
+        if isinstance(descriptors, list):  # a committee: the first model is the one tapped
+            descriptors = descriptors[0]
+        edges = np.cumsum([0] + [self.layer_width(i) for i in range(len(self._scalar_index))])
+        return {i: descriptors[:, edges[i] : edges[i + 1]] for i in self.layers}
+
     @property
     def module(self) -> torch.nn.Module:
         """The calculator's first model, ``calc.models[0]`` (the only one tapped)."""
@@ -58,6 +92,14 @@ class MaceTap(Tap):
         """The scalar (``0e``) channels ``(n_atoms, width)`` of a product block's output (a view when contiguous)."""
         index = self._scalar_index[layer]
         return output[:, index[0] : index[-1] + 1] if _contiguous(index) else output[:, index]
+
+    def fingerprint(self) -> str:
+        """The parameters' digest; for a multi-head model also the selected head, whose energies the head judges."""
+        digest = super().fingerprint()
+        heads = list(getattr(self.calc, "available_heads", None) or [])
+        if len(heads) > 1:
+            digest = hashlib.sha256(f"{digest}:head={self.calc.head}".encode()).hexdigest()
+        return digest
 
     @property
     def cutoff(self) -> float:

@@ -1,4 +1,4 @@
-"""Tap for SchNetPack 2.x models run through ``schnetpack.interfaces.SpkCalculator``.
+"""Two adapters, SchNet and PaiNN, for SchNetPack 2.x models run through ``schnetpack.interfaces.SpkCalculator``.
 
 The features of layer ``i`` are the scalar atom representation the
 representation module holds after interaction ``i`` (the ``i``-th entry of what
@@ -25,7 +25,8 @@ from __future__ import annotations
 import copy
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -37,45 +38,57 @@ from ..graph import radius_graph
 from .base import Tap
 
 
-class SchNetPackTap(Tap):
-    """Hooks on ``SpkCalculator.model.representation`` (SchNet or PaiNN)."""
+class _SchNetPackTap(Tap):
+    """What the SchNet and PaiNN adapters share: hooks on ``SpkCalculator.model.representation``."""
 
-    kind = "schnetpack"
+    library = "schnetpack"
+    extra = "schnetpack"
+    aliases = ("schnetpack",)  # head files written before SchNet and PaiNN were two adapters
     pair_keys = ("_idx_i", "_idx_j", "_positions", "_offsets")  # schnetpack.properties idx_i, idx_j, R, offsets
+    #: the representation class's name in ``schnetpack.representation``
+    representation: str
 
     def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
-        self._rep, self._arch = _find_representation(calc.model)
+        self._rep = _find_representation(calc.model)
         self._converter = None  # built on first batched pass
         super().__init__(calc, layers)
 
     @classmethod
+    def _is_mine(cls, model: object) -> bool:
+        if not isinstance(model, torch.nn.Module) or type(model).__module__.split(".")[0] != "schnetpack":
+            return False
+        try:
+            return type(_find_representation(model)).__name__ == cls.representation
+        except BackboneError:
+            return False
+
+    @classmethod
     def accepts(cls, calc: Calculator) -> bool:
-        """Whether ``calc`` is a SchNetPack ``SpkCalculator`` (False when schnetpack cannot be imported)."""
+        """Whether ``calc`` is a SchNetPack ``SpkCalculator`` of this representation (False without schnetpack)."""
         try:
             from schnetpack.interfaces import SpkCalculator
         except Exception:  # schnetpack absent, or broken against this torch
             return False
-        return isinstance(calc, SpkCalculator)
+        return isinstance(calc, SpkCalculator) and cls._is_mine(calc.model)
+
+    @classmethod
+    def owns(cls, model: object) -> bool:
+        """Whether ``model`` is a SchNetPack model with this representation."""
+        return cls._is_mine(model)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", model: object = None) -> Calculator:
+        """An ``SpkCalculator`` for the saved model ``path`` (trained in eV and Å; see :func:`spk_calculator`)."""
+        return spk_calculator(path, device=device)
 
     @property
     def module(self) -> torch.nn.Module:
         """The calculator's whole model, ``calc.model`` (representation and output modules)."""
         return self.calc.model
 
-    def feature_modules(self) -> list[torch.nn.Module]:
-        """SchNet's ``interactions`` or PaiNN's ``mixing`` blocks, one per layer."""
-        return list(self._rep.interactions if self._arch == "schnet" else self._rep.mixing)
-
     def layer_width(self, layer: int) -> int:
         """The representation's ``n_atom_basis``: every layer has that width."""
         return int(self._rep.n_atom_basis)
-
-    def invariant(self, layer: int, output: object) -> torch.Tensor:
-        """Layer features ``(n_atoms, width)``: SchNet's block input plus output ``x + v``, PaiNN's ``q``."""
-        if self._arch == "schnet":
-            return self._block_inputs.scratch.pop(layer) + output
-        q = output[0]
-        return q.squeeze(1)
 
     @property
     def cutoff(self) -> float:
@@ -87,6 +100,23 @@ class SchNetPackTap(Tap):
         """The cutoff (Å) of the calculator's converter's neighbour list (the representation's when there is none)."""
         nl = getattr(getattr(self.calc, "converter", None), "neighbor_list", None)
         return float(getattr(nl, "_cutoff", self.cutoff))
+
+    def reference_features(self, atoms: Atoms) -> dict[int, np.ndarray]:
+        """Layer ``i``: the ``scalar_representation`` of a copy of the representation cut after interaction ``i``."""
+        inputs = self.calc.converter(atoms)
+        for module in self.calc.model.input_modules:
+            inputs = module(inputs)
+        reference = {}
+        for i in self.layers:
+            cut = copy.copy(self._rep)  # shares the weights; only its layer lists are shortened
+            cut._modules = dict(self._rep._modules)
+            for name in self._layer_lists:
+                cut._modules[name] = torch.nn.ModuleList(list(getattr(self._rep, name))[: i + 1])
+            cut.n_interactions = i + 1
+            with torch.no_grad(), _default_dtype(inputs["_positions"].dtype):
+                out = cut({k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()})
+            reference[i] = out["scalar_representation"].detach().cpu().numpy()
+        return reference
 
     def _pairs(self, inputs: dict) -> torch.Tensor:
         return torch.stack([inputs["_idx_i"], inputs["_idx_j"]])
@@ -115,15 +145,8 @@ class SchNetPackTap(Tap):
 
         calc = self.calc
         inputs = self._batch_converter()(list(frames))  # the converter insists on a plain list
-        default = torch.get_default_dtype()
-        # PaiNN makes its vector features with the *default* dtype, which fails
-        # against a float32 model once something (a test, older mace-torch) set float64
-        torch.set_default_dtype(inputs[properties.R].dtype)
-        try:
-            with torch.enable_grad():  # forces are autograd derivatives of the energy
-                out = calc.model(inputs)
-        finally:
-            torch.set_default_dtype(default)
+        with _default_dtype(inputs[properties.R].dtype), torch.enable_grad():  # forces: autograd of the energy
+            out = calc.model(inputs)
         energies = out[calc.energy_key].detach().cpu().numpy().reshape(-1) * calc.property_units["energy"]
         forces = out[calc.force_key].detach().cpu().numpy() * calc.property_units["forces"]
         offsets = np.cumsum([0] + [len(a) for a in frames])
@@ -145,12 +168,54 @@ class SchNetPackTap(Tap):
             ]
         return self._converter
 
+
+class SchNetTap(_SchNetPackTap):
+    """SchNet: layer ``i`` is the running ``x + v`` after ``interactions[i]`` (module docstring)."""
+
+    kind = "schnet"
+    representation = "SchNet"
+    _layer_lists = ("interactions",)
+
+    def feature_modules(self) -> list[torch.nn.Module]:
+        """SchNet's ``interactions`` blocks, one per layer."""
+        return list(self._rep.interactions)
+
+    def invariant(self, layer: int, output: object) -> torch.Tensor:
+        """Layer features ``(n_atoms, width)``: the block's input plus its output, ``x + v``."""
+        return self._block_inputs.scratch.pop(layer) + output
+
     def _extra_hooks(self, hooks) -> list:
-        if self._arch != "schnet":
-            return []
         self._block_inputs = hooks.capture  # kept by this (the hooks' first) tap even after it closes
         return [m.register_forward_pre_hook(_block_input_hook(hooks, weakref.ref(m), i))
                 for i, m in enumerate(self.feature_modules())]
+
+
+class PaiNNTap(_SchNetPackTap):
+    """PaiNN: layer ``i`` is the scalar ``q`` returned by ``mixing[i]`` (module docstring)."""
+
+    kind = "painn"
+    representation = "PaiNN"
+    _layer_lists = ("interactions", "mixing")
+
+    def feature_modules(self) -> list[torch.nn.Module]:
+        """PaiNN's ``mixing`` blocks, one per layer."""
+        return list(self._rep.mixing)
+
+    def invariant(self, layer: int, output: object) -> torch.Tensor:
+        """Layer features ``(n_atoms, width)``: the scalar ``q`` of ``(q, mu)``, squeezed from ``(n, 1, F)``."""
+        return output[0].squeeze(1)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """PaiNN makes its vector features with the *default* dtype, which fails against a float32 model once
+    something (a test, older mace-torch) set float64: run it with the model's dtype, then restore the default."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _block_input_hook(hooks, owner: weakref.ref, layer: int):
@@ -190,8 +255,8 @@ class MatscipyNeighbourList:
         return inputs
 
 
-def _find_representation(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """The SchNet or PaiNN module inside ``model`` and its kind."""
+def _find_representation(model: torch.nn.Module) -> torch.nn.Module:
+    """The SchNet or PaiNN module inside ``model``."""
     from schnetpack.representation import PaiNN, SchNet
 
     rep = getattr(model, "representation", None)
@@ -204,13 +269,12 @@ def _find_representation(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
                 "probe-ase taps schnetpack.representation.SchNet and PaiNN"
             )
         rep = found[0]
-    arch = "schnet" if isinstance(rep, SchNet) else "painn"
-    layers = list(rep.interactions if arch == "schnet" else rep.mixing)
+    layers = list(rep.interactions if isinstance(rep, SchNet) else rep.mixing)
     if len({id(m) for m in layers}) != len(layers):
         raise BackboneError(
             f"SchNetPack {type(rep).__name__} with shared interaction weights cannot be tapped per layer"
         )
-    return rep, arch
+    return rep
 
 
 def spk_calculator(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Calculator:
@@ -222,7 +286,7 @@ def spk_calculator(path: str | os.PathLike, device: str = "cpu", dtype: torch.dt
     from schnetpack.interfaces import SpkCalculator
 
     model = torch.load(path, map_location="cpu", weights_only=False)
-    rep, _ = _find_representation(model)
+    rep = _find_representation(model)
     return SpkCalculator(
         model_file=os.fspath(path),
         neighbor_list=trn.ASENeighborList(cutoff=float(rep.cutoff)),

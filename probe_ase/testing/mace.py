@@ -84,6 +84,38 @@ def train_mace(
     return MACECalculator(models=model, device="cpu", default_dtype=dtype)
 
 
+def foundation_shaped_mace(
+    heads: Sequence[str] = ("pt_head", "Default"),
+    atomic_numbers: Sequence[int] = (29,),
+    channels: int = 16,
+    r_max: float = 4.0,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """An untrained multi-head ``ScaleShiftMACE`` shaped like a fine-tuned foundation model (float32).
+
+    One shared body, one readout, scale/shift and set of reference energies
+    (-3 eV, -3.5 eV, ... per atom) per head: the structure mace-torch's
+    multi-head fine-tuning leaves. Pick a head with
+    ``MACECalculator(models=model, head=name)``. For tests of the tap's
+    mechanics, not for physics.
+    """
+    n = len(heads)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = modules.ScaleShiftMACE(
+            atomic_inter_scale=[1.0 / (k + 1) for k in range(n)], atomic_inter_shift=[0.1 * k for k in range(n)],
+            r_max=r_max, num_bessel=8, num_polynomial_cutoff=5, max_ell=1,
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            num_interactions=2, num_elements=len(atomic_numbers),
+            hidden_irreps=o3.Irreps(f"{channels}x0e + {channels}x1o"), MLP_irreps=o3.Irreps("16x0e"),
+            gate=torch.nn.functional.silu,
+            atomic_energies=np.array([[-3.0 - 0.5 * k] * len(atomic_numbers) for k in range(n)]),
+            avg_num_neighbors=20.0, atomic_numbers=list(atomic_numbers), correlation=2, heads=list(heads),
+        ).float()
+    return model.eval()
+
+
 def _avg_neighbours(frames: Sequence[Atoms], r_max: float) -> float:
     from ase.neighborlist import neighbor_list
 
