@@ -19,6 +19,7 @@ from .exceptions import (
     NonFiniteError,
     ProbeError,
     ReliabilityHalt,
+    StoreError,
     TrainingError,
     UnknownElementError,
 )
@@ -31,7 +32,7 @@ _LAZY = {
     "HeadConfig": "head", "ProbeHead": "head", "GuardReport": "guard", "guarded_optimize": "guard",
     "HeadMeta": "headfile", "Probe": "probe", "NoveltyConfig": "novelty",
     "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers", "find_tap": "taps",
-    "Region": "regions", "extract_regions": "regions",
+    "Region": "regions", "extract_regions": "regions", "ALStore": "store", "check_database": "store",
 }
 
 
@@ -50,6 +51,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ALStore",
     "ActiveLearner",
     "BackboneError",
     "EmptyStructureError",
@@ -71,10 +73,12 @@ __all__ = [
     "ReliabilityHalt",
     "ReliabilityMonitor",
     "ReliabilityTrajectory",
+    "StoreError",
     "TrainConfig",
     "TrainingError",
     "UnknownElementError",
     "annotate",
+    "check_database",
     "extract_regions",
     "featurize",
     "find_tap",
