@@ -116,9 +116,9 @@ class ALStore:
         self.url, self.lease = os.fspath(db), float(lease)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.db = connect(self.url, use_lock_file=False)  # SQLite's own locks and ours suffice
-        if self.db.type not in _NOW:
-            raise InputError(f"active learning needs an SQLite file or a PostgreSQL URL, got a {self.db.type} "
-                             f"database: {self.url}", db=self.url)
+        if getattr(self.db, "type", None) not in _NOW:  # ase's JSON backend has no type; SQL ones do
+            raise InputError(f"active learning needs an SQLite file or a PostgreSQL URL, got a "
+                             f"{type(self.db).__name__}: {self.url}", db=self.url)
         self.db.count()  # creates ase.db's tables, outside any transaction of ours
         with self.transaction() as cur:
             if self.db.type == "postgresql":  # two drivers creating the tables at once would collide
