@@ -20,6 +20,7 @@ from .exceptions import (
     NonFiniteError,
     ProbeError,
     ReliabilityHalt,
+    StoreError,
     TrainingError,
     UnknownElementError,
 )
@@ -33,7 +34,7 @@ _LAZY = {
     "HeadMeta": "headfile", "Probe": "probe", "NoveltyConfig": "novelty",
     "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers", "find_tap": "taps",
     "ModuleTap": "taps", "ADAPTERS": "taps", "load_backbone": "backbones",
-    "Region": "regions", "extract_regions": "regions",
+    "Region": "regions", "extract_regions": "regions", "ALStore": "store", "check_database": "store",
 }
 
 
@@ -53,6 +54,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ADAPTERS",
+    "ALStore",
     "ActiveLearner",
     "BackboneError",
     "EmptyStructureError",
@@ -75,10 +77,12 @@ __all__ = [
     "ReliabilityHalt",
     "ReliabilityMonitor",
     "ReliabilityTrajectory",
+    "StoreError",
     "TrainConfig",
     "TrainingError",
     "UnknownElementError",
     "annotate",
+    "check_database",
     "extract_regions",
     "featurize",
     "find_tap",

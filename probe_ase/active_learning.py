@@ -31,19 +31,27 @@ Each round:
    the core only (:func:`~probe_ase.retrain.mace_training_frames`).
 2. :meth:`ActiveLearner.label` runs the reference calculator on every pending
    frame through a ``concurrent.futures.Executor`` (serial by default, a
-   process pool, or Dask's ``Client.get_executor()``). Each result is
-   committed to the database as soon as it arrives (status ``done``, the
+   process pool, or Dask's ``Client.get_executor()``). Each frame is claimed
+   in a transaction first (:mod:`probe_ase.store`: owner and lease, renewed
+   while the driver lives), so several drivers can label one database and no
+   frame is called twice. Each result is committed as soon as it arrives,
+   with the claim dropped in the same transaction (status ``done``, the
    reference energy in eV and forces in eV/Å as the row's calculator
    results); a failing reference call is retried, then recorded as
-   ``failed`` with its error. Killing the process loses only calls in flight:
-   :meth:`resume` labels what is still pending and never repeats a finished one.
+   ``failed`` with its error. Killing a driver loses only its calls in
+   flight: their frames are taken over once the lease lapses, and
+   :meth:`resume` labels what is still pending and never repeats a finished
+   one. Each round is recorded in the database (``probe_rounds``: counts,
+   then the retrained model and head), so :meth:`run_round` finishes an
+   interrupted round before starting a new one.
 3. :meth:`ActiveLearner.export` writes the labelled frames as extxyz, and
    :meth:`ActiveLearner.retrain` retrains the backbone (a user callback, or
    :class:`probe_ase.retrain.MaceTrainer` with mace-torch's own trainer) and
    refits the head.
 
-The database is an ase.db (SQLite file by default; a ``postgresql://`` URL
-works too). Rows carry ``round``, ``status``, ``band``, ``reliability``,
+The database is an ase.db: an SQLite file by default, or a PostgreSQL server
+(a ``postgresql://user@host:port/name`` URL; ``pip install probe-ase[postgres]``)
+for drivers on several machines. Rows carry ``round``, ``status``, ``band``, ``reliability``,
 ``novelty``, ``reason``, ``trajectory`` and ``step``; ``data`` holds the MLIP energy (eV), forces
 (eV/Å) and per-atom importances (and reliabilities, for heads with a per-atom logit) at selection time.
 """
@@ -51,16 +59,17 @@ works too). Rows carry ``round``, ``status``, ``band``, ``reliability``,
 from __future__ import annotations
 
 import os
+import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future, as_completed
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import BaseCalculator
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.db import connect
 from ase.io import write
 from ase.md.langevin import Langevin
 from ase.md.md import MolecularDynamics
@@ -71,6 +80,7 @@ from .exceptions import InputError
 from .fileio import atomic_write
 from .labels import mean_force_rmse
 from .regions import extract_regions
+from .store import STATUSES, ALStore, RoundRecord
 
 ReferenceFactory = Callable[[], BaseCalculator]
 MDFactory = Callable[[Atoms], MolecularDynamics]
@@ -144,44 +154,65 @@ def label_pending(
     executor: Executor | None = None,
     retries: int = 1,
     progress: bool = True,
+    lease: float = 60.0,
+    max_in_flight: int | None = None,
 ) -> dict[str, int]:
     """Run the reference on every ``pending`` row of ``db_path``; commit each result as it arrives.
 
-    With no executor the calls run here, one at a time, each committed before
-    the next starts; with an executor all are submitted at once. Returns counts
-    ``{"done": n, "failed": m}`` for this call.
+    Each frame is claimed in a transaction before its call (:class:`~probe_ase.store.ALStore`),
+    so any number of drivers, in any processes, can label one database: no
+    frame is called twice, and a frame whose driver died is taken over once
+    its ``lease`` (seconds) lapses. With no executor the calls run here, one
+    at a time; with an executor up to ``max_in_flight`` (default: all) are
+    claimed and submitted at once. Returns when no pending row is left (it
+    waits for frames other drivers hold), with counts ``{"done": n, "failed":
+    m}`` of the frames this call labelled.
     """
-    db = connect(db_path)
-    queue = [(row.id, row.toatoms()) for row in db.select(status="pending")]
+    store = ALStore(db_path, lease=lease)
     serial = executor is None
     executor = executor or SerialExecutor()
+    limit = 1 if serial else max_in_flight or sys.maxsize
     counts = {"done": 0, "failed": 0}
-    attempts = {row_id: 0 for row_id, _ in queue}
-    atoms_of = dict(queue)
+    attempts: dict[int, int] = {}
+    atoms_of: dict[int, Atoms] = {}
     futures: dict[Future, int] = {}
-    bar = tqdm(total=len(queue), desc="label", unit="frame", disable=not progress)
-    while queue or futures:
-        while queue and not (serial and futures):
-            row_id, atoms = queue.pop(0)
-            futures[executor.submit(reference_calculation, reference, atoms)] = row_id
-        done = next(as_completed(futures))
-        row_id = futures.pop(done)
-        attempts[row_id] += 1
-        error = done.exception()
-        if error is None:
-            labelled = atoms_of[row_id].copy()
-            labelled.calc = SinglePointCalculator(labelled, **done.result())
-            db.update(row_id, atoms=labelled, status="done", attempts=attempts[row_id])
-            counts["done"] += 1
-        elif attempts[row_id] <= retries:
-            queue.insert(0, (row_id, atoms_of[row_id]))
-            continue
-        else:
-            message = "".join(traceback.format_exception_only(type(error), error)).strip()
-            db.update(row_id, status="failed", error=message[:500], attempts=attempts[row_id])
-            counts["failed"] += 1
-        bar.update(1)
-    bar.close()
+
+    def submit(row_id: int) -> None:
+        futures[executor.submit(reference_calculation, reference, atoms_of[row_id])] = row_id
+
+    bar = tqdm(total=store.pending(), desc="label", unit="frame", disable=not progress)
+    try:
+        with store.heartbeat():
+            while True:
+                for row_id, atoms in store.claim(limit - len(futures)):
+                    atoms_of[row_id], attempts[row_id] = atoms, 0
+                    submit(row_id)
+                if not futures:
+                    if not store.pending():
+                        break
+                    time.sleep(store.poll)  # other drivers hold the rest: wait for them, or for their leases
+                    continue
+                finished, _ = wait(futures, timeout=store.poll, return_when=FIRST_COMPLETED)
+                for done in finished:
+                    row_id = futures.pop(done)
+                    attempts[row_id] += 1
+                    error = done.exception()
+                    if error is None:
+                        labelled = atoms_of[row_id].copy()
+                        labelled.calc = SinglePointCalculator(labelled, **done.result())
+                        counts["done"] += store.finish(row_id, atoms=labelled, status="done",
+                                                       attempts=attempts[row_id])
+                    elif attempts[row_id] <= retries:
+                        submit(row_id)  # still claimed: retry
+                        continue
+                    else:
+                        message = "".join(traceback.format_exception_only(type(error), error)).strip()
+                        counts["failed"] += store.finish(row_id, status="failed", error=message[:500],
+                                                         attempts=attempts[row_id])
+                    bar.update(1)
+    finally:
+        bar.close()
+        store.release()  # frames still in flight go back to pending at once (a killed driver's wait a lease)
     return counts
 
 
@@ -208,6 +239,9 @@ class ActiveLearner:
         min_atom_reliability: with ``region_buffer``, an atom is unreliable
             below this ``atom_reliability`` (0-1); ``"auto"`` (default) takes
             the head's ``atom_p_star``.
+        lease: seconds a labelling driver's claim on a frame lasts unless
+            renewed (:func:`label_pending`): how long the frames of a driver
+            that died wait before another takes them over.
     """
 
     def __init__(
@@ -223,6 +257,7 @@ class ActiveLearner:
         dedup_tol: float = 1e-3,
         region_buffer: float | None = None,
         min_atom_reliability: float | str = "auto",
+        lease: float = 60.0,
     ) -> None:
         self.probe_calc, self.reference, self.executor = probe_calc, reference, executor
         self.db_path, self.retries, self.dedup_tol = os.fspath(db), int(retries), float(dedup_tol)
@@ -245,8 +280,15 @@ class ActiveLearner:
                                  "atom_threshold= (eV/Å) or atom_quantile=")
             auto = min_atom_reliability == "auto"
             self.min_atom_reliability = probe_calc.probe.meta.atom_p_star if auto else float(min_atom_reliability)
-        self.db = connect(self.db_path)
-        self.round = max((row.get("round", 0) for row in self.db.select()), default=0)
+        self.store = ALStore(self.db_path, lease=lease)
+        self.db, self.lease = self.store.db, float(lease)
+        rounds = self.store.rounds()
+        self.round = max([row.get("round", 0) for row in self.db.select()] + [r.round for r in rounds], default=0)
+
+    @property
+    def finished_rounds(self) -> int:
+        """The last round :meth:`run_round` finished (0: none); later rounds are unfinished."""
+        return max((r.round for r in self.store.rounds() if r.finished is not None), default=0)
 
     # ---- exploration --------------------------------------------------------
     def explore(
@@ -274,9 +316,10 @@ class ActiveLearner:
             rejected += failed
             explored += n
         selected = self.select(candidates, max_new, min_separation)
-        with self.db:
+        with self.store.transaction() as cur:  # the frames and the round's record, all or nothing
             for cand in selected + rejected:
                 self._store(cand, "pending" if cand.band == "candidate" else "rejected")
+            self.store.begin_round(cur, RoundRecord(self.round, explored, len(selected), len(rejected)))
         return {"explored": explored, "candidates": len(candidates), "selected": len(selected),
                 "rejected": len(rejected)}
 
@@ -379,43 +422,70 @@ class ActiveLearner:
         trainer: Callable[[list[Atoms], int, ProbeCalculator], ProbeCalculator] | None = None,
         export: str | os.PathLike | None = None,
         progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> RoundReport:
         """Explore, label, optionally export and retrain: one round of the loop.
 
-        ``export`` is an extxyz path for this round's labelled frames, where
-        ``{round}`` is replaced by the round number. With a ``trainer`` (at
-        least two new frames) the backbone is retrained; when the trainer
-        holds frames out (``trainer.held_out``, as
-        :class:`~probe_ase.retrain.MaceTrainer` does) the MLIP's force RMSE on
-        them is measured before and after; without one, before only, on all
-        new frames.
+        A round left unfinished (the process died after exploring) is
+        finished first, without exploring again: its pending frames are
+        labelled and the model retrained. ``export`` is an extxyz path for
+        this round's labelled frames, where ``{round}`` is replaced by the
+        round number. With a ``trainer`` (at least two new frames) the
+        backbone is retrained and, with ``checkpoint_dir``, the new backbone
+        and head are saved there (``round{N}_backbone.model``,
+        ``round{N}_head.pt``) and recorded with the round, so a restarted
+        loop can continue from them (:meth:`ALStore.checkpoint
+        <probe_ase.store.ALStore.checkpoint>`). When the trainer holds frames
+        out (``trainer.held_out``, as :class:`~probe_ase.retrain.MaceTrainer`
+        does) the MLIP's force RMSE on them (eV/Å) is measured before and
+        after; without one, before only, on all new frames.
         """
-        seen = self.explore(start_structures, md=md, steps=steps, max_new=max_new, min_separation=min_separation,
-                            progress=progress)
-        labelled = self.label(progress=progress)
+        record = next((r for r in self.store.rounds() if r.round == self.round), None)
+        if record is None or record.finished is not None:
+            self.explore(start_structures, md=md, steps=steps, max_new=max_new, min_separation=min_separation,
+                         progress=progress)
+            record = next(r for r in self.store.rounds() if r.round == self.round)
+        self.label(progress=progress)
         new = self.labelled(self.round)
         if export is not None:
             self.export(str(export).replace("{round}", str(self.round)), round=self.round)
-        report = RoundReport(self.round, seen["explored"], seen["selected"], labelled["done"], labelled["failed"],
-                             seen["rejected"])
+        report = RoundReport(self.round, record.explored, record.selected, len(new),
+                             self.db.count(status="failed", round=self.round), record.rejected)
         old = self.probe_calc.base
+        model = head = None
         if trainer is not None and len(new) >= 2:
             new_calc = self.retrain(trainer).base
             held_out = getattr(trainer, "held_out", None)
             if held_out:
                 report.force_rmse_before = mean_force_rmse(old, held_out)
                 report.force_rmse_after = mean_force_rmse(new_calc, held_out)
+            if checkpoint_dir is not None:
+                model, head = self.save_checkpoint(checkpoint_dir)
         elif new:
             report.force_rmse_before = mean_force_rmse(old, new)
+        self.store.finish_round(self.round, model, head)
         return report
+
+    def save_checkpoint(self, folder: str | os.PathLike) -> tuple[str, str]:
+        """Save the current backbone and head atomically as ``round{N}_backbone.model`` and ``round{N}_head.pt``."""
+        model = os.path.join(folder, f"round{self.round}_backbone.model")
+        head = os.path.join(folder, f"round{self.round}_head.pt")
+        atomic_write(model, self.probe_calc.tap.save_backbone)
+        self.probe_calc.probe.save(head)
+        return model, head
 
     # ---- labelling, export, retraining ---------------------------------------
     def label(self, progress: bool = True) -> dict[str, int]:
         """Reference calculations on all pending frames (see :func:`label_pending`)."""
-        return label_pending(self.db_path, self.reference, self.executor, self.retries, progress)
+        return label_pending(self.db_path, self.reference, self.executor, self.retries, progress, self.lease)
 
     def resume(self, progress: bool = True) -> dict[str, int]:
-        """Finish an interrupted loop: label what is still pending, nothing twice."""
+        """Finish interrupted labelling: label what is still pending, nothing twice.
+
+        Frames a killed driver had claimed are taken over once their lease
+        lapses (``lease`` seconds at most). :meth:`run_round` also finishes an
+        unfinished round's retraining.
+        """
         return self.label(progress)
 
     def labelled(self, round: int | None = None) -> list[Atoms]:
@@ -446,8 +516,7 @@ class ActiveLearner:
 
     def status_counts(self) -> dict[str, int]:
         """Rows per status in the database."""
-        statuses = [row.status for row in self.db.select()]
-        return {s: statuses.count(s) for s in ("pending", "done", "failed", "rejected", "source")}
+        return {s: self.db.count(status=s) for s in STATUSES}
 
     def retrain(self, trainer: Callable[[list[Atoms], int, ProbeCalculator], ProbeCalculator]) -> ProbeCalculator:
         """Replace the MLIP: ``trainer(labelled_frames, round, current)`` returns a new ProbeCalculator.

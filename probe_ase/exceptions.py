@@ -14,6 +14,7 @@ Every error the package raises on purpose derives from :class:`ProbeError`, so
     ├── MismatchError         head file and backbone disagree (fingerprint, width)
     ├── HeadFileError         a head file that is missing, truncated or tampered
     ├── TrainingError         the backbone's trainer (mace_run_train) failed
+    ├── StoreError            the active-learning database used out of order (a nested transaction)
     └── ReliabilityHalt       a monitor with raise_on_halt=True stopped a run
 
 Errors carry the offending values as attributes besides the message, e.g.
@@ -76,6 +77,10 @@ class HeadFileError(ProbeError, OSError):
 
 class TrainingError(ProbeError, RuntimeError):
     """The backbone's trainer failed (``returncode`` and the tail of its ``stderr`` as attributes)."""
+
+
+class StoreError(ProbeError, RuntimeError):
+    """The active-learning database was used out of order (a transaction opened inside another)."""
 
 
 class ReliabilityHalt(ProbeError):

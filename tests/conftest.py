@@ -9,6 +9,11 @@ unnoticed. Each optional backbone's cases carry its extra's marker
 (``schnetpack`` for SchNet and PaiNN, ``chgnet``), so a MACE-only install (CI's
 current-torch leg) leaves them out explicitly with
 ``python -m pytest -m "not schnetpack and not chgnet"``.
+PostgreSQL is treated the same way: the ``db_url`` fixture runs each
+active-learning test on an SQLite file and on a fresh database of a
+PostgreSQL server, the one at ``$PROBE_ASE_TEST_PG_URL`` (what ``.ci/run``
+starts) or else a throwaway server started here from the local binaries
+(skipped without them, except under CI).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from probe_ase import HeadConfig, TrainConfig, fit_probe
 from probe_ase.taps import ADAPTERS
 from probe_ase.testing import emt_frames, train_mace
+from probe_ase.testing.postgres import create_database, drop_database, postgres_server, server_binaries
 
 logging.getLogger().setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -111,3 +117,40 @@ def probes(backbones, cu_data):
 def backbone_name(request):
     require_backbone(request.param)
     return request.param
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI needs PostgreSQL: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server for the session: $PROBE_ASE_TEST_PG_URL, else a throwaway one on loopback."""
+    try:
+        import ase_db_backends  # noqa: F401
+        import psycopg2  # noqa: F401
+    except ImportError as err:
+        _missing(f"the postgres extra is not installed (pip install -e '.[postgres]'): {err}")
+    if os.environ.get("PROBE_ASE_TEST_PG_URL"):
+        yield os.environ["PROBE_ASE_TEST_PG_URL"]
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI needs PROBE_ASE_TEST_PG_URL: the URL of a running PostgreSQL server (.ci/run starts one)")
+    if server_binaries() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) and no PROBE_ASE_TEST_PG_URL")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """An empty active-learning database: an SQLite file, or a fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "al.db")
+        return
+    server = request.getfixturevalue("postgres_url")
+    url = create_database(server)
+    yield url
+    drop_database(server, url)

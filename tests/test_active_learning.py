@@ -1,9 +1,8 @@
-"""Active learning with a real MLIP, a real reference (EMT), a real ase.db."""
+"""Active learning with a real MLIP, a real reference (EMT), a real ase.db (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import functools
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,13 +45,18 @@ def explored_template(backbones, probes, cu_data, tmp_path_factory):
     return path, counts
 
 
+def copy_rows(source, target) -> None:
+    with connect(target) as db:
+        for row in connect(source).select():
+            db.write(row.toatoms(), data=row.data, **row.key_value_pairs)
+
+
 @pytest.fixture
-def explored(explored_template, probe_calc, tmp_path):
-    """A fresh copy of the explored database for each test."""
+def explored(explored_template, probe_calc, db_url):
+    """A fresh copy of the explored database for each test, on each backend (leases of 1 s)."""
     template, counts = explored_template
-    path = tmp_path / "al.db"
-    shutil.copy(template, path)
-    return ActiveLearner(probe_calc, CountingEMT, db=path, p_lo=0.02, novelty_hi=4.0), counts
+    copy_rows(template, db_url)
+    return ActiveLearner(probe_calc, CountingEMT, db=db_url, p_lo=0.02, novelty_hi=4.0, lease=1.0), counts
 
 
 def test_exploration_stores_the_selected_band(explored):
@@ -139,7 +143,7 @@ def test_killed_labelling_resumes_without_repeats(explored, tmp_path):
         "from probe_ase.active_learning import label_pending\n"
         "from probe_ase.testing.reference import CountingEMT\n"
         f"label_pending({str(learner.db_path)!r}, functools.partial(CountingEMT, log={str(log)!r}, delay=0.4),"
-        " progress=False)\n"
+        " progress=False, lease=1.0)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 120
@@ -163,9 +167,7 @@ def test_dask_executor_gives_the_same_db(explored, tmp_path):
     distributed = pytest.importorskip("distributed")
     learner, _ = explored
     copy = tmp_path / "copy.db"
-    with connect(copy) as target:
-        for row in learner.db.select():
-            target.write(row.toatoms(), data=row.data, **row.key_value_pairs)
+    copy_rows(learner.db_path, copy)
     learner.label(progress=False)
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     with cluster, distributed.Client(cluster) as client:
@@ -188,6 +190,7 @@ def test_separation_applies_within_a_trajectory(probe_calc, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # retraining never touches the database backend
 def test_retraining_lowers_the_error_on_new_frames(explored, cu_data, tmp_path):
     from probe_ase.retrain import MaceTrainer
 

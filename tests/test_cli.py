@@ -166,6 +166,94 @@ work_dir = "{work / 'retrain'}"
     assert "unknown keys ['bogus']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_al_command_resumes_after_a_kill_from_the_retrained_model(files, capsys, cu_data):
+    """kill -9 ``probe-ase al`` in round 2; the restart finishes round 2 from round 1's model and head."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+    from pathlib import Path
+
+    from ase.db import connect
+
+    import probe_ase
+    from probe_ase.store import ALStore
+
+    work = files / "al-resume"
+    work.mkdir()
+    write(work / "start.xyz", cu_data["test_in"][:2])
+    write(work / "train.xyz", cu_data["train"])
+    db, log, started = work / "al.db", work / "finished.txt", work / "started.txt"
+    config = work / "al.toml"
+    config.write_text(f"""
+backbone = "{files / 'mace.model'}"
+probe = "{files / 'probe.pt'}"
+db = "{db}"
+start = "{work / 'start.xyz'}"
+rounds = 2
+
+[reference]
+calculator = "probe_ase.testing.reference:CountingEMT"
+options = {{ log = "{log}", start_log = "{started}", delay = 0.5 }}
+
+[explore]
+temperature = 2000
+timestep = 2.0
+steps = 80
+max_new = 4
+min_separation = 5
+p_lo = 0.0
+
+[label]
+lease = 1.0
+
+[retrain]
+train_data = "{work / 'train.xyz'}"
+fit_data = "{files / 'pool.xyz'}"
+epochs = 2
+work_dir = "{work / 'retrain'}"
+""")
+    root = str(Path(probe_ase.__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from probe_ase.cli import main; "
+                             "sys.exit(main(sys.argv[1:]))", "al", str(config)],
+                            env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.DEVNULL)
+
+    def in_round_2_call() -> bool:  # round 1 finished, round 2 explored, a reference call of round 2 running
+        if not db.exists() or not started.exists():
+            return False
+        rounds = ALStore(db).rounds()
+        lines = started.read_text().split("\n")
+        finished = log.read_text().split() if log.exists() else []
+        return len(rounds) == 2 and rounds[0].finished is not None and len([x for x in lines if x]) > len(finished)
+
+    deadline = time.time() + 300
+    while not in_round_2_call():
+        assert proc.poll() is None and time.time() < deadline, "probe-ase al ended before round 2's labelling"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    round1 = ALStore(db).rounds()[0]
+    assert round1.model and Path(round1.model).exists() and Path(round1.probe).exists()
+    explored_round2 = connect(db).count(round=2)
+    assert main(["al", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming after round 1: backbone {round1.model}, head {round1.probe}" in out
+    rounds = ALStore(db).rounds()
+    assert [r.round for r in rounds] == [1, 2] and all(r.finished is not None for r in rounds)
+    assert connect(db).count(round=2) == explored_round2  # round 2 finished, not explored again
+    assert connect(db).count(round=3) == 0 and connect(db).count(status="pending") == 0
+    assert rounds[1].model is None or Path(rounds[1].model).exists()
+    calls = Counter(log.read_text().split())
+    assert calls and max(calls.values()) == 1  # no frame labelled twice across the kill
+    assert sum(calls.values()) == connect(db).count(status="done")
+    assert main(["al", str(config)]) == 0
+    assert "all 2 rounds are finished" in capsys.readouterr().out
+    assert main(["al", "--check", str(config)]) == 0
+
+
 def test_evaluate_writes_every_promised_file(files, capsys, backbones, cu_data):
     from probe_ase.testing import train_mace
 

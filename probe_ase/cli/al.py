@@ -4,9 +4,9 @@ Example config (units: K, fs, 1/fs)::
 
     backbone = "model.model"      # MACE model file
     probe = "probe.pt"            # head file
-    db = "al.db"                  # ase.db path or postgresql:// URL
+    db = "al.db"                  # SQLite file, or postgresql://user@host:port/name (the postgres extra)
     start = "start.xyz"           # start structures (every frame)
-    rounds = 2
+    rounds = 2                    # rounds in all: a restarted run finishes the interrupted one, then the rest
 
     [reference]
     calculator = "ase.calculators.emt:EMT"   # module:attribute of a calculator class or factory
@@ -27,11 +27,19 @@ Example config (units: K, fs, 1/fs)::
     [label]
     workers = 1                   # > 1: a process pool of this size
     retries = 1
+    lease = 60.0                  # s: a dead driver's frames are taken over after this (live ones renew it)
 
     [retrain]                     # optional: omit to only explore and label
     train_data = "train.xyz"      # the backbone's own training frames
     fit_data = "pool.xyz"         # frames the head is refitted on (with the new ones)
     epochs = 20
+    work_dir = "al-retrain"       # training files; each round's model and head (resumed from after a crash)
+
+A run killed at any point resumes where it stopped when started again: the
+last finished round's retrained model and head replace ``backbone`` and
+``probe``, and an interrupted round is finished (its pending frames labelled,
+nothing labelled twice) before the next starts. ``probe-ase al --check
+al.toml`` checks the database instead (exit status 1 on a problem).
 """
 
 from __future__ import annotations
@@ -45,15 +53,18 @@ SECTIONS = {
     "reference": {"calculator", "options"},
     "explore": {"ensemble", "temperature", "timestep", "friction", "steps", "max_new", "min_separation",
                 "p_lo", "p_hi", "seed", "region_buffer", "min_atom_reliability"},
-    "label": {"workers", "retries"},
+    "label": {"workers", "retries", "lease"},
     "retrain": {"train_data", "fit_data", "epochs", "work_dir"},
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``probe-ase al``'s arguments: the TOML config file and ``--device``."""
+    """Add ``probe-ase al``'s arguments: the TOML config file, ``--device`` and ``--check``."""
     parser.add_argument("config", help="TOML config file (see 'probe-ase al --help' and the README)")
     parser.add_argument("--device", default="cpu", help="torch device for the backbone (default: cpu)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the config's database (statuses, reference results, claims, round files); "
+                             "exit status 1 on a problem")
 
 
 def load_config(path: str) -> dict:
@@ -95,7 +106,7 @@ def reference_factory(spec: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the config's active-learning rounds, printing one report row per round; returns 0."""
+    """Run the config's active-learning rounds (or, with ``--check``, check its database); returns the exit status."""
     from concurrent.futures import ProcessPoolExecutor
 
     from ..active_learning import ActiveLearner, RoundReport
@@ -104,18 +115,31 @@ def run(args: argparse.Namespace) -> int:
     from ..dataset import read_frames
     from ..md import make_dynamics
     from ..retrain import MaceTrainer
+    from ..store import ALStore, check_database
 
     config = load_config(args.config)
+    db = config.get("db", "al.db")
+    if args.check:
+        report = check_database(db)
+        print(report)
+        return 0 if report.ok else 1
     explore, label, retrain = config.get("explore", {}), config.get("label", {}), config.get("retrain")
-    probe_calc = ProbeCalculator(load_backbone(config["backbone"], device=args.device), config["probe"])
+    lease = float(label.get("lease", 60.0))
+    checkpoint = ALStore(db, lease=lease).checkpoint()
+    backbone, head = (config["backbone"], config["probe"]) if checkpoint is None else (checkpoint.model,
+                                                                                      checkpoint.probe)
+    if checkpoint is not None:
+        print(f"resuming after round {checkpoint.round}: backbone {backbone}, head {head}")
+    probe_calc = ProbeCalculator(load_backbone(backbone, device=args.device), head)
     workers = int(label.get("workers", 1))
     executor = ProcessPoolExecutor(workers) if workers > 1 else None
-    learner = ActiveLearner(probe_calc, reference_factory(config["reference"]), db=config.get("db", "al.db"),
+    learner = ActiveLearner(probe_calc, reference_factory(config["reference"]), db=db,
                             executor=executor, p_lo=explore.get("p_lo"), p_hi=explore.get("p_hi"),
                             retries=int(label.get("retries", 1)), region_buffer=explore.get("region_buffer"),
-                            min_atom_reliability=explore.get("min_atom_reliability", "auto"))
+                            min_atom_reliability=explore.get("min_atom_reliability", "auto"), lease=lease)
+    work_dir = None if retrain is None else retrain.get("work_dir", "al-retrain")
     trainer = None if retrain is None else MaceTrainer(
-        retrain["train_data"], retrain["fit_data"], retrain.get("work_dir", "al-retrain"), int(retrain.get("epochs", 20)))
+        retrain["train_data"], retrain["fit_data"], work_dir, int(retrain.get("epochs", 20)))
     starts = read_frames(config["start"])
 
     def md(atoms):
@@ -123,12 +147,16 @@ def run(args: argparse.Namespace) -> int:
                              float(explore.get("timestep", 1.0)), float(explore.get("friction", 0.01)),
                              seed=int(explore.get("seed", 0)) + learner.round)
 
-    learner.resume()  # finish reference calls an interrupted run left pending
+    learner.resume()  # frames an interrupted run left pending, whatever their round
     rows = [RoundReport.HEADER]
-    for _ in range(int(config.get("rounds", 1))):
+    rounds = int(config.get("rounds", 1))
+    if learner.finished_rounds >= rounds:
+        print(f"all {rounds} rounds are finished in {db}")
+    while learner.finished_rounds < rounds:
         report = learner.run_round(starts, md=md, steps=int(explore.get("steps", 500)),
                                    max_new=int(explore.get("max_new", 20)),
-                                   min_separation=int(explore.get("min_separation", 10)), trainer=trainer)
+                                   min_separation=int(explore.get("min_separation", 10)), trainer=trainer,
+                                   checkpoint_dir=work_dir)
         rows.append(report.row())
         print(rows[-1])
     if executor is not None:
