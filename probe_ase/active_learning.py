@@ -265,19 +265,23 @@ class ActiveLearner:
         self.p_hi = p_star if p_hi is None else float(p_hi)
         self.p_lo = self.p_hi / 2 if p_lo is None else float(p_lo)
         if not 0 <= self.p_lo <= self.p_hi <= 1:
-            raise InputError(f"need 0 <= p_lo <= p_hi <= 1, got p_lo={self.p_lo}, p_hi={self.p_hi}")
+            raise InputError(f"need 0 <= p_lo <= p_hi <= 1, got p_lo={self.p_lo}, p_hi={self.p_hi}",
+                             p_lo=self.p_lo, p_hi=self.p_hi)
         self.novelty_hi = float(novelty_hi)
         support = probe_calc.max_novelty if probe_calc is not None else 1.0
         if self.novelty_hi < support:
-            raise InputError(f"novelty_hi={self.novelty_hi} lies inside the support (max_novelty={support})")
+            raise InputError(f"novelty_hi={self.novelty_hi} lies inside the support (max_novelty={support})",
+                             novelty_hi=self.novelty_hi, max_novelty=support)
         self.region_buffer = None if region_buffer is None else float(region_buffer)
         self.min_atom_reliability = None
         if self.region_buffer is not None:
             if not self.region_buffer > 0:
-                raise InputError(f"region_buffer must be a positive radius (Å), got {region_buffer}")
+                raise InputError(f"region_buffer must be a positive radius (Å), got {region_buffer}",
+                                 region_buffer=region_buffer)
             if probe_calc is None or not probe_calc.probe.meta.local:
                 raise InputError("region labelling needs a head with per-atom reliability: refit it with "
-                                 "atom_threshold= (eV/Å) or atom_quantile=")
+                                 "atom_threshold= (eV/Å) or atom_quantile=", region_buffer=self.region_buffer,
+                                 local=probe_calc is not None and probe_calc.probe.meta.local)
             auto = min_atom_reliability == "auto"
             self.min_atom_reliability = probe_calc.probe.meta.atom_p_star if auto else float(min_atom_reliability)
         self.store = ALStore(self.db_path, lease=lease)
@@ -306,7 +310,7 @@ class ActiveLearner:
         (trajectories stopped in the failed band).
         """
         if self.probe_calc is None:
-            raise InputError("explore needs a ProbeCalculator")
+            raise InputError("explore needs a ProbeCalculator", probe_calc=None)
         self.round += 1
         candidates, rejected, explored = [], [], 0
         for index, start in enumerate(tqdm(list(start_structures), desc=f"explore round {self.round}",
@@ -527,7 +531,8 @@ class ActiveLearner:
         """
         new = trainer(self.labelled(), self.round, self.probe_calc)
         if not isinstance(new, ProbeCalculator):
-            raise InputError(f"the trainer must return a ProbeCalculator, got {type(new).__name__}")
+            raise InputError(f"the trainer must return a ProbeCalculator, got {type(new).__name__}",
+                             returned=type(new).__name__)
         if self.probe_calc is not None:
             self.probe_calc.close()
         self.probe_calc = new

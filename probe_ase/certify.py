@@ -188,7 +188,8 @@ def certify(
     below risk 1 is certified, the threshold is +inf: nothing is accepted.
     """
     if not 0 < target_risk < 1 or not 0 < delta < 1:
-        raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}")
+        raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}",
+                         target_risk=target_risk, delta=delta)
     scores, bad = np.asarray(cal_scores, dtype=float), np.asarray(cal_bad, dtype=bool)
     eligible = np.ones(len(scores), dtype=bool) if cal_eligible is None else np.asarray(cal_eligible, dtype=bool)
     val_ok = np.ones(len(val_scores), dtype=bool) if val_eligible is None else np.asarray(val_eligible, dtype=bool)

@@ -47,19 +47,21 @@ def read_frames(source: Frames) -> list[Atoms]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists() and not Path(str(source).split("@")[0]).exists():
-            raise InputError(f"no such file: {path}")
+            raise InputError(f"no such file: {path}", path=str(path))
         if "@" in str(source):  # ASE's selection syntax
             try:
                 frames = read(source)
             except Exception as err:  # ASE raises many types (XYZError, KeyError, ValueError ...)
-                raise InputError(f"cannot read structures from {source}: {type(err).__name__}: {err}") from err
+                raise InputError(f"cannot read structures from {source}: {type(err).__name__}: {err}",
+                                 path=str(source)) from err
             frames = frames if isinstance(frames, list) else [frames]
         else:
             frames = list(iter_frames(source))
     else:
         frames = list(source)
     if not frames:
-        raise InputError(f"no structures in {source if isinstance(source, (str, os.PathLike)) else 'the list'}")
+        named = isinstance(source, (str, os.PathLike))
+        raise InputError(f"no structures in {source if named else 'the list'}", path=str(source) if named else None)
     return frames
 
 
@@ -73,7 +75,8 @@ def iter_frames(path: str | os.PathLike) -> Iterator[Atoms]:
         except StopIteration:
             return
         except Exception as err:  # ASE raises many types (XYZError, KeyError, ValueError ...)
-            raise InputError(f"cannot read structures from {path} (frame {index}): {type(err).__name__}: {err}") from err
+            raise InputError(f"cannot read structures from {path} (frame {index}): {type(err).__name__}: {err}",
+                             path=str(path), index=index) from err
         yield atoms
         index += 1
 
@@ -122,7 +125,8 @@ class FeatureSet:
             what = "forces" if needs_forces(criterion) else "energy"
             raise MissingReferenceError(
                 f"criterion {criterion!r} needs reference {what}, missing for {missing.size} structures "
-                f"(first indices {missing[:5].tolist()}); use an energy criterion or add reference {what}"
+                f"(first indices {missing[:5].tolist()}); use an energy criterion or add reference {what}",
+                criterion=criterion, missing=missing.tolist(),
             )
         return values
 
@@ -132,7 +136,8 @@ class FeatureSet:
         if missing:
             raise MissingReferenceError(
                 f"per-atom labels need reference forces, missing for {len(missing)} structures "
-                f"(first indices {missing[:5]}); drop atom_threshold or add reference forces"
+                f"(first indices {missing[:5]}); drop atom_threshold or add reference forces",
+                missing=missing,
             )
         return self.atom_errors
 
@@ -186,7 +191,8 @@ def featurize(
     for k, atoms in enumerate(frames):
         check_atoms(atoms, tap.elements, where=f"structure {k}")
         if reference_energy(atoms, energy_key) is None:
-            raise MissingReferenceError(f"structure {k} has no reference energy under key {energy_key!r}")
+            raise MissingReferenceError(f"structure {k} has no reference energy under key {energy_key!r}",
+                                        index=k, energy_key=energy_key)
     cache = None
     if cache_dir is not False:
         key = f"{CACHE_SCHEMA}-{tap.fingerprint()[:16]}-{'_'.join(map(str, tap.layers))}-{data_hash(frames, energy_key, forces_key)[:24]}"

@@ -77,7 +77,8 @@ def evaluate(
     criterion, tau = probe.meta.criterion, probe.meta.tau
     for k, atoms in enumerate(frames):
         if reference_energy(atoms) is None or (needs_forces(criterion) and reference_forces(atoms) is None):
-            raise MissingReferenceError(f"frame {k} lacks the reference data criterion {criterion!r} needs")
+            raise MissingReferenceError(f"frame {k} lacks the reference data criterion {criterion!r} needs",
+                                        index=k, criterion=criterion)
     with find_tap(calc, probe.meta.layers) as tap:
         probe.check_backbone(tap)
         scored = list(score_frames(probe, tap, frames, batch_size))

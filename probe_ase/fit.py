@@ -80,12 +80,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise InputError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, "
-                             f"{self.batch_size}")
+                             f"{self.batch_size}",
+                             epochs=self.epochs, patience=self.patience, batch_size=self.batch_size)
         if not (self.lr > 0 and self.weight_decay >= 0):
-            raise InputError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+            raise InputError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}",
+                             lr=self.lr, weight_decay=self.weight_decay)
         if not (0 < self.val_fraction and 0 < self.cal_fraction and self.val_fraction + self.cal_fraction < 1):
             raise InputError(f"val_fraction and cal_fraction must be > 0 with a sum < 1, got {self.val_fraction} "
-                             f"and {self.cal_fraction}")
+                             f"and {self.cal_fraction}", val_fraction=self.val_fraction, cal_fraction=self.cal_fraction)
 
 
 def split_indices(labels: np.ndarray, train: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,7 +96,7 @@ def split_indices(labels: np.ndarray, train: TrainConfig) -> tuple[np.ndarray, n
     n_minor = int(min(labels.sum(), len(labels) - labels.sum()))
     if n_minor < 6:
         raise LabelError(f"only {n_minor} structures in the minority class; at least 6 are needed to train and calibrate",
-                         n=len(labels), n_reliable=int(labels.sum()))
+                         n=len(labels), n_reliable=int(labels.sum()), n_minor=n_minor)
     rest, cal = train_test_split(idx, test_size=train.cal_fraction, stratify=labels, random_state=train.seed)
     val_share = train.val_fraction / (1 - train.cal_fraction)
     tr, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=train.seed)
@@ -154,12 +156,12 @@ def train_head(
     optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     if config.aux_quantiles:
         if errors is None:
-            raise InputError("aux_quantiles need the per-structure errors")
+            raise InputError("aux_quantiles need the per-structure errors", aux_quantiles=config.aux_quantiles)
         levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
         y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
     if config.atom_logit:
         if atom_labels is None:
-            raise InputError("atom_logit needs per-atom labels")
+            raise InputError("atom_logit needs per-atom labels", atom_logit=config.atom_logit)
         y_atom = torch.as_tensor(atom_labels, dtype=torch.float32)
         n_good_atoms = float(y_atom[rows].sum())
         atom_loss_fn = torch.nn.BCEWithLogitsLoss(
@@ -307,17 +309,20 @@ def fit_probe(
     """
     check_criterion(criterion)
     if not 0 < target_risk < 1 or not 0 < delta < 1:
-        raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}")
+        raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}",
+                         target_risk=target_risk, delta=delta)
     if threshold is None and quantile is None:
         quantile = 0.8
     local = atom_threshold is not None or atom_quantile is not None
     if config.atom_logit and not local:
-        raise InputError("HeadConfig(atom_logit=True) needs per-atom labels: give atom_threshold (eV/Å) or atom_quantile")
+        raise InputError("HeadConfig(atom_logit=True) needs per-atom labels: give atom_threshold (eV/Å) or atom_quantile",
+                         atom_logit=True, atom_threshold=None, atom_quantile=None)
     if local:
         config = replace(config, atom_logit=True)
     frames = read_frames(data)
     if tap is not None and layers is not None and tuple(layers) != tap.layers:
-        raise InputError(f"layers={list(layers)} differ from the tap's {list(tap.layers)}: choose them on the tap")
+        raise InputError(f"layers={list(layers)} differ from the tap's {list(tap.layers)}: choose them on the tap",
+                         layers=list(layers), tap_layers=list(tap.layers))
     with find_tap(calc, layers) if tap is None else nullcontext(tap) as tap:  # a tap you pass stays open
         features = featurize(tap, frames, energy_key, forces_key, batch_size, cache_dir, progress)
         reference = None if reference_data is None else features_only(tap, read_frames(reference_data), batch_size)

@@ -66,13 +66,16 @@ class HeadConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "aux_quantiles", tuple(float(q) for q in self.aux_quantiles))
         if any(not 0 < q < 1 for q in self.aux_quantiles):
-            raise InputError(f"aux_quantiles must lie strictly between 0 and 1, got {self.aux_quantiles}")
+            raise InputError(f"aux_quantiles must lie strictly between 0 and 1, got {self.aux_quantiles}",
+                             aux_quantiles=self.aux_quantiles)
         if self.hidden < 1 or self.heads < 1 or self.blocks < 1:
-            raise InputError(f"hidden, heads and blocks must be >= 1, got {self.hidden}, {self.heads}, {self.blocks}")
+            raise InputError(f"hidden, heads and blocks must be >= 1, got {self.hidden}, {self.heads}, {self.blocks}",
+                             hidden=self.hidden, heads=self.heads, blocks=self.blocks)
         if self.hidden % self.heads:
-            raise InputError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+            raise InputError(f"hidden={self.hidden} is not divisible by heads={self.heads}",
+                             hidden=self.hidden, heads=self.heads)
         if self.cutoff is not None and not self.cutoff > 0:
-            raise InputError(f"cutoff must be positive (Å), got {self.cutoff}")
+            raise InputError(f"cutoff must be positive (Å), got {self.cutoff}", cutoff=self.cutoff)
 
 
 #: edges per chunk in :class:`GraphAttention` (a (4096, 64) float32 tensor is 1 MiB)

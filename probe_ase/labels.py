@@ -39,7 +39,8 @@ def needs_forces(criterion: str) -> bool:
 def check_criterion(criterion: str) -> str:
     """Return ``criterion`` unchanged, or raise :class:`InputError` if it is not one of :data:`CRITERIA`."""
     if criterion not in CRITERIA:
-        raise InputError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise InputError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}",
+                         criterion=criterion, allowed=list(CRITERIA))
     return criterion
 
 
@@ -72,13 +73,14 @@ def atom_errors(pred_forces: np.ndarray, ref_forces: np.ndarray) -> np.ndarray:
 def resolve_tolerance(errors: np.ndarray, threshold: float | None = None, quantile: float | None = None) -> float:
     """Tolerance ``tau``: an absolute ``threshold`` or a ``quantile`` (0-1) of ``errors``."""
     if (threshold is None) == (quantile is None):
-        raise InputError("give exactly one of threshold (absolute, criterion units) or quantile (0-1)")
+        raise InputError("give exactly one of threshold (absolute, criterion units) or quantile (0-1)",
+                         threshold=threshold, quantile=quantile)
     if threshold is not None:
         if not np.isfinite(threshold) or threshold <= 0:
-            raise InputError(f"threshold must be a positive number, got {threshold}")
+            raise InputError(f"threshold must be a positive number, got {threshold}", threshold=threshold)
         return float(threshold)
     if not 0 < quantile < 1:
-        raise InputError(f"quantile must lie strictly between 0 and 1, got {quantile}")
+        raise InputError(f"quantile must lie strictly between 0 and 1, got {quantile}", quantile=quantile)
     return float(np.quantile(errors, quantile))
 
 

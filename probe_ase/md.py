@@ -37,13 +37,13 @@ def make_dynamics(
     periodic cells only). Timestep in fs.
     """
     if ensemble not in ("nve", "nvt", "npt"):
-        raise InputError(f"ensemble must be nve, nvt or npt, got {ensemble!r}")
+        raise InputError(f"ensemble must be nve, nvt or npt, got {ensemble!r}", ensemble=ensemble)
     if not timestep_fs > 0:
-        raise InputError(f"timestep must be positive (fs), got {timestep_fs}")
+        raise InputError(f"timestep must be positive (fs), got {timestep_fs}", timestep_fs=timestep_fs)
     if not temperature_K >= 0:
-        raise InputError(f"temperature must be >= 0 K, got {temperature_K}")
+        raise InputError(f"temperature must be >= 0 K, got {temperature_K}", temperature_K=temperature_K)
     if ensemble != "nve" and not friction_per_fs > 0:
-        raise InputError(f"friction must be positive (1/fs), got {friction_per_fs}")
+        raise InputError(f"friction must be positive (1/fs), got {friction_per_fs}", friction_per_fs=friction_per_fs)
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     dt = timestep_fs * units.fs
@@ -52,7 +52,7 @@ def make_dynamics(
     if ensemble == "nvt":
         return Langevin(atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng)
     if not atoms.pbc.all():
-        raise InputError("NPT needs a periodic cell in all three directions")
+        raise InputError("NPT needs a periodic cell in all three directions", pbc=atoms.pbc.tolist())
     return NPTBerendsen(atoms, dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
                         taut=100 * units.fs, taup=1000 * units.fs,
                         compressibility_au=compressibility_per_GPa / units.GPa)

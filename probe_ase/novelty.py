@@ -63,9 +63,11 @@ class NoveltyConfig:
 
     def __post_init__(self) -> None:
         if self.components < 1 or self.folds < 2:
-            raise InputError(f"need components >= 1 and folds >= 2, got {self.components} and {self.folds}")
+            raise InputError(f"need components >= 1 and folds >= 2, got {self.components} and {self.folds}",
+                             components=self.components, folds=self.folds)
         if not 0 < self.support_quantile <= 1:
-            raise InputError(f"support_quantile must lie in (0, 1], got {self.support_quantile}")
+            raise InputError(f"support_quantile must lie in (0, 1], got {self.support_quantile}",
+                             support_quantile=self.support_quantile)
 
 
 class NoveltyModel(nn.Module):
@@ -182,7 +184,8 @@ def fit_novelty(
     components, folds = config.components, config.folds
     fit_structures = np.asarray(fit_structures)
     if len(fit_structures) < folds:
-        raise InputError(f"novelty needs at least {folds} fit structures, got {len(fit_structures)}")
+        raise InputError(f"novelty needs at least {folds} fit structures, got {len(fit_structures)}",
+                         folds=folds, n_fit=len(fit_structures))
     model = NoveltyModel(features.shape[1], elements, components)
     lookup = model.element_index.numpy()
     x_all = features.detach().cpu().double().numpy()
@@ -192,7 +195,9 @@ def fit_novelty(
     if reference is not None:
         ref_x, ref_e = reference[0].detach().cpu().double().numpy(), lookup[reference[1].cpu().numpy()]
         if (ref_e < 0).any():
-            raise InputError("the reference frames hold elements the head was not fitted on")
+            raise InputError("the reference frames hold elements the head was not fitted on",
+                             unknown=sorted(set(reference[1].cpu().numpy()[ref_e < 0].tolist())),
+                             known=list(model.elements))
     n_el = len(model.elements)
 
     def with_reference(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -116,22 +116,25 @@ class ReliabilityMonitor:
         min_atom_reliability: float | Literal["auto"] | None = None,
     ) -> None:
         if action not in ("log", "flag", "halt"):
-            raise InputError(f"action must be 'log', 'flag' or 'halt', got {action!r}")
+            raise InputError(f"action must be 'log', 'flag' or 'halt', got {action!r}", action=action)
         if patience < 1:
-            raise InputError(f"patience must be at least 1 step, got {patience}")
+            raise InputError(f"patience must be at least 1 step, got {patience}", patience=patience)
         self.dyn, self.action, self.patience = dyn, action, int(patience)
         self.atoms = dynamics_atoms(dyn)
         if not isinstance(self.atoms.calc, ProbeCalculator):
-            raise InputError(f"the dynamics' atoms need a ProbeCalculator, not {type(self.atoms.calc).__name__}")
+            raise InputError(f"the dynamics' atoms need a ProbeCalculator, not {type(self.atoms.calc).__name__}",
+                             calculator=type(self.atoms.calc).__name__)
         self.threshold = self.atoms.calc.threshold if threshold is None else float(threshold)
         meta = self.atoms.calc.probe.meta
         if min_atom_reliability is not None and not meta.local:
             raise InputError("min_atom_reliability needs a head with per-atom reliability: refit it with "
-                             "atom_threshold= (eV/Å) or atom_quantile=")
+                             "atom_threshold= (eV/Å) or atom_quantile=", min_atom_reliability=min_atom_reliability,
+                             local=False)
         if min_atom_reliability == "auto":
             min_atom_reliability = meta.atom_p_star
         if min_atom_reliability is not None and not 0 <= float(min_atom_reliability) <= 1:
-            raise InputError(f"min_atom_reliability must lie in 0-1 (or be 'auto'), got {min_atom_reliability}")
+            raise InputError(f"min_atom_reliability must lie in 0-1 (or be 'auto'), got {min_atom_reliability}",
+                             min_atom_reliability=min_atom_reliability)
         self.min_atom_reliability = None if min_atom_reliability is None else float(min_atom_reliability)
         self.log_path, self.flagged_path = log, flagged
         self.max_flagged, self.callback, self.raise_on_halt = int(max_flagged), callback, raise_on_halt
@@ -194,7 +197,9 @@ class ReliabilityMonitor:
                 raise ReliabilityHalt(
                     f"{self.patience} consecutive unreliable steps (step {step}: reliability {p:.3f} vs threshold "
                     f"{self.threshold:.3f}, novelty {novelty:.2f} vs support edge {calc.max_novelty:.2f}"
-                    + ("" if bad_atoms is None else f", {len(bad_atoms)} unreliable atoms") + f"; {reason})"
+                    + ("" if bad_atoms is None else f", {len(bad_atoms)} unreliable atoms") + f"; {reason})",
+                    step=step, reliability=p, threshold=self.threshold, novelty=novelty, max_novelty=calc.max_novelty,
+                    reason=reason, unreliable_atoms=None if bad_atoms is None else np.asarray(bad_atoms).tolist(),
                 )
 
     def unreliable_atoms(self) -> np.ndarray | None:

@@ -160,7 +160,8 @@ class Probe:
         per-atom logit raises :class:`MismatchError`.
         """
         if not self.meta.local:
-            raise MismatchError("this head has no per-atom logit: refit it with atom_threshold= or atom_quantile=")
+            raise MismatchError("this head has no per-atom logit: refit it with atom_threshold= or atom_quantile=",
+                                expected="per-atom logit", found=None)
         threshold = self.meta.atom_p_star if threshold is None else threshold
         return (np.asarray(atom_reliability) >= threshold) & (np.asarray(atom_novelty) <= max_novelty)
 

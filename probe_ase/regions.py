@@ -66,10 +66,11 @@ def extract_regions(atoms: Atoms, core: Sequence[int], buffer: float) -> list[Re
     core atoms to all atoms, linear in the cell's size.
     """
     if not buffer > 0:
-        raise InputError(f"buffer must be a positive radius (Å), got {buffer}")
+        raise InputError(f"buffer must be a positive radius (Å), got {buffer}", buffer=buffer)
     core = np.unique(np.asarray(core, dtype=int))
     if core.size and (core.min() < 0 or core.max() >= len(atoms)):
-        raise InputError(f"core atom indices must lie in 0..{len(atoms) - 1}, got {core.min()}..{core.max()}")
+        raise InputError(f"core atom indices must lie in 0..{len(atoms) - 1}, got {core.min()}..{core.max()}",
+                         core=core[(core < 0) | (core >= len(atoms))].tolist(), n_atoms=len(atoms))
     if not core.size:
         return []
     vectors, distances = get_distances(atoms.positions[core], cell=atoms.cell, pbc=atoms.pbc)

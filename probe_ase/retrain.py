@@ -41,10 +41,11 @@ def mace_training_frames(frames: Sequence[Atoms]) -> list[Atoms]:
     distorts the buffer's reference forces).
     """
     out = []
-    for atoms in frames:
+    for index, atoms in enumerate(frames):
         energy, forces = reference_energy(atoms), reference_forces(atoms)
         if energy is None or forces is None:
-            raise InputError("every training frame needs a reference energy (eV) and forces (eV/Å)")
+            raise InputError("every training frame needs a reference energy (eV) and forces (eV/Å)",
+                             index=index, has_energy=energy is not None, has_forces=forces is not None)
         if "core" in atoms.arrays and "mlip_forces" in atoms.arrays:
             forces = np.where(atoms.arrays["core"][:, None], forces, atoms.arrays["mlip_forces"])
         copy = atoms.copy()
@@ -103,7 +104,7 @@ class MaceTrainer:
                  epochs: int = 20, head_epochs: int = 100, holdout: float = 0.3, seed: int = 0,
                  extra_args: Sequence[str] = ()) -> None:
         if not 0 < holdout < 1:
-            raise InputError(f"holdout must lie strictly between 0 and 1, got {holdout}")
+            raise InputError(f"holdout must lie strictly between 0 and 1, got {holdout}", holdout=holdout)
         self.train_frames, self.fit_frames = read_frames(train_data), read_frames(fit_data)
         self.work_dir, self.epochs, self.head_epochs = Path(work_dir), int(epochs), int(head_epochs)
         self.holdout, self.seed, self.extra_args = float(holdout), int(seed), list(extra_args)
@@ -119,7 +120,8 @@ class MaceTrainer:
         from mace.calculators import MACECalculator
 
         if len(labelled) < 2:
-            raise InputError(f"retraining needs at least 2 labelled frames, got {len(labelled)}")
+            raise InputError(f"retraining needs at least 2 labelled frames, got {len(labelled)}",
+                             n_labelled=len(labelled))
         order = np.random.default_rng(self.seed + round).permutation(len(labelled))
         n_hold = max(1, int(self.holdout * len(labelled)))
         self.held_out = [labelled[k] for k in order[:n_hold]]

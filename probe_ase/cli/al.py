@@ -77,16 +77,17 @@ def load_config(path: str) -> dict:
         with open(path, "rb") as handle:
             config = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as err:
-        raise InputError(f"cannot read config {path}: {err}") from err
+        raise InputError(f"cannot read config {path}: {err}", path=path) from err
     for section, allowed in SECTIONS.items():
         table = config if not section else config.get(section, {})
         unknown = set(table) - allowed
         if unknown:
             where = f"[{section}]" if section else "the top level"
-            raise InputError(f"unknown keys {sorted(unknown)} in {where} of {path}; allowed: {sorted(allowed)}")
+            raise InputError(f"unknown keys {sorted(unknown)} in {where} of {path}; allowed: {sorted(allowed)}",
+                             path=path, section=section, unknown=sorted(unknown), allowed=sorted(allowed))
     missing = {"backbone", "probe", "start", "reference"} - set(config)
     if missing:
-        raise InputError(f"config {path} lacks {sorted(missing)}")
+        raise InputError(f"config {path} lacks {sorted(missing)}", path=path, missing=sorted(missing))
     return config
 
 
@@ -101,7 +102,8 @@ def reference_factory(spec: dict):
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
-        raise InputError(f"cannot import reference calculator {spec['calculator']!r}: {err}") from err
+        raise InputError(f"cannot import reference calculator {spec['calculator']!r}: {err}",
+                         calculator=spec["calculator"]) from err
     return functools.partial(factory, **spec.get("options", {}))
 
 

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         atoms = read(args.structure, index=-1)
     except FileNotFoundError as err:
-        raise InputError(f"no such file: {args.structure}") from err
+        raise InputError(f"no such file: {args.structure}", path=args.structure) from err
     atoms.calc = ProbeCalculator(backbone, probe, threshold=args.threshold)
     dyn = make_dynamics(atoms, args.ensemble, args.temperature, args.timestep, args.friction,
                         args.pressure, args.compressibility, args.seed)

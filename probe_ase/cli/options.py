@@ -40,5 +40,5 @@ def load_probe_and_backbone(args: argparse.Namespace):
     probe = Probe.load(args.probe)
     backbone = args.backbone or probe.meta.backbone_path
     if backbone is None:
-        raise InputError(f"{args.probe} records no backbone file; pass --backbone PATH")
+        raise InputError(f"{args.probe} records no backbone file; pass --backbone PATH", probe=args.probe)
     return probe, load_backbone(backbone, args.backbone_type, args.device)

@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from ..taps import find_tap
 
     if not os.path.exists(args.frames):
-        raise InputError(f"no such file: {args.frames}")
+        raise InputError(f"no such file: {args.frames}", path=args.frames)
     if os.path.abspath(args.frames) == os.path.abspath(args.output):
-        raise InputError("--output must differ from the input file")
+        raise InputError("--output must differ from the input file", path=args.frames, output=args.output)
     probe, calc = load_probe_and_backbone(args)
     reliabilities, verdicts = [], []
     with find_tap(calc, probe.meta.layers) as tap, atomic_path(args.output) as tmp:
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                 reliabilities.append(scored.info["reliability"])
                 verdicts.append(scored.info["reason"])
             if not reliabilities:
-                raise InputError(f"no structures in {args.frames}")
+                raise InputError(f"no structures in {args.frames}", path=args.frames)
     p = np.asarray(reliabilities)
     print(f"wrote {args.output}: {len(p)} frames, {verdicts.count('ok')} reliable at p* = {probe.p_star:.3f} "
           f"(certified risk {probe.meta.certified_risk:.1%}), {verdicts.count('out_of_support')} out of support, "

@@ -143,7 +143,8 @@ class Tap(ABC):
         chosen = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
         bad = [i for i in chosen if not -n <= i < n]
         if not chosen or bad:
-            raise InputError(f"layers {list(chosen)} invalid for a {self.kind} backbone with {n} tappable layers (0..{n - 1})")
+            raise InputError(f"layers {list(chosen)} invalid for a {self.kind} backbone with {n} tappable layers (0..{n - 1})",
+                             layers=list(chosen), n_layers=n, kind=self.kind)
         self.layers = tuple(sorted({i % n for i in chosen}))
         self.feature_dim = sum(self.layer_width(i) for i in self.layers)
         with _HOOKS_LOCK:
@@ -181,7 +182,8 @@ class Tap(ABC):
 
         ``model`` is the file's content when the caller already loaded it.
         """
-        raise BackboneError(f"the {cls.kind} adapter cannot load model files; build the calculator yourself")
+        raise BackboneError(f"the {cls.kind} adapter cannot load model files; build the calculator yourself",
+                            kind=cls.kind, path=os.fspath(path))
 
     def reference_features(self, atoms: Atoms) -> dict[int, np.ndarray]:
         """Each tapped layer's invariant features ``(n_atoms, width)`` of ``atoms``, computed without hooks.
@@ -261,7 +263,7 @@ class Tap(ABC):
     # ---- shared machinery --------------------------------------------------
     def _live(self) -> _Hooks:
         if self._hooks is None:
-            raise BackboneError(f"this {self.kind} tap is closed: its hooks were removed")
+            raise BackboneError(f"this {self.kind} tap is closed: its hooks were removed", kind=self.kind)
         return self._hooks
 
     @property
@@ -305,7 +307,8 @@ class Tap(ABC):
         """Features of every atom in this thread's last forward pass, ``(n_atoms, feature_dim)``."""
         captured = self._capture.layers
         if any(i not in captured for i in self.layers):
-            raise BackboneError(f"no {self.kind} forward pass has been captured in this thread yet")
+            raise BackboneError(f"no {self.kind} forward pass has been captured in this thread yet", kind=self.kind,
+                                missing=[i for i in self.layers if i not in captured])
         layers = self._transform(captured)
         return torch.cat([layers[i] for i in self.layers], dim=-1)
 

@@ -182,7 +182,8 @@ class CHGNetTap(Tap):
                 energy = energy + model.composition_model([graph])
         if not torch.allclose(layers[-2], library["atom_fea"][0], atol=1e-5) or \
                 not torch.allclose(energy, library["e"], atol=1e-5):
-            raise BackboneError("the reference computation no longer follows CHGNet._compute (chgnet changed?)")
+            raise BackboneError("the reference computation no longer follows CHGNet._compute (chgnet changed?)",
+                                kind=self.kind)
         return {i: layers[i].cpu().numpy() for i in self.layers}
 
 

@@ -124,7 +124,7 @@ class ModuleTap(Tap):
         return self._cutoff
 
     def _pairs(self, inputs: dict) -> torch.Tensor:  # pragma: no cover - read_inputs gives None: never called
-        raise BackboneError("a ModuleTap reads no neighbour list")
+        raise BackboneError("a ModuleTap reads no neighbour list", kind=self.kind)
 
     _vectors = _pairs
 
@@ -150,7 +150,8 @@ class ModuleTap(Tap):
 def _resolve(model: torch.nn.Module, module: torch.nn.Module | str) -> torch.nn.Module:
     if isinstance(module, torch.nn.Module):
         if not any(module is m for m in model.modules()):
-            raise InputError(f"{type(module).__name__} is not a submodule of the backbone model")
+            raise InputError(f"{type(module).__name__} is not a submodule of the backbone model",
+                             module=type(module).__name__)
         return module
     try:
         return model.get_submodule(module)

@@ -154,14 +154,16 @@ def _refuse_untappable(calc: Calculator) -> None:
     model = calc.models[0]
     if isinstance(model, torch.jit.ScriptModule):
         raise BackboneError("this MACE model is TorchScript (a *_compiled.model file); forward hooks cannot tap it: "
-                            "load the uncompiled .model file instead")
+                            "load the uncompiled .model file instead", model=type(model).__name__)
     if getattr(calc, "use_compile", False) or hasattr(model, "_orig_mod"):
         raise BackboneError("this MACE calculator runs a torch.compile'd model, whose modules hooks cannot tap: "
-                            "create it without compile_mode")
+                            "create it without compile_mode", model=type(model).__name__)
     if getattr(calc, "_uses_accelerated_backend", False):
         raise BackboneError("this MACE calculator converted its model to cuEquivariance/OpenEquivariance kernels "
                             "(enable_cueq / enable_oeq), whose product modules differ from the e3nn ones probe-ase "
-                            "taps: create it with enable_cueq=False, enable_oeq=False")
+                            "taps: create it with enable_cueq=False, enable_oeq=False",
+                            enable_cueq=getattr(calc, "_enable_cueq", None),
+                            enable_oeq=getattr(calc, "_enable_oeq", None))
 
 
 def _scalar_channels(irreps: object) -> list[int]:

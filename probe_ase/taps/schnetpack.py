@@ -137,7 +137,8 @@ class _SchNetPackTap(Tap):
         elif hasattr(emb, "element_embedding"):  # schnetpack.nn.embedding.NuclearEmbedding
             max_z = emb.element_embedding.shape[0]
         else:
-            raise BackboneError(f"cannot tell which elements the embedding {type(emb).__name__} handles")
+            raise BackboneError(f"cannot tell which elements the embedding {type(emb).__name__} handles",
+                                embedding=type(emb).__name__)
         return tuple(range(1, int(max_z)))
 
     def _predict_batch(self, frames: Sequence[Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -266,13 +267,15 @@ def _find_representation(model: torch.nn.Module) -> torch.nn.Module:
             what = type(rep).__name__ if rep is not None else f"{len(found)} SchNet/PaiNN modules"
             raise BackboneError(
                 f"unsupported SchNetPack representation ({what}) in {type(model).__name__}; "
-                "probe-ase taps schnetpack.representation.SchNet and PaiNN"
+                "probe-ase taps schnetpack.representation.SchNet and PaiNN",
+                found=what, model=type(model).__name__,
             )
         rep = found[0]
     layers = list(rep.interactions if isinstance(rep, SchNet) else rep.mixing)
     if len({id(m) for m in layers}) != len(layers):
         raise BackboneError(
-            f"SchNetPack {type(rep).__name__} with shared interaction weights cannot be tapped per layer"
+            f"SchNetPack {type(rep).__name__} with shared interaction weights cannot be tapped per layer",
+            representation=type(rep).__name__,
         )
     return rep
 
