@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from ..exceptions import InputError
+
 
 def train_schnetpack(
     frames: Sequence[Atoms],
@@ -125,7 +127,8 @@ def _build_model(representation: str, cutoff: float, n_atom_basis: int, n_intera
     elif representation == "painn":
         rep = spk.representation.PaiNN(n_atom_basis, n_interactions, radial, cutoff_fn)
     else:
-        raise ValueError(f"representation must be 'schnet' or 'painn', not {representation!r}")
+        raise InputError(f"representation must be 'schnet' or 'painn', not {representation!r}",
+                         representation=representation)
     return spk.model.NeuralNetworkPotential(
         representation=rep,
         input_modules=[spk.atomistic.PairwiseDistances()],
