@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +52,113 @@ def test_errors_carry_the_offending_values(tmp_path):
         probe_ase.Probe.load(tmp_path / "absent.pt")
     assert info.value.path == str(tmp_path / "absent.pt")
     assert probe_ase.ProbeError("plain").details == {}
+
+
+def _bulk_cu():
+    from ase.build import bulk
+
+    return bulk("Cu", "fcc", a=3.6, cubic=True)
+
+
+def _certify(target_risk):
+    from probe_ase.certify import certify
+
+    return certify(np.zeros(10), np.zeros(10, dtype=bool), np.zeros(5), target_risk, 0.1)
+
+
+def _make_dynamics(pbc: bool = True, **kwargs):
+    from probe_ase.md import make_dynamics
+
+    atoms = _bulk_cu()
+    atoms.pbc = pbc
+    return make_dynamics(atoms, **kwargs)
+
+
+def _active_learner(tmp_path, **kwargs):
+    from ase.calculators.emt import EMT
+
+    return probe_ase.ActiveLearner(None, EMT, db=tmp_path / "al.db", **kwargs)
+
+
+def _resolve_tolerance(**kwargs):
+    from probe_ase.labels import resolve_tolerance
+
+    return resolve_tolerance(np.linspace(0, 1, 5), **kwargs)
+
+
+#: (call given tmp_path, error class, offending values it must carry as attributes)
+DELIBERATE_ERRORS = {
+    "head-heads": (lambda tmp: probe_ase.HeadConfig(heads=0), probe_ase.InputError,
+                   {"hidden": 64, "heads": 0, "blocks": 1}),
+    "head-divisible": (lambda tmp: probe_ase.HeadConfig(hidden=10, heads=4), probe_ase.InputError,
+                       {"hidden": 10, "heads": 4}),
+    "head-cutoff": (lambda tmp: probe_ase.HeadConfig(cutoff=-1.0), probe_ase.InputError, {"cutoff": -1.0}),
+    "train-epochs": (lambda tmp: probe_ase.TrainConfig(epochs=0), probe_ase.InputError,
+                     {"epochs": 0, "patience": 25, "batch_size": 32}),
+    "train-fractions": (lambda tmp: probe_ase.TrainConfig(val_fraction=0.5, cal_fraction=0.6), probe_ase.InputError,
+                        {"val_fraction": 0.5, "cal_fraction": 0.6}),
+    "novelty-folds": (lambda tmp: probe_ase.NoveltyConfig(folds=1), probe_ase.InputError,
+                      {"components": 2, "folds": 1}),
+    "novelty-quantile": (lambda tmp: probe_ase.NoveltyConfig(support_quantile=0.0), probe_ase.InputError,
+                         {"support_quantile": 0.0}),
+    "md-temperature": (lambda tmp: _make_dynamics(temperature_K=-5.0), probe_ase.InputError, {"temperature_K": -5.0}),
+    "md-npt-molecule": (lambda tmp: _make_dynamics(ensemble="npt", pbc=False), probe_ase.InputError,
+                        {"pbc": [False, False, False]}),
+    "regions-buffer": (lambda tmp: probe_ase.extract_regions(_bulk_cu(), [0], buffer=0.0), probe_ase.InputError,
+                       {"buffer": 0.0}),
+    "certify-risk": (lambda tmp: _certify(1.5), probe_ase.InputError, {"target_risk": 1.5, "delta": 0.1}),
+    "labels-quantile": (lambda tmp: _resolve_tolerance(quantile=1.5), probe_ase.InputError, {"quantile": 1.5}),
+    "read-frames": (lambda tmp: probe_ase.read_frames(tmp / "absent.xyz"), probe_ase.InputError,
+                    {"path": "{tmp}/absent.xyz"}),
+    "al-band": (lambda tmp: _active_learner(tmp, p_lo=0.9, p_hi=0.1), probe_ase.InputError,
+                {"p_lo": 0.9, "p_hi": 0.1}),
+    "load-backbone": (lambda tmp: probe_ase.load_backbone(tmp / "absent.model"), probe_ase.InputError,
+                      {"path": "{tmp}/absent.model"}),
+}
+
+
+@pytest.mark.parametrize("case", DELIBERATE_ERRORS)
+def test_every_deliberate_error_names_its_values(case, tmp_path):
+    call, error, expected = DELIBERATE_ERRORS[case]
+    with pytest.raises(error) as info:
+        call(tmp_path)
+    err = info.value
+    assert err.details
+    for name, value in expected.items():
+        value = value.format(tmp=tmp_path) if isinstance(value, str) else value
+        assert getattr(err, name) == value and err.details[name] == value, name
+
+
+#: raises of classes outside the ProbeError tree, (file, class) -> why
+NOT_PROBE_ERRORS = {
+    ("__init__.py", "AttributeError"): "module __getattr__ protocol: an unknown public name",
+    ("cli/md.py", "argparse.ArgumentTypeError"): "argparse's type-converter protocol",
+    ("taps/base.py", "NotImplementedError"): "an optional adapter method; check_tap skips it on this error",
+    ("testing/conformance.py", "AssertionError"): "check_tap is a test assertion for pytest",
+    ("testing/invariance.py", "AssertionError"): "an invariance check is a test assertion for pytest",
+    ("testing/faults.py", "RuntimeError"): "fault harness: a driver subprocess it started failed",
+    ("testing/faults.py", "TimeoutError"): "fault harness: a condition never came within its timeout",
+    ("testing/postgres.py", "FileNotFoundError"): "test server helper: PostgreSQL binaries are not installed",
+    ("testing/reference.py", "RuntimeError"): "stands in for a foreign reference calculator crashing",
+}
+
+
+def test_every_raise_is_a_probe_error_with_details():
+    """Static: each ``raise X(...)`` in probe_ase/ is a ProbeError with keyword details, or allow-listed."""
+    tree = {n for n, v in vars(probe_ase.exceptions).items() if isinstance(v, type) and issubclass(v, Exception)}
+    root = Path(probe_ase.__file__).parent
+    bare, foreign = [], set()
+    for path in sorted(root.rglob("*.py")):
+        name = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                error = ast.unparse(node.exc.func)
+                if error not in tree:
+                    foreign.add((name, error))
+                elif not node.exc.keywords:
+                    bare.append(f"{name}:{node.lineno} {error}")
+    assert not bare, f"ProbeErrors raised without the offending values: {bare}"
+    assert foreign <= set(NOT_PROBE_ERRORS), f"not ProbeErrors: {sorted(foreign - set(NOT_PROBE_ERRORS))}"
 
 
 def test_unknown_name_is_an_attribute_error():
