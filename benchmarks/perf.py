@@ -23,7 +23,9 @@ DFT frames (only timing matters): MACE 32x0e+32x1o with spherical harmonics to
 l=1 and correlation 2 (all sizes), on acac also the shape mace_run_train gives
 for ``--num_channels 32 --max_L 1`` (l=3, correlation 3), and, untrained, the
 shape of MACE-MP-0 "medium" (128x0e+128x1o, l=3, correlation 3; up to 1000
-atoms, not in the featurisation section); SchNet 32 features.
+atoms, not in the featurisation section); SchNet 32 features; pretrained CHGNet
+0.3.0 from its wheel (``--backbones chgnet``; up to 1000 atoms, no committee).
+``--md-only`` runs section (1) alone.
 Torch uses every core unless ``--threads`` says otherwise. Results go
 to a markdown report on stdout and a JSON file (written atomically).
 """
@@ -63,7 +65,7 @@ from probe_ase.validate import check_atoms
 
 ROOT = Path(__file__).resolve().parent
 MEDIUM = "mace medium shape (untrained)"
-MAX_ATOMS = {MEDIUM: 1000}  # largest MD-step case per backbone
+MAX_ATOMS = {MEDIUM: 1000, "chgnet": 1000}  # largest MD-step case per backbone
 
 
 # ---------------------------------------------------------------- structures
@@ -224,6 +226,13 @@ def build(args, tmp: str, system: str) -> dict:
         probe = fit_probe(spk_calculator(path, device=args.device), pool, **fit_kw)
         out["schnet"] = (spk_calculator(path, device=args.device),
                          ProbeCalculator(spk_calculator(path, device=args.device), probe), None)
+    if "chgnet" in args.backbones:
+        from probe_ase.taps import CHGNetTap
+
+        print(f"[{system}] pretrained CHGNet 0.3.0 (from its wheel) ...", flush=True)
+        probe = fit_probe(CHGNetTap.load("chgnet-0.3.0", device=args.device), pool, **fit_kw)
+        out["chgnet"] = (CHGNetTap.load("chgnet-0.3.0", device=args.device),
+                         ProbeCalculator(CHGNetTap.load("chgnet-0.3.0", device=args.device), probe), None)
     return out
 
 
@@ -243,8 +252,8 @@ def bench_md(args, calcs: dict, cases: list[tuple[str, Atoms]], rng) -> list[dic
                     note = f"committee skipped (extrapolated {guess:.0f} s/step > {args.max_step_s:.0f} s)"
                 else:
                     jobs["c"] = committee
-            if n > MAX_ATOMS.get(name, n):
-                continue
+            if n > MAX_ATOMS.get(name, n) or (probe.tap.periodic_only and not atoms0.pbc.all()):
+                continue  # too slow, or a molecule for a backbone that needs a cell (CHGNet)
             copies = {k: atoms0.copy() for k in jobs}
             for _ in range(2):  # first calls: lazy initialisation, TorchScript's profiling runs; not timed
                 for k, c in jobs.items():
@@ -439,7 +448,8 @@ def main(argv=None) -> int:
     p.add_argument("--stream-frames", type=int, nargs="+", default=[500, 5000],
                    help="file lengths (frames) for the streaming-memory section of probe-ase score's path")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--backbones", nargs="+", choices=["mace", "schnet"], default=["mace", "schnet"])
+    p.add_argument("--backbones", nargs="+", choices=["mace", "schnet", "chgnet"], default=["mace", "schnet"])
+    p.add_argument("--md-only", action="store_true", help="time MD steps (section 1) only")
     p.add_argument("--data", type=Path, default=None,
                    help="BOTNet acac folder (../shared/data/acac): time the 15-atom molecule with backbones "
                         "trained on its DFT frames (default: a 15-atom Cu cluster stands in)")
@@ -473,13 +483,15 @@ def main(argv=None) -> int:
         print(f"models ready after {time.perf_counter() - start:.0f} s; timing MD steps ...", flush=True)
         md = bench_md(args, acac, mol_cases, rng) if acac else []
         md += bench_md(args, cu, ([] if acac else mol_cases) + cu_cases, rng)
-        first = next(iter(cu.values()))[1]
-        head = bench_head(args, first.probe, rng)
-        feat = bench_featurise(args, acac, [("acac", mol_frames)]) if acac else []
-        feat += bench_featurise(args, cu, ([] if acac else [("Cu cluster", mol_frames)]) + feat_sets)
-        stream = bench_stream(args, acac or cu, mol_frames, tmp)
-        prof = bench_profile(args, acac, mol_cases, rng) if acac else []
-        prof += bench_profile(args, cu, ([] if acac else mol_cases) + cu_cases, rng)
+        head, feat, stream, prof = {"rows": [], "loglog_slope_1000_50000": {}}, [], [], []
+        if not args.md_only:
+            first = next(iter(cu.values()))[1]
+            head = bench_head(args, first.probe, rng)
+            feat = bench_featurise(args, acac, [("acac", mol_frames)]) if acac else []
+            feat += bench_featurise(args, cu, ([] if acac else [("Cu cluster", mol_frames)]) + feat_sets)
+            stream = bench_stream(args, acac or cu, mol_frames, tmp)
+            prof = bench_profile(args, acac, mol_cases, rng) if acac else []
+            prof += bench_profile(args, cu, ([] if acac else mol_cases) + cu_cases, rng)
 
     result = {
         "meta": {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -492,6 +504,9 @@ def main(argv=None) -> int:
     }
     print("\n## MD step (ms per energy+forces call; median after warm-up, interleaved a,b,c)\n")
     print(md_table(md, MD_COLUMNS))
+    if args.md_only:
+        write_json(args.out, result)
+        return 0
     print(f"\n## Head alone ({result['meta']['head_backbone']} head; ms and MiB per structure)\n")
     print(md_table(head["rows"], ["N", "edges", "radius_graph_ms", "head_ms", "head_us_per_atom", "peak_tensor_MiB", "peak_rss_growth_MiB"]))
     print("\nlog-log slopes, 1000-50000 atoms: " + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in head["loglog_slope_1000_50000"].items()))
@@ -503,12 +518,17 @@ def main(argv=None) -> int:
     print(md_table(prof, ["backbone", "system", "N", "ProbeCalculator.calculate (total)", "backbone calculate", "overhead (total - backbone)",
                           *list(prof[0])[5:-1]]))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = args.out.with_name(args.out.name + ".tmp")
-    tmp_path.write_text(json.dumps(result, indent=2, default=float))
-    os.replace(tmp_path, args.out)
-    print(f"\nwrote {args.out} ({result['meta']['seconds']:.0f} s, {torch.get_num_threads()} torch threads)")
+    write_json(args.out, result)
     return 0
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write ``result`` to ``path`` atomically and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(path.name + ".tmp")
+    tmp_path.write_text(json.dumps(result, indent=2, default=float))
+    os.replace(tmp_path, path)
+    print(f"\nwrote {path} ({result['meta']['seconds']:.0f} s, {torch.get_num_threads()} torch threads)")
 
 
 if __name__ == "__main__":
