@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
-from scipy.spatial.transform import Rotation
 
 from ..exceptions import BackboneError
 from ..graph import radius_graph
 from ..taps import Tap, find_tap
+from .invariance import moved_copies
 
 Reference = Callable[[Atoms], dict[int, np.ndarray]]
 
@@ -163,22 +163,11 @@ def _check_graph(tap: Tap, calc: Calculator, structures: list[Atoms]) -> str:
 
 
 def _check_invariance(tap: Tap, calc: Calculator, structures: dict[str, Atoms], tol: float, seed: int) -> str:
-    rng = np.random.default_rng(seed)
     worst = 0.0
     for name, atoms in structures.items():
         _, reference = _step(tap, calc, atoms)
         scale = max(1.0, float(reference.abs().max()))
-        rotation = Rotation.random(random_state=seed).as_matrix()
-        rotated = atoms.copy()
-        rotated.positions = atoms.positions @ rotation.T
-        rotated.cell = atoms.cell.array @ rotation.T
-        translated = atoms.copy()
-        translated.positions += rng.normal(size=3) * 3.0
-        if translated.pbc.all():
-            translated.wrap()  # atoms cross the cell boundary and come back on the other side
-        perm = rng.permutation(len(atoms))
-        for how, moved, order in (("rotation", rotated, None), ("translation", translated, None),
-                                  ("permutation", atoms[perm], perm)):
+        for how, moved, order in moved_copies(atoms, seed, wrap=True):
             _, features = _step(tap, calc, moved)
             expected = reference if order is None else reference[torch.as_tensor(order)]
             change = float((features - expected).abs().max()) / scale

@@ -20,6 +20,22 @@ def _score(calc: Calculator, atoms: Atoms) -> dict[str, np.ndarray]:
             if key in calc.results}  # atom_reliability only from heads with a per-atom logit
 
 
+def moved_copies(atoms: Atoms, seed: int = 0, wrap: bool = False) -> list[tuple[str, Atoms, np.ndarray | None]]:
+    """``(how, moved copy, permutation or None)`` for a random rotation (positions and cell), a random
+    translation (Å; with ``wrap``, periodic atoms are wrapped back into the cell) and a random permutation."""
+    rng = np.random.default_rng(seed)
+    rotation = Rotation.random(random_state=seed).as_matrix()
+    rotated = atoms.copy()
+    rotated.positions = atoms.positions @ rotation.T
+    rotated.cell = atoms.cell.array @ rotation.T
+    translated = atoms.copy()
+    translated.positions += rng.normal(size=3) * 3.0
+    if wrap and translated.pbc.all():
+        translated.wrap()  # atoms cross the cell boundary and come back on the other side
+    perm = rng.permutation(len(atoms))
+    return [("rotation", rotated, None), ("translation", translated, None), ("permutation", atoms[perm], perm)]
+
+
 def assert_invariant(
     calc: Calculator, atoms: Atoms, tol: float = 1e-5, novelty_tol: float = 1e-4, seed: int = 0
 ) -> None:
@@ -34,17 +50,8 @@ def assert_invariant(
     novelty gets its own (``novelty_tol``) because whitening magnifies the
     float32 rounding of the features.
     """
-    rng = np.random.default_rng(seed)
     reference = _score(calc, atoms)
-    rotation = Rotation.random(random_state=seed).as_matrix()
-    rotated = atoms.copy()
-    rotated.positions = atoms.positions @ rotation.T
-    rotated.cell = atoms.cell.array @ rotation.T
-    translated = atoms.copy()
-    translated.positions += rng.normal(size=3) * 3.0
-    perm = rng.permutation(len(atoms))
-    permuted = atoms[perm]
-    for name, moved, order in (("rotation", rotated, None), ("translation", translated, None), ("permutation", permuted, perm)):
+    for name, moved, order in moved_copies(atoms, seed):
         scored = _score(calc, moved)
         for key, value in scored.items():
             expected = reference[key] if order is None or key in STRUCTURE_RESULTS else reference[key][order]

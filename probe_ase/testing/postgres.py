@@ -69,28 +69,26 @@ def postgres_server(user: str = "probe") -> Iterator[str]:
 
 def create_database(server_url: str, prefix: str = "al") -> str:
     """Create an empty database on the server at ``server_url``; return its URL."""
-    import psycopg2
 
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    con = psycopg2.connect(server_url)
-    try:
-        con.autocommit = True
-        with con.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name}")
-    finally:
-        con.close()
+    _admin(server_url, f"CREATE DATABASE {name}")
     return server_url.rsplit("/", 1)[0] + "/" + name
 
 
 def drop_database(server_url: str, url: str) -> None:
     """Drop the database at ``url`` (made by :func:`create_database` on ``server_url``), closing its connections."""
+
+    _admin(server_url, f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+
+def _admin(server_url: str, sql: str) -> None:
+    """Run one statement outside a transaction (CREATE / DROP DATABASE need that)."""
     import psycopg2
 
-    name = url.rsplit("/", 1)[1]
     con = psycopg2.connect(server_url)
     try:
         con.autocommit = True
         with con.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            cur.execute(sql)
     finally:
         con.close()
