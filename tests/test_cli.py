@@ -124,37 +124,46 @@ def test_md_command_halts_a_hot_run(files, capsys, cu_data):
     assert len(read(work / "npt.xyz", ":")) == 4
 
 
+def al_config(files, work, db, rounds: int, steps: int, epochs: int, reference: str, label: str = ""):
+    """Write ``work/al.toml``: explore hot (2000 K) from two test frames, label with ``reference``, retrain."""
+    config = work / "al.toml"
+    config.write_text(f"""
+backbone = "{files / 'mace.model'}"
+probe = "{files / 'probe.pt'}"
+db = "{db}"
+start = "{work / 'start.xyz'}"
+rounds = {rounds}
+
+[reference]
+{reference}
+
+[explore]
+temperature = 2000
+timestep = 2.0
+steps = {steps}
+max_new = 4
+min_separation = 5
+p_lo = 0.0
+
+{label}
+
+[retrain]
+train_data = "{work / 'train.xyz'}"
+fit_data = "{files / 'pool.xyz'}"
+epochs = {epochs}
+work_dir = "{work / 'retrain'}"
+""")
+    return config
+
+
 @pytest.mark.slow
 def test_al_command_runs_a_round(files, capsys, cu_data):
     work = files / "al"
     work.mkdir()
     write(work / "start.xyz", cu_data["test_in"][:2])
     write(work / "train.xyz", cu_data["train"])
-    config = work / "al.toml"
-    config.write_text(f"""
-backbone = "{files / 'mace.model'}"
-probe = "{files / 'probe.pt'}"
-db = "{work / 'al.db'}"
-start = "{work / 'start.xyz'}"
-rounds = 1
-
-[reference]
-calculator = "ase.calculators.emt:EMT"
-
-[explore]
-temperature = 2000
-timestep = 2.0
-steps = 60
-max_new = 4
-min_separation = 5
-p_lo = 0.0
-
-[retrain]
-train_data = "{work / 'train.xyz'}"
-fit_data = "{files / 'pool.xyz'}"
-epochs = 3
-work_dir = "{work / 'retrain'}"
-""")
+    config = al_config(files, work, work / "al.db", rounds=1, steps=60, epochs=3,
+                       reference='calculator = "ase.calculators.emt:EMT"')
     assert main(["al", str(config)]) == 0
     out = capsys.readouterr().out
     assert "F-RMSE before" in out and "'pending': 0" in out
@@ -187,35 +196,9 @@ def test_al_command_resumes_after_a_kill_from_the_retrained_model(files, capsys,
     write(work / "start.xyz", cu_data["test_in"][:2])
     write(work / "train.xyz", cu_data["train"])
     db, log, started = work / "al.db", work / "finished.txt", work / "started.txt"
-    config = work / "al.toml"
-    config.write_text(f"""
-backbone = "{files / 'mace.model'}"
-probe = "{files / 'probe.pt'}"
-db = "{db}"
-start = "{work / 'start.xyz'}"
-rounds = 2
-
-[reference]
-calculator = "probe_ase.testing.reference:CountingEMT"
-options = {{ log = "{log}", start_log = "{started}", delay = 0.5 }}
-
-[explore]
-temperature = 2000
-timestep = 2.0
-steps = 80
-max_new = 4
-min_separation = 5
-p_lo = 0.0
-
-[label]
-lease = 1.0
-
-[retrain]
-train_data = "{work / 'train.xyz'}"
-fit_data = "{files / 'pool.xyz'}"
-epochs = 2
-work_dir = "{work / 'retrain'}"
-""")
+    config = al_config(files, work, db, rounds=2, steps=80, epochs=2, label="[label]\nlease = 1.0",
+                       reference='calculator = "probe_ase.testing.reference:CountingEMT"\n'
+                                 f'options = {{ log = "{log}", start_log = "{started}", delay = 0.5 }}')
     root = str(Path(probe_ase.__file__).resolve().parents[1])
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from probe_ase.cli import main; "
                              "sys.exit(main(sys.argv[1:]))", "al", str(config)],
