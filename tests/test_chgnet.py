@@ -39,8 +39,15 @@ def test_pretrained_names_and_files_load_offline():
     assert isinstance(calc, CHGNetCalculator) and calc.model.version == "0.3.0"
     import chgnet
 
-    wheel_file = os.path.join(os.path.dirname(chgnet.__file__), "pretrained", "0.3.0", "chgnet_0.3.0_e29f68s314m37.pth.tar")
+    wheel = os.path.join(os.path.dirname(chgnet.__file__), "pretrained")
+    wheel_file = os.path.join(wheel, "0.3.0", "chgnet_0.3.0_e29f68s314m37.pth.tar")
     assert isinstance(load_backbone(wheel_file), CHGNetCalculator)  # detected from the file ("auto")
+    # a 0.2.0 file (output-MLP biases its model_args do not record) loads as CHGNet.load("0.2.0") does
+    from_file = load_backbone(os.path.join(wheel, "0.2.0", "chgnet_0.2.0_e30f77s348m32.pth.tar"))
+    from probe_ase.taps import CHGNetTap
+
+    with CHGNetTap(from_file) as a, CHGNetTap(load_backbone("chgnet-0.2.0")) as b:
+        assert a.fingerprint() == b.fingerprint()
     with pytest.raises(BackboneError, match="holds a chgnet model, not mace"):
         load_backbone(wheel_file, "mace")
 

@@ -65,10 +65,13 @@ class CHGNetTap(Tap):
         name = os.fspath(path)
         if name in PRETRAINED:
             net = CHGNet.load(model_name=PRETRAINED[name], use_device=device, verbose=False)
-        elif model is not None:
-            net = CHGNet.from_dict(model["model"])
         else:
-            net = CHGNet.from_file(name)
+            saved = model if model is not None else torch.load(name, map_location="cpu", weights_only=False)
+            state = saved["model"]["state_dict"]
+            # files saved by CHGNet 0.2.0 carry biases on the conv layers' output MLPs, which
+            # their model_args do not record (CHGNet.load passes mlp_out_bias for that version)
+            out_bias = any(k.endswith("mlp_out.layers.1.bias") for k in state)
+            net = CHGNet.from_dict(saved["model"], mlp_out_bias=out_bias)
         return CHGNetCalculator(model=net, use_device=device)
 
     @property
