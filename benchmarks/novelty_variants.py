@@ -23,7 +23,14 @@ and support radius from 5-fold out-of-fold distances as in
   per-element standardised features;
 
 each with support radius at quantile ``q`` of the held-out fit structures'
-novelty (``q`` = 1: the farthest one). The ensemble's thresholds (mean and
+novelty (``q`` = 1: the farthest one).
+
+Novelty in the probability (``NoveltyConfig(logit_weight=...)``): the head is
+fitted with and without the novelty weight on the logit, (a) on the
+in-distribution part (calibration-split and shifted-part AUROC / Spearman,
+and each one's operating point on the shift) and (b) on the whole fit pool as
+``uq_quality.py``'s original protocol fits it (calibration-split AUROC /
+Spearman). Both read only the fit pool. The ensemble's thresholds (mean and
 max force std, energy std; 5 members) are certified the same way on the
 in-distribution part (40 % fixes the grid, 60 % calibrates). Writes
 ``results.json`` and ``results.md`` into ``--out``; units: eV/Å, eV.
@@ -150,6 +157,39 @@ def oof_scaled(model_factory, x, z, ptr, fit_structures, folds=5, seed=0):
     return per_structure, score
 
 
+def ranking(p, bad, error):
+    """AUROC (unreliable = positive) and Spearman ρ of 1 - p against the error."""
+    return {"auroc": metrics.auroc(bad, 1 - p), "spearman": metrics.spearman(1 - p, error)}
+
+
+def nov_of(probe, fs):
+    """Structure novelty of a feature set under ``probe``'s novelty model (documented scale)."""
+    with torch.no_grad():
+        return structure_novelty(probe.novelty(fs.features, fs.numbers), fs.ptr)
+
+
+def whole_pool_ranking(calc, pool, crit, threshold, quantile, target_risk, delta, cache):
+    """The original protocol's fit (whole pool), with and without the novelty weight: calibration-split ranking."""
+    out = {}
+    for tag, config in (("with", NoveltyConfig()), ("without", NoveltyConfig(logit_weight=False))):
+        try:
+            probe = fit_probe(calc, pool, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
+                              delta=delta, novelty=config, cache_dir=cache, progress=False)
+        except LabelError as exc:
+            return {"skipped": str(exc)}
+        with find_tap(calc) as tap:
+            fs = featurize(tap, pool, cache_dir=cache, progress=False)
+        err = fs.error(crit)
+        labels = (err <= probe.meta.tau).astype(np.int64)
+        cal = split_indices(labels, TrainConfig())[2]
+        frames = [pool[k] for k in cal]
+        rows = torch.as_tensor(rows_of(fs.ptr, cal))
+        p = probe.predict(fs.features[rows], fs.numbers[rows], sub_ptr(fs.ptr, cal),
+                          [radius_graph(a, probe.meta.config.cutoff) for a in frames]).reliability
+        out[tag] = {**ranking(p, labels[cal] == 0, err[cal]), "weight": probe.meta.novelty_weight}
+    return out
+
+
 def outcome(accept, bad):
     good = ~bad
     return {"n": int(len(accept)), "accepted": int(accept.sum()), "coverage": float(accept.mean()),
@@ -236,6 +276,23 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
         rows["p only"] = {"certified_risk": probe.meta.certified_risk,
                           "shift": outcome(p_sh >= probe.p_star, bad_sh),
                           "in_cal": outcome(p_in[cal] >= probe.p_star, bad_in[cal])}
+        plain = fit_probe(calc0, pool_in, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
+                          delta=delta, novelty=NoveltyConfig(logit_weight=False), cache_dir=cache, progress=False)
+        q_in, q_sh = (plain.predict(fs.features, fs.numbers, fs.ptr, [radius_graph(a, cutoff) for a in frames]).reliability
+                      for fs, frames in ((fs_in, pool_in), (fs_sh, shift)))
+        rows["p only, no novelty weight"] = {"certified_risk": plain.meta.certified_risk,
+                                             "shift": outcome(q_sh >= plain.p_star, bad_sh),
+                                             "in_cal": outcome(q_in[cal] >= plain.p_star, bad_in[cal])}
+        rows["verdict, no novelty weight"] = {"certified_risk": plain.meta.certified_risk,
+                                              "shift": outcome(plain.verdict(q_sh, nov_of(plain, fs_sh))[0], bad_sh),
+                                              "in_cal": outcome(plain.verdict(q_in[cal], nov_of(plain, fs_in)[cal])[0],
+                                                                bad_in[cal])}
+        rows["verdict"] = {"certified_risk": probe.meta.certified_risk,
+                           "shift": outcome(probe.verdict(p_sh, nov_of(probe, fs_sh))[0], bad_sh),
+                           "in_cal": outcome(probe.verdict(p_in[cal], nov_of(probe, fs_in)[cal])[0], bad_in[cal])}
+        weight = {"weight": probe.meta.novelty_weight}
+        for tag, (a, b) in (("with", (p_in, p_sh)), ("without", (q_in, q_sh))):
+            weight[tag] = {"cal": ranking(a[cal], bad_in[cal], err_in[cal]), "shift": ranking(b, bad_sh, err_sh)}
         grid_part = np.random.default_rng(0).uniform(size=len(pool_in)) < 0.4
         for m in ("ens_force_std", "ens_force_max_std", "ens_energy_std"):
             s_in, s_sh = -ens[f"in/{m}"], -ens[f"shift/{m}"]
@@ -243,9 +300,29 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
             rows[m] = {"certified_risk": cert.risk, "shift": outcome(s_sh >= cert.threshold, bad_sh),
                        "in_cal": outcome(s_in[~grid_part] >= cert.threshold, bad_in[~grid_part])}
         out["labels"][label] = {"tau": tau, "p_star": probe.p_star, "shift_fraction_bad": float(bad_sh.mean()),
-                               "seconds": time.perf_counter() - t0, "rows": rows}
+                               "seconds": time.perf_counter() - t0, "rows": rows, "logit_weight": weight,
+                               "logit_weight_whole_pool": whole_pool_ranking(calc0, pool, crit, threshold, quantile,
+                                                                            target_risk, delta, cache)}
         print(table(name, label, out["labels"][label]), flush=True)
     return out
+
+
+def weight_table(name, crit, entry) -> str:
+    """Ranking with and without the novelty weight on the logit (fit pool only)."""
+    w, whole = entry["logit_weight"], entry["logit_weight_whole_pool"]
+    lines = [f"\n#### {name}, {crit}: novelty in the probability (weight {w['weight']:.3g} in-distribution fit)",
+             "| fit | split | AUROC with / without | Spearman with / without |", "|---|---|---|---|"]
+    for split in ("cal", "shift"):
+        a, b = w["with"][split], w["without"][split]
+        lines.append(f"| in-distribution part | {split} | {uq.fmt(a['auroc'])} / {uq.fmt(b['auroc'])} | "
+                     f"{uq.fmt(a['spearman'])} / {uq.fmt(b['spearman'])} |")
+    if "skipped" in whole:
+        lines.append(f"| whole pool | cal | skipped: {whole['skipped']} | |")
+    else:
+        a, b = whole["with"], whole["without"]
+        lines.append(f"| whole pool (weight {a['weight']:.3g}) | cal | {uq.fmt(a['auroc'])} / {uq.fmt(b['auroc'])} | "
+                     f"{uq.fmt(a['spearman'])} / {uq.fmt(b['spearman'])} |")
+    return "\n".join(lines)
 
 
 def table(name, crit, entry) -> str:
@@ -257,7 +334,7 @@ def table(name, crit, entry) -> str:
         lines.append(f"| {v} | {r['certified_risk']:.3f} | {s['coverage']:.2f} ({s['accepted']}) | "
                      f"{uq.fmt(s['risk'])} | {uq.fmt(s['coverage_of_reliable'], 2)} | {uq.fmt(r.get('auroc_shift'))} | "
                      f"{c['coverage']:.2f} | {uq.fmt(c['risk'])} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + weight_table(name, crit, entry)
 
 
 def main(argv=None):

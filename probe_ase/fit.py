@@ -46,7 +46,7 @@ from .head import HeadConfig, ProbeHead, batch_inputs, structure_rows
 from .headfile import HeadMeta
 from .probe import Probe
 from .labels import Criterion, check_criterion, make_labels, resolve_tolerance
-from .novelty import NoveltyConfig, fit_novelty, structure_novelty
+from .novelty import NoveltyConfig, fit_logit_weight, fit_novelty, logit_penalty, structure_novelty
 from .taps import Tap, find_tap
 
 #: temperature-scaled probabilities spread less than this over the calibration split carry no information
@@ -356,12 +356,16 @@ def fit_probe(
     with torch.no_grad():
         atom_novelty = density(features.features[cal_rows], features.numbers[cal_rows])
     novelty_cal = structure_novelty(atom_novelty, np.cumsum([0] + [features.ptr[k + 1] - features.ptr[k] for k in cal]))
+    novelty_val = held_out_novelty[len(tr):]  # out-of-fold novelty of the validation structures
+    # novelty in the probability: weight fitted on the validation split, then part of the logit from here on
+    weight = fit_logit_weight(z_val, novelty_val, labels[val] == 1) if novelty.logit_weight else 0.0
+    z_val = z_val - logit_penalty(torch.from_numpy(novelty_val), weight).numpy()
+    z_cal = z_cal - logit_penalty(torch.from_numpy(novelty_cal), weight).numpy()
     temperature = fit_temperature(z_cal, labels[cal])
     head.temperature.fill_(temperature)
     p = 1 / (1 + np.exp(-z_cal / temperature))
-    val_eligible = held_out_novelty[len(tr):] <= 1  # out-of-fold novelty of the validation structures
     cert = certify(z_cal, labels[cal] == 0, z_val, target_risk, delta, cal_eligible=novelty_cal <= 1,
-                   val_eligible=val_eligible)
+                   val_eligible=novelty_val <= 1)
     # accept p >= p*: p* = sigmoid(z*/T); nothing certified -> just above 1, so nothing is accepted
     p_star = float(np.nextafter(1.0, 2.0)) if not np.isfinite(cert.threshold) else \
         float(1 / (1 + np.exp(-cert.threshold / temperature)))
@@ -387,7 +391,7 @@ def fit_probe(
         "ece": metrics.expected_calibration_error(p, labels[cal]),
         "informative": informative, "probability_range": [float(p.min()), float(p.max())],
         "risk_at_p_star": float(np.mean(labels[cal][accepted] == 0)) if accepted.any() else float("nan"),
-        "cal_out_of_support": float(np.mean(novelty_cal > 1)),
+        "cal_out_of_support": float(np.mean(novelty_cal > 1)), "novelty_weight": weight,
         "certificate": {"certified": cert.certified, "risk": cert.risk, "delta": delta,
                         "n_accepted": cert.n_accepted, "n_errors": cert.n_errors, "frames_needed": cert.frames_needed},
         "n_reference": 0 if reference is None else int(reference[0].shape[0]),
@@ -406,6 +410,6 @@ def fit_probe(
         elements=elements, criterion=criterion, tau=tau, quantile=quantile, temperature=temperature,
         p_star=p_star, target_risk=target_risk, coverage=float(accepted.mean()), config=config, report=report,
         delta=delta, certified_risk=cert.risk, novelty=novelty,
-        atom_tau=atom_tau, atom_quantile=atom_quantile, atom_p_star=atom_p_star,
+        atom_tau=atom_tau, atom_quantile=atom_quantile, atom_p_star=atom_p_star, novelty_weight=weight,
     )
     return Probe(head, meta, density)

@@ -26,10 +26,12 @@ from .head import HeadConfig, ProbeHead
 from .novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
-#: bumped on every schema change; 2 added the novelty model and the certified threshold, 3 the per-atom logit
-VERSION = 3
+#: bumped on every schema change; 2 added the novelty model and the certified threshold, 3 the per-atom logit,
+#: 4 the novelty weight on the logit
+VERSION = 4
 #: what each version added, for the message when a file of another version is opened
-CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability"}
+CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
+           4: "novelty in the probability (the logit's novelty weight)"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class HeadMeta:
         tau: tolerance in the criterion's units (eV/Å, eV/atom or eV).
         quantile: the quantile ``tau`` came from, if any.
         temperature: calibration temperature applied to the logit.
+        novelty_weight: the logit is lowered by ``novelty_weight * log(novelty)``
+            before temperature scaling (>= 0; see :func:`probe_ase.novelty.fit_logit_weight`).
         p_star: operating threshold on the calibrated probability.
         target_risk: risk (fraction of accepted structures that are unreliable) p* aims for.
         coverage: fraction of calibration structures accepted by the verdict at p*.
@@ -86,6 +90,7 @@ class HeadMeta:
     atom_tau: float | None = None
     atom_quantile: float | None = None
     atom_p_star: float | None = None
+    novelty_weight: float = 0.0
 
     @property
     def local(self) -> bool:

@@ -18,6 +18,13 @@ Scale (documented, used everywhere in probe-ase):
   outside by construction: the price of failing safe). ``novelty = 2``: some
   atom is twice as far as that edge.
 
+Novelty also enters the probability (``NoveltyConfig(logit_weight=True)``):
+the head's logit is lowered by ``w * log(novelty)`` before temperature
+scaling, with ``w >= 0`` fitted on the validation split (:func:`fit_logit_weight`).
+On the fit pools' own splits this sharpened the ranking of force errors
+(structures far from the fit data tend to be worse) and is fitted to 0 where
+novelty does not predict the error (often for energies).
+
 The support edge is set on structures the size of the fit frames: the
 largest of N atom novelties grows with N, so a much larger cell than the fit
 frames leaves the support sooner; judge big cells by ``atom_novelty``.
@@ -55,11 +62,15 @@ class NoveltyConfig:
             held-out fit structures' novelty; 1.0 takes the largest (default
             0.9: on acac's pool split, 1.0 let 600 K frames through at 38 %
             risk, 0.9 at 9 %).
+        logit_weight: lower the head's logit by ``w * log(novelty)``, ``w >= 0``
+            fitted on the validation split (:func:`fit_logit_weight`); False
+            keeps the head's logit as it is (``w = 0``).
     """
 
     components: int = 2
     folds: int = 5
     support_quantile: float = 0.9
+    logit_weight: bool = True
 
     def __post_init__(self) -> None:
         if self.components < 1 or self.folds < 2:
@@ -117,6 +128,47 @@ def structure_novelty(atom_novelty: np.ndarray | torch.Tensor, ptr: Sequence[int
     """Per-structure novelty: the largest atom novelty of each structure (rows ``ptr[k]:ptr[k+1]``)."""
     values = np.asarray(atom_novelty.cpu() if isinstance(atom_novelty, torch.Tensor) else atom_novelty, dtype=float)
     return np.array([values[ptr[k] : ptr[k + 1]].max() for k in range(len(ptr) - 1)])
+
+
+#: structure novelty below this counts as this in the logit penalty (log 0 is -inf)
+NOVELTY_FLOOR = 1e-3
+
+
+def logit_penalty(novelty: torch.Tensor, weight: float) -> torch.Tensor:
+    """What novelty takes off the head's logit: ``weight * log(novelty)`` per structure (novelty on the documented scale)."""
+    return weight * torch.log(novelty.clamp_min(NOVELTY_FLOOR))
+
+
+def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarray) -> float:
+    """How much structure novelty should lower the head's logit, fitted on held-out structures.
+
+    Logistic regression of ``reliable`` on ``a * logit + b - lam * log(novelty)``
+    with ``lam >= 0`` (novelty may only lower reliability); returns ``lam / a``,
+    the weight in the logit's own units, or 0 when the structures hold one
+    class only or the logit does not rank them (``a <= 0``).
+
+    Args:
+        logits: the head's raw logits of held-out structures (the validation split).
+        novelty: their out-of-fold structure novelty (documented scale).
+        reliable: their labels (True: within tolerance).
+    """
+    from scipy.optimize import minimize
+
+    y = np.asarray(reliable, dtype=float)
+    if y.min() == y.max():
+        return 0.0
+    z = np.asarray(logits, dtype=float)
+    scale = max(float(z.std()), 1e-12)  # fit on a unit-scale logit, convert back at the end
+    log_n = np.log(np.maximum(np.asarray(novelty, dtype=float), NOVELTY_FLOOR))
+
+    def nll(params: np.ndarray) -> float:
+        a, b, lam = params
+        s = a * z / scale + b - lam * log_n
+        return float(np.sum(np.logaddexp(0, s) - y * s))
+
+    a, _, lam = minimize(nll, np.array([1.0, 0.0, 0.0]), method="L-BFGS-B",
+                         bounds=[(None, None), (None, None), (0, None)]).x
+    return float(lam * scale / a) if a > 0 else 0.0
 
 
 def _fit_mixtures(

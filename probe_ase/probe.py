@@ -22,7 +22,7 @@ import torch
 from .exceptions import MismatchError
 from .head import ProbeHead, batch_inputs
 from .headfile import HeadMeta, load_head, save_head
-from .novelty import NoveltyModel
+from .novelty import NoveltyModel, logit_penalty
 
 if TYPE_CHECKING:
     from .taps import Tap
@@ -121,18 +121,22 @@ class Probe:
     def predict(
         self, features: torch.Tensor, numbers: torch.Tensor, ptr: np.ndarray, edges: Sequence[np.ndarray]
     ) -> Scores:
-        """Reliability and novelty per structure; importance, novelty and reliability per atom (atoms concatenated)."""
+        """Reliability and novelty per structure; importance, novelty and reliability per atom (atoms concatenated).
+
+        reliability = sigmoid((logit - novelty_weight * log(novelty)) / temperature).
+        """
         inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
         with self._lock, torch.inference_mode():
             logits, importance, atom_logits = self._compiled()(*inputs)
-            p = torch.sigmoid(logits / self.head.temperature)
-            atom_p = torch.sigmoid(atom_logits / self.head.atom_temperature)
             atom_novelty = self.novelty(inputs[0], inputs[1])
             if inputs[4] == 1:
                 novelty = atom_novelty.max().reshape(1)
             else:
                 novelty = atom_novelty.new_full((inputs[4],), -np.inf).scatter_reduce(
                     0, inputs[3], atom_novelty, reduce="amax")
+            logits = logits - logit_penalty(novelty, self.meta.novelty_weight).to(logits.dtype)
+            p = torch.sigmoid(logits / self.head.temperature)
+            atom_p = torch.sigmoid(atom_logits / self.head.atom_temperature)
         return Scores(*(t.cpu().numpy().astype(float) for t in (p, importance, atom_novelty, novelty, atom_p)))
 
     def verdict(

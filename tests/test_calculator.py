@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from ase import Atoms, units
 from ase.calculators.lj import LennardJones
@@ -51,7 +52,10 @@ def test_results_pass_through_and_add_reliability(probe_calc, cu_data):
 
 
 def test_reliability_is_invariant(probe_calc, cu_data):
-    assert_invariant(probe_calc, cu_data["test_out"][0], tol=1e-5)
+    # float32 backbones (CHGNet) move features by ~1e-6 under rotation; the novelty's Mahalanobis distance
+    # (and the reliability through the novelty weight) carries that at ~1e-5-1e-4
+    float32 = next(probe_calc.tap.module.parameters()).dtype == torch.float32
+    assert_invariant(probe_calc, cu_data["test_out"][0], tol=3e-4 if float32 else 1e-5)
 
 
 def test_recomputes_only_when_atoms_change(probe_calc, cu_data):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from probe_ase import HeadConfig, Probe, ProbeCalculator, TrainConfig, fit_probe
 from probe_ase.headfile import save_head
-from probe_ase.novelty import NoveltyConfig, fit_novelty
+from probe_ase.novelty import NoveltyConfig, fit_logit_weight, fit_novelty
 from probe_ase.testing import assert_invariant, emt_frames
 
 
@@ -21,12 +23,17 @@ def labelled(atoms):
     return atoms
 
 
-@pytest.fixture(scope="module")
-def cold_probe(backbones):
+def fit_cold(backbone, novelty: NoveltyConfig):
     """A head fitted on 300 K frames only: it has never seen a shift."""
     pool = emt_frames(120, 300, seed=50)
-    return fit_probe(backbones("mace"), pool, criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=32),
-                     train=TrainConfig(epochs=60, patience=10), cache_dir=False, progress=False)
+    return fit_probe(backbone, pool, criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=32),
+                     train=TrainConfig(epochs=60, patience=10), novelty=novelty, cache_dir=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cold_probe(backbones):
+    """Novelty kept out of the probability: what the head alone says, and the verdict's override."""
+    return fit_cold(backbones("mace"), NoveltyConfig(logit_weight=False))
 
 
 def shifted_frames():
@@ -63,6 +70,52 @@ def test_unseen_shift_passes_the_probability_but_not_the_verdict(cold_probe, bac
         novelty.append(calc.results["novelty"])
     assert np.mean(np.array(novelty) <= 1.0) >= 0.7
     calc.close()
+
+
+def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, backbones):
+    """The default head learns a novelty weight on its validation split; the shift's probability then drops below p*."""
+    weighted = fit_cold(backbones("mace"), NoveltyConfig())
+    assert cold_probe.meta.novelty_weight == 0.0 and weighted.meta.novelty_weight > 0
+    assert weighted.report["novelty_weight"] == weighted.meta.novelty_weight
+    # reliability = sigmoid((logit - w log novelty) / T), as documented: compare with the same head at w = 0
+    unweighted = Probe(weighted.head, replace(weighted.meta, novelty_weight=0.0), weighted.novelty)
+    atoms = shifted_frames()["compressed 3 %"][0]
+    results = []
+    for probe in (weighted, unweighted):
+        calc = ProbeCalculator(backbones("mace"), probe)
+        atoms.calc = calc
+        atoms.get_forces()
+        results.append(dict(calc.results))
+        calc.close()
+    temperature, w = weighted.meta.temperature, weighted.meta.novelty_weight
+    logit = temperature * np.log(results[1]["reliability"] / (1 - results[1]["reliability"]))
+    expected = 1 / (1 + np.exp(-(logit - w * np.log(results[0]["novelty"])) / temperature))
+    assert results[0]["reliability"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    compressed = shifted_frames()["compressed 3 %"]
+    below = []
+    for probe in (cold_probe, weighted):
+        calc = ProbeCalculator(backbones("mace"), probe)
+        p = []
+        for atoms in compressed:
+            atoms = atoms.copy()
+            atoms.calc = calc
+            atoms.get_forces()
+            p.append(calc.results["reliability"])
+        below.append(np.mean(np.array(p) < probe.p_star))
+        calc.close()
+    assert below[1] > below[0] and below[1] >= 0.5, below
+
+
+def test_logit_weight_recovers_a_known_weight():
+    """Simulated held-out structures with P(reliable) = sigmoid(2 z - 3 log n): the weight in z's units is 1.5."""
+    rng = np.random.default_rng(0)
+    z, log_n = rng.normal(size=4000), rng.normal(scale=0.5, size=4000)
+    reliable = rng.uniform(size=4000) < 1 / (1 + np.exp(-(2 * z - 3 * log_n)))
+    assert fit_logit_weight(z, np.exp(log_n), reliable) == pytest.approx(1.5, rel=0.15)
+    # novelty that *raises* reliability is not used (the weight only ever lowers it), nor one class only
+    raising = rng.uniform(size=4000) < 1 / (1 + np.exp(-(2 * z + 3 * log_n)))
+    assert fit_logit_weight(z, np.exp(log_n), raising) == 0.0
+    assert fit_logit_weight(z, np.exp(log_n), np.ones(4000, bool)) == 0.0
 
 
 def test_novelty_scale_on_known_distributions():
