@@ -559,7 +559,7 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
             accept[m] = -eval_scores[m] >= cert.threshold
             certified[m] = cert.risk
         entry = {"tau": tau, "target_risk": target_risk, "delta": delta, "certified_risk": certified,
-                 "p_star": probe.p_star, "files": {}}
+                 "p_star": probe.p_star, "novelty_weight": probe.meta.novelty_weight, "files": {}}
         usable = np.isfinite(err[crit])
         for i in files + [None]:
             mask = usable & ((file_of == i) if i is not None else np.isin(file_of, files))
@@ -643,7 +643,8 @@ def operating_table(kind: str, label: str, entry: dict, title: str) -> list[str]
     """One table: methods x files, each cell coverage / risk (accepted frames), at the certified thresholds."""
     files = list(entry["files"])
     lines = ["", f"### {kind} {label}: {title}", "",
-             f"τ = {entry['tau']:.4g}; target risk {entry['target_risk']:.0%}, δ = {entry['delta']}. Cell: coverage / "
+             f"τ = {entry['tau']:.4g}; target risk {entry['target_risk']:.0%}, δ = {entry['delta']}; PROBE's novelty "
+             f"weight {entry.get('novelty_weight', 0.0):.3g}. Cell: coverage / "
              "risk among accepted (accepted frames); the certified risk column is what each threshold's calibration "
              "certified (above the target when the data could not certify it).", "",
              "| method | certified risk | " + " | ".join(files) + " |", "|---|---|" + "---|" * len(files)]
