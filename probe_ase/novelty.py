@@ -135,7 +135,13 @@ NOVELTY_FLOOR = 1e-3
 
 
 def logit_penalty(novelty: torch.Tensor, weight: float) -> torch.Tensor:
-    """What novelty takes off the head's logit: ``weight * log(novelty)`` per structure (novelty on the documented scale)."""
+    """What novelty takes off the head's logit: ``weight * log(novelty)`` per structure (novelty on the documented scale).
+
+    Zero when ``weight`` is 0, even for infinite novelty (an element the
+    density has no component for), so the probability stays defined there.
+    """
+    if weight == 0:
+        return torch.zeros_like(novelty)
     return weight * torch.log(novelty.clamp_min(NOVELTY_FLOOR))
 
 

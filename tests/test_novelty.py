@@ -12,7 +12,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from probe_ase import HeadConfig, Probe, ProbeCalculator, TrainConfig, fit_probe
 from probe_ase.headfile import save_head
-from probe_ase.novelty import NoveltyConfig, fit_logit_weight, fit_novelty
+from probe_ase.novelty import NoveltyConfig, fit_logit_weight, fit_novelty, logit_penalty
 from probe_ase.testing import assert_invariant, emt_frames
 
 
@@ -116,6 +116,15 @@ def test_logit_weight_recovers_a_known_weight():
     raising = rng.uniform(size=4000) < 1 / (1 + np.exp(-(2 * z + 3 * log_n)))
     assert fit_logit_weight(z, np.exp(log_n), raising) == 0.0
     assert fit_logit_weight(z, np.exp(log_n), np.ones(4000, bool)) == 0.0
+
+
+def test_logit_penalty_is_defined_for_infinite_novelty():
+    """Novelty is infinite for an element without a density component: p stays a number (0 with a weight, else p)."""
+    novelty = torch.tensor([0.5, 1.0, float("inf")], dtype=torch.float64)
+    assert torch.equal(logit_penalty(novelty, 0.0), torch.zeros(3, dtype=torch.float64))
+    penalty = logit_penalty(novelty, 2.0)
+    assert penalty[1] == 0 and penalty[0] < 0 and penalty[2] == float("inf")
+    assert torch.sigmoid(torch.tensor(3.0, dtype=torch.float64) - penalty[2]) == 0
 
 
 def test_novelty_scale_on_known_distributions():
