@@ -164,7 +164,10 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
     if y.min() == y.max():
         return 0.0
     z = np.asarray(logits, dtype=float)
-    scale = max(float(z.std()), 1e-12)  # fit on a unit-scale logit, convert back at the end
+    scale = float(z.std())
+    if scale < 1e-12:  # a constant logit ranks nothing
+        return 0.0
+    z = z - z.mean()  # fit on a centred unit-scale logit (the bias absorbs the shift), convert back at the end
     log_n = np.log(np.maximum(np.asarray(novelty, dtype=float), NOVELTY_FLOOR))
 
     def nll(params: np.ndarray) -> float:

@@ -116,6 +116,7 @@ def test_logit_weight_recovers_a_known_weight():
     raising = rng.uniform(size=4000) < 1 / (1 + np.exp(-(2 * z + 3 * log_n)))
     assert fit_logit_weight(z, np.exp(log_n), raising) == 0.0
     assert fit_logit_weight(z, np.exp(log_n), np.ones(4000, bool)) == 0.0
+    assert fit_logit_weight(np.full(4000, 3.0), np.exp(log_n), reliable) == 0.0  # a flat logit ranks nothing
 
 
 def test_logit_penalty_is_defined_for_infinite_novelty():
