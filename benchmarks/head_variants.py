@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_variants_<backbone>.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    _, _, pool, _, _ = uq_quality.load_splits(args.data.resolve(), quick=False)
+    _, _, pool, _, _, _ = uq_quality.load_splits(args.data.resolve(), quick=False)
     pattern = "ssmace_*_s0.model" if args.backbone == "mace" else "spkpl_*_s0.pt"
     member0 = sorted((args.run / "models").glob(pattern), key=lambda p: p.stat().st_mtime)
     if not member0:
