@@ -6,10 +6,17 @@ on the fit pool's own held-out splits. For member 0 of a trained
 fitted ``--seeds`` times with different seeds (a different stratified
 train / validation / calibration split each time) and scored on that seed's
 calibration split: AUROC (unreliable = positive) and Spearman ρ between
-1 - p and the continuous error. Means and standard errors go to a table and a
-JSON file::
+1 - p and the continuous error. With ``--shift`` each variant is also fitted
+on the pool's in-distribution part only (acac: the fit half of test_MD_300K;
+ethanol: the fit half of test_MD) and scored on the pool's shifted part
+(acac: train_600K; ethanol: the methanol frames), labelled at that head's own
+tolerance: how the variant ranks a shift its head never saw. Means and
+standard errors go to a table and a JSON file::
 
     python benchmarks/head_variants.py --data ../shared/data/acac --run benchmarks/results/uq-acac
+    python benchmarks/head_variants.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
+        --criteria force_rmse --shift --variants "+ aux quantiles 0.3/0.5/0.7/0.9 (default)" \
+        "+ dense aux quantiles 0.1-0.9, 0.95" --out benchmarks/results/uq-acac/head_variants_shift.json
 
 Units: force RMSE in eV/Å, energy error in eV.
 """
@@ -29,8 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import uq_quality  # noqa: E402
 
-from probe_ase import HeadConfig, TrainConfig, fit_probe  # noqa: E402
+from probe_ase import HeadConfig, TrainConfig, fit_probe, metrics  # noqa: E402
+from probe_ase.dataset import featurize  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
+from probe_ase.graph import radius_graph  # noqa: E402
+from probe_ase.taps import find_tap  # noqa: E402
 
 VARIANTS = {
     "baseline (attention pool)": HeadConfig(aux_quantiles=()),
@@ -38,7 +48,24 @@ VARIANTS = {
     "+ aux quantiles 0.3/0.5/0.7/0.9 (default)": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
     "+ max pool + aux quantiles": HeadConfig(max_pool=True, aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
     "+ aux quantiles + per-element scaling": HeadConfig(per_element_scaling=True),
+    "+ dense aux quantiles 0.1-0.9, 0.95": HeadConfig(aux_quantiles=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)),
 }
+
+
+def shift_ranking(probe, calc, frames, cache) -> tuple[float, float]:
+    """AUROC and Spearman ρ of ``1 - reliability`` on ``frames`` (labels at the probe's own tolerance)."""
+    with find_tap(calc) as tap:
+        fs = featurize(tap, frames, cache_dir=cache, progress=False)
+    graphs = [radius_graph(a, probe.meta.config.cutoff) for a in frames]
+    p = probe.predict(fs.features.to(probe.head.feature_mean.dtype), fs.numbers, fs.ptr, graphs).reliability
+    error = fs.error(probe.meta.criterion)
+    return metrics.auroc(error > probe.meta.tau, 1 - p), metrics.spearman(1 - p, error)
+
+
+def mean_se(values: list) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard errors of ``values`` (rows: seeds)."""
+    s = np.array(values, dtype=float)
+    return s.mean(0), s.std(0, ddof=1) / np.sqrt(len(s))
 
 
 def main(argv=None) -> int:
@@ -49,35 +76,48 @@ def main(argv=None) -> int:
     ap.add_argument("--criteria", nargs="+", default=["force_rmse", "energy"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names of VARIANTS to fit (default: all)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--shift", action="store_true",
+                    help="also fit on the pool's in-distribution part and rank its shifted part (leave-shift-out)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_variants_<backbone>.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    _, _, pool, _, _, _ = uq_quality.load_splits(args.data.resolve(), quick=False)
+    _, _, pool, pool_in, _, _ = uq_quality.load_splits(args.data.resolve(), quick=False)
+    shifted = pool[len(pool_in):]  # load_splits puts the in-distribution part first
     pattern = "ssmace_*_s0.model" if args.backbone == "mace" else "spkpl_*_s0.pt"
     member0 = sorted((args.run / "models").glob(pattern), key=lambda p: p.stat().st_mtime)
     if not member0:
         raise SystemExit(f"no {pattern} in {args.run / 'models'}: run uq_quality.py first")
     calc = uq_quality.make_calc(args.backbone, member0[0])
     rows = []
+    print("| criterion | variant | AUROC (cal) | Spearman (cal) |"
+          + (" AUROC (unseen shift) | Spearman (unseen shift) |" if args.shift else ""), flush=True)
     for crit in args.criteria:
         for name in args.variants:
             config = VARIANTS[name]
-            scores = []
+            scores, shift_scores = [], []
             t0 = time.perf_counter()
             for seed in range(args.seeds):
-                probe = fit_probe(calc, pool, criterion=crit, quantile=0.8, config=config,
-                                  train=TrainConfig(epochs=150, patience=20, seed=seed),
+                train = TrainConfig(epochs=150, patience=20, seed=seed)
+                probe = fit_probe(calc, pool, criterion=crit, quantile=0.8, config=config, train=train,
                                   cache_dir=args.run / "cache", progress=False)
                 scores.append((probe.meta.report["auroc"], probe.meta.report["spearman"]))
-            s = np.array(scores)
-            rows.append({"criterion": crit, "variant": name, "config": asdict(config),
-                         "auroc_mean": s[:, 0].mean(), "auroc_se": s[:, 0].std(ddof=1) / np.sqrt(len(s)),
-                         "spearman_mean": s[:, 1].mean(), "spearman_se": s[:, 1].std(ddof=1) / np.sqrt(len(s)),
-                         "per_seed": s.tolist(), "seconds": time.perf_counter() - t0})
-            r = rows[-1]
-            print(f"| {crit} | {name} | {r['auroc_mean']:.3f} ± {r['auroc_se']:.3f} | "
-                  f"{r['spearman_mean']:.3f} ± {r['spearman_se']:.3f} |", flush=True)
+                if args.shift:
+                    probe_in = fit_probe(calc, pool_in, criterion=crit, quantile=0.8, config=config, train=train,
+                                         cache_dir=args.run / "cache", progress=False)
+                    shift_scores.append(shift_ranking(probe_in, calc, shifted, args.run / "cache"))
+            mean, se = mean_se(scores)
+            row = {"criterion": crit, "variant": name, "config": asdict(config),
+                   "auroc_mean": mean[0], "auroc_se": se[0], "spearman_mean": mean[1], "spearman_se": se[1],
+                   "per_seed": np.array(scores).tolist(), "seconds": time.perf_counter() - t0}
+            line = f"| {crit} | {name} | {mean[0]:.3f} ± {se[0]:.3f} | {mean[1]:.3f} ± {se[1]:.3f} |"
+            if args.shift:
+                mean, se = mean_se(shift_scores)
+                row.update(shift_auroc_mean=mean[0], shift_auroc_se=se[0], shift_spearman_mean=mean[1],
+                           shift_spearman_se=se[1], shift_per_seed=np.array(shift_scores).tolist())
+                line += f" {mean[0]:.3f} ± {se[0]:.3f} | {mean[1]:.3f} ± {se[1]:.3f} |"
+            rows.append(row)
+            print(line, flush=True)
     out = args.out or args.run / f"head_variants_{args.backbone}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps({"member0": str(member0[0]), "seeds": args.seeds,
                                                                  "rows": rows}, indent=1)))
