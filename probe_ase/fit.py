@@ -7,7 +7,9 @@
    validation loss.
 5. Fit the novelty model (:mod:`probe_ase.novelty`) on the train and
    validation structures (plus the backbone's own training frames when
-   given); its support radius comes from out-of-fold distances.
+   given); its support radius comes from out-of-fold distances. Fit how much
+   novelty lowers the logit on out-of-fold logits of fold heads
+   (:func:`out_of_fold_logits`) over the same structures.
 6. Temperature-scale the logit on the calibration split.
 7. Certify ``p*`` (:mod:`probe_ase.certify`): the loosest threshold whose
    verdict (probability >= p* and inside the support) has risk <= ``target_risk``
@@ -201,6 +203,43 @@ def train_head(
     return head, epoch + 1
 
 
+def out_of_fold_logits(
+    data: FeatureSet,
+    edges: Sequence[np.ndarray],
+    labels: np.ndarray,
+    structures: np.ndarray,
+    elements: Sequence[int],
+    folds: int,
+    config: HeadConfig = HeadConfig(),
+    train: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    errors: np.ndarray | None = None,
+    atom_labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Logit of each of ``structures`` from a head trained without it.
+
+    ``folds`` stratified folds (at least 2, at most the minority class's
+    structures), seeded by ``train.seed``; each fold head trains on the other
+    folds with :func:`train_head` and early-stops on its own fold. Returns
+    logits in the order of ``structures``.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    structures = np.asarray(structures)
+    y = labels[structures]
+    if not 2 <= folds <= min(y.sum(), len(y) - y.sum()):
+        raise LabelError(f"{folds} out-of-fold heads need 2 <= folds <= the structures of each class, got "
+                         f"{int(y.sum())} reliable of {len(y)}", folds=folds, n=len(y), n_reliable=int(y.sum()))
+    out = np.empty(len(structures))
+    kfold = StratifiedKFold(folds, shuffle=True, random_state=train.seed)
+    for rest, held in tqdm(list(kfold.split(structures, y)), desc="fold heads", unit="head", disable=not progress):
+        splits = (structures[rest], structures[held], structures[held][:0])
+        head, _ = train_head(data, edges, labels, splits, elements, config, train, False, errors, atom_labels)
+        with torch.no_grad():
+            out[held] = head(*batch_inputs(data.features, data.numbers, data.ptr, edges, structures[held]))[0].numpy()
+    return out
+
+
 def empirical_threshold(p: np.ndarray, reliable: np.ndarray, target_risk: float) -> float:
     """Loosest threshold t whose accepted set ``p >= t`` has empirical risk <= ``target_risk``.
 
@@ -342,8 +381,9 @@ def fit_probe(
     splits = split_indices(labels, train)
     head, epochs = train_head(features, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
     tr, val, cal = splits
-    density, held_out_novelty = fit_novelty(features.features, features.numbers, features.ptr, np.concatenate([tr, val]), elements,
-                             novelty, reference, seed=train.seed)
+    trval = np.concatenate([tr, val])  # the structures (and order) of held_out_novelty
+    density, held_out_novelty = fit_novelty(features.features, features.numbers, features.ptr, trval, elements,
+                                            novelty, reference, seed=train.seed)
 
     def logits_of(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.no_grad():
@@ -357,8 +397,15 @@ def fit_probe(
         atom_novelty = density(features.features[cal_rows], features.numbers[cal_rows])
     novelty_cal = structure_novelty(atom_novelty, np.cumsum([0] + [features.ptr[k + 1] - features.ptr[k] for k in cal]))
     novelty_val = held_out_novelty[len(tr):]  # out-of-fold novelty of the validation structures
-    # novelty in the probability: weight fitted on the validation split, then part of the logit from here on
-    weight = fit_logit_weight(z_val, novelty_val, labels[val] == 1) if novelty.logit_weight else 0.0
+    # novelty in the probability: weight fitted on held-out logits, then part of the logit from here on
+    # fold heads: as many as asked, at most one per minority structure (split_indices leaves >= 4 here)
+    weight, weight_folds = 0.0, min(novelty.weight_folds, int(labels[trval].sum()), int((labels[trval] == 0).sum()))
+    if novelty.logit_weight and weight_folds:
+        z_oof = out_of_fold_logits(features, edges, labels, trval, elements, weight_folds, config, train,
+                                   progress, errors, atom_labels)
+        weight = fit_logit_weight(z_oof, held_out_novelty, labels[trval] == 1)
+    elif novelty.logit_weight:
+        weight = fit_logit_weight(z_val, novelty_val, labels[val] == 1)
     z_val = z_val - logit_penalty(torch.from_numpy(novelty_val), weight).numpy()
     z_cal = z_cal - logit_penalty(torch.from_numpy(novelty_cal), weight).numpy()
     temperature = fit_temperature(z_cal, labels[cal])
@@ -392,6 +439,7 @@ def fit_probe(
         "informative": informative, "probability_range": [float(p.min()), float(p.max())],
         "risk_at_p_star": float(np.mean(labels[cal][accepted] == 0)) if accepted.any() else float("nan"),
         "cal_out_of_support": float(np.mean(novelty_cal > 1)), "novelty_weight": weight,
+        "novelty_weight_folds": weight_folds if novelty.logit_weight else 0,
         "certificate": {"certified": cert.certified, "risk": cert.risk, "delta": delta,
                         "n_accepted": cert.n_accepted, "n_errors": cert.n_errors, "frames_needed": cert.frames_needed},
         "n_reference": 0 if reference is None else int(reference[0].shape[0]),

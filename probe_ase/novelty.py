@@ -20,7 +20,10 @@ Scale (documented, used everywhere in probe-ase):
 
 Novelty also enters the probability (``NoveltyConfig(logit_weight=True)``):
 the head's logit is lowered by ``w * log(novelty)`` before temperature
-scaling, with ``w >= 0`` fitted on the validation split (:func:`fit_logit_weight`).
+scaling, with ``w >= 0`` fitted (:func:`fit_logit_weight`) on cross-fitted
+out-of-fold logits of every train and validation structure
+(``weight_folds`` fold heads; the validation split alone held too few
+unreliable structures to fit it stably).
 On the fit pools' own splits this sharpened the ranking of force errors
 (structures far from the fit data tend to be worse) and is fitted to 0 where
 novelty does not predict the error (often for energies).
@@ -63,19 +66,29 @@ class NoveltyConfig:
             0.9: on acac's pool split, 1.0 let 600 K frames through at 38 %
             risk, 0.9 at 9 %).
         logit_weight: lower the head's logit by ``w * log(novelty)``, ``w >= 0``
-            fitted on the validation split (:func:`fit_logit_weight`); False
-            keeps the head's logit as it is (``w = 0``).
+            (:func:`fit_logit_weight`); False keeps the head's logit as it is
+            (``w = 0``).
+        weight_folds: ``w`` is fitted on the out-of-fold logits of this many
+            fold heads over the train and validation structures (each trained
+            without its fold, early-stopping on it; the deployed head is not
+            one of them); 0 fits ``w`` on the validation split's logits alone
+            (cheaper: no extra heads, but unstable with few unreliable
+            validation structures).
     """
 
     components: int = 2
     folds: int = 5
     support_quantile: float = 0.9
     logit_weight: bool = True
+    weight_folds: int = 5
 
     def __post_init__(self) -> None:
         if self.components < 1 or self.folds < 2:
             raise InputError(f"need components >= 1 and folds >= 2, got {self.components} and {self.folds}",
                              components=self.components, folds=self.folds)
+        if self.weight_folds == 1 or self.weight_folds < 0:
+            raise InputError(f"weight_folds must be 0 (validation split) or >= 2, got {self.weight_folds}",
+                             weight_folds=self.weight_folds)
         if not 0 < self.support_quantile <= 1:
             raise InputError(f"support_quantile must lie in (0, 1], got {self.support_quantile}",
                              support_quantile=self.support_quantile)
@@ -154,7 +167,8 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
     class only or the logit does not rank them (``a <= 0``).
 
     Args:
-        logits: the head's raw logits of held-out structures (the validation split).
+        logits: raw logits of structures the head(s) that scored them did not
+            train on (out-of-fold, or the validation split).
         novelty: their out-of-fold structure novelty (documented scale).
         reliable: their labels (True: within tolerance).
     """

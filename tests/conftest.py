@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from probe_ase import HeadConfig, TrainConfig, fit_probe
+from probe_ase import HeadConfig, NoveltyConfig, TrainConfig, fit_probe
 from probe_ase.taps import ADAPTERS
 from probe_ase.testing import emt_frames, train_mace
 from probe_ase.testing.postgres import create_database, drop_database, postgres_server, server_binaries
@@ -98,7 +98,12 @@ def backbones(cu_data):
 
 @pytest.fixture(scope="session")
 def probes(backbones, cu_data):
-    """Lazily fitted heads by backbone name (top 30 % force RMSE unreliable)."""
+    """Lazily fitted heads by backbone name (top 30 % force RMSE unreliable).
+
+    The novelty weight is fitted on the validation split (``weight_folds=0``):
+    one head per fit keeps the suite fast; the default out-of-fold weight has
+    its own tests in ``test_novelty.py``.
+    """
     cache: dict = {}
 
     def get(name: str):
@@ -106,7 +111,7 @@ def probes(backbones, cu_data):
             cache[name] = fit_probe(
                 backbones(name), cu_data["pool"], criterion="force_rmse", quantile=0.7,
                 config=HeadConfig(hidden=32), train=TrainConfig(epochs=80, patience=15),
-                cache_dir=False, progress=False,
+                novelty=NoveltyConfig(weight_folds=0), cache_dir=False, progress=False,
             )
         return cache[name]
 

@@ -10,8 +10,11 @@ import torch
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from probe_ase import HeadConfig, Probe, ProbeCalculator, TrainConfig, fit_probe
+from probe_ase import HeadConfig, InputError, LabelError, Probe, ProbeCalculator, TrainConfig, featurize, find_tap, fit_probe
+from probe_ase.fit import out_of_fold_logits
+from probe_ase.graph import HeadGraph
 from probe_ase.headfile import save_head
+from probe_ase.metrics import auroc
 from probe_ase.novelty import NoveltyConfig, fit_logit_weight, fit_novelty, logit_penalty
 from probe_ase.testing import assert_invariant, emt_frames
 
@@ -73,10 +76,11 @@ def test_unseen_shift_passes_the_probability_but_not_the_verdict(cold_probe, bac
 
 
 def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, backbones):
-    """The default head learns a novelty weight on its validation split; the shift's probability then drops below p*."""
+    """The default head learns a novelty weight on out-of-fold logits; the shift's probability then drops below p*."""
     weighted = fit_cold(backbones("mace"), NoveltyConfig())
     assert cold_probe.meta.novelty_weight == 0.0 and weighted.meta.novelty_weight > 0
     assert weighted.report["novelty_weight"] == weighted.meta.novelty_weight
+    assert weighted.report["novelty_weight_folds"] == 5 and cold_probe.report["novelty_weight_folds"] == 0
     # reliability = sigmoid((logit - w log novelty) / T), as documented: compare with the same head at w = 0
     unweighted = Probe(weighted.head, replace(weighted.meta, novelty_weight=0.0), weighted.novelty)
     atoms = shifted_frames()["compressed 3 %"][0]
@@ -104,6 +108,28 @@ def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, ba
         below.append(np.mean(np.array(p) < probe.p_star))
         calc.close()
     assert below[1] > below[0] and below[1] >= 0.5, below
+
+
+def test_out_of_fold_logits_rank_structures_their_heads_never_saw(backbones, cu_data):
+    """Fold heads' logits come back in the structures' order and rank held-out force errors; folds are checked."""
+    pool = cu_data["pool"]
+    with find_tap(backbones("mace")) as tap:
+        data = featurize(tap, pool, cache_dir=False, progress=False)
+        cutoff = tap.cutoff
+    errors = data.error("force_rmse")
+    labels = (errors <= np.quantile(errors, 0.7)).astype(np.int64)
+    edges = HeadGraph(cutoff).frames(pool)
+    structures = np.arange(len(pool))[::-1]  # any order: the logits follow it
+    elements = sorted(set(data.numbers.tolist()))
+    config, train = HeadConfig(hidden=32, cutoff=cutoff), TrainConfig(epochs=60, patience=10)
+    z = out_of_fold_logits(data, edges, labels, structures, elements, 4, config, train, progress=False, errors=errors)
+    assert z.shape == (len(pool),) and np.isfinite(z).all()
+    assert auroc(labels[structures] == 0, -z) >= 0.75
+    with pytest.raises(LabelError, match="out-of-fold"):
+        out_of_fold_logits(data, edges, labels, structures[:8], elements, 5, config, train, progress=False,
+                           errors=errors)
+    with pytest.raises(InputError, match="weight_folds"):
+        NoveltyConfig(weight_folds=1)
 
 
 def test_logit_weight_recovers_a_known_weight():
