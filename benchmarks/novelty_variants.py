@@ -25,8 +25,10 @@ and support radius from 5-fold out-of-fold distances as in
 each with support radius at quantile ``q`` of the held-out fit structures'
 novelty (``q`` = 1: the farthest one).
 
-Novelty in the probability (``NoveltyConfig(logit_weight=...)``): the head is
-fitted with and without the novelty weight on the logit, (a) on the
+Novelty in the probability (``NoveltyConfig(logit_weight=..., weight_folds=...)``):
+the head is fitted with the novelty weight on the logit fitted on cross-fitted
+out-of-fold logits (the default), with it fitted on the validation split alone
+(``weight_folds=0``), and without it, (a) on the
 in-distribution part (calibration-split and shifted-part AUROC / Spearman,
 and each one's operating point on the shift) and (b) on the whole fit pool as
 ``uq_quality.py``'s original protocol fits it (calibration-split AUROC /
@@ -168,10 +170,15 @@ def nov_of(probe, fs):
         return structure_novelty(probe.novelty(fs.features, fs.numbers), fs.ptr)
 
 
+#: how the novelty weight on the logit is fitted: out-of-fold (default), validation split only, not at all
+WEIGHTINGS = {"with": NoveltyConfig(), "validation": NoveltyConfig(weight_folds=0),
+              "without": NoveltyConfig(logit_weight=False)}
+
+
 def whole_pool_ranking(calc, pool, crit, threshold, quantile, target_risk, delta, cache):
-    """The original protocol's fit (whole pool), with and without the novelty weight: calibration-split ranking."""
+    """The original protocol's fit (whole pool), for each of :data:`WEIGHTINGS`: calibration-split ranking."""
     out = {}
-    for tag, config in (("with", NoveltyConfig()), ("without", NoveltyConfig(logit_weight=False))):
+    for tag, config in WEIGHTINGS.items():
         try:
             probe = fit_probe(calc, pool, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
                               delta=delta, novelty=config, cache_dir=cache, progress=False)
@@ -276,23 +283,26 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
         rows["p only"] = {"certified_risk": probe.meta.certified_risk,
                           "shift": outcome(p_sh >= probe.p_star, bad_sh),
                           "in_cal": outcome(p_in[cal] >= probe.p_star, bad_in[cal])}
-        plain = fit_probe(calc0, pool_in, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
-                          delta=delta, novelty=NoveltyConfig(logit_weight=False), cache_dir=cache, progress=False)
-        q_in, q_sh = (plain.predict(fs.features, fs.numbers, fs.ptr, [radius_graph(a, cutoff) for a in frames]).reliability
-                      for fs, frames in ((fs_in, pool_in), (fs_sh, shift)))
-        rows["p only, no novelty weight"] = {"certified_risk": plain.meta.certified_risk,
-                                             "shift": outcome(q_sh >= plain.p_star, bad_sh),
-                                             "in_cal": outcome(q_in[cal] >= plain.p_star, bad_in[cal])}
-        rows["verdict, no novelty weight"] = {"certified_risk": plain.meta.certified_risk,
-                                              "shift": outcome(plain.verdict(q_sh, nov_of(plain, fs_sh))[0], bad_sh),
-                                              "in_cal": outcome(plain.verdict(q_in[cal], nov_of(plain, fs_in)[cal])[0],
-                                                                bad_in[cal])}
         rows["verdict"] = {"certified_risk": probe.meta.certified_risk,
                            "shift": outcome(probe.verdict(p_sh, nov_of(probe, fs_sh))[0], bad_sh),
                            "in_cal": outcome(probe.verdict(p_in[cal], nov_of(probe, fs_in)[cal])[0], bad_in[cal])}
-        weight = {"weight": probe.meta.novelty_weight}
-        for tag, (a, b) in (("with", (p_in, p_sh)), ("without", (q_in, q_sh))):
-            weight[tag] = {"cal": ranking(a[cal], bad_in[cal], err_in[cal]), "shift": ranking(b, bad_sh, err_sh)}
+        weight = {"with": {"weight": probe.meta.novelty_weight, "cal": ranking(p_in[cal], bad_in[cal], err_in[cal]),
+                           "shift": ranking(p_sh, bad_sh, err_sh)}}
+        for tag, what in (("validation", "validation-split novelty weight"), ("without", "no novelty weight")):
+            other = fit_probe(calc0, pool_in, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
+                              delta=delta, novelty=WEIGHTINGS[tag], cache_dir=cache, progress=False)
+            q_in, q_sh = (other.predict(fs.features, fs.numbers, fs.ptr,
+                                        [radius_graph(a, cutoff) for a in frames]).reliability
+                          for fs, frames in ((fs_in, pool_in), (fs_sh, shift)))
+            rows[f"p only, {what}"] = {"certified_risk": other.meta.certified_risk,
+                                       "shift": outcome(q_sh >= other.p_star, bad_sh),
+                                       "in_cal": outcome(q_in[cal] >= other.p_star, bad_in[cal])}
+            rows[f"verdict, {what}"] = {"certified_risk": other.meta.certified_risk,
+                                        "shift": outcome(other.verdict(q_sh, nov_of(other, fs_sh))[0], bad_sh),
+                                        "in_cal": outcome(other.verdict(q_in[cal], nov_of(other, fs_in)[cal])[0],
+                                                          bad_in[cal])}
+            weight[tag] = {"weight": other.meta.novelty_weight, "cal": ranking(q_in[cal], bad_in[cal], err_in[cal]),
+                           "shift": ranking(q_sh, bad_sh, err_sh)}
         grid_part = np.random.default_rng(0).uniform(size=len(pool_in)) < 0.4
         for m in ("ens_force_std", "ens_force_max_std", "ens_energy_std"):
             s_in, s_sh = -ens[f"in/{m}"], -ens[f"shift/{m}"]
@@ -310,18 +320,24 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
 def weight_table(name, crit, entry) -> str:
     """Ranking with and without the novelty weight on the logit (fit pool only)."""
     w, whole = entry["logit_weight"], entry["logit_weight_whole_pool"]
-    lines = [f"\n#### {name}, {crit}: novelty in the probability (weight {w['weight']:.3g} in-distribution fit)",
-             "| fit | split | AUROC with / without | Spearman with / without |", "|---|---|---|---|"]
+    tags = list(WEIGHTINGS)
+
+    def cells(entries: dict, split: str | None) -> str:
+        got = [entries[t] if split is None else entries[t][split] for t in tags]
+        return " | ".join(" / ".join(uq.fmt(g[m]) for g in got) for m in ("auroc", "spearman"))
+
+    weights = " / ".join(f"{w[t]['weight']:.3g}" for t in tags[:2])
+    lines = [f"\n#### {name}, {crit}: novelty in the probability (weight out-of-fold / validation {weights}, "
+             "in-distribution fit)",
+             "| fit | split | AUROC out-of-fold / validation / no weight | Spearman out-of-fold / validation / no weight |",
+             "|---|---|---|---|"]
     for split in ("cal", "shift"):
-        a, b = w["with"][split], w["without"][split]
-        lines.append(f"| in-distribution part | {split} | {uq.fmt(a['auroc'])} / {uq.fmt(b['auroc'])} | "
-                     f"{uq.fmt(a['spearman'])} / {uq.fmt(b['spearman'])} |")
+        lines.append(f"| in-distribution part | {split} | {cells(w, split)} |")
     if "skipped" in whole:
         lines.append(f"| whole pool | cal | skipped: {whole['skipped']} | |")
     else:
-        a, b = whole["with"], whole["without"]
-        lines.append(f"| whole pool (weight {a['weight']:.3g}) | cal | {uq.fmt(a['auroc'])} / {uq.fmt(b['auroc'])} | "
-                     f"{uq.fmt(a['spearman'])} / {uq.fmt(b['spearman'])} |")
+        weights = " / ".join(f"{whole[t]['weight']:.3g}" for t in tags[:2])
+        lines.append(f"| whole pool (weight {weights}) | cal | {cells(whole, None)} |")
     return "\n".join(lines)
 
 
