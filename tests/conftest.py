@@ -32,6 +32,11 @@ from probe_ase.taps import ADAPTERS
 from probe_ase.testing import emt_frames, train_mace
 from probe_ase.testing.postgres import create_database, drop_database, postgres_server, server_binaries
 
+# pytest-xdist workers (pyproject's `-n auto`): one torch thread each, and for the subprocesses they start;
+# processes with two threads each on the same cores slow each other down many times over
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 logging.getLogger().setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=UserWarning)
 
