@@ -7,7 +7,8 @@ since the trainer changes global torch and logging state) with
 ``--foundation_model`` pointing at the current weights, then refits the PROBE
 head for the new backbone with the old head's criterion and tolerance (or,
 when the retrained backbone is within that tolerance on every fit frame, with
-tau at the old head's quantile, with a warning).
+tau at the old head's quantile, with a warning) and the rest of its settings
+(:func:`refit_options`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ from .calculator import ProbeCalculator
 from .dataset import Frames, read_frames, reference_energy, reference_forces
 from .exceptions import InputError, LabelError, TrainingError
 from .fit import TrainConfig, fit_probe
+from .headfile import HeadMeta
+
+
+def refit_options(meta: HeadMeta, head_epochs: int, seed: int) -> dict:
+    """:func:`~probe_ase.fit.fit_probe` options that refit a head like the one ``meta`` describes.
+
+    Keeps its criterion, target risk and certificate level (``delta``),
+    tapped layers, head size, novelty options and, for a head with a per-atom
+    logit, its atom tolerance (eV/Å); the tolerance ``tau`` is the caller's.
+    """
+    options = dict(criterion=meta.criterion, target_risk=meta.target_risk, delta=meta.delta, layers=meta.layers,
+                   config=meta.config, novelty=meta.novelty, train=TrainConfig(epochs=head_epochs, seed=seed),
+                   cache_dir=False, progress=False)
+    if meta.atom_tau is not None:
+        options["atom_threshold"] = meta.atom_tau
+    return options
 
 
 def mace_training_frames(frames: Sequence[Atoms]) -> list[Atoms]:
@@ -115,7 +132,8 @@ class MaceTrainer:
 
         Holds out a share of ``labelled`` (kept in :attr:`held_out`), fine-tunes on the original training
         frames plus the rest, then refits the head on ``fit_data`` plus the held-out frames at the old
-        tolerance (at a quantile of the errors when those labels are unusable). Files go to ``work_dir``.
+        tolerance (at a quantile of the errors when those labels are unusable) and the old head's other
+        settings (:func:`refit_options`). Files go to ``work_dir``.
         """
         from mace.calculators import MACECalculator
 
@@ -133,9 +151,7 @@ class MaceTrainer:
                                self.epochs, self.seed, self.extra_args)
         base = MACECalculator(model_paths=str(model), device="cpu", default_dtype="float64")
         meta = current.probe.meta
-        options = dict(criterion=meta.criterion, target_risk=meta.target_risk, layers=meta.layers,
-                       config=meta.config, train=TrainConfig(epochs=self.head_epochs, seed=self.seed),
-                       cache_dir=False, progress=False)
+        options = refit_options(meta, self.head_epochs, self.seed)
         fit_frames = self.fit_frames + self.held_out
         try:  # keep the user's tolerance where the data still hold both classes under it
             probe = fit_probe(base, fit_frames, threshold=meta.tau, **options)

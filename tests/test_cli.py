@@ -7,6 +7,7 @@ import pytest
 import torch
 from ase.io import read, write
 
+from probe_ase import Probe
 from probe_ase.cli import main
 
 
@@ -55,6 +56,20 @@ def test_failed_score_leaves_existing_output_intact(files, capsys):
     assert "frame 1 has NaN or inf positions" in capsys.readouterr().err
     assert out.read_text() == "precious\n"
     assert sorted(p.name for p in files.iterdir() if p.name.startswith(".keep")) == []
+
+
+def test_fit_options_for_the_verdict_reach_the_head_file(files, cu_data):
+    """--delta, --reference-data, --support-quantile and --weight-folds end up in the head the CLI writes."""
+    write(files / "train.xyz", cu_data["train"], format="extxyz")
+    head = files / "options.pt"
+    assert main(["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"), "--quantile", "0.7",
+                 "--epochs", "5", "--no-cache", "--delta", "0.2", "--reference-data", str(files / "train.xyz"),
+                 "--support-quantile", "0.95", "--weight-folds", "2", "-o", str(head)]) == 0
+    meta = Probe.load(head).meta
+    assert (meta.delta, meta.novelty.support_quantile, meta.novelty.weight_folds) == (0.2, 0.95, 2)
+    assert meta.report["certificate"]["delta"] == 0.2 and meta.report["novelty_weight_folds"] == 2
+    assert meta.report["n_reference"] == sum(len(a) for a in cu_data["train"])  # atoms of the training frames
+    assert Probe.load(files / "probe.pt").meta.novelty.weight_folds == 5  # the default when not given
 
 
 def test_fit_errors_are_reported_not_raised(files, capsys):

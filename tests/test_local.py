@@ -93,6 +93,21 @@ def test_head_file_keeps_the_atom_logit(local_probe, backbones, tmp_path):
     np.testing.assert_allclose(results[0], results[1], atol=1e-6)
 
 
+def test_active_learning_refit_keeps_the_heads_settings(local_probe, backbones):
+    """The retraining step's head refit keeps the atom tolerance, certificate level and novelty options."""
+    from dataclasses import replace
+
+    from probe_ase.novelty import NoveltyConfig
+    from probe_ase.retrain import refit_options
+
+    meta = replace(local_probe.meta, delta=0.2, novelty=NoveltyConfig(support_quantile=0.95, weight_folds=0))
+    pool = emt_frames(8, 300, size=3, seed=13) + hot_spot_frames(16, seed=14)
+    refit = fit_probe(backbones("mace"), pool, threshold=meta.tau, **refit_options(meta, head_epochs=3, seed=0))
+    assert refit.meta.local and refit.meta.atom_tau == meta.atom_tau and refit.meta.tau == meta.tau
+    assert (refit.meta.delta, refit.meta.novelty, refit.meta.target_risk) == (0.2, meta.novelty, meta.target_risk)
+    assert refit.meta.report["train"]["epochs"] == 3 and refit.meta.config == meta.config
+
+
 def test_heads_without_atoms_say_so(backbones, probes, cu_data):
     atoms = cu_data["test_in"][0].copy()
     with ProbeCalculator(backbones("mace"), probes("mace")) as calc:

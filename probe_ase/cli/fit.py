@@ -33,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="... or the atom tolerance as this quantile (0-1) of all atoms' force errors")
     parser.add_argument("--target-risk", type=float, default=0.05,
                         help="largest fraction of accepted structures allowed to be unreliable (default: 0.05)")
+    parser.add_argument("--delta", type=float, default=0.1,
+                        help="p* keeps --target-risk with probability >= 1 - delta over the calibration draw "
+                             "(0-1; default: 0.1)")
+    parser.add_argument("--reference-data", metavar="PATH",
+                        help="the backbone's own training structures (extxyz, ASE trajectory or ase.db; no labels "
+                             "needed): structures like them count as inside the novelty support")
+    parser.add_argument("--support-quantile", type=float, metavar="Q",
+                        help="novelty support edge: this quantile (0-1] of held-out fit structures' novelty "
+                             "(default: 0.9)")
+    parser.add_argument("--weight-folds", type=int, metavar="K",
+                        help="fold heads whose out-of-fold logits fit the novelty weight (default: 5; 0: the "
+                             "validation split, no extra heads, several times faster)")
     parser.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")
     parser.add_argument("--epochs", type=int, default=200, help="most training epochs (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -49,12 +61,16 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones import load_backbone
     from ..fit import TrainConfig, fit_probe
     from ..head import HeadConfig
+    from ..novelty import NoveltyConfig
 
+    novelty = {k: v for k, v in (("support_quantile", args.support_quantile), ("weight_folds", args.weight_folds))
+               if v is not None}
     calc = load_backbone(args.backbone, args.backbone_type, args.device)
     probe = fit_probe(
         calc, args.data, criterion=args.criterion, threshold=args.threshold, quantile=args.quantile,
-        atom_threshold=args.atom_threshold, atom_quantile=args.atom_quantile,
-        target_risk=args.target_risk, layers=args.layers, config=HeadConfig(cutoff=args.cutoff),
+        atom_threshold=args.atom_threshold, atom_quantile=args.atom_quantile, target_risk=args.target_risk,
+        delta=args.delta, reference_data=args.reference_data, novelty=NoveltyConfig(**novelty),
+        layers=args.layers, config=HeadConfig(cutoff=args.cutoff),
         train=TrainConfig(epochs=args.epochs, seed=args.seed), energy_key=args.energy_key,
         forces_key=args.forces_key, batch_size=args.batch_size,
         cache_dir=False if args.no_cache else args.cache_dir,
