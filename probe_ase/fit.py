@@ -44,7 +44,7 @@ from .certify import certify
 from .dataset import FeatureSet, Frames, featurize, features_only, read_frames
 from .exceptions import InputError, LabelError
 from .graph import HeadGraph
-from .head import HeadConfig, ProbeHead, batch_inputs, structure_rows
+from .head import HeadConfig, ProbeHead, batch_inputs, structure_ptr, structure_rows
 from .headfile import HeadMeta
 from .probe import Probe
 from .labels import Criterion, check_criterion, make_labels, resolve_tolerance
@@ -216,12 +216,13 @@ def out_of_fold_logits(
     errors: np.ndarray | None = None,
     atom_labels: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Logit of each of ``structures`` from a head trained without it.
+    """Logits of each of ``structures`` from a head trained without it.
 
     ``folds`` stratified folds (at least 2, at most the minority class's
     structures), seeded by ``train.seed``; each fold head trains on the other
     folds with :func:`train_head` and early-stops on its own fold. Returns
-    logits in the order of ``structures``.
+    ``(len(structures), 1 + n_aux)`` logits in the order of ``structures``:
+    the main logit first, then the auxiliary quantile logits.
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -230,13 +231,14 @@ def out_of_fold_logits(
     if not 2 <= folds <= min(y.sum(), len(y) - y.sum()):
         raise LabelError(f"{folds} out-of-fold heads need 2 <= folds <= the structures of each class, got "
                          f"{int(y.sum())} reliable of {len(y)}", folds=folds, n=len(y), n_reliable=int(y.sum()))
-    out = np.empty(len(structures))
+    out = np.empty((len(structures), 1 + len(config.aux_quantiles)))
     kfold = StratifiedKFold(folds, shuffle=True, random_state=train.seed)
     for rest, held in tqdm(list(kfold.split(structures, y)), desc="fold heads", unit="head", disable=not progress):
         splits = (structures[rest], structures[held], structures[held][:0])
         head, _ = train_head(data, edges, labels, splits, elements, config, train, False, errors, atom_labels)
         with torch.no_grad():
-            out[held] = head(*batch_inputs(data.features, data.numbers, data.ptr, edges, structures[held]))[0].numpy()
+            out[held] = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges,
+                                                      structures[held]))[0].numpy()
     return out
 
 
@@ -381,9 +383,13 @@ def fit_probe(
     splits = split_indices(labels, train)
     head, epochs = train_head(features, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
     tr, val, cal = splits
-    trval = np.concatenate([tr, val])  # the structures (and order) of held_out_novelty
-    density, held_out_novelty = fit_novelty(features.features, features.numbers, features.ptr, trval, elements,
-                                            novelty, reference, seed=train.seed)
+    trval = np.concatenate([tr, val])  # the structures (and order) of held_out_atoms
+    density, held_out_atoms = fit_novelty(features.features, features.numbers, features.ptr, trval, elements,
+                                          novelty, reference, seed=train.seed)
+    trval_ptr = structure_ptr(features.ptr, trval)
+    # support edge: the largest atom novelty; logit penalty: novelty.penalty ("mean" or "max") of the atom novelties
+    held_out_novelty, held_out_penalty = (structure_novelty(held_out_atoms, trval_ptr, reduce)
+                                          for reduce in ("max", novelty.penalty))
 
     def logits_of(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.no_grad():
@@ -395,19 +401,28 @@ def fit_probe(
     cal_rows = structure_rows(features.ptr, cal)
     with torch.no_grad():
         atom_novelty = density(features.features[cal_rows], features.numbers[cal_rows])
-    novelty_cal = structure_novelty(atom_novelty, np.cumsum([0] + [features.ptr[k + 1] - features.ptr[k] for k in cal]))
-    novelty_val = held_out_novelty[len(tr):]  # out-of-fold novelty of the validation structures
+    cal_ptr = structure_ptr(features.ptr, cal)
+    novelty_cal, penalty_cal = (structure_novelty(atom_novelty, cal_ptr, reduce) for reduce in ("max", novelty.penalty))
+    novelty_val, penalty_val = held_out_novelty[len(tr):], held_out_penalty[len(tr):]  # out-of-fold, validation split
     # novelty in the probability: weight fitted on held-out logits, then part of the logit from here on
     # fold heads: as many as asked, at most one per minority structure (split_indices leaves >= 4 here)
     weight, weight_folds = 0.0, min(novelty.weight_folds, int(labels[trval].sum()), int((labels[trval] == 0).sum()))
+    # one novelty coefficient shared by the main label and the auxiliary quantile labels (steadier, see there)
+    levels = np.quantile(errors[trval], config.aux_quantiles)
+
+    def all_labels(indices: np.ndarray) -> np.ndarray:
+        return np.column_stack([labels[indices] == 1, *(errors[indices] <= level for level in levels)])
+
     if novelty.logit_weight and weight_folds:
         z_oof = out_of_fold_logits(features, edges, labels, trval, elements, weight_folds, config, train,
                                    progress, errors, atom_labels)
-        weight = fit_logit_weight(z_oof, held_out_novelty, labels[trval] == 1)
+        weight = fit_logit_weight(z_oof, held_out_penalty, all_labels(trval))
     elif novelty.logit_weight:
-        weight = fit_logit_weight(z_val, novelty_val, labels[val] == 1)
-    z_val = z_val - logit_penalty(torch.from_numpy(novelty_val), weight).numpy()
-    z_cal = z_cal - logit_penalty(torch.from_numpy(novelty_cal), weight).numpy()
+        with torch.no_grad():
+            z_val_all = head.all_logits(*batch_inputs(features.features, features.numbers, features.ptr, edges, val))[0]
+        weight = fit_logit_weight(z_val_all.numpy().astype(float), penalty_val, all_labels(val))
+    z_val = z_val - logit_penalty(torch.from_numpy(penalty_val), weight).numpy()
+    z_cal = z_cal - logit_penalty(torch.from_numpy(penalty_cal), weight).numpy()
     temperature = fit_temperature(z_cal, labels[cal])
     head.temperature.fill_(temperature)
     p = 1 / (1 + np.exp(-z_cal / temperature))
@@ -447,7 +462,6 @@ def fit_probe(
     }
     atom_p_star = None
     if local:
-        cal_ptr = np.cumsum([0] + [features.ptr[k + 1] - features.ptr[k] for k in cal])
         head.atom_temperature.fill_(fit_temperature(z_atom_cal, atom_labels[cal_rows]))
         atom_p_star, report["atoms"] = calibrate_atoms(
             z_atom_cal / float(head.atom_temperature), atom_labels[cal_rows] == 1, features.atom_errors[cal_rows],

@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -285,6 +286,11 @@ class ProbeHead(nn.Module):
 def structure_rows(ptr: Sequence[int], indices: Iterable[int]) -> torch.Tensor:
     """Row indices of structures ``indices`` in atom-concatenated arrays (structure ``k`` owns ``ptr[k]:ptr[k+1]``)."""
     return torch.cat([torch.arange(int(ptr[k]), int(ptr[k + 1])) for k in indices])
+
+
+def structure_ptr(ptr: Sequence[int], indices: Iterable[int]) -> np.ndarray:
+    """Offsets of structures ``indices`` once their rows are gathered (:func:`structure_rows`) into one array."""
+    return np.cumsum([0] + [int(ptr[k + 1]) - int(ptr[k]) for k in indices])
 
 
 def batch_inputs(

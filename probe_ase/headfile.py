@@ -27,11 +27,12 @@ from .novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
 #: bumped on every schema change; 2 added the novelty model and the certified threshold, 3 the per-atom logit,
-#: 4 the novelty weight on the logit
-VERSION = 4
+#: 4 the novelty weight on the logit, 5 the logit's novelty penalty on the mean atom novelty
+VERSION = 5
 #: what each version added, for the message when a file of another version is opened
 CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
-           4: "novelty in the probability (the logit's novelty weight)"}
+           4: "novelty in the probability (the logit's novelty weight)",
+           5: "the logit's novelty penalty read from the mean atom novelty (NoveltyConfig.penalty)"}
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,10 @@ class HeadMeta:
         tau: tolerance in the criterion's units (eV/Å, eV/atom or eV).
         quantile: the quantile ``tau`` came from, if any.
         temperature: calibration temperature applied to the logit.
-        novelty_weight: the logit is lowered by ``novelty_weight * log(novelty)``
-            before temperature scaling (>= 0; see :func:`probe_ase.novelty.fit_logit_weight`).
+        novelty_weight: the logit is lowered by ``novelty_weight * log(n)``
+            before temperature scaling, ``n`` the mean atom novelty (or the
+            structure novelty, ``novelty.penalty``) (>= 0; see
+            :func:`probe_ase.novelty.fit_logit_weight`).
         p_star: operating threshold on the calibrated probability.
         target_risk: risk (fraction of accepted structures that are unreliable) p* aims for.
         coverage: fraction of calibration structures accepted by the verdict at p*.

@@ -19,14 +19,18 @@ Scale (documented, used everywhere in probe-ase):
   atom is twice as far as that edge.
 
 Novelty also enters the probability (``NoveltyConfig(logit_weight=True)``):
-the head's logit is lowered by ``w * log(novelty)`` before temperature
-scaling, with ``w >= 0`` fitted (:func:`fit_logit_weight`) on cross-fitted
-out-of-fold logits of every train and validation structure
+the head's logit is lowered by ``w * log(mean atom novelty)`` before
+temperature scaling (``NoveltyConfig(penalty="max")``: by the structure
+novelty instead), with ``w >= 0`` fitted (:func:`fit_logit_weight`) on
+cross-fitted out-of-fold logits of every train and validation structure
 (``weight_folds`` fold heads; the validation split alone held too few
 unreliable structures to fit it stably).
 On the fit pools' own splits this sharpened the ranking of force errors
-(structures far from the fit data tend to be worse) and is fitted to 0 where
-novelty does not predict the error (often for energies).
+(structures far from the fit data tend to be worse; a structure's force RMSE
+averages its atoms, and so ranked better by the mean atom novelty than by
+the largest) and is fitted to 0 where novelty does not predict the error
+(often for energies). The support edge stays on the largest atom novelty:
+one atom out of support is enough to leave it.
 
 The support edge is set on structures the size of the fit frames: the
 largest of N atom novelties grows with N, so a much larger cell than the fit
@@ -51,6 +55,10 @@ from torch import nn
 from .exceptions import InputError
 
 
+#: how atom novelties become the per-structure novelty that lowers the logit (NoveltyConfig.penalty)
+PENALTIES = ("mean", "max")
+
+
 @dataclass(frozen=True)
 class NoveltyConfig:
     """How the novelty model is fitted.
@@ -65,7 +73,7 @@ class NoveltyConfig:
             held-out fit structures' novelty; 1.0 takes the largest (default
             0.9: on acac's pool split, 1.0 let 600 K frames through at 38 %
             risk, 0.9 at 9 %).
-        logit_weight: lower the head's logit by ``w * log(novelty)``, ``w >= 0``
+        logit_weight: lower the head's logit by ``w * log(n)`` (``n``: see ``penalty``), ``w >= 0``
             (:func:`fit_logit_weight`); False keeps the head's logit as it is
             (``w = 0``).
         weight_folds: ``w`` is fitted on the out-of-fold logits of this many
@@ -74,6 +82,9 @@ class NoveltyConfig:
             one of them); 0 fits ``w`` on the validation split's logits alone
             (cheaper: no extra heads, but unstable with few unreliable
             validation structures).
+        penalty: which per-structure novelty lowers the logit: ``"mean"``
+            (the mean atom novelty; default) or ``"max"`` (the structure
+            novelty, as the support edge uses).
     """
 
     components: int = 2
@@ -81,8 +92,11 @@ class NoveltyConfig:
     support_quantile: float = 0.9
     logit_weight: bool = True
     weight_folds: int = 5
+    penalty: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.penalty not in PENALTIES:
+            raise InputError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}", penalty=self.penalty)
         if self.components < 1 or self.folds < 2:
             raise InputError(f"need components >= 1 and folds >= 2, got {self.components} and {self.folds}",
                              components=self.components, folds=self.folds)
@@ -137,10 +151,11 @@ class NoveltyModel(nn.Module):
         return self.distances(features, numbers) / self.unit[element] / self.radius
 
 
-def structure_novelty(atom_novelty: np.ndarray | torch.Tensor, ptr: Sequence[int]) -> np.ndarray:
-    """Per-structure novelty: the largest atom novelty of each structure (rows ``ptr[k]:ptr[k+1]``)."""
+def structure_novelty(atom_novelty: np.ndarray | torch.Tensor, ptr: Sequence[int], reduce: str = "max") -> np.ndarray:
+    """Per-structure novelty of atoms ``ptr[k]:ptr[k+1]``: the largest atom novelty (``reduce="max"``) or the mean."""
     values = np.asarray(atom_novelty.cpu() if isinstance(atom_novelty, torch.Tensor) else atom_novelty, dtype=float)
-    return np.array([values[ptr[k] : ptr[k + 1]].max() for k in range(len(ptr) - 1)])
+    aggregate = np.max if reduce == "max" else np.mean
+    return np.array([aggregate(values[ptr[k] : ptr[k + 1]]) for k in range(len(ptr) - 1)])
 
 
 #: structure novelty below this counts as this in the logit penalty (log 0 is -inf)
@@ -148,7 +163,10 @@ NOVELTY_FLOOR = 1e-3
 
 
 def logit_penalty(novelty: torch.Tensor, weight: float) -> torch.Tensor:
-    """What novelty takes off the head's logit: ``weight * log(novelty)`` per structure (novelty on the documented scale).
+    """What novelty takes off the head's logit: ``weight * log(novelty)`` per structure.
+
+    ``novelty`` is the per-structure novelty the head's ``NoveltyConfig.penalty``
+    names (mean or largest atom novelty, documented scale).
 
     Zero when ``weight`` is 0, even for infinite novelty (an element the
     density has no component for), so the probability stays defined there.
@@ -159,39 +177,52 @@ def logit_penalty(novelty: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarray) -> float:
-    """How much structure novelty should lower the head's logit, fitted on held-out structures.
+    """How much novelty should lower the head's logit, fitted on held-out structures.
 
     Logistic regression of ``reliable`` on ``a * logit + b - lam * log(novelty)``
     with ``lam >= 0`` (novelty may only lower reliability); returns ``lam / a``,
     the weight in the logit's own units, or 0 when the structures hold one
     class only or the logit does not rank them (``a <= 0``).
 
+    With several columns (the main logit and label first, then the head's
+    auxiliary quantile logits and labels "error <= q-quantile"), each column
+    gets its own ``a`` and ``b`` and all share one ``lam``: the auxiliary
+    labels hold many more unreliable structures than a strict main label, so
+    the shared ``lam`` is fitted more steadily; the weight is ``lam / a`` of
+    the main column. (Simulated with 2 % unreliable under the main label and
+    a true weight of 1.5: mean absolute miss 0.41-0.57 against 0.55-1.02 for
+    the main label alone over five simulation seeds, medians 1.36-1.52;
+    tested.) Columns with one class only, or a constant logit, are left out.
+
     Args:
-        logits: raw logits of structures the head(s) that scored them did not
-            train on (out-of-fold, or the validation split).
-        novelty: their out-of-fold structure novelty (documented scale).
-        reliable: their labels (True: within tolerance).
+        logits: raw logits ``(n,)`` or ``(n, k)`` of structures the head(s)
+            that scored them did not train on (out-of-fold, or the validation
+            split).
+        novelty: their out-of-fold per-structure novelty ``(n,)`` (documented
+            scale; the mean or largest atom novelty, as the penalty reads it).
+        reliable: their labels, shaped like ``logits`` (True: within tolerance).
     """
     from scipy.optimize import minimize
 
-    y = np.asarray(reliable, dtype=float)
-    if y.min() == y.max():
+    y = np.asarray(reliable, dtype=float).reshape(len(novelty), -1)
+    z = np.asarray(logits, dtype=float).reshape(len(novelty), -1)
+    scale = z.std(0)
+    keep = (y.min(0) < y.max(0)) & (scale > 1e-12)  # columns that can say anything
+    if not keep[0]:  # one class only, or a constant logit that ranks nothing
         return 0.0
-    z = np.asarray(logits, dtype=float)
-    scale = float(z.std())
-    if scale < 1e-12:  # a constant logit ranks nothing
-        return 0.0
-    z = z - z.mean()  # fit on a centred unit-scale logit (the bias absorbs the shift), convert back at the end
-    log_n = np.log(np.maximum(np.asarray(novelty, dtype=float), NOVELTY_FLOOR))
+    y, z, scale = y[:, keep], z[:, keep], scale[keep]
+    z = (z - z.mean(0)) / scale  # centred unit-scale logits (the biases absorb the shift), converted back at the end
+    log_n = np.log(np.maximum(np.asarray(novelty, dtype=float), NOVELTY_FLOOR))[:, None]
+    k = z.shape[1]
 
     def nll(params: np.ndarray) -> float:
-        a, b, lam = params
-        s = a * z / scale + b - lam * log_n
+        s = params[:k] * z + params[k : 2 * k] - params[-1] * log_n
         return float(np.sum(np.logaddexp(0, s) - y * s))
 
-    a, _, lam = minimize(nll, np.array([1.0, 0.0, 0.0]), method="L-BFGS-B",
-                         bounds=[(None, None), (None, None), (0, None)]).x
-    return float(lam * scale / a) if a > 0 else 0.0
+    start = np.concatenate([np.ones(k), np.zeros(k + 1)])
+    params = minimize(nll, start, method="L-BFGS-B", bounds=[(None, None)] * (2 * k) + [(0, None)]).x
+    a, lam = params[0], params[-1]
+    return float(lam * scale[0] / a) if a > 0 else 0.0
 
 
 def _fit_mixtures(
@@ -253,8 +284,10 @@ def fit_novelty(
         max_atoms: most atoms per element per mixture fit (subsampled above).
 
     Returns:
-        the fitted model and the out-of-fold novelty of each fit structure (on
-        the documented scale: <= 1 for the share ``support_quantile`` of them).
+        the fitted model and the out-of-fold atom novelty of the fit
+        structures' atoms (documented scale; concatenated in the order of
+        ``fit_structures``): :func:`structure_novelty` of it is <= 1 for the
+        share ``support_quantile`` of them.
     """
     components, folds = config.components, config.folds
     fit_structures = np.asarray(fit_structures)
@@ -299,7 +332,7 @@ def fit_novelty(
     _load(model, *_fit_mixtures(*with_reference(all_rows), n_el, components, seed, max_atoms))
     model.unit.copy_(torch.from_numpy(unit))
     model.radius.fill_(radius)
-    return model, per_structure / radius
+    return model, scaled[all_rows] / radius
 
 
 def _load(model: NoveltyModel, centres: np.ndarray, whiteners: np.ndarray, active: np.ndarray) -> None:

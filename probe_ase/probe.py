@@ -52,6 +52,14 @@ class Scores:
     atom_reliability: np.ndarray
 
 
+def per_structure(atom_values: torch.Tensor, owner: torch.Tensor, n_structures: int, reduce: str) -> torch.Tensor:
+    """``(n_structures,)`` largest (``reduce="max"``) or mean of per-atom values; ``owner`` gives each atom's structure."""
+    if n_structures == 1:
+        return (atom_values.max() if reduce == "max" else atom_values.mean()).reshape(1)
+    return atom_values.new_zeros(n_structures).scatter_reduce(
+        0, owner, atom_values, reduce="amax" if reduce == "max" else "mean", include_self=False)
+
+
 @dataclass
 class Probe:
     """A fitted PROBE head with its metadata: what :func:`~probe_ase.fit_probe` returns.
@@ -123,18 +131,17 @@ class Probe:
     ) -> Scores:
         """Reliability and novelty per structure; importance, novelty and reliability per atom (atoms concatenated).
 
-        reliability = sigmoid((logit - novelty_weight * log(novelty)) / temperature).
+        reliability = sigmoid((logit - novelty_weight * log(penalty novelty)) / temperature), the
+        penalty novelty being the mean atom novelty (or the structure novelty, ``meta.novelty.penalty``).
         """
         inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
         with self._lock, torch.inference_mode():
             logits, importance, atom_logits = self._compiled()(*inputs)
             atom_novelty = self.novelty(inputs[0], inputs[1])
-            if inputs[4] == 1:
-                novelty = atom_novelty.max().reshape(1)
-            else:
-                novelty = atom_novelty.new_full((inputs[4],), -np.inf).scatter_reduce(
-                    0, inputs[3], atom_novelty, reduce="amax")
-            logits = logits - logit_penalty(novelty, self.meta.novelty_weight).to(logits.dtype)
+            novelty = per_structure(atom_novelty, inputs[3], inputs[4], "max")
+            penalty = novelty if self.meta.novelty.penalty == "max" else \
+                per_structure(atom_novelty, inputs[3], inputs[4], "mean")
+            logits = logits - logit_penalty(penalty, self.meta.novelty_weight).to(logits.dtype)
             p = torch.sigmoid(logits / self.head.temperature)
             atom_p = torch.sigmoid(atom_logits / self.head.atom_temperature)
         return Scores(*(t.cpu().numpy().astype(float) for t in (p, importance, atom_novelty, novelty, atom_p)))

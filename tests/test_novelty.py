@@ -15,7 +15,7 @@ from probe_ase.fit import out_of_fold_logits
 from probe_ase.graph import HeadGraph
 from probe_ase.headfile import save_head
 from probe_ase.metrics import auroc
-from probe_ase.novelty import NoveltyConfig, fit_logit_weight, fit_novelty, logit_penalty
+from probe_ase.novelty import NoveltyConfig, fit_logit_weight, fit_novelty, logit_penalty, structure_novelty
 from probe_ase.testing import assert_invariant, emt_frames
 
 
@@ -81,7 +81,7 @@ def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, ba
     assert cold_probe.meta.novelty_weight == 0.0 and weighted.meta.novelty_weight > 0
     assert weighted.report["novelty_weight"] == weighted.meta.novelty_weight
     assert weighted.report["novelty_weight_folds"] == 5 and cold_probe.report["novelty_weight_folds"] == 0
-    # reliability = sigmoid((logit - w log novelty) / T), as documented: compare with the same head at w = 0
+    # reliability = sigmoid((logit - w log(mean atom novelty)) / T), as documented: the same head at w = 0
     unweighted = Probe(weighted.head, replace(weighted.meta, novelty_weight=0.0), weighted.novelty)
     atoms = shifted_frames()["compressed 3 %"][0]
     results = []
@@ -93,7 +93,7 @@ def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, ba
         calc.close()
     temperature, w = weighted.meta.temperature, weighted.meta.novelty_weight
     logit = temperature * np.log(results[1]["reliability"] / (1 - results[1]["reliability"]))
-    expected = 1 / (1 + np.exp(-(logit - w * np.log(results[0]["novelty"])) / temperature))
+    expected = 1 / (1 + np.exp(-(logit - w * np.log(results[0]["atom_novelty"].mean())) / temperature))
     assert results[0]["reliability"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
     compressed = shifted_frames()["compressed 3 %"]
     below = []
@@ -110,6 +110,29 @@ def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, ba
     assert below[1] > below[0] and below[1] >= 0.5, below
 
 
+def test_batched_penalty_reads_each_structures_own_mean_novelty(cold_probe, backbones):
+    """A batch of structures of different sizes scores as each structure alone; "mean" and "max" penalties differ."""
+    frames = shifted_frames()["compressed 3 %"][:2]
+    frames = [frames[0], labelled(frames[1].repeat((2, 1, 1))), shifted_frames()["surface slab"][0]]
+    with find_tap(backbones("mace")) as tap:
+        fs = featurize(tap, frames, cache_dir=False, progress=False)
+    graph = HeadGraph(cold_probe.meta.config.cutoff)
+    edges = graph.frames(frames)
+    p = {}
+    for penalty in ("mean", "max"):
+        meta = replace(cold_probe.meta, novelty_weight=2.0, novelty=replace(cold_probe.meta.novelty, penalty=penalty))
+        probe = Probe(cold_probe.head, meta, cold_probe.novelty)
+        batch = probe.predict(fs.features, fs.numbers, fs.ptr, edges)
+        for k in range(len(frames)):
+            rows = slice(int(fs.ptr[k]), int(fs.ptr[k + 1]))
+            alone = probe.predict(fs.features[rows], fs.numbers[rows], np.array([0, rows.stop - rows.start]), [edges[k]])
+            assert alone.reliability[0] == pytest.approx(batch.reliability[k], abs=1e-6)
+            assert alone.novelty[0] == pytest.approx(batch.novelty[k]) == batch.atom_novelty[rows].max()
+        p[penalty] = batch.reliability
+    # the mean of a structure's atom novelties is below its largest, so the mean penalty takes less off
+    assert (p["mean"] > p["max"]).all(), p
+
+
 def test_out_of_fold_logits_rank_structures_their_heads_never_saw(backbones, cu_data):
     """Fold heads' logits come back in the structures' order and rank held-out force errors; folds are checked."""
     pool = cu_data["pool"]
@@ -123,13 +146,15 @@ def test_out_of_fold_logits_rank_structures_their_heads_never_saw(backbones, cu_
     elements = sorted(set(data.numbers.tolist()))
     config, train = HeadConfig(hidden=32, cutoff=cutoff), TrainConfig(epochs=60, patience=10)
     z = out_of_fold_logits(data, edges, labels, structures, elements, 4, config, train, progress=False, errors=errors)
-    assert z.shape == (len(pool),) and np.isfinite(z).all()
-    assert auroc(labels[structures] == 0, -z) >= 0.75
+    assert z.shape == (len(pool), 1 + len(config.aux_quantiles)) and np.isfinite(z).all()
+    assert auroc(labels[structures] == 0, -z[:, 0]) >= 0.75
     with pytest.raises(LabelError, match="out-of-fold"):
         out_of_fold_logits(data, edges, labels, structures[:8], elements, 5, config, train, progress=False,
                            errors=errors)
     with pytest.raises(InputError, match="weight_folds"):
         NoveltyConfig(weight_folds=1)
+    with pytest.raises(InputError, match="penalty must be one of"):
+        NoveltyConfig(penalty="median")
 
 
 def test_logit_weight_recovers_a_known_weight():
@@ -143,6 +168,23 @@ def test_logit_weight_recovers_a_known_weight():
     assert fit_logit_weight(z, np.exp(log_n), raising) == 0.0
     assert fit_logit_weight(z, np.exp(log_n), np.ones(4000, bool)) == 0.0
     assert fit_logit_weight(np.full(4000, 3.0), np.exp(log_n), reliable) == 0.0  # a flat logit ranks nothing
+
+
+def test_auxiliary_labels_steady_the_weight_of_a_strict_label():
+    """About 2 % unreliable structures under the main label (as acac's in-distribution pool): a novelty
+    coefficient shared with auxiliary quantile labels (looser tolerances) misses the true weight by less."""
+    rng = np.random.default_rng(0)
+    alone, joint = [], []
+    for _ in range(60):
+        quality, log_n = rng.normal(size=260), rng.normal(scale=0.5, size=260)
+        z = np.repeat(quality[:, None], 5, axis=1)  # main logit, then four auxiliary logits of the same head
+        bias = np.array([6.5, -2.0, -0.5, 1.0, 3.0])  # unreliable: ~2 %, then ~74 / 57 / 38 / 16 %
+        reliable = rng.uniform(size=(260, 5)) < 1 / (1 + np.exp(-(2 * z + bias - 3 * log_n[:, None])))
+        alone.append(fit_logit_weight(z[:, 0], np.exp(log_n), reliable[:, 0]))
+        joint.append(fit_logit_weight(z, np.exp(log_n), reliable))
+    miss_alone, miss_joint = np.abs(np.array(alone) - 1.5).mean(), np.abs(np.array(joint) - 1.5).mean()
+    assert miss_joint < 0.9 * miss_alone, (miss_joint, miss_alone)
+    assert np.median(joint) == pytest.approx(1.5, rel=0.2)
 
 
 def test_logit_penalty_is_defined_for_infinite_novelty():
@@ -161,11 +203,14 @@ def test_novelty_scale_on_known_distributions():
     features = torch.from_numpy(rng.normal(size=(n_struct * atoms_per, 6)))
     numbers = torch.from_numpy(np.where(np.arange(n_struct * atoms_per) % 2, 29, 8))
     ptr = np.arange(0, n_struct * atoms_per + 1, atoms_per)
-    model, held_out = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig())
+    model, held_atoms = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig())
+    held_out = structure_novelty(held_atoms, ptr)  # the fit structures are all of them, in order
     assert np.quantile(held_out, 0.9) == pytest.approx(1.0)  # default edge: 90 % of held-out structures inside
-    model, held_out = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29),
-                                  NoveltyConfig(support_quantile=1.0))
-    assert held_out.max() == pytest.approx(1.0)  # the radius is the farthest held-out structure
+    mean = structure_novelty(held_atoms, ptr, "mean")  # what the logit penalty reads: below the largest, same scale
+    assert (mean < held_out).all() and 0.2 < np.median(mean) < 1
+    model, held_atoms = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29),
+                                    NoveltyConfig(support_quantile=1.0))
+    assert structure_novelty(held_atoms, ptr).max() == pytest.approx(1.0)  # the radius: the farthest held-out structure
     fresh = torch.from_numpy(rng.normal(size=(4000, 6)))
     numbers_fresh = torch.full((4000,), 29)
     assert (model(fresh, numbers_fresh) <= 1.0).double().mean() > 0.99
