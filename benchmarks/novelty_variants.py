@@ -259,7 +259,7 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
                 model, held = fit_novelty(fs_in.features, fs_in.numbers, fs_in.ptr, fit_s, probe.meta.elements,
                                           NoveltyConfig(components=arg))
                 radius = float(model.radius)
-                held = held * radius  # back to unit scale, radius 1 = largest held-out structure
+                held = structure_novelty(held, sub_ptr(fs_in.ptr, fit_s)) * radius  # unit scale: 1 = largest held out
                 with torch.no_grad():
                     nov_cal = structure_novelty(model(fs_in.features[torch.as_tensor(rows_of(fs_in.ptr, cal))],
                                                       fs_in.numbers[torch.as_tensor(rows_of(fs_in.ptr, cal))]), cal_ptr) * radius

@@ -535,7 +535,8 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
     same way (:func:`probe_ase.certify.certify`, target ``target_risk``,
     ``delta``) on its scores over the pool: 40 % of the pool fixes the grid,
     60 % calibrates (the baselines need no training split, so they get more
-    calibration frames than PROBE's 20 %).
+    calibration frames than PROBE's 20 %). Each file also gets each score's
+    AUROC (how well it ranks that file's frames, whatever the threshold).
     """
     from probe_ase.certify import certify
 
@@ -551,6 +552,7 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
         bad_pool = pool_err[crit] > tau
         graphs = [radius_graph(a, probe.meta.config.cutoff) for a in frames]
         sc = probe.predict(feats.to(probe.head.feature_mean.dtype), torch.as_tensor(numbers), ptr, graphs)
+        rank = {"PROBE (p only)": 1 - sc.reliability, **{m: eval_scores[m] for m in base_pool}}  # higher: less reliable
         accept = {"PROBE (p only)": sc.reliability >= probe.p_star,
                   "PROBE verdict (p and support)": probe.verdict(sc.reliability, sc.novelty)[0]}
         certified = {"PROBE (p only)": probe.meta.certified_risk, "PROBE verdict (p and support)": probe.meta.certified_risk}
@@ -572,6 +574,8 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
                 row[m] = {"n": int(mask.sum()), "accepted": int(a.sum()), "coverage": float(a.mean()),
                           "risk": float(np.mean(~good[a])) if a.any() else float("nan"),
                           "coverage_of_reliable": float(a[good].mean()) if good.any() else float("nan")}
+                if m in rank:  # how well the score ranks this file's frames, whatever the threshold
+                    row[m]["auroc"] = metrics.auroc(~good, rank[m][mask])  # NaN: one class only
             entry["files"]["pooled" if i is None else names[i]] = row
         out[f"{regime}/{crit}"] = entry
     return out
@@ -654,6 +658,12 @@ def operating_table(kind: str, label: str, entry: dict, title: str) -> list[str]
             c = entry["files"][f][m]
             cells.append(f"{fmt(c['coverage'], 2)} / {fmt(c['risk'], 2)} ({c['accepted']})")
         lines.append(f"| {m} | {fmt(entry['certified_risk'][m], 3)} | " + " | ".join(cells) + " |")
+    ranked = [m for m in next(iter(entry["files"].values())) if "auroc" in entry["files"][files[0]][m]]
+    if ranked:
+        lines += ["", "Ranking of each file's frames by the same scores, whatever the threshold (AUROC, unreliable = "
+                  "positive; PROBE: 1 - p of this head; —: one class only):", "",
+                  "| method | " + " | ".join(files) + " |", "|---|" + "---|" * len(files)]
+        lines += [f"| {m} | " + " | ".join(fmt(entry["files"][f][m]["auroc"], 3) for f in files) + " |" for m in ranked]
     return lines
 
 

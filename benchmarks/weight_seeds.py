@@ -33,9 +33,10 @@ from tqdm import tqdm
 from probe_ase import LabelError, TrainConfig, featurize, find_tap, fit_probe, metrics
 from probe_ase.fileio import atomic_write
 from probe_ase.graph import radius_graph
+from probe_ase.novelty import PENALTIES, NoveltyConfig
 
 
-def study(data: Path, models: Path, cache: Path, seeds: int) -> dict:
+def study(data: Path, models: Path, cache: Path, seeds: int, novelty: NoveltyConfig = NoveltyConfig()) -> dict:
     name, _, pool, pool_in, _, _ = uq.load_splits(data, False)
     shift = pool[len(pool_in):]
     paths = sorted(models.glob("ssmace_c16_L1_e20_*_s[0-4].model"))
@@ -44,14 +45,14 @@ def study(data: Path, models: Path, cache: Path, seeds: int) -> dict:
     calc = uq.make_calc("mace", paths[0])
     with find_tap(calc) as tap:
         fs = featurize(tap, shift, cache_dir=cache, progress=False)
-    out = {"dataset": name, "n_in": len(pool_in), "n_shift": len(shift), "labels": {}}
+    out = {"dataset": name, "n_in": len(pool_in), "n_shift": len(shift), "penalty": novelty.penalty, "labels": {}}
     for label, crit, threshold, quantile in LABELS:
         rows, error = [], fs.error(crit)
         for seed in tqdm(range(seeds), desc=f"{name} {label}", unit="fit"):
             t0 = time.perf_counter()
             try:
                 probe = fit_probe(calc, pool_in, crit, threshold=threshold, quantile=quantile,
-                                  train=TrainConfig(seed=seed), cache_dir=cache, progress=False)
+                                  train=TrainConfig(seed=seed), novelty=novelty, cache_dir=cache, progress=False)
             except LabelError as exc:  # e.g. too few unreliable in-distribution frames at this tolerance
                 rows = str(exc)
                 break
@@ -74,7 +75,8 @@ def study(data: Path, models: Path, cache: Path, seeds: int) -> dict:
 
 def table(res: dict) -> str:
     f = lambda x: "—" if x is None else f"{x:.3g}"  # noqa: E731
-    lines = [f"{res['dataset']}: {res['n_in']} in-distribution fit frames, {res['n_shift']} shifted",
+    lines = [f"{res['dataset']}: {res['n_in']} in-distribution fit frames, {res['n_shift']} shifted; logit penalty "
+             f"on the {res['penalty']} atom novelty",
              "| label | seed | weight | cal AUROC | shift AUROC | shift ρ | verdict accepted | verdict risk |",
              "|---|---|---|---|---|---|---|---|"]
     for label, rows in res["labels"].items():
@@ -94,9 +96,11 @@ def main(argv=None):
     ap.add_argument("--cache", required=True, type=Path, help="feature cache folder (e.g. novelty_variants.py's)")
     ap.add_argument("--out", required=True, type=Path, help="JSON file to write")
     ap.add_argument("--seeds", type=int, default=5, help="fit seeds 0 .. seeds-1 (default 5)")
+    ap.add_argument("--penalty", choices=PENALTIES, default=NoveltyConfig().penalty,
+                    help="which structure novelty lowers the logit: mean or largest atom novelty (NoveltyConfig.penalty)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    res = study(args.data.resolve(), args.models.resolve(), args.cache, args.seeds)
+    res = study(args.data.resolve(), args.models.resolve(), args.cache, args.seeds, NoveltyConfig(penalty=args.penalty))
     res["command"] = " ".join(["weight_seeds.py"] + (argv or sys.argv[1:]))
     print(table(res))
     atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
