@@ -15,6 +15,12 @@ Per seed: the fitted novelty weight, the calibration-split AUROC, the shift's
 AUROC and Spearman of 1 - p against the error, and the verdict's accepted
 shifted frames and their risk (fraction outside tolerance). Evaluation files
 are never read. Prints a table and writes JSON; units: eV/Å, eV.
+
+``--weight-fit shared-ratio`` swaps the library's weight fit (one novelty
+coefficient shared by the main and auxiliary labels, converted with the main
+label's slope) for a variant tried and not kept: one *weight*, in each
+logit's own standard deviations, shared by all labels
+(:func:`fit_weight_shared_ratio`).
 """
 
 from __future__ import annotations
@@ -30,10 +36,48 @@ import uq_quality as uq
 from novelty_variants import LABELS
 from tqdm import tqdm
 
+import numpy as np
+from scipy.optimize import minimize
+
+import probe_ase.fit
 from probe_ase import LabelError, TrainConfig, featurize, find_tap, fit_probe, metrics
 from probe_ase.fileio import atomic_write
 from probe_ase.graph import radius_graph
-from probe_ase.novelty import PENALTIES, NoveltyConfig
+from probe_ase.novelty import NOVELTY_FLOOR, PENALTIES, NoveltyConfig
+
+
+def fit_weight_shared_ratio(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarray) -> float:
+    """Variant of :func:`probe_ase.novelty.fit_logit_weight` (tried, not kept).
+
+    Logistic regression of each label column ``k`` on ``a_k (z_k - v log n) + b_k``,
+    ``z_k`` the column's logit in its own standard deviations, one ``v >= 0``
+    shared by all columns and ``a_k >= 0``; returns ``v`` in the main logit's
+    units. The library instead shares ``lam`` in ``a_k z_k + b_k - lam log n``
+    and divides by the main column's slope.
+    """
+    y = np.asarray(reliable, dtype=float).reshape(len(novelty), -1)
+    z = np.asarray(logits, dtype=float).reshape(len(novelty), -1)
+    scale = z.std(0)
+    keep = (y.min(0) < y.max(0)) & (scale > 1e-12)
+    if not keep[0]:
+        return 0.0
+    y, z, scale = y[:, keep], z[:, keep], scale[keep]
+    z = (z - z.mean(0)) / scale
+    log_n = np.log(np.maximum(np.asarray(novelty, dtype=float), NOVELTY_FLOOR))[:, None]
+    k = z.shape[1]
+
+    def nll(params: np.ndarray) -> float:
+        s = params[:k] * (z - params[-1] * log_n) + params[k:2 * k]
+        return float(np.sum(np.logaddexp(0, s) - y * s))
+
+    bounds = [(0, None)] * k + [(None, None)] * k + [(0, None)]
+    fits = [minimize(nll, np.concatenate([np.ones(k), np.zeros(k), [v0]]), method="L-BFGS-B", bounds=bounds)
+            for v0 in (0.0, 1.0, 3.0)]  # bilinear: a few starts
+    best = min(fits, key=lambda r: r.fun).x
+    return float(best[-1] * scale[0]) if best[0] > 0 else 0.0
+
+
+WEIGHT_FITS = {"shared-coefficient": probe_ase.fit.fit_logit_weight, "shared-ratio": fit_weight_shared_ratio}
 
 
 def study(data: Path, models: Path, cache: Path, seeds: int, novelty: NoveltyConfig = NoveltyConfig()) -> dict:
@@ -45,7 +89,8 @@ def study(data: Path, models: Path, cache: Path, seeds: int, novelty: NoveltyCon
     calc = uq.make_calc("mace", paths[0])
     with find_tap(calc) as tap:
         fs = featurize(tap, shift, cache_dir=cache, progress=False)
-    out = {"dataset": name, "n_in": len(pool_in), "n_shift": len(shift), "penalty": novelty.penalty, "labels": {}}
+    out = {"dataset": name, "n_in": len(pool_in), "n_shift": len(shift), "penalty": novelty.penalty,
+           "weight_fit": next(k for k, f in WEIGHT_FITS.items() if f is probe_ase.fit.fit_logit_weight), "labels": {}}
     for label, crit, threshold, quantile in LABELS:
         rows, error = [], fs.error(crit)
         for seed in tqdm(range(seeds), desc=f"{name} {label}", unit="fit"):
@@ -76,7 +121,7 @@ def study(data: Path, models: Path, cache: Path, seeds: int, novelty: NoveltyCon
 def table(res: dict) -> str:
     f = lambda x: "—" if x is None else f"{x:.3g}"  # noqa: E731
     lines = [f"{res['dataset']}: {res['n_in']} in-distribution fit frames, {res['n_shift']} shifted; logit penalty "
-             f"on the {res['penalty']} atom novelty",
+             f"on the {res['penalty']} atom novelty; weight fit {res['weight_fit']}",
              "| label | seed | weight | cal AUROC | shift AUROC | shift ρ | verdict accepted | verdict risk |",
              "|---|---|---|---|---|---|---|---|"]
     for label, rows in res["labels"].items():
@@ -98,8 +143,11 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=5, help="fit seeds 0 .. seeds-1 (default 5)")
     ap.add_argument("--penalty", choices=PENALTIES, default=NoveltyConfig().penalty,
                     help="which structure novelty lowers the logit: mean or largest atom novelty (NoveltyConfig.penalty)")
+    ap.add_argument("--weight-fit", choices=list(WEIGHT_FITS), default="shared-coefficient",
+                    help="how the novelty weight is fitted: the library's (default) or the variant tried and not kept")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    probe_ase.fit.fit_logit_weight = WEIGHT_FITS[args.weight_fit]  # this process only: fit_probe looks it up there
     res = study(args.data.resolve(), args.models.resolve(), args.cache, args.seeds, NoveltyConfig(penalty=args.penalty))
     res["command"] = " ".join(["weight_seeds.py"] + (argv or sys.argv[1:]))
     print(table(res))

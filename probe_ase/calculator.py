@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 
 import numpy as np
@@ -11,6 +12,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from .graph import HeadGraph
+from .headfile import HeadMeta
 from .probe import Probe
 from .exceptions import InputError
 from .taps import Tap, find_tap
@@ -52,7 +54,8 @@ class ProbeCalculator(Calculator):
             (``SumCalculator`` ...) holding exactly one backbone.
         probe: a fitted :class:`~probe_ase.probe.Probe` or a head-file path.
         threshold: operating threshold on ``reliability``; default the head's
-            certified ``p*``.
+            certified ``p*`` (a warning says so when the head's data could not
+            certify its target risk and ``p*`` holds only at a larger one).
         max_novelty: support edge of the verdict (default 1.0, where the
             certificate holds; larger values trust the head farther out, at
             your own risk).
@@ -80,6 +83,8 @@ class ProbeCalculator(Calculator):
             self.close()
             raise
         self.threshold = meta.p_star if threshold is None else float(threshold)
+        if threshold is None and not meta.certified:
+            warnings.warn(_uncertified(meta), stacklevel=2)
         self.max_novelty = float(max_novelty)
         self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES + (
             ["atom_reliability"] if meta.local else [])
@@ -157,3 +162,14 @@ def annotate(atoms: Atoms, results: dict | None = None) -> Atoms:
         if key in results:
             atoms.arrays[key] = np.asarray(results[key], dtype=float)
     return atoms
+
+
+def _uncertified(meta: HeadMeta) -> str:
+    """What the verdict promises when the head's fit data could not certify its target risk."""
+    if meta.certified_risk >= 1:
+        return (f"this head's data certified no threshold at target risk {meta.target_risk:.1%}: its p* accepts "
+                "nothing, so every verdict is False; refit on more calibration structures or raise target_risk")
+    return (f"this head's p* = {meta.p_star:.3f} is certified at risk {meta.certified_risk:.1%} only, not its target "
+            f"{meta.target_risk:.1%}: up to {meta.certified_risk:.1%} of the structures the verdict calls reliable "
+            "may be outside tolerance (probe.report['certificate'] says how many calibration structures the "
+            "target needs)")

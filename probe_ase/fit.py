@@ -392,12 +392,15 @@ def fit_probe(
                                           for reduce in ("max", novelty.penalty))
 
     def logits_of(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All logits ``(n, 1 + n_aux)`` (main first), importances and atom logits of structures ``indices``."""
         with torch.no_grad():
-            outputs = head(*batch_inputs(features.features, features.numbers, features.ptr, edges, indices))
+            outputs = head.all_logits(*batch_inputs(features.features, features.numbers, features.ptr, edges, indices))
         return tuple(t.numpy().astype(float) for t in outputs)
 
-    z_val = logits_of(val)[0]
+    z_val_all = logits_of(val)[0]
+    z_val = z_val_all[:, 0]
     z_cal, importance_cal, z_atom_cal = logits_of(cal)
+    z_cal = z_cal[:, 0]  # the main logit
     cal_rows = structure_rows(features.ptr, cal)
     with torch.no_grad():
         atom_novelty = density(features.features[cal_rows], features.numbers[cal_rows])
@@ -418,9 +421,7 @@ def fit_probe(
                                    progress, errors, atom_labels)
         weight = fit_logit_weight(z_oof, held_out_penalty, all_labels(trval))
     elif novelty.logit_weight:
-        with torch.no_grad():
-            z_val_all = head.all_logits(*batch_inputs(features.features, features.numbers, features.ptr, edges, val))[0]
-        weight = fit_logit_weight(z_val_all.numpy().astype(float), penalty_val, all_labels(val))
+        weight = fit_logit_weight(z_val_all, penalty_val, all_labels(val))
     z_val = z_val - logit_penalty(torch.from_numpy(penalty_val), weight).numpy()
     z_cal = z_cal - logit_penalty(torch.from_numpy(penalty_cal), weight).numpy()
     temperature = fit_temperature(z_cal, labels[cal])

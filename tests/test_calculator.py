@@ -166,6 +166,28 @@ def test_head_refuses_another_backbone(probes, cu_data):
         ProbeCalculator(other, Probe(probe.head, dataclasses.replace(probe.meta, layers=(0,)), probe.novelty))
 
 
+def test_uncertified_head_warns_when_its_p_star_is_the_threshold(backbones, probes):
+    import dataclasses
+    import warnings
+
+    from probe_ase.probe import Probe
+
+    probe = probes("mace")
+
+    def wrap(certified_risk: float, **kwargs) -> ProbeCalculator:
+        meta = dataclasses.replace(probe.meta, target_risk=0.05, certified_risk=certified_risk)
+        return ProbeCalculator(backbones("mace"), Probe(probe.head, meta, probe.novelty), **kwargs)
+
+    with pytest.warns(UserWarning, match=r"certified at risk 23\.8% only, not its target 5\.0%"):
+        wrap(0.238).close()
+    with pytest.warns(UserWarning, match="accepts nothing, so every verdict is False"):
+        wrap(1.0).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # certified, or a threshold the user chose: nothing to say
+        wrap(0.05).close()
+        wrap(0.238, threshold=0.9).close()
+
+
 def _cells(n_steps: int, repeat: int, seed: int) -> list[Atoms]:
     from ase.build import bulk
 
