@@ -47,7 +47,8 @@ class Certificate:
     """A threshold on a score and what it certifies.
 
     Attributes:
-        threshold: accept structures whose score is >= this (the head's raw logit).
+        threshold: accept structures whose score is >= this (the score ``certify`` was given: in
+            :func:`~probe_ase.fit.fit_probe`, the head's novelty-penalised logit before temperature scaling).
         target_risk: the risk alpha the caller asked for (fraction 0-1).
         delta: allowed probability that the guarantee fails (0-1).
         certified: whether ``threshold`` is certified at ``target_risk``.

@@ -111,8 +111,10 @@ def fit_temperature(logits: np.ndarray, reliable: np.ndarray) -> float:
     Targets use Platt's prior correction, ``(n+ + 1) / (n+ + 2)`` and
     ``1 / (n- + 2)`` instead of 1 and 0, so a perfectly separable calibration
     split yields confident but finite probabilities rather than T -> 0.
+    Non-finite logits are left out (they give probability 0 at any temperature).
     """
-    labels = np.asarray(reliable, dtype=bool)
+    finite = np.isfinite(logits)  # -inf: infinite novelty (an element the density never saw), any temperature
+    logits, labels = np.asarray(logits, dtype=float)[finite], np.asarray(reliable, dtype=bool)[finite]
     n_pos, n_neg = labels.sum(), (~labels).sum()
     y = np.where(labels, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
 
@@ -434,12 +436,18 @@ def fit_probe(
         float(1 / (1 + np.exp(-cert.threshold / temperature)))
     accepted = (z_cal >= cert.threshold) & (novelty_cal <= 1)
     if not cert.certified:
-        more = (f"about {cert.frames_needed} calibration structures (now {len(cal)}) would certify it"
-                if cert.frames_needed else "more data like this would not certify it (its empirical risk is never "
-                "below the target): improve the backbone or the head, or raise target_risk")
+        inside = int((novelty_cal <= 1).sum())
+        if cert.frames_needed:
+            more = f"about {cert.frames_needed} calibration structures (now {len(cal)}) would certify it"
+        elif inside < 10:
+            more = (f"only {inside} calibration structures lie inside the novelty support, too few to say how many "
+                    "would certify it: fit on more structures")
+        else:
+            more = ("more data like this would not certify it (its empirical risk is never below the target): "
+                    "improve the backbone or the head, or raise target_risk")
         warnings.warn(f"target risk {target_risk:.1%} cannot be certified at delta {delta} with {len(cal)} calibration "
-                      f"structures; p* = {p_star:.3f} is certified at risk {cert.risk:.1%} instead; {more}",
-                      stacklevel=2)
+                      f"structures; p* = {p_star:.3f} is certified at risk {cert.risk:.1%} instead (that risk tested "
+                      f"on its own at level {delta}, after the lower ones failed); {more}", stacklevel=2)
     auroc = metrics.auroc(labels[cal] == 0, 1 - p)
     informative = bool(np.ptp(p) >= FLAT_SPREAD)
     if not informative:

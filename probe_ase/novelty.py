@@ -45,6 +45,8 @@ structure: one ``(n_atoms, F) @ (F, F)`` product per component.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -180,7 +182,7 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
     """How much novelty should lower the head's logit, fitted on held-out structures.
 
     Logistic regression of ``reliable`` on ``a * logit + b - lam * log(novelty)``
-    with ``lam >= 0`` (novelty may only lower reliability); returns ``lam / a``,
+    with ``lam >= 0`` (more novelty may only lower reliability); returns ``lam / a``,
     the weight in the logit's own units, or 0 when the structures hold one
     class only or the logit does not rank them (``a <= 0``).
 
@@ -199,20 +201,26 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
             that scored them did not train on (out-of-fold, or the validation
             split).
         novelty: their out-of-fold per-structure novelty ``(n,)`` (documented
-            scale; the mean or largest atom novelty, as the penalty reads it).
+            scale; the mean or largest atom novelty, as the penalty reads it);
+            structures with infinite novelty are left out.
         reliable: their labels, shaped like ``logits`` (True: within tolerance).
     """
     from scipy.optimize import minimize
 
-    y = np.asarray(reliable, dtype=float).reshape(len(novelty), -1)
-    z = np.asarray(logits, dtype=float).reshape(len(novelty), -1)
+    novelty = np.asarray(novelty, dtype=float)
+    finite = np.isfinite(novelty)  # inf: an element no out-of-fold density held; out of support whatever w is
+    if finite.sum() < 2:
+        return 0.0
+    y = np.asarray(reliable, dtype=float).reshape(len(novelty), -1)[finite]
+    z = np.asarray(logits, dtype=float).reshape(len(novelty), -1)[finite]
+    novelty = novelty[finite]
     scale = z.std(0)
     keep = (y.min(0) < y.max(0)) & (scale > 1e-12)  # columns that can say anything
     if not keep[0]:  # one class only, or a constant logit that ranks nothing
         return 0.0
     y, z, scale = y[:, keep], z[:, keep], scale[keep]
     z = (z - z.mean(0)) / scale  # centred unit-scale logits (the biases absorb the shift), converted back at the end
-    log_n = np.log(np.maximum(np.asarray(novelty, dtype=float), NOVELTY_FLOOR))[:, None]
+    log_n = np.log(np.maximum(novelty, NOVELTY_FLOOR))[:, None]
     k = z.shape[1]
 
     def nll(params: np.ndarray) -> float:
@@ -321,14 +329,32 @@ def fit_novelty(
         _load(model, *_fit_mixtures(*with_reference(train_rows), n_el, components, seed, max_atoms))
         oof[test_rows] = model.distances(torch.from_numpy(x_all[test_rows]), numbers[test_rows]).numpy()
     all_rows = np.concatenate(rows_of)
-    unit = np.ones(n_el)
+    unit, rare = np.ones(n_el), []
     for e in range(n_el):
         held = oof[all_rows][e_all[all_rows] == e]
+        held = held[np.isfinite(held)]  # inf: no fold without this atom's structure held this element
         if len(held):
             unit[e] = max(float(np.median(held)), 1e-12)
-    scaled = oof / unit[np.clip(e_all, 0, None)]
+        elif (e_all[all_rows] == e).any():  # no held-out scale at all: fail safe, its atoms are never in support
+            unit[e] = 0.0  # distance / 0 = inf
+            rare.append(model.elements[e])
+    if rare:
+        warnings.warn(f"novelty: element(s) {rare} occur in too few fit structures to be scored out of fold "
+                      f"({folds} folds); every structure holding them will be out of support: add fit structures "
+                      "with them", stacklevel=3)
+    with np.errstate(divide="ignore"):
+        scaled = oof / unit[np.clip(e_all, 0, None)]
     per_structure = np.array([scaled[r].max() for r in rows_of])
-    radius = float(np.quantile(per_structure, config.support_quantile))
+    if np.isfinite(per_structure).all():
+        radius = float(np.quantile(per_structure, config.support_quantile))
+    else:  # an observed value: interpolating towards inf would give an infinite radius and switch the edge off
+        radius = float(np.quantile(per_structure, config.support_quantile, method="inverted_cdf"))
+    if not np.isfinite(radius):
+        raise InputError(f"novelty: {int((~np.isfinite(per_structure)).sum())} of {len(per_structure)} fit structures "
+                         "hold atoms no out-of-fold density could score (elements in too few fit structures), more "
+                         f"than the {1 - config.support_quantile:.0%} the support may leave out: add fit structures "
+                         "with those elements", n_unscored=int((~np.isfinite(per_structure)).sum()),
+                         n_fit=len(per_structure))
     _load(model, *_fit_mixtures(*with_reference(all_rows), n_el, components, seed, max_atoms))
     model.unit.copy_(torch.from_numpy(unit))
     model.radius.fill_(radius)

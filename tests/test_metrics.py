@@ -166,6 +166,13 @@ def test_fit_temperature_under_confident_and_calibrated():
     assert 0.85 < fit_temperature(z, reliable) < 1.15
 
 
+def test_fit_temperature_leaves_out_infinitely_novel_structures():
+    """A -inf logit (an element the novelty density never saw) must not drag the temperature to its bound."""
+    z, reliable = _logistic_data(2, n=400)
+    t = fit_temperature(z, reliable)
+    assert fit_temperature(np.append(z, -np.inf), np.append(reliable, True)) == pytest.approx(t)
+
+
 def test_fit_temperature_finite_on_separable_data():
     logits = np.array([-5.0, -4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     t = fit_temperature(logits, logits > 0)

@@ -225,6 +225,35 @@ def test_novelty_scale_on_known_distributions():
     assert (two_comp(middle, torch.full((50,), 29)) > 1).all()
 
 
+def test_element_too_rare_to_score_out_of_fold_is_never_in_support():
+    """An element in one fit structure has no out-of-fold scale: warned, its atoms always out of support, radius finite."""
+    rng = np.random.default_rng(1)
+    n_struct, atoms_per = 40, 6
+    features = torch.from_numpy(rng.normal(size=(n_struct * atoms_per, 4)))
+    numbers = torch.full((n_struct * atoms_per,), 1)
+    numbers[:2] = 8  # two O atoms, both in structure 0
+    ptr = np.arange(0, n_struct * atoms_per + 1, atoms_per)
+    with pytest.warns(UserWarning, match=r"element\(s\) \[8\] occur in too few fit structures"):
+        model, held_atoms = fit_novelty(features, numbers, ptr, np.arange(n_struct), (1, 8), NoveltyConfig())
+    assert np.isfinite(model.radius.item()) and model.radius.item() > 0
+    assert np.isinf(held_atoms[:2]).all() and np.isfinite(held_atoms[2:]).all()
+    assert np.quantile(structure_novelty(held_atoms, ptr)[1:], 0.9) == pytest.approx(1.0, abs=0.05)
+    fresh = torch.from_numpy(rng.normal(size=(10, 4)))
+    assert torch.isinf(model(fresh, torch.full((10,), 8))).all()  # fail safe: never in support
+    assert torch.isfinite(model(fresh, torch.full((10,), 1))).all()
+    # the weight fit leaves infinite novelty out instead of returning nan
+    z = rng.normal(size=n_struct)
+    novelty = structure_novelty(held_atoms, ptr, "mean")
+    weight = fit_logit_weight(z, novelty, z + rng.normal(size=n_struct) > 0)
+    assert np.isfinite(weight) and weight >= 0
+    # more unscorable structures than the support may leave out (6 of 40, each with an element of its own,
+    # against 10 %): a clear error, not an infinite radius that would switch the edge off
+    lonely = torch.full((n_struct * atoms_per,), 1)
+    lonely[: 6 * atoms_per : atoms_per] = torch.tensor([3, 4, 5, 6, 7, 9])
+    with pytest.warns(UserWarning), pytest.raises(InputError, match="no out-of-fold density could score"):
+        fit_novelty(features, lonely, ptr, np.arange(n_struct), (1, 3, 4, 5, 6, 7, 9), NoveltyConfig())
+
+
 def test_novelty_is_invariant_on_a_real_backbone(backbones, cold_probe):
     frames = shifted_frames()
     with ProbeCalculator(backbones("mace"), cold_probe) as calc:
