@@ -31,10 +31,13 @@ from ..store import check_database
 from .reference import CountingEMT, geometry_hash
 
 _DRIVER = """
-import functools, sys
+import functools, os, sys, time
 from probe_ase.active_learning import label_pending
 from probe_ase.testing.reference import CountingEMT
-url, log, start_log, delay, lease = sys.argv[1:]
+url, log, start_log, delay, lease, ready, go = sys.argv[1:]
+open(ready, "w").close()  # imported: ready to label
+while not os.path.exists(go):  # every driver of the scenario starts labelling at once
+    time.sleep(0.01)
 label_pending(url, functools.partial(CountingEMT, log=log, start_log=start_log, delay=float(delay)),
               lease=float(lease), progress=False)
 """
@@ -84,12 +87,37 @@ class _Run:
     def reference(self) -> functools.partial:
         return functools.partial(CountingEMT, log=str(self.log), start_log=str(self.start_log), delay=self.delay)
 
-    def driver(self) -> subprocess.Popen:
-        """A labelling driver in its own process, importing this very probe_ase."""
+    def drivers(self, n: int) -> list[subprocess.Popen]:
+        """``n`` labelling drivers, each in its own process importing this very probe_ase, started together.
+
+        Each waits, once imported, until all are: started one after the other, a driver slow to import (a
+        busy machine) could find every frame labelled by the others, and a scenario would test nothing.
+        """
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        return subprocess.Popen([sys.executable, "-c", _DRIVER, self.url, str(self.log), str(self.start_log),
-                                 str(self.delay), str(self.lease)], env=env)
+        folder = self.log.parent
+        go = folder / "go"
+        go.unlink(missing_ok=True)
+        ready = [folder / f"ready-{k}" for k in range(n)]
+        procs = []
+        for path in ready:
+            path.unlink(missing_ok=True)
+            procs.append(subprocess.Popen([sys.executable, "-c", _DRIVER, self.url, str(self.log), str(self.start_log),
+                                           str(self.delay), str(self.lease), str(path), str(go)], env=env))
+
+        def all_ready() -> bool:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a labelling driver exited before it started: exit codes {[p.poll() for p in procs]}")
+            return all(path.exists() for path in ready)
+
+        try:
+            _wait(all_ready, what=f"{n} labelling drivers to import")
+        except BaseException:  # none left waiting for a start that never comes
+            for proc in procs:
+                proc.kill()
+            raise
+        go.touch()
+        return procs
 
     def started(self) -> list[tuple[str, int]]:
         lines = self.start_log.read_text().split("\n") if self.start_log.exists() else []
@@ -145,7 +173,7 @@ def _kill_mid_call(run: _Run, proc: subprocess.Popen, min_done: int) -> tuple[se
 def two_drivers(url: str, folder: Path, frames: int = 8, delay: float = 0.3, lease: float = 0.6) -> FaultResult:
     """Two driver processes label one database at once (calls last longer than a lease: the heartbeat holds them)."""
     run = _Run(url, folder, frames, delay, lease)
-    procs = [run.driver(), run.driver()]
+    procs = run.drivers(2)
     codes = [p.wait() for p in procs]
     if any(codes):
         raise RuntimeError(f"a labelling driver failed: exit codes {codes}")
@@ -155,7 +183,7 @@ def two_drivers(url: str, folder: Path, frames: int = 8, delay: float = 0.3, lea
 def driver_killed(url: str, folder: Path, frames: int = 6, delay: float = 0.4, lease: float = 1.0) -> FaultResult:
     """``kill -9`` the only driver mid-call, then start a new one: it takes the orphaned claim over after its lease."""
     run = _Run(url, folder, frames, delay, lease)
-    proc = run.driver()
+    proc, = run.drivers(1)
     interrupted, done, calls, starts = _kill_mid_call(run, proc, min_done=2)
     label_pending(url, run.reference(), lease=lease, progress=False)
     return run.result("driver killed mid-call, restarted", 1, interrupted, done, calls, starts)
@@ -165,7 +193,7 @@ def one_of_two_drivers_killed(url: str, folder: Path, frames: int = 8, delay: fl
                               lease: float = 1.0) -> FaultResult:
     """Two drivers; ``kill -9`` one mid-call: the survivor labels the rest, the dead one's frame after its lease."""
     run = _Run(url, folder, frames, delay, lease)
-    victim, survivor = run.driver(), run.driver()
+    victim, survivor = run.drivers(2)
     interrupted, done, calls, starts = _kill_mid_call(run, victim, min_done=1)
     if survivor.wait():
         raise RuntimeError(f"the surviving driver failed: exit code {survivor.returncode}")
