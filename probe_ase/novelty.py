@@ -46,7 +46,6 @@ structure: one ``(n_atoms, F) @ (F, F)`` product per component.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 
