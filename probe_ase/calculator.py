@@ -170,6 +170,6 @@ def _uncertified(meta: HeadMeta) -> str:
         return (f"this head's data certified no threshold at target risk {meta.target_risk:.1%}: its p* accepts "
                 "nothing, so every verdict is False; refit on more calibration structures or raise target_risk")
     return (f"this head's p* = {meta.p_star:.3f} is certified at risk {meta.certified_risk:.1%} only, not its target "
-            f"{meta.target_risk:.1%} (that risk tested on its own at level {meta.delta}): up to "
+            f"{meta.target_risk:.1%} (with probability >= {1 - meta.delta:g}): up to "
             f"{meta.certified_risk:.1%} of the structures the verdict calls reliable may be outside tolerance "
             "(probe.report['certificate'] says how many calibration structures the target needs)")

@@ -161,6 +161,15 @@ def _accepted_needed(rate: float, alpha: float, delta: float, most: int = 10**6)
     return hi
 
 
+def fallback_ladder(target_risk: float, step: float = 1.25) -> list[float]:
+    """Risks tried, in order, when ``target_risk`` cannot be certified: x ``step`` per rung, below 1."""
+    ladder, alpha = [], target_risk * step
+    while alpha < 1:
+        ladder.append(alpha)
+        alpha *= step
+    return ladder
+
+
 def certify(
     cal_scores: np.ndarray,
     cal_bad: np.ndarray,
@@ -183,10 +192,12 @@ def certify(
         val_eligible: the same for the validation structures (for the grid).
 
     When ``target_risk`` cannot be certified, the loosest threshold certified
-    on a ladder of risks above it (x 1.25 per rung) is returned with
-    ``certified=False``; ``risk`` says what it does certify (each rung holds at
-    level ``delta`` on its own, not simultaneously over rungs). When no rung
-    below risk 1 is certified, the threshold is +inf: nothing is accepted.
+    on a ladder of risks above it (x 1.25 per rung, :func:`fallback_ladder`)
+    is returned with ``certified=False``; ``risk`` says what it does certify.
+    The fallback rungs share ``delta`` (Bonferroni: each is tested at ``delta``
+    divided by their number), so a reported fallback risk is wrong with
+    probability at most ``delta`` as well. When no rung below risk 1 is
+    certified, the threshold is +inf: nothing is accepted.
     """
     if not 0 < target_risk < 1 or not 0 < delta < 1:
         raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}",
@@ -194,12 +205,11 @@ def certify(
     scores, bad = np.asarray(cal_scores, dtype=float), np.asarray(cal_bad, dtype=bool)
     eligible = np.ones(len(scores), dtype=bool) if cal_eligible is None else np.asarray(cal_eligible, dtype=bool)
     val_ok = np.ones(len(val_scores), dtype=bool) if val_eligible is None else np.asarray(val_eligible, dtype=bool)
-    ladder = [target_risk]
-    while ladder[-1] * 1.25 < 1:
-        ladder.append(ladder[-1] * 1.25)
-    for alpha in ladder:
-        grid = threshold_grid(val_scores, val_ok, len(scores), alpha, delta)
-        j = fixed_sequence(scores, bad, eligible, grid, alpha, delta)
+    fallbacks = fallback_ladder(target_risk)
+    rungs = [(target_risk, delta)] + [(alpha, delta / len(fallbacks)) for alpha in fallbacks]
+    for alpha, level in rungs:
+        grid = threshold_grid(val_scores, val_ok, len(scores), alpha, level)
+        j = fixed_sequence(scores, bad, eligible, grid, alpha, level)
         if j is not None:
             accepted = eligible & (scores >= grid[j])
             certified = alpha == target_risk

@@ -446,8 +446,8 @@ def fit_probe(
             more = ("more data like this would not certify it (its empirical risk is never below the target): "
                     "improve the backbone or the head, or raise target_risk")
         warnings.warn(f"target risk {target_risk:.1%} cannot be certified at delta {delta} with {len(cal)} calibration "
-                      f"structures; p* = {p_star:.3f} is certified at risk {cert.risk:.1%} instead (that risk tested "
-                      f"on its own at level {delta}, after the lower ones failed); {more}", stacklevel=2)
+                      f"structures; p* = {p_star:.3f} is certified at risk {cert.risk:.1%} instead (the fallback risks "
+                      f"share delta {delta}, so this one too holds with probability >= {1 - delta:g}); {more}", stacklevel=2)
     auroc = metrics.auroc(labels[cal] == 0, 1 - p)
     informative = bool(np.ptp(p) >= FLAT_SPREAD)
     if not informative:

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from probe_ase.certify import certify, frames_needed, min_accepted, p_value
+from probe_ase.certify import certify, fallback_ladder, frames_needed, min_accepted, p_value
 from probe_ase.exceptions import InputError
 
 
-def draw(rng, n):
-    """Scores uniform on (0, 1); P(unreliable | s) = (1 - s)^2 / 2, so risk(t) = (1 - t)^2 / 6 above t."""
+def draw(rng, n, floor=0.0):
+    """Scores uniform on (0, 1); P(unreliable | s) = floor + (1 - s)^2 / 2, so risk(t) = floor + (1 - t)^2 / 6 above t."""
     scores = rng.uniform(size=n)
-    return scores, rng.uniform(size=n) < 0.5 * (1 - scores) ** 2
+    return scores, rng.uniform(size=n) < floor + 0.5 * (1 - scores) ** 2
 
 
-def true_risk(t):
-    return (1 - min(max(t, 0.0), 1.0)) ** 2 / 6
+def true_risk(t, floor=0.0):
+    return floor + (1 - min(max(t, 0.0), 1.0)) ** 2 / 6
 
 
 def test_guarantee_holds_by_simulation_and_the_empirical_cut_breaks_it():
@@ -48,6 +48,36 @@ def test_guarantee_holds_by_simulation_and_the_empirical_cut_breaks_it():
     assert empirical_fail / draws > 3 * delta
 
 
+def test_fallback_risk_holds_by_simulation_and_an_empirical_fallback_breaks_it():
+    """Where the 5 % target is out of reach (every threshold's risk is >= 15 %), the risk reported instead holds.
+
+    Over many calibration draws, the true risk at the returned threshold
+    exceeds the risk it is reported certified at in <= delta of them (the
+    fallback rungs share delta). An empirical fallback (the lowest rung some
+    threshold accepting >= 10 structures meets on the calibration split) breaks
+    it far more often: the check can fail.
+    """
+    rng = np.random.default_rng(3)
+    floor, delta, draws = 0.15, 0.1, 100
+    fallback_fail = reported = empirical_fail = 0
+    for _ in range(draws):
+        scores, bad = draw(rng, 100, floor)
+        val, _ = draw(rng, 60, floor)
+        cert = certify(scores, bad, val, 0.05, delta)
+        assert not cert.certified
+        if cert.risk < 1:
+            reported += 1
+            fallback_fail += true_risk(cert.threshold, floor) > cert.risk
+        order = np.argsort(-scores)
+        risk = (np.cumsum(bad[order]) / np.arange(1, len(order) + 1))[9:]
+        alpha = next(a for a in fallback_ladder(0.05) if (risk <= a).any())
+        k = 9 + np.flatnonzero(risk <= alpha)[-1]
+        empirical_fail += true_risk(scores[order][k], floor) > alpha
+    assert reported >= draws * 0.9  # the fallback says something in almost every draw
+    assert fallback_fail / draws <= delta
+    assert empirical_fail / draws > 3 * delta
+
+
 def test_what_data_can_certify():
     # DESIGN.md §8: alpha = delta = 0.05
     assert min_accepted(0.05, 0.05) == 59
@@ -64,12 +94,19 @@ def test_small_calibration_split_falls_back_to_a_certified_larger_risk():
     cert = certify(scores, bad, rng.uniform(size=21), 0.05, 0.1)
     assert not cert.certified and cert.risk > 0.05
     # what it does certify is true: the accepted set holds few enough errors for its own risk
-    assert p_value(cert.n_errors, cert.n_accepted, cert.risk) <= 0.1
+    # the fallback rungs share delta 0.1 (Bonferroni)
+    assert p_value(cert.n_errors, cert.n_accepted, cert.risk) <= 0.1 / len(fallback_ladder(0.05))
     assert cert.n_accepted == int((scores >= cert.threshold).sum())
     assert cert.frames_needed is not None and cert.frames_needed > 28
     # with twice that many frames of the same kind (the estimate assumes the exact count), it is certified
     more = rng.uniform(size=2 * cert.frames_needed)
     assert certify(more, more < 0.2, rng.uniform(size=100), 0.05, 0.1).certified
+
+
+def test_fallback_ladder():
+    ladder = fallback_ladder(0.05)
+    assert len(ladder) == 13 and ladder[0] == pytest.approx(0.0625) and ladder[-1] < 1 <= ladder[-1] * 1.25
+    assert fallback_ladder(0.9) == []
 
 
 def test_nothing_certifiable_accepts_nothing():
