@@ -191,9 +191,12 @@ def certify(
             (default all); the others count as rejected at every threshold.
         val_eligible: the same for the validation structures (for the grid).
 
-    When ``target_risk`` cannot be certified, the loosest threshold certified
-    on a ladder of risks above it (x 1.25 per rung, :func:`fallback_ladder`)
-    is returned with ``certified=False``; ``risk`` says what it does certify.
+    When ``target_risk`` cannot be certified, the lowest risk on a ladder
+    above it (x 1.25 per rung, :func:`fallback_ladder`) that the data certify
+    is found, and the *strictest* threshold tested at it (the first of its
+    fixed sequence) is returned with ``certified=False``; ``risk`` says what it
+    certifies. The loosest threshold at that risk would accept structures up
+    to a risk the caller did not ask for: a fallback spends no more than it must.
     The fallback rungs share ``delta`` (Bonferroni: each is tested at ``delta``
     divided by their number), so a reported fallback risk is wrong with
     probability at most ``delta`` as well. When no rung below risk 1 is
@@ -211,8 +214,9 @@ def certify(
         grid = threshold_grid(val_scores, val_ok, len(scores), alpha, level)
         j = fixed_sequence(scores, bad, eligible, grid, alpha, level)
         if j is not None:
-            accepted = eligible & (scores >= grid[j])
             certified = alpha == target_risk
+            j = j if certified else 0  # a fallback spends no risk beyond its strictest certified threshold
+            accepted = eligible & (scores >= grid[j])
             needed = None if certified else frames_needed(scores, bad, eligible, target_risk, delta)
             return Certificate(float(grid[j]), target_risk, delta, certified, alpha, int(accepted.sum()),
                                int(bad[accepted].sum()), float(accepted.mean()), needed)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from probe_ase.certify import certify, fallback_ladder, frames_needed, min_accepted, p_value
+from probe_ase.certify import (certify, fallback_ladder, fixed_sequence, frames_needed, min_accepted, p_value,
+                               threshold_grid)
 from probe_ase.exceptions import InputError
 
 
@@ -78,6 +79,19 @@ def test_fallback_risk_holds_by_simulation_and_an_empirical_fallback_breaks_it()
     assert empirical_fail / draws > 3 * delta
 
 
+def test_fallback_is_the_strictest_threshold_tested_at_its_risk():
+    """A fallback accepts no more than the first threshold of its rung, though looser ones are certified too."""
+    rng = np.random.default_rng(4)
+    scores, bad = draw(rng, 400, floor=0.15)
+    val, _ = draw(rng, 240, floor=0.15)
+    cert = certify(scores, bad, val, 0.05, 0.1)
+    level = 0.1 / len(fallback_ladder(0.05))
+    grid = threshold_grid(val, np.ones(len(val), dtype=bool), len(scores), cert.risk, level)
+    loosest = fixed_sequence(scores, bad, np.ones(len(scores), dtype=bool), grid, cert.risk, level)
+    assert not cert.certified and cert.threshold == grid[0]
+    assert loosest > 0 and cert.n_accepted < int((scores >= grid[loosest]).sum())
+
+
 def test_what_data_can_certify():
     # DESIGN.md §8: alpha = delta = 0.05
     assert min_accepted(0.05, 0.05) == 59
@@ -91,7 +105,8 @@ def test_small_calibration_split_falls_back_to_a_certified_larger_risk():
     rng = np.random.default_rng(1)
     scores = rng.uniform(size=28)
     bad = scores < 0.2  # perfectly ranked, 20 % unreliable
-    cert = certify(scores, bad, rng.uniform(size=21), 0.05, 0.1)
+    val = rng.uniform(size=21)
+    cert = certify(scores, bad, val, 0.05, 0.1)
     assert not cert.certified and cert.risk > 0.05
     # what it does certify is true: the accepted set holds few enough errors for its own risk
     # the fallback rungs share delta 0.1 (Bonferroni)

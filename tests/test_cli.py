@@ -139,12 +139,21 @@ def test_md_command_halts_a_hot_run(files, capsys, cu_data):
     assert len(read(work / "npt.xyz", ":")) == 4
 
 
-def al_config(files, work, db, rounds: int, steps: int, epochs: int, reference: str, label: str = ""):
+@pytest.fixture(scope="module")
+def al_probe(files):
+    """The CLI head refitted with ``--weight-folds 0``: each AL round's refit then trains one head, not six."""
+    path = files / "probe-al.pt"
+    assert main(["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"), "--quantile", "0.7",
+                 "--epochs", "30", "--no-cache", "--weight-folds", "0", "-o", str(path)]) == 0
+    return path
+
+
+def al_config(files, probe, work, db, rounds: int, steps: int, epochs: int, reference: str, label: str = ""):
     """Write ``work/al.toml``: explore hot (2000 K) from two test frames, label with ``reference``, retrain."""
     config = work / "al.toml"
     config.write_text(f"""
 backbone = "{files / 'mace.model'}"
-probe = "{files / 'probe.pt'}"
+probe = "{probe}"
 db = "{db}"
 start = "{work / 'start.xyz'}"
 rounds = {rounds}
@@ -172,12 +181,12 @@ work_dir = "{work / 'retrain'}"
 
 
 @pytest.mark.slow
-def test_al_command_runs_a_round(files, capsys, cu_data):
+def test_al_command_runs_a_round(files, al_probe, capsys, cu_data):
     work = files / "al"
     work.mkdir()
     write(work / "start.xyz", cu_data["test_in"][:2])
     write(work / "train.xyz", cu_data["train"])
-    config = al_config(files, work, work / "al.db", rounds=1, steps=60, epochs=3,
+    config = al_config(files, al_probe, work, work / "al.db", rounds=1, steps=60, epochs=3,
                        reference='calculator = "ase.calculators.emt:EMT"')
     assert main(["al", str(config)]) == 0
     out = capsys.readouterr().out
@@ -191,7 +200,7 @@ def test_al_command_runs_a_round(files, capsys, cu_data):
 
 
 @pytest.mark.slow
-def test_al_command_resumes_after_a_kill_from_the_retrained_model(files, capsys, cu_data):
+def test_al_command_resumes_after_a_kill_from_the_retrained_model(files, al_probe, capsys, cu_data):
     """kill -9 ``probe-ase al`` in round 2; the restart finishes round 2 from round 1's model and head."""
     import os
     import signal
@@ -211,7 +220,7 @@ def test_al_command_resumes_after_a_kill_from_the_retrained_model(files, capsys,
     write(work / "start.xyz", cu_data["test_in"][:2])
     write(work / "train.xyz", cu_data["train"])
     db, log, started = work / "al.db", work / "finished.txt", work / "started.txt"
-    config = al_config(files, work, db, rounds=2, steps=80, epochs=2, label="[label]\nlease = 1.0",
+    config = al_config(files, al_probe, work, db, rounds=2, steps=80, epochs=2, label="[label]\nlease = 1.0",
                        reference='calculator = "probe_ase.testing.reference:CountingEMT"\n'
                                  f'options = {{ log = "{log}", start_log = "{started}", delay = 0.5 }}')
     root = str(Path(probe_ase.__file__).resolve().parents[1])
