@@ -15,6 +15,9 @@ arXiv:2110.01052) and fixed-sequence testing:
    over the ``n`` accepted calibration structures.
 3. The walk stops at the first p-value above ``delta``; the loosest threshold
    rejected before that is returned.
+4. When no threshold is certified at the target, rungs of higher risk are
+   tried, sharing ``delta``, and the strictest threshold of the first rung
+   certified is returned with that risk (:func:`certify`).
 
 Guarantee: with probability at least ``1 - delta`` over the calibration
 draw, the returned threshold has risk <= alpha on structures exchangeable

@@ -105,8 +105,7 @@ def test_small_calibration_split_falls_back_to_a_certified_larger_risk():
     rng = np.random.default_rng(1)
     scores = rng.uniform(size=28)
     bad = scores < 0.2  # perfectly ranked, 20 % unreliable
-    val = rng.uniform(size=21)
-    cert = certify(scores, bad, val, 0.05, 0.1)
+    cert = certify(scores, bad, rng.uniform(size=21), 0.05, 0.1)
     assert not cert.certified and cert.risk > 0.05
     # what it does certify is true: the accepted set holds few enough errors for its own risk
     # the fallback rungs share delta 0.1 (Bonferroni)
