@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
+from environment import environment
 from probe_ase.fileio import atomic_write
 from probe_ase.testing.faults import SCENARIOS
 from probe_ase.testing.postgres import create_database, drop_database, postgres_server
@@ -55,7 +55,7 @@ def main() -> None:
             ok = "ok" if all(r["integrity_ok"] for r in group) else "PROBLEM"
             print(f"{name:<38} {backend:<10} {len(group):>4} {sums} {ok:>9}")
     out = Path(args.out) / "results.json"
-    meta = {"repeats": args.repeats, "python": platform.python_version(), "cpus": os.cpu_count()}
+    meta = {"repeats": args.repeats, "environment": environment()}
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1)))
     print(f"wrote {out}")
 

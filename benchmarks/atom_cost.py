@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from ase.build import bulk
 
+from environment import environment
 from probe_ase.fileio import atomic_write
 from probe_ase.graph import radius_graph
 from probe_ase.head import HeadConfig, ProbeHead
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     slope = float(np.polyfit(np.log([r["atoms"] for r in big]), np.log([r["head_with_atom_logit_ms"] for r in big]),
                              1)[0]) if len(big) > 1 else float("nan")
     print(f"log-log slope of the head with the atom logit from 1 000 atoms: {slope:.3f}")
-    result = {"command": "atom_cost.py " + " ".join(argv or []), "threads": args.threads, "features": FEATURES,
+    result = {"command": "atom_cost.py " + " ".join(argv or []), "environment": environment(), "threads": args.threads, "features": FEATURES,
               "cutoff_A": CUTOFF, "rows": rows, "loglog_slope_from_1000": slope}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))

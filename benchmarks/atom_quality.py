@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
+from environment import environment, file_digest  # noqa: E402
 from uq_quality import load_splits, make_calc, train_mace, train_spk  # noqa: E402
 
 from probe_ase import fit_probe, metrics  # noqa: E402
@@ -187,10 +188,11 @@ def main(argv=None) -> None:
     name, train, pool, _, evals, e0s = load_splits(args.data.resolve(), quick=False)
     evals = {k: v for k, v in evals.items() if all(reference_forces(a) is not None for a in v)}
     res = {"dataset": name, "command": " ".join(["atom_quality.py"] + (argv or sys.argv[1:])), "members": args.members,
-           "backbones": {}}
+           "environment": environment(), "backbones": {}}
     for kind in args.backbones:
         paths = [train_mace(train, e0s, args.models, 16, 1, 20, seed, False) if kind == "mace"
                  else train_spk(train, e0s, args.models, "painn", 32, 25, seed, False) for seed in range(args.members)]
+        res["environment"]["models"].update({Path(m).name: file_digest(m) for m in paths})
         res["backbones"][kind] = run_backbone(kind, paths, pool, evals, args.out / "cache")
         res["wall_seconds"] = time.perf_counter() - start
         args.out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from ase.build import bulk
 
+from environment import environment
 from probe_ase.fileio import atomic_write
 from probe_ase.graph import radius_graph
 from probe_ase.head import HeadConfig, ProbeHead, batch_inputs
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
                **{f"{m}/eager": v / med["eager"] for m, v in med.items() if m != "eager" and "eager" in med}}
         rows.append(row)
         print(f"{n:>6} atoms: " + ", ".join(f"{m} {v:8.3f} ms" for m, v in med.items()), flush=True)
-    result = {"command": "head_runtime.py " + " ".join(argv or []), "torch": torch.__version__,
+    result = {"command": "head_runtime.py " + " ".join(argv or []), "environment": environment(), "torch": torch.__version__,
               "threads": args.threads, "rows": rows, "warmup_s_first_size": {m: w[0] for m, w in warmups.items()}, "failures": failures}
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     print("warm-up (3 calls, first size): " + ", ".join(f"{m} {w[0]:.2f} s" for m, w in warmups.items()))

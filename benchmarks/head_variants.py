@@ -120,6 +120,7 @@ def main(argv=None) -> int:
             print(line, flush=True)
     out = args.out or args.run / f"head_variants_{args.backbone}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps({"member0": str(member0[0]), "seeds": args.seeds,
+                                                                 "environment": uq_quality.environment(member0[:1]),
                                                                  "rows": rows}, indent=1)))
     print(f"wrote {out}")
     return 0

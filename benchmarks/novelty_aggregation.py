@@ -60,7 +60,7 @@ def study(data: Path, models: Path, cache: Path, seeds: int) -> dict:
         with torch.no_grad():
             atoms = model(fs.features, fs.numbers).numpy()
         novelty.append([atoms[fs.ptr[k] : fs.ptr[k + 1]] for k in range(len(shift))])
-    out = {"dataset": name, "n_in": len(pool_in), "n_shift": len(shift), "seeds": seeds, "labels": {}}
+    out = {"dataset": name, "environment": uq.environment(paths[:1]), "n_in": len(pool_in), "n_shift": len(shift), "seeds": seeds, "labels": {}}
     for label, crit, tau in [("force_rmse 0.1 eV/Å", "force_rmse", 0.1),
                              ("force_rmse q0.8", "force_rmse", float(np.quantile(fs_in.error("force_rmse"), 0.8))),
                              ("energy q0.8", "energy", float(np.quantile(fs_in.error("energy"), 0.8)))]:

@@ -225,7 +225,7 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
         np.savez(ens_file, **ens)
     x_in, z_in = fs_in.features.double().numpy(), fs_in.numbers.numpy()
     x_sh, z_sh = fs_sh.features.double().numpy(), fs_sh.numbers.numpy()
-    out = {"dataset": name, "n_in": len(pool_in), "n_shift": len(shift), "labels": {}}
+    out = {"dataset": name, "environment": uq.environment(paths), "n_in": len(pool_in), "n_shift": len(shift), "labels": {}}
     for label, crit, threshold, quantile in LABELS:
         err_in, err_sh = fs_in.error(crit), fs_sh.error(crit)
         if not (np.isfinite(err_in).all() and np.isfinite(err_sh).all()):

@@ -62,6 +62,7 @@ from probe_ase.scoring import score_frames
 from probe_ase.taps.base import Tap
 from probe_ase.testing import emt_frames, train_mace
 from probe_ase.validate import check_atoms
+from environment import environment
 
 ROOT = Path(__file__).resolve().parent
 MEDIUM = "mace medium shape (untrained)"
@@ -497,7 +498,7 @@ def main(argv=None) -> int:
         "meta": {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "device": args.device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                  "loadavg_at_end": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
-                 "head_backbone": next(iter(cu)), "data": str(args.data) if args.data else None, "seconds": time.perf_counter() - start,
+                 "environment": environment(), "head_backbone": next(iter(cu)), "data": str(args.data) if args.data else None, "seconds": time.perf_counter() - start,
                  "units": {"time": "ms", "memory": "MiB", "throughput": "structures/s"},
                  "md_step": "nudge atoms 1e-3 Å, then calc.calculate(atoms, ['energy','forces']); one backbone pass each"},
         "md_step": md, "head_alone": head, "featurisation": feat, "stream": stream, "profile": prof,

@@ -92,6 +92,7 @@ from probe_ase.graph import radius_graph  # noqa: E402
 from probe_ase.labels import structure_error  # noqa: E402
 from probe_ase.retrain import mace_training_frames  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
+from environment import environment, file_digest  # noqa: E402
 
 REGIMES = {"absolute": {"force_rmse": 0.1, "energy": 0.043}, "quantile": 0.8}
 CRITERIA = ("force_rmse", "energy")
@@ -673,6 +674,11 @@ def markdown(res: dict) -> str:
              f"Command: `{s['command']}`  ", f"Wall time: {res['wall_seconds'] / 60:.1f} min on "
              f"{s['threads']} CPU threads. Data: BOTNet-datasets (Kovács, Batatia et al., arXiv:2205.06643).", "",
              f"Settings: {json.dumps({k: v for k, v in s.items() if k != 'command'})}", ""]
+    if "environment" in res:  # runs before session 15 did not record it
+        env = res["environment"]
+        lines += [f"Environment: git {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}, Python "
+                  f"{env['python']}, " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + "; models "
+                  "(SHA-256, first 16 hex digits): " + ", ".join(f"{k} {v}" for k, v in env["models"].items()), ""]
     keys = ["auroc", "auprc", "spearman", "aurc", "excess_aurc", "risk_at_50", "risk_at_80", "risk_at_90", "ece", "brier"]
     lines += summary_table(res)
     for kind, r in res["backbones"].items():
@@ -782,7 +788,7 @@ def main(argv=None):
                               "loss 0.01 E + 0.99 F MSE, best validation checkpoint",
                 "probe_head": asdict(head), "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
                 "labels": "error of member 0 (the deployed model) for every method"}
-    res = {"dataset": name, "settings": settings, "backbones": {}, "timings_s": {}}
+    res = {"dataset": name, "settings": settings, "environment": environment(), "backbones": {}, "timings_s": {}}
 
     for kind in args.backbones:
         t0 = time.perf_counter()
@@ -793,6 +799,7 @@ def main(argv=None):
             else:
                 paths.append(train_spk(train, e0s, models, args.spk_rep, width, spk_epochs, seed, args.retrain))
         res["timings_s"][f"{kind}_train"] = time.perf_counter() - t0
+        res["environment"]["models"].update({Path(m).name: file_digest(m) for m in paths})
         t0 = time.perf_counter()
         res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out, head,
                                                    pool_in=pool_in, target_risk=args.target_risk)

@@ -89,7 +89,7 @@ def study(data: Path, models: Path, cache: Path, seeds: int, novelty: NoveltyCon
     calc = uq.make_calc("mace", paths[0])
     with find_tap(calc) as tap:
         fs = featurize(tap, shift, cache_dir=cache, progress=False)
-    out = {"dataset": name, "n_in": len(pool_in), "n_shift": len(shift), "penalty": novelty.penalty,
+    out = {"dataset": name, "environment": uq.environment(paths[:1]), "n_in": len(pool_in), "n_shift": len(shift), "penalty": novelty.penalty,
            "weight_fit": next(k for k, f in WEIGHT_FITS.items() if f is probe_ase.fit.fit_logit_weight), "labels": {}}
     for label, crit, threshold, quantile in LABELS:
         rows, error = [], fs.error(crit)
