@@ -1,0 +1,126 @@
+"""How much PROBE's pooled ranking on the evaluation files moves with the head's seed.
+
+``uq_quality.py`` fits one head (seed 0) per label and compares its pooled
+AUROC / Spearman ρ with the 5-member ensemble's. The ensemble's scores do not
+depend on a head seed; PROBE's do (the seed draws the train / validation /
+calibration split, the initialisation and the fold heads). This script refits
+the head of each MACE force row with ``--seeds`` seeds on the same fit pool and
+member 0, with the settings of ``uq_quality.py``, scores the same evaluation
+files, and prints each seed's pooled AUROC / ρ beside the ensemble's from the
+run's ``results.json``. Nothing is chosen here: it reports the spread of the
+shipped method (seed 0 reproduces the run's own row)::
+
+    python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac
+
+Units: force RMSE in eV/Å.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import uq_quality as uq  # noqa: E402
+
+from probe_ase import TrainConfig, fit_probe, metrics  # noqa: E402
+from probe_ase.fileio import atomic_write  # noqa: E402
+from probe_ase.graph import radius_graph  # noqa: E402
+from probe_ase.head import HeadConfig  # noqa: E402
+
+ROWS = (("absolute", "force_rmse"), ("quantile", "force_rmse"))
+ENSEMBLE = ("ens_force_std", "ens_force_max_std", "ens_energy_std")
+
+
+def study(data: Path, run: Path, seeds: int) -> dict:
+    res_run = json.loads((run / "results.json").read_text())
+    name, _, pool, _, evals, _ = uq.load_splits(data, False)
+    paths = sorted((run / "models").glob("ssmace_c16_L1_e20_*_s0.model"))
+    if not paths:
+        raise SystemExit(f"{run / 'models'}: no MACE member 0 of uq_quality.py")
+    calc = uq.make_calc("mace", paths[0])
+    head = HeadConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in res_run["settings"]["probe_head"].items()})
+    names = list(evals)
+    frames = [a for n in names for a in evals[n]]
+    file_of = np.concatenate([[i] * len(evals[n]) for i, n in enumerate(names)])
+    energies, forces, feats, ptr = uq.member_pass(calc, frames, desc="member 0 on eval")
+    numbers = torch.as_tensor(np.concatenate([a.numbers for a in frames]))
+    err = uq.errors_of(frames, energies, forces)
+    out = {"dataset": name, "environment": uq.environment(paths), "seeds": seeds, "rows": []}
+    graphs = {}
+    for regime, crit in ROWS:
+        entry = res_run["backbones"]["mace"]["regimes"][regime][crit]
+        pooled = entry["pooled"]
+        mask = np.isin(file_of, [names.index(f) for f in entry["pooled_files"]]) & np.isfinite(err[crit])
+        ens = max(ENSEMBLE, key=lambda m: pooled[m]["auroc"])
+        spec = uq.REGIMES[regime]
+        kw = {"threshold": spec[crit]} if regime == "absolute" else {"quantile": spec}
+        per_seed = []
+        for seed in tqdm(range(seeds), desc=f"{name} {regime}/{crit}", unit="head"):
+            t0 = time.perf_counter()
+            probe = fit_probe(calc, pool, criterion=crit, train=TrainConfig(epochs=150, patience=20, seed=seed),
+                              config=head, cache_dir=run / "cache", progress=False, **kw)
+            cutoff = probe.meta.config.cutoff
+            if cutoff not in graphs:
+                graphs[cutoff] = [radius_graph(a, cutoff) for a in frames]
+            p = probe.predict(feats.to(probe.head.feature_mean.dtype), numbers, ptr, graphs[cutoff]).reliability
+            e = err[crit][mask]
+            per_seed.append({"seed": seed, "tau": probe.meta.tau, "auroc": metrics.auroc(e > probe.meta.tau, 1 - p[mask]),
+                             "spearman": metrics.spearman(1 - p[mask], e), "seconds": time.perf_counter() - t0})
+        a = np.array([[s["auroc"], s["spearman"]] for s in per_seed])
+        out["rows"].append({
+            "regime": regime, "criterion": crit, "files": entry["pooled_files"], "per_seed": per_seed,
+            "mean": a.mean(0).tolist(), "se": (a.std(0, ddof=1) / np.sqrt(len(a))).tolist() if len(a) > 1 else None,
+            "run_seed0": [pooled["PROBE"]["auroc"], pooled["PROBE"]["spearman"]],
+            "ensemble": ens, "ensemble_scores": [pooled[ens]["auroc"], pooled[ens]["spearman"]],
+            "seeds_at_or_above": [int((a[:, 0] >= pooled[ens]["auroc"]).sum()),
+                                  int((a[:, 1] >= pooled[ens]["spearman"]).sum())],
+        })
+    return out
+
+
+def table(res: dict) -> str:
+    lines = [f"{res['dataset']}, MACE member 0, {res['seeds']} head seeds on the same fit pool; pooled over the "
+             "evaluation files of uq_quality.py's row", "",
+             "| τ | " + " | ".join(f"seed {s}" for s in range(res["seeds"]))
+             + " | mean ± SE | ensemble (best by AUROC) | seeds ≥ ensemble (AUROC, ρ) |",
+             "|---" * (res["seeds"] + 4) + "|"]
+    for row in res["rows"]:
+        tau = "0.1 eV/Å" if row["regime"] == "absolute" else "top 20 %"
+        se = row["se"] or [float("nan")] * 2
+        lines.append(f"| {tau} | " + " | ".join(f"{s['auroc']:.3f} / {s['spearman']:.3f}" for s in row["per_seed"])
+                     + f" | {row['mean'][0]:.3f} ± {se[0]:.3f} / {row['mean'][1]:.3f} ± {se[1]:.3f} | "
+                     f"{row['ensemble_scores'][0]:.3f} / {row['ensemble_scores'][1]:.3f} ({row['ensemble']}) | "
+                     f"{row['seeds_at_or_above'][0]}, {row['seeds_at_or_above'][1]} of {res['seeds']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, type=Path, help="acac or ethanol folder of the BOTNet data")
+    ap.add_argument("--run", required=True, type=Path,
+                    help="a finished uq_quality.py output folder (results.json, models/, cache/)")
+    ap.add_argument("--seeds", type=int, default=5, help="head seeds 0..N-1 (seed 0 is the run's own head)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_seeds.json)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    res = study(args.data.resolve(), args.run, args.seeds)
+    res["command"] = " ".join(["head_seeds.py"] + (argv or sys.argv[1:]))
+    print(table(res))
+    out = args.out or args.run / "head_seeds.json"
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
