@@ -29,7 +29,9 @@ On the fit pools' own splits this sharpened the ranking of force errors
 (structures far from the fit data tend to be worse; a structure's force RMSE
 averages its atoms, and so ranked better by the mean atom novelty than by
 the largest) and is fitted to 0 where novelty does not predict the error
-(often for energies). The support edge stays on the largest atom novelty:
+(often for energies). Where the head's own logit ranks nothing (fold heads
+that stopped near their initialisation), the weight is large instead of 0:
+novelty then decides the ranking (fail safe, :data:`MIN_SLOPE`). The support edge stays on the largest atom novelty:
 one atom out of support is enough to leave it.
 
 The support edge is set on structures the size of the fit frames: the
@@ -161,6 +163,9 @@ def structure_novelty(atom_novelty: np.ndarray | torch.Tensor, ptr: Sequence[int
 
 #: structure novelty below this counts as this in the logit penalty (log 0 is -inf)
 NOVELTY_FLOOR = 1e-3
+#: smallest slope of the logit (per standard deviation; odds ratio 1.1) the weight is divided by: a logit that ranks
+#: less, or not at all, leaves the ranking to novelty instead of switching novelty off
+MIN_SLOPE = 0.1
 
 
 def logit_penalty(novelty: torch.Tensor, weight: float) -> torch.Tensor:
@@ -183,7 +188,14 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
     Logistic regression of ``reliable`` on ``a * logit + b - lam * log(novelty)``
     with ``lam >= 0`` (more novelty may only lower reliability); returns ``lam / a``,
     the weight in the logit's own units, or 0 when the structures hold one
-    class only or the logit does not rank them (``a <= 0``).
+    class only or novelty does not lower reliability (``lam = 0``).
+
+    Fail safe: ``a`` counts as at least :data:`MIN_SLOPE` (per standard
+    deviation of the logit). A logit that does not rank the held-out
+    structures (``a <= 0``, e.g. fold heads that stopped near their
+    initialisation) then gets a large weight, so novelty decides the
+    ranking, instead of weight 0, which would switch novelty off exactly when
+    the head knows least. A constant logit gives ``lam`` (novelty alone ranks).
 
     With several columns (the main logit and label first, then the head's
     auxiliary quantile logits and labels "error <= q-quantile"), each column
@@ -214,8 +226,9 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
     z = np.asarray(logits, dtype=float).reshape(len(novelty), -1)[finite]
     novelty = novelty[finite]
     scale = z.std(0)
-    keep = (y.min(0) < y.max(0)) & (scale > 1e-12)  # columns that can say anything
-    if not keep[0]:  # one class only, or a constant logit that ranks nothing
+    scale = np.where(scale > 1e-12, scale, 1.0)  # a constant logit: its slope is idle, novelty alone ranks
+    keep = y.min(0) < y.max(0)  # columns holding both classes
+    if not keep[0]:  # the main label holds one class only: nothing to fit
         return 0.0
     y, z, scale = y[:, keep], z[:, keep], scale[keep]
     z = (z - z.mean(0)) / scale  # centred unit-scale logits (the biases absorb the shift), converted back at the end
@@ -229,7 +242,7 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
     start = np.concatenate([np.ones(k), np.zeros(k + 1)])
     params = minimize(nll, start, method="L-BFGS-B", bounds=[(None, None)] * (2 * k) + [(0, None)]).x
     a, lam = params[0], params[-1]
-    return float(lam * scale[0] / a) if a > 0 else 0.0
+    return float(lam * scale[0] / max(a, MIN_SLOPE))
 
 
 def _fit_mixtures(

@@ -167,7 +167,20 @@ def test_logit_weight_recovers_a_known_weight():
     raising = rng.uniform(size=4000) < 1 / (1 + np.exp(-(2 * z + 3 * log_n)))
     assert fit_logit_weight(z, np.exp(log_n), raising) == 0.0
     assert fit_logit_weight(z, np.exp(log_n), np.ones(4000, bool)) == 0.0
-    assert fit_logit_weight(np.full(4000, 3.0), np.exp(log_n), reliable) == 0.0  # a flat logit ranks nothing
+
+
+def test_a_logit_that_does_not_rank_leaves_the_ranking_to_novelty():
+    """Fail safe: fold heads whose logits rank nothing must not switch novelty off (weight 0), but hand it the ranking."""
+    rng = np.random.default_rng(1)
+    log_n = rng.normal(scale=0.5, size=4000)
+    reliable = rng.uniform(size=4000) < 1 / (1 + np.exp(3 * log_n))  # only novelty predicts
+    novelty_auroc = auroc(~reliable, log_n)
+    for z in (0.05 * rng.normal(size=4000), np.full(4000, 3.0)):  # a near-flat logit that ranks nothing; a flat one
+        weight = fit_logit_weight(z, np.exp(log_n), reliable)
+        assert weight > 0
+        # the penalised logit ranks as well as novelty alone (weight 0 would leave it at chance, AUROC ~ 0.5)
+        assert auroc(~reliable, -(z - weight * log_n)) > novelty_auroc - 0.02
+        assert abs(auroc(~reliable, -z) - 0.5) < 0.05
 
 
 def test_auxiliary_labels_steady_the_weight_of_a_strict_label():
