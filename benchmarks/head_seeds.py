@@ -103,23 +103,28 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds_help: str, run_help: str) -> int:
+    """Command line shared by the fit-pool seed studies: parse, run ``study(data, run, seeds)``, print, write JSON."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--data", required=True, type=Path, help="acac or ethanol folder of the BOTNet data")
-    ap.add_argument("--run", required=True, type=Path,
-                    help="a finished uq_quality.py output folder (results.json, models/, cache/)")
-    ap.add_argument("--seeds", type=int, default=5, help="head seeds 0..N-1 (seed 0 is the run's own head)")
+    ap.add_argument("--run", required=True, type=Path, help=run_help)
+    ap.add_argument("--seeds", type=int, default=seeds, help=seeds_help)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_seeds.json)")
+    ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default RUN/{script}.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = study(args.data.resolve(), args.run, args.seeds)
-    res["command"] = " ".join(["head_seeds.py"] + (argv or sys.argv[1:]))
+    res["command"] = " ".join([f"{script}.py"] + (argv or sys.argv[1:]))
     print(table(res))
-    out = args.out or args.run / "head_seeds.json"
+    out = args.out or args.run / f"{script}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
     print(f"wrote {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return seed_study_main(argv, __doc__, "head_seeds", study, table, 5, "head seeds 0..N-1 (seed 0 is the run's own head)",
+                           "a finished uq_quality.py output folder (results.json, models/, cache/)")
 
 
 if __name__ == "__main__":

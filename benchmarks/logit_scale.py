@@ -17,8 +17,6 @@ the ranking whatever the weight. Units: τ in eV/Å (forces) or eV (energy).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import uq_quality as uq  # noqa: E402
+from head_seeds import seed_study_main  # noqa: E402
 
 import probe_ase.fit as fit  # noqa: E402
 from probe_ase import LabelError, TrainConfig  # noqa: E402
 from probe_ase.dataset import featurize  # noqa: E402
-from probe_ase.fileio import atomic_write  # noqa: E402
 from probe_ase.graph import HeadGraph  # noqa: E402
 from probe_ase.head import batch_inputs  # noqa: E402
 from probe_ase.labels import make_labels  # noqa: E402
@@ -96,21 +94,8 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, type=Path, help="acac or ethanol folder of the BOTNet data")
-    ap.add_argument("--run", required=True, type=Path, help="a uq_quality.py output folder (models/, cache/)")
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/logit_scale.json)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    res = study(args.data.resolve(), args.run, args.seeds)
-    res["command"] = " ".join(["logit_scale.py"] + (argv or sys.argv[1:]))
-    print(table(res))
-    out = args.out or args.run / "logit_scale.json"
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
-    print(f"wrote {out}")
-    return 0
+    return seed_study_main(argv, __doc__, "logit_scale", study, table, 2, "seeds 0..N-1 of each fit",
+                           "a uq_quality.py output folder (models/, cache/)")
 
 
 if __name__ == "__main__":
