@@ -53,6 +53,8 @@ from .taps import Tap, find_tap
 
 #: temperature-scaled probabilities spread less than this over the calibration split carry no information
 FLAT_SPREAD = 0.05
+#: what early stopping may watch (:attr:`TrainConfig.stop_on`)
+STOP_ON = ("main", "all")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class TrainConfig:
         val_fraction: share of structures for early stopping.
         cal_fraction: share of structures for calibration and p*.
         seed: seeds the split, initialisation and shuffling.
+        stop_on: which validation loss early stopping watches: ``"main"``
+            (the main label's, plus the per-atom loss when there is one) or
+            ``"all"`` (also the auxiliary quantile labels': the whole training loss).
     """
 
     epochs: int = 200
@@ -78,8 +83,11 @@ class TrainConfig:
     val_fraction: float = 0.15
     cal_fraction: float = 0.2
     seed: int = 0
+    stop_on: str = "main"
 
     def __post_init__(self) -> None:
+        if self.stop_on not in STOP_ON:
+            raise InputError(f"stop_on must be one of {STOP_ON}, got {self.stop_on!r}", stop_on=self.stop_on)
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise InputError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, "
                              f"{self.batch_size}",
@@ -145,7 +153,7 @@ def train_head(
     ``config.atom_logit`` the per-atom ``atom_labels`` (1 = the atom's force
     error within tolerance; rows as in ``data``) add a class-weighted BCE over
     atoms with unit weight. Early stopping watches the main loss plus the atom
-    loss.
+    loss (``train.stop_on="main"``) or the whole training loss (``"all"``).
     """
     tr, val, _ = splits
     generator = torch.Generator().manual_seed(train.seed)
@@ -191,7 +199,7 @@ def train_head(
             optimiser.step()
         head.eval()
         with torch.no_grad():
-            val_loss = float(loss_on(val, main_only=True))
+            val_loss = float(loss_on(val, main_only=train.stop_on == "main"))
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best - 1e-5:
             best, best_state, since = val_loss, copy.deepcopy(head.state_dict()), 0

@@ -50,6 +50,12 @@ class HeadConfig:
             the main logit is used at inference. On the acac and ethanol fit
             pools they raised force-error Spearman from 0.79 / 0.74 to 0.84 /
             0.84 (``benchmarks/head_variants.py``); ``()`` turns them off.
+        shared_score: the main and auxiliary logits are one learned score plus
+            a learned offset per label (an ordinal, CORAL-style readout), so
+            every quantile label trains the very score the main logit ranks
+            by; False gives each label its own linear readout. On the fit
+            pools' calibration splits it raised force-error Spearman on three
+            of four MACE rows (``benchmarks/head_variants.py``).
         atom_logit: also read out one logit per atom (local reliability);
             :func:`~probe_ase.fit_probe` switches it on when given an
             ``atom_threshold`` or ``atom_quantile``.
@@ -62,6 +68,7 @@ class HeadConfig:
     max_pool: bool = False
     per_element_scaling: bool = False
     aux_quantiles: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    shared_score: bool = True
     atom_logit: bool = False
 
     def __post_init__(self) -> None:
@@ -183,6 +190,19 @@ class AttentionPool(nn.Module):
         return pooled.reshape(n_structures, -1), alpha.mean(-1)
 
 
+class SharedScore(nn.Module):
+    """One linear score per structure plus a learned offset per label: ``(n, labels)`` logits."""
+
+    def __init__(self, width: int, labels: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(width, 1)
+        self.offsets = nn.Parameter(torch.zeros(labels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(n, labels)`` of pooled vectors ``x`` ``(n, width)``."""
+        return self.score(x) + self.offsets
+
+
 class ProbeHead(nn.Module):
     """Attention classifier: per-atom features -> reliability logit, importances and per-atom logits.
 
@@ -213,8 +233,9 @@ class ProbeHead(nn.Module):
         self.pool = AttentionPool(hidden, config.heads)
         self.max_pool = config.max_pool
         width = 2 * hidden if config.max_pool else hidden
+        labels = 1 + len(config.aux_quantiles)
         self.readout = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(),
-                                     nn.Linear(hidden, 1 + len(config.aux_quantiles)))
+                                     SharedScore(hidden, labels) if config.shared_score else nn.Linear(hidden, labels))
         self.atom_logit = config.atom_logit
         self.atom_readout = (nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
                                            nn.Linear(hidden, 1)) if config.atom_logit else nn.Identity())

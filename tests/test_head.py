@@ -66,6 +66,7 @@ VARIANTS = {
     "attention": {"aux_quantiles": ()},
     "max_pool+aux+per_element": {"max_pool": True, "aux_quantiles": (0.5, 0.9), "per_element_scaling": True},
     "atom_logit": {"atom_logit": True},
+    "own_readouts": {"shared_score": False, "aux_quantiles": (0.5, 0.9)},
 }
 
 
@@ -91,6 +92,17 @@ def test_aux_logits_come_after_the_main_one():
     torch.testing.assert_close(main, every[:, 0])
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         HeadConfig(aux_quantiles=(0.5, 1.0))
+
+
+def test_a_shared_score_gives_every_label_the_same_ranking():
+    features, numbers, ptr, edges = _two_structures()
+    inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
+    shared, _, _ = _head(aux_quantiles=(0.5, 0.9), shared_score=True).all_logits(*inputs)
+    own, _, _ = _head(aux_quantiles=(0.5, 0.9), shared_score=False).all_logits(*inputs)
+    # one score plus a per-label offset: the columns differ by the same constant in every structure
+    gaps = shared - shared[:, :1]
+    torch.testing.assert_close(gaps[0], gaps[1])
+    assert not torch.allclose((own - own[:, :1])[0], (own - own[:, :1])[1], atol=1e-4)  # separate readouts do not
 
 
 def test_probe_head_importance_normalised():
@@ -201,7 +213,7 @@ def test_head_config_validation():
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(weight_decay=-1.0),
-                                 dict(val_fraction=0.5, cal_fraction=0.5), dict(cal_fraction=0.0)])
+                                 dict(val_fraction=0.5, cal_fraction=0.5), dict(cal_fraction=0.0), dict(stop_on="aux")])
 def test_train_config_validation(bad):
     from probe_ase import TrainConfig
 
