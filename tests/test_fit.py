@@ -98,3 +98,16 @@ def test_max_pool_and_aux_quantiles_fit_learn_and_round_trip(backbones, cu_data,
     with ProbeCalculator(calc, loaded) as wrapped:
         atoms.calc = wrapped
         assert wrapped.get_property("reliability", atoms) == pytest.approx(p[len(cu_data["test_in"])], abs=1e-5)
+
+
+def test_early_stopping_can_watch_the_whole_training_loss(backbones, cu_data):
+    kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16, heads=2), cache_dir=False,
+                  progress=False)
+    main = fit_probe(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5), **kwargs)
+    every = fit_probe(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5, stop_on="all"),
+                      **kwargs)
+    assert every.report["train"]["stop_on"] == "all"
+    # same seed, split and initialisation: only what early stopping watched differs, and it changes the head kept
+    assert (main.report["epochs"], main.report["auroc"]) != (every.report["epochs"], every.report["auroc"])
+    p, err = held_out_scores(backbones("mace"), every, cu_data["test_in"] + cu_data["test_out"])
+    assert auroc(err > every.meta.tau, 1 - p) >= 0.8
