@@ -15,7 +15,7 @@ standard errors go to a table and a JSON file::
 
     python benchmarks/head_variants.py --data ../shared/data/acac --run benchmarks/results/uq-acac
     python benchmarks/head_variants.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
-        --criteria force_rmse --shift --variants "+ aux quantiles 0.3/0.5/0.7/0.9" \
+        --criteria force_rmse --shift --variants "+ aux quantiles 0.3/0.5/0.7/0.9 (default)" \
         "+ dense aux quantiles 0.1-0.9, 0.95" --out benchmarks/results/uq-acac/head_variants_shift.json
 
 Units: force RMSE in eV/Å, energy error in eV.
@@ -43,16 +43,14 @@ from probe_ase.fit import STOP_ON  # noqa: E402
 from probe_ase.graph import radius_graph  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
 
-OWN = {"shared_score": False}  # each label its own readout (the default before session 16)
 VARIANTS = {
     "baseline (attention pool)": HeadConfig(aux_quantiles=()),
     "+ max pool": HeadConfig(max_pool=True, aux_quantiles=()),
-    "+ aux quantiles 0.3/0.5/0.7/0.9": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9), **OWN),
-    "+ max pool + aux quantiles": HeadConfig(max_pool=True, aux_quantiles=(0.3, 0.5, 0.7, 0.9), **OWN),
-    "+ aux quantiles + per-element scaling": HeadConfig(per_element_scaling=True, **OWN),
-    "+ dense aux quantiles 0.1-0.9, 0.95": HeadConfig(aux_quantiles=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
-                                                      **OWN),
-    "+ aux quantiles, shared score (default)": HeadConfig(shared_score=True),
+    "+ aux quantiles 0.3/0.5/0.7/0.9 (default)": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
+    "+ max pool + aux quantiles": HeadConfig(max_pool=True, aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
+    "+ aux quantiles + per-element scaling": HeadConfig(per_element_scaling=True),
+    "+ dense aux quantiles 0.1-0.9, 0.95": HeadConfig(aux_quantiles=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)),
+    "+ aux quantiles, shared score": HeadConfig(shared_score=True),
 }
 
 

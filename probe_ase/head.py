@@ -53,9 +53,10 @@ class HeadConfig:
         shared_score: the main and auxiliary logits are one learned score plus
             a learned offset per label (an ordinal, CORAL-style readout), so
             every quantile label trains the very score the main logit ranks
-            by; False gives each label its own linear readout. On the fit
-            pools' calibration splits it raised force-error Spearman on three
-            of four MACE rows (``benchmarks/head_variants.py``).
+            by; False (the default) gives each label its own linear readout.
+            On the acac and ethanol fit pools it raised MACE's force-error
+            Spearman on three of four rows and lowered PaiNN's on ethanol
+            (``benchmarks/head_variants.py``; README, "One shared score").
         atom_logit: also read out one logit per atom (local reliability);
             :func:`~probe_ase.fit_probe` switches it on when given an
             ``atom_threshold`` or ``atom_quantile``.
@@ -68,7 +69,7 @@ class HeadConfig:
     max_pool: bool = False
     per_element_scaling: bool = False
     aux_quantiles: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
-    shared_score: bool = True
+    shared_score: bool = False
     atom_logit: bool = False
 
     def __post_init__(self) -> None:

@@ -80,11 +80,11 @@ def test_force_criterion_needs_reference_forces(backbones, cu_data):
     assert probe.meta.criterion == "energy"
 
 
-def test_max_pool_and_aux_quantiles_fit_learn_and_round_trip(backbones, cu_data, tmp_path):
+def test_max_pool_aux_quantiles_and_shared_score_fit_learn_and_round_trip(backbones, cu_data, tmp_path):
     from probe_ase import Probe, ProbeCalculator
 
     calc = backbones("mace")
-    config = HeadConfig(hidden=32, max_pool=True, aux_quantiles=(0.5, 0.9))
+    config = HeadConfig(hidden=32, max_pool=True, aux_quantiles=(0.5, 0.9), shared_score=True)
     probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, config=config,
                       train=TrainConfig(epochs=80, patience=15), cache_dir=False, progress=False)
     assert probe.meta.config.cutoff == pytest.approx(float(calc.r_max))  # default: the backbone's own cutoff

@@ -66,7 +66,7 @@ VARIANTS = {
     "attention": {"aux_quantiles": ()},
     "max_pool+aux+per_element": {"max_pool": True, "aux_quantiles": (0.5, 0.9), "per_element_scaling": True},
     "atom_logit": {"atom_logit": True},
-    "own_readouts": {"shared_score": False, "aux_quantiles": (0.5, 0.9)},
+    "shared_score": {"shared_score": True, "aux_quantiles": (0.5, 0.9)},
 }
 
 

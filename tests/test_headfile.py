@@ -50,7 +50,7 @@ def test_edited_weights_fail_the_checksum(probes, tmp_path):
     path = tmp_path / "probe.pt"
     probes("mace").save(path)
     payload = torch.load(path, weights_only=True)
-    payload["state"]["readout.3.offsets"] += 1.0
+    payload["state"]["readout.3.bias"] += 1.0
     torch.save(payload, path)
     with pytest.raises(HeadFileError, match="checksum"):
         Probe.load(path)
