@@ -97,11 +97,15 @@ def test_aux_logits_come_after_the_main_one():
 def test_a_shared_score_gives_every_label_the_same_ranking():
     features, numbers, ptr, edges = _two_structures()
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
-    shared, _, _ = _head(aux_quantiles=(0.5, 0.9), shared_score=True).all_logits(*inputs)
+    head = _head(aux_quantiles=(0.5, 0.9), shared_score=True)
+    with torch.no_grad():
+        head.readout[-1].offsets.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    shared, _, _ = head.all_logits(*inputs)
     own, _, _ = _head(aux_quantiles=(0.5, 0.9), shared_score=False).all_logits(*inputs)
-    # one score plus a per-label offset: the columns differ by the same constant in every structure
+    # one score plus a per-label offset: in every structure the columns differ by the offsets' differences
     gaps = shared - shared[:, :1]
-    torch.testing.assert_close(gaps[0], gaps[1])
+    torch.testing.assert_close(gaps, torch.tensor([[0.0, -1.5, 1.5]] * 2))
+    assert shared[0, 0] != shared[1, 0]  # the score itself depends on the structure
     assert not torch.allclose((own - own[:, :1])[0], (own - own[:, :1])[1], atol=1e-4)  # separate readouts do not
 
 
