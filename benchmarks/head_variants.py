@@ -15,7 +15,7 @@ standard errors go to a table and a JSON file::
 
     python benchmarks/head_variants.py --data ../shared/data/acac --run benchmarks/results/uq-acac
     python benchmarks/head_variants.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
-        --criteria force_rmse --shift --variants "+ aux quantiles 0.3/0.5/0.7/0.9 (default)" \
+        --criteria force_rmse --shift --variants "+ aux quantiles 0.3/0.5/0.7/0.9" \
         "+ dense aux quantiles 0.1-0.9, 0.95" --out benchmarks/results/uq-acac/head_variants_shift.json
 
 Units: force RMSE in eV/Å, energy error in eV.
@@ -44,13 +44,15 @@ from probe_ase.graph import radius_graph  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
 
 VARIANTS = {
-    "baseline (attention pool)": HeadConfig(aux_quantiles=()),
-    "+ max pool": HeadConfig(max_pool=True, aux_quantiles=()),
-    "+ aux quantiles 0.3/0.5/0.7/0.9 (default)": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
-    "+ max pool + aux quantiles": HeadConfig(max_pool=True, aux_quantiles=(0.3, 0.5, 0.7, 0.9)),
-    "+ aux quantiles + per-element scaling": HeadConfig(per_element_scaling=True),
-    "+ dense aux quantiles 0.1-0.9, 0.95": HeadConfig(aux_quantiles=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)),
-    "+ aux quantiles, shared score": HeadConfig(shared_score=True),
+    "baseline (attention pool)": HeadConfig(aux_quantiles=(), atom_error=False),
+    "+ max pool": HeadConfig(max_pool=True, aux_quantiles=(), atom_error=False),
+    "+ aux quantiles 0.3/0.5/0.7/0.9": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9), atom_error=False),
+    "+ max pool + aux quantiles": HeadConfig(max_pool=True, aux_quantiles=(0.3, 0.5, 0.7, 0.9), atom_error=False),
+    "+ aux quantiles + per-element scaling": HeadConfig(per_element_scaling=True, atom_error=False),
+    "+ dense aux quantiles 0.1-0.9, 0.95": HeadConfig(aux_quantiles=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+                                                      atom_error=False),
+    "+ aux quantiles, shared score": HeadConfig(shared_score=True, atom_error=False),
+    "+ aux quantiles + atom-error regression (default)": HeadConfig(atom_error=True),
 }
 
 

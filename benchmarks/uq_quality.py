@@ -754,6 +754,9 @@ def main(argv=None):
                          "none: off)")
     ap.add_argument("--shared-score", action="store_true",
                     help="PROBE head with one shared score for the main and quantile logits (HeadConfig.shared_score)")
+    ap.add_argument("--no-atom-error", action="store_true",
+                    help="PROBE head without the per-atom force-error regression (HeadConfig.atom_error=False; the "
+                         "default up to session 16) instead of the default (on for force criteria)")
     ap.add_argument("--models", type=Path, default=None, help="cached backbone folder (default OUT/models)")
     ap.add_argument("--target-risk", type=float, default=0.05,
                     help="target risk (fraction 0-1) for every method's operating threshold (default 0.05)")
@@ -777,7 +780,8 @@ def main(argv=None):
     channels = args.channels or (8 if args.quick else 16)
     width = 8 if args.quick else 32
 
-    head = HeadConfig(max_pool=args.max_pool, aux_quantiles=tuple(args.aux_quantiles), shared_score=args.shared_score)
+    head = HeadConfig(max_pool=args.max_pool, aux_quantiles=tuple(args.aux_quantiles), shared_score=args.shared_score,
+                      atom_error=False if args.no_atom_error else None)
     name, train, pool, pool_in, evals, e0s = load_splits(data, args.quick)
     print(f"{name}: {len(train)} training frames, fit pool {len(pool)}, evaluation "
           + ", ".join(f"{k} {len(v)}" for k, v in evals.items()))

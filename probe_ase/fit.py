@@ -4,7 +4,9 @@
 2. Label each structure reliable iff its error is at most ``tau``.
 3. Split train / validation / calibration (stratified, seeded).
 4. Train with class-weighted binary cross-entropy and early stopping on the
-   validation loss.
+   validation loss; for force criteria the head also regresses each atom's
+   force error and blends the structure's predicted error into its logit
+   (``HeadConfig.atom_error``).
 5. Fit the novelty model (:mod:`probe_ase.novelty`) on the train and
    validation structures (plus the backbone's own training frames when
    given); its support radius comes from out-of-fold distances. Fit how much
@@ -44,15 +46,17 @@ from .certify import certify
 from .dataset import FeatureSet, Frames, featurize, features_only, read_frames
 from .exceptions import InputError, LabelError
 from .graph import HeadGraph
-from .head import HeadConfig, ProbeHead, batch_inputs, structure_ptr, structure_rows
+from .head import HeadConfig, ProbeHead, batch_inputs, log_rms_error, structure_ptr, structure_rows
 from .headfile import HeadMeta
 from .probe import Probe
-from .labels import Criterion, check_criterion, make_labels, resolve_tolerance
+from .labels import Criterion, check_criterion, make_labels, needs_forces, resolve_tolerance
 from .novelty import NoveltyConfig, fit_logit_weight, fit_novelty, logit_penalty, structure_novelty
 from .taps import Tap, find_tap
 
 #: temperature-scaled probabilities spread less than this over the calibration split carry no information
 FLAT_SPREAD = 0.05
+#: force-error norms below this (eV/Å) count as this in the log-scale atom-error targets (HeadConfig.atom_error)
+ATOM_ERROR_FLOOR = 1e-3
 #: what early stopping may watch (:attr:`TrainConfig.stop_on`)
 STOP_ON = ("main", "all")
 
@@ -152,8 +156,13 @@ def train_head(
     added to the loss with unit weight each (averaged). With
     ``config.atom_logit`` the per-atom ``atom_labels`` (1 = the atom's force
     error within tolerance; rows as in ``data``) add a class-weighted BCE over
-    atoms with unit weight. Early stopping watches the main loss plus the atom
-    loss (``train.stop_on="main"``) or the whole training loss (``"all"``).
+    atoms with unit weight. With ``config.atom_error`` the head also regresses
+    each atom's standardised ``log |ΔF_i|`` (mean squared error, unit weight;
+    ``data.atom_errors`` must be finite on the training structures), and after
+    training its predicted structure error is blended into the logits with
+    the validation split's spread (:meth:`ProbeHead.set_error_blend`). Early
+    stopping watches the main loss plus the atom and atom-error losses
+    (``train.stop_on="main"``) or the whole training loss (``"all"``).
     """
     tr, val, _ = splits
     generator = torch.Generator().manual_seed(train.seed)
@@ -171,6 +180,13 @@ def train_head(
             raise InputError("aux_quantiles need the per-structure errors", aux_quantiles=config.aux_quantiles)
         levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
         y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
+    if config.atom_error:
+        log_error = torch.as_tensor(np.log(np.maximum(data.atom_errors, ATOM_ERROR_FLOOR)), dtype=torch.float32)
+        if not torch.isfinite(log_error[rows]).all():
+            raise InputError("HeadConfig(atom_error=True) needs reference forces on every training structure",
+                             atom_error=True)
+        head.set_error_scale(log_error[rows])
+        y_error = (log_error - head.error_shift) / head.error_scale
     if config.atom_logit:
         if atom_labels is None:
             raise InputError("atom_logit needs per-atom labels", atom_logit=config.atom_logit)
@@ -180,10 +196,13 @@ def train_head(
             pos_weight=torch.tensor(max(len(rows) - n_good_atoms, 1.0) / max(n_good_atoms, 1.0)))
 
     def loss_on(indices: Sequence[int], main_only: bool = False) -> torch.Tensor:
-        logits, _, atom_logits = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges, indices))
+        logits, _, atom_logits, atom_errors = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr,
+                                                                            edges, indices))
         loss = loss_fn(logits[:, 0], y[list(indices)])
         if config.aux_quantiles and not main_only:
             loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], y_aux[list(indices)])
+        if config.atom_error:  # part of the "main" loss: the blended logit ranks by it
+            loss = loss + torch.nn.functional.mse_loss(atom_errors, y_error[structure_rows(data.ptr, indices)])
         if config.atom_logit:
             loss = loss + atom_loss_fn(atom_logits, y_atom[structure_rows(data.ptr, indices)])
         return loss
@@ -210,6 +229,11 @@ def train_head(
     bar.close()
     head.load_state_dict(best_state)
     head.eval()
+    if config.atom_error:
+        with torch.no_grad():
+            inputs = batch_inputs(data.features, data.numbers, data.ptr, edges, val)
+            logits, _, _, atom_errors = head.all_logits(*inputs)
+            head.set_error_blend(logits, log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:]))
     return head, epoch + 1
 
 
@@ -382,6 +406,8 @@ def fit_probe(
             config = replace(config, cutoff=tap.cutoff)
     # the head knows only elements it saw: others would get an untrained embedding
     elements = tuple(sorted(set(features.numbers.tolist())))
+    if config.atom_error is None:  # per-atom force-error regression wherever the labels are force errors
+        config = replace(config, atom_error=needs_forces(criterion) and not np.isnan(features.atom_errors).any())
     errors = features.error(criterion)
     tau = resolve_tolerance(errors, threshold, quantile)
     labels = make_labels(errors, tau)
@@ -404,7 +430,7 @@ def fit_probe(
     def logits_of(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All logits ``(n, 1 + n_aux)`` (main first), importances and atom logits of structures ``indices``."""
         with torch.no_grad():
-            outputs = head.all_logits(*batch_inputs(features.features, features.numbers, features.ptr, edges, indices))
+            outputs = head.all_logits(*batch_inputs(features.features, features.numbers, features.ptr, edges, indices))[:3]
         return tuple(t.numpy().astype(float) for t in outputs)
 
     z_val_all = logits_of(val)[0]

@@ -60,6 +60,18 @@ class HeadConfig:
         atom_logit: also read out one logit per atom (local reliability);
             :func:`~probe_ase.fit_probe` switches it on when given an
             ``atom_threshold`` or ``atom_quantile``.
+        atom_error: also regress each atom's force-error norm ``|ΔF_i|``
+            (on a log scale, from its encoding after the attention blocks;
+            N regression targets per structure instead of one label). The
+            structure's predicted RMS atom error then joins its logits with
+            the same spread as theirs on the validation split (set by
+            :meth:`ProbeHead.set_error_blend` after training). Needs reference
+            forces. None (the default): :func:`~probe_ase.fit_probe` turns it
+            on for force criteria when every fit structure has reference
+            forces, off otherwise. On the acac and ethanol fit pools it raised
+            the force-error ranking on three of four MACE labels and rescued
+            a head that learned nothing (``benchmarks/head_variants.py``;
+            README, "Per-atom error regression").
     """
 
     hidden: int = 64
@@ -71,6 +83,7 @@ class HeadConfig:
     aux_quantiles: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
     shared_score: bool = False
     atom_logit: bool = False
+    atom_error: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aux_quantiles", tuple(float(q) for q in self.aux_quantiles))
@@ -240,6 +253,15 @@ class ProbeHead(nn.Module):
         self.atom_logit = config.atom_logit
         self.atom_readout = (nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
                                            nn.Linear(hidden, 1)) if config.atom_logit else nn.Identity())
+        self.atom_error = bool(config.atom_error)
+        # log |ΔF_i| = shift + scale * the error readout (set from the training atoms by set_error_scale)
+        self.register_buffer("error_shift", torch.zeros(()))
+        self.register_buffer("error_scale", torch.ones(()))
+        self.error_readout = (nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
+                                            nn.Linear(hidden, 1)) if self.atom_error else nn.Identity())
+        # logits -= error_blend * (predicted structure error - error_centre); zero while training
+        self.register_buffer("error_blend", torch.zeros(labels))
+        self.register_buffer("error_centre", torch.zeros(()))
 
     def set_standardisation(self, features: torch.Tensor, numbers: torch.Tensor) -> None:
         """Store mean and scale of training features ``(n_atoms, feature_dim)`` (per element if so configured)."""
@@ -255,6 +277,24 @@ class ProbeHead(nn.Module):
                 self.feature_mean[k] = rows.mean(0)
                 self.feature_scale[k] = rows.std(0).clamp_min(1e-6)
 
+    def set_error_scale(self, log_errors: torch.Tensor) -> None:
+        """Store mean and spread of the training atoms' ``log |ΔF_i|`` (log eV/Å): the error readout's units."""
+        self.error_shift.fill_(float(log_errors.mean()))
+        self.error_scale.fill_(float(log_errors.std().clamp_min(1e-6)))
+
+    def set_error_blend(self, logits: torch.Tensor, structure_error: torch.Tensor) -> None:
+        """Blend the predicted structure error into the logits with the spread of each logit column.
+
+        ``logits`` ``(n, labels)`` are the head's logits of held-out structures
+        before any blend, ``structure_error`` ``(n,)`` their standardised
+        predicted log RMS atom errors (:func:`log_rms_error`). Afterwards each
+        column is lowered by ``std(column) / std(error)`` times the error
+        (about its mean): both views of the structure weigh the same.
+        """
+        spread = structure_error.std().clamp_min(1e-6)
+        self.error_blend.copy_(logits.std(0) / spread)
+        self.error_centre.fill_(float(structure_error.mean()))
+
     def forward(
         self,
         features: torch.Tensor,
@@ -269,7 +309,7 @@ class ProbeHead(nn.Module):
         structures; ``batch`` gives each atom's structure index. Without
         ``atom_logit`` the atom logits are an empty tensor.
         """
-        logits, importance, atom_logits = self.all_logits(features, numbers, edges, batch, n_structures)
+        logits, importance, atom_logits, _ = self.all_logits(features, numbers, edges, batch, n_structures)
         return logits[:, 0], importance, atom_logits
 
     def all_logits(
@@ -279,8 +319,9 @@ class ProbeHead(nn.Module):
         edges: torch.Tensor,
         batch: torch.Tensor,
         n_structures: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits ``(n_structures, 1 + n_aux)`` (main first, then the auxiliary quantiles), importances, atom logits."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits ``(n_structures, 1 + n_aux)`` (main first, then the auxiliary quantiles), importances, atom logits
+        and the standardised predicted ``log |ΔF_i|`` per atom (empty tensors without ``atom_logit`` / ``atom_error``)."""
         element = self.element_index[numbers]
         x = features.to(self.feature_mean)
         if self.per_element_scaling:
@@ -296,13 +337,33 @@ class ProbeHead(nn.Module):
             peak = h.new_full((n_structures, h.shape[-1]), -math.inf)
             pooled = torch.cat([pooled, peak.scatter_reduce(0, index, h, reduce="amax", include_self=True)], dim=-1)
         atom_logits = self.atom_readout(h).squeeze(-1) if self.atom_logit else h.new_zeros(0)
-        return self.readout(pooled), importance, atom_logits
+        logits = self.readout(pooled)
+        if not self.atom_error:
+            return logits, importance, atom_logits, h.new_zeros(0)
+        atom_errors = self.error_readout(h).squeeze(-1)  # standardised log |ΔF_i|
+        structure_error = log_rms_error(atom_errors, self.error_shift, self.error_scale, batch, n_structures)
+        blended = logits - self.error_blend * (structure_error - self.error_centre).unsqueeze(-1)
+        return blended, importance, atom_logits, atom_errors
 
     @torch.inference_mode()
     def reliability(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Calibrated probabilities: per structure, importances ``(n_atoms,)``, per atom (empty without atom logits)."""
         logits, importance, atom_logits = self(*inputs)
         return torch.sigmoid(logits / self.temperature), importance, torch.sigmoid(atom_logits / self.atom_temperature)
+
+
+def log_rms_error(atom_errors: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, batch: torch.Tensor,
+                  n_structures: int) -> torch.Tensor:
+    """Each structure's log RMS atom error, ``log sqrt(mean_i |ΔF_i|^2)``, standardised like the atoms' ``log |ΔF_i|``.
+
+    ``atom_errors`` are standardised log errors (``log |ΔF_i| = shift + scale * atom_errors``); ``batch`` gives
+    each atom's structure. ``(n_structures,)``.
+    """
+    log_sq = 2 * (shift + scale * atom_errors)
+    peak = log_sq.new_full((n_structures,), -math.inf).scatter_reduce(0, batch, log_sq.detach(), reduce="amax")
+    total = log_sq.new_zeros(n_structures).index_add_(0, batch, (log_sq - peak[batch]).exp())
+    count = log_sq.new_zeros(n_structures).index_add_(0, batch, torch.ones_like(log_sq))
+    return (0.5 * (peak + (total / count).log()) - shift) / scale
 
 
 def structure_rows(ptr: Sequence[int], indices: Iterable[int]) -> torch.Tensor:

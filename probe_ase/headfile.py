@@ -27,12 +27,14 @@ from .novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
 #: bumped on every schema change; 2 added the novelty model and the certified threshold, 3 the per-atom logit,
-#: 4 the novelty weight on the logit, 5 the logit's novelty penalty on the mean atom novelty
-VERSION = 5
+#: 4 the novelty weight on the logit, 5 the logit's novelty penalty on the mean atom novelty, 6 the per-atom
+#: force-error regression blended into the logit
+VERSION = 6
 #: what each version added, for the message when a file of another version is opened
 CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
            4: "novelty in the probability (the logit's novelty weight)",
-           5: "the logit's novelty penalty read from the mean atom novelty (NoveltyConfig.penalty)"}
+           5: "the logit's novelty penalty read from the mean atom novelty (NoveltyConfig.penalty)",
+           6: "the per-atom force-error regression blended into the logit (HeadConfig.atom_error)"}
 
 
 @dataclass(frozen=True)

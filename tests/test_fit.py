@@ -101,8 +101,9 @@ def test_max_pool_aux_quantiles_and_shared_score_fit_learn_and_round_trip(backbo
 
 
 def test_early_stopping_can_watch_the_whole_training_loss(backbones, cu_data):
-    kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16, heads=2), cache_dir=False,
-                  progress=False)
+    # without the atom-error regression: its loss, watched either way, picked the same epoch on this pool
+    kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16, heads=2, atom_error=False),
+                  cache_dir=False, progress=False)
     main = fit_probe(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5), **kwargs)
     every = fit_probe(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5, stop_on="all"),
                       **kwargs)
@@ -111,3 +112,49 @@ def test_early_stopping_can_watch_the_whole_training_loss(backbones, cu_data):
     assert (main.report["epochs"], main.report["auroc"]) != (every.report["epochs"], every.report["auroc"])
     p, err = held_out_scores(backbones("mace"), every, cu_data["test_in"] + cu_data["test_out"])
     assert auroc(err > every.meta.tau, 1 - p) >= 0.8
+
+
+def test_force_heads_regress_each_atoms_error_and_blend_it_into_the_logit(backbones, cu_data, tmp_path):
+    from probe_ase import Probe
+    from probe_ase.dataset import featurize
+    from probe_ase.graph import HeadGraph
+    from probe_ase.head import batch_inputs, log_rms_error
+    from probe_ase.metrics import spearman
+
+    calc = backbones("mace")
+    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=32),
+                      train=TrainConfig(epochs=80, patience=15), cache_dir=False, progress=False)
+    head = probe.head
+    assert probe.meta.config.atom_error is True  # auto: a force criterion with reference forces everywhere
+    assert (head.error_blend > 0).all()  # every label's logit falls as the predicted error grows
+    frames = cu_data["test_in"] + cu_data["test_out"]
+    with find_tap(calc, probe.meta.layers) as tap:
+        fs = featurize(tap, frames, cache_dir=False, progress=False)
+    inputs = batch_inputs(fs.features.to(head.feature_mean), fs.numbers, fs.ptr,
+                          HeadGraph(probe.meta.config.cutoff).frames(frames), range(len(frames)))
+    with torch.no_grad():
+        _, _, _, atom_errors = head.all_logits(*inputs)
+        predicted = log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:]).numpy()
+    # held-out frames: the predicted RMS atom error ranks the true force RMSE, and each atom's its own error
+    assert spearman(predicted, fs.error("force_rmse")) >= 0.7
+    log_atom = (head.error_shift + head.error_scale * atom_errors).numpy()
+    assert spearman(log_atom, fs.atom_errors) >= 0.5
+    probe.save(tmp_path / "probe.pt")
+    loaded = Probe.load(tmp_path / "probe.pt")
+    for name in ("error_shift", "error_scale", "error_blend", "error_centre"):
+        torch.testing.assert_close(getattr(loaded.head, name), getattr(head, name))
+
+
+def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backbones, cu_data):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from probe_ase import InputError
+
+    calc = backbones("mace")
+    kwargs = dict(criterion="energy", quantile=0.7, train=TrainConfig(epochs=3), cache_dir=False, progress=False)
+    assert fit_probe(calc, cu_data["pool"], **kwargs).meta.config.atom_error is False
+    frames = [a.copy() for a in cu_data["pool"]]
+    for a, src in zip(frames, cu_data["pool"]):
+        a.calc = SinglePointCalculator(a, energy=src.get_potential_energy())  # energy only
+    with pytest.raises(InputError, match="atom_error=True.*needs reference forces"):
+        fit_probe(calc, frames, config=HeadConfig(atom_error=True), **kwargs)

@@ -67,6 +67,7 @@ VARIANTS = {
     "max_pool+aux+per_element": {"max_pool": True, "aux_quantiles": (0.5, 0.9), "per_element_scaling": True},
     "atom_logit": {"atom_logit": True},
     "shared_score": {"shared_score": True, "aux_quantiles": (0.5, 0.9)},
+    "atom_error": {"atom_error": True},
 }
 
 
@@ -86,7 +87,7 @@ def test_aux_logits_come_after_the_main_one():
     head = _head(max_pool=True, aux_quantiles=(0.5, 0.9))
     features, numbers, ptr, edges = _two_structures()
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
-    every, _, _ = head.all_logits(*inputs)
+    every = head.all_logits(*inputs)[0]
     main, _, _ = head(*inputs)
     assert every.shape == (2, 3)
     torch.testing.assert_close(main, every[:, 0])
@@ -100,8 +101,8 @@ def test_a_shared_score_gives_every_label_the_same_ranking():
     head = _head(aux_quantiles=(0.5, 0.9), shared_score=True)
     with torch.no_grad():
         head.readout[-1].offsets.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    shared, _, _ = head.all_logits(*inputs)
-    own, _, _ = _head(aux_quantiles=(0.5, 0.9), shared_score=False).all_logits(*inputs)
+    shared = head.all_logits(*inputs)[0]
+    own = _head(aux_quantiles=(0.5, 0.9), shared_score=False).all_logits(*inputs)[0]
     # one score plus a per-label offset: in every structure the columns differ by the offsets' differences
     gaps = shared - shared[:, :1]
     torch.testing.assert_close(gaps, torch.tensor([[0.0, -1.5, 1.5]] * 2))
@@ -341,3 +342,20 @@ def test_neighbour_cache_equals_a_fresh_graph_every_step(size):
     assert 1 < rebuilds < 25  # reused between rebuilds, rebuilt once atoms moved > skin/2
     atoms.set_cell(atoms.cell * 1.02, scale_atoms=True)  # a cell change forces a rebuild
     assert sorted(map(tuple, cache(atoms).T.tolist())) == sorted(map(tuple, radius_graph(atoms, 4.0).T.tolist()))
+
+
+def test_the_error_blend_gives_the_predicted_error_the_logits_spread():
+    head = _head(aux_quantiles=(0.5,), atom_error=True)
+    features, numbers, ptr, edges = _two_structures()
+    inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
+    logits = torch.tensor([[1.0, 3.0], [-1.0, -1.0], [0.0, 1.0]])
+    error = torch.tensor([0.5, 2.5, 1.5])
+    with torch.no_grad():
+        before = head.all_logits(*inputs)[0]  # blend 0 until set: logits unchanged by the error readout
+        head.set_error_blend(logits, error)
+        after = head.all_logits(*inputs)[0]
+    torch.testing.assert_close(head.error_blend, logits.std(0) / error.std())
+    assert head.error_centre == pytest.approx(1.5)
+    # the blend moves each column by its own spread per unit of predicted error, the same for both structures
+    shift = after - before
+    torch.testing.assert_close(shift[:, 1] / shift[:, 0], (logits.std(0)[1] / logits.std(0)[0]).expand(2))
