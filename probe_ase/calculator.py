@@ -19,8 +19,9 @@ from .taps import Tap, find_tap
 from .validate import check_atoms
 
 PROBE_PROPERTIES = ["reliability", "reliable", "reason", "novelty", "atom_novelty", "atom_importance"]
-#: per-atom results (``atom_reliability`` only from heads with a per-atom logit)
-ATOM_RESULTS = ("atom_novelty", "atom_importance", "atom_reliability")
+#: per-atom results (``atom_reliability`` only from heads with a per-atom logit,
+#: ``atom_force_error`` only from heads that regress atom force errors)
+ATOM_RESULTS = ("atom_novelty", "atom_importance", "atom_reliability", "atom_force_error")
 
 
 class ProbeCalculator(Calculator):
@@ -47,7 +48,14 @@ class ProbeCalculator(Calculator):
     * ``atom_importance``: per-atom attention importance, summing to 1;
     * ``atom_reliability`` (heads fitted with ``atom_threshold`` only):
       per atom, calibrated probability (0-1) that its force error norm
-      ``|ΔF_i|`` is within the head's atom tolerance (eV/Å).
+      ``|ΔF_i|`` is within the head's atom tolerance (eV/Å);
+    * ``atom_force_error`` and ``force_error`` (heads that regress atom
+      errors: the default for force criteria): per atom, the predicted
+      force-error norm ``|ΔF_i|`` (eV/Å), and per structure the predicted
+      force RMSE over components, as the ``force_rmse`` criterion defines it
+      (eV/Å, ``sqrt(mean_i atom_force_error_i**2 / 3)``). Estimates in eV/Å,
+      median-like (about half of the true errors lie above them), with no
+      novelty term: the verdict, not these, is what fails safe.
 
     Args:
         base: the backbone calculator, or an ASE mixing calculator
@@ -87,7 +95,8 @@ class ProbeCalculator(Calculator):
             warnings.warn(_uncertified(meta), stacklevel=2)
         self.max_novelty = float(max_novelty)
         self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES + (
-            ["atom_reliability"] if meta.local else [])
+            ["atom_reliability"] if meta.local else []) + (
+            ["atom_force_error", "force_error"] if self.probe.head.atom_error else [])
         self.probe.to(next(self.tap.module.parameters()).device)
         self._graph = HeadGraph(meta.config.cutoff)
 
@@ -123,6 +132,8 @@ class ProbeCalculator(Calculator):
                             atom_importance=scores.importance)
         if self.probe.meta.local:
             self.results["atom_reliability"] = scores.atom_reliability
+        if self.probe.head.atom_error:
+            self.results.update(atom_force_error=scores.atom_force_error, force_error=float(scores.force_error[0]))
 
     def close(self) -> None:
         """Remove the hooks from the backbone (a tap passed as ``tap=`` stays open: it is yours)."""
@@ -152,12 +163,16 @@ def annotate(atoms: Atoms, results: dict | None = None) -> Atoms:
     (0-1), ``info["reliable"]``, ``info["reason"]``, ``info["novelty"]`` and
     the per-atom ``arrays["atom_novelty"]``, ``arrays["atom_importance"]``
     (sums to 1) and, from heads with a per-atom logit,
-    ``arrays["atom_reliability"]`` (0-1), which OVITO and ``ase.io.read``
-    read back. ``results`` defaults to ``atoms.calc.results``. Returns ``atoms``.
+    ``arrays["atom_reliability"]`` (0-1), and from heads that regress atom
+    errors ``info["force_error"]`` and ``arrays["atom_force_error"]`` (eV/Å),
+    which OVITO and ``ase.io.read`` read back. ``results`` defaults to
+    ``atoms.calc.results``. Returns ``atoms``.
     """
     results = atoms.calc.results if results is None else results
     atoms.info.update(reliability=float(results["reliability"]), reliable=bool(results["reliable"]),
                       reason=str(results["reason"]), novelty=float(results["novelty"]))
+    if "force_error" in results:
+        atoms.info["force_error"] = float(results["force_error"])
     for key in ATOM_RESULTS:
         if key in results:
             atoms.arrays[key] = np.asarray(results[key], dtype=float)

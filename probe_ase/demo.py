@@ -102,7 +102,9 @@ def _verdict_stats(scored: list, probe) -> dict:
     bad = err > probe.meta.tau
     p = np.array([f.info["reliability"] for f in scored])
     by_p, verdict = p >= probe.p_star, np.array([f.info["reliable"] for f in scored])
-    return {"frames": len(scored), "force_rmse_meV_A": 1000 * float(np.mean(err)), "unreliable_true": float(bad.mean()),
+    return {"frames": len(scored), "force_rmse_meV_A": 1000 * float(np.mean(err)),
+            "predicted_force_rmse_meV_A": 1000 * float(np.mean([f.info["force_error"] for f in scored])),
+            "unreliable_true": float(bad.mean()),
             "mean_reliability": float(p.mean()),
             "out_of_support": float(np.mean([f.info["reason"] == "out_of_support" for f in scored])),
             "accepted_p_only": float(by_p.mean()), "risk_p_only": _risk(bad, by_p),
@@ -123,7 +125,7 @@ def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, ex
     atoms = start.copy()
     atoms.calc = ProbeCalculator(calc, probe)
     dyn = make_dynamics(atoms, "nvt", 300.0, timestep_fs=2.0, friction_per_fs=0.02, seed=seed)
-    record: dict[str, list] = {"step": [], "T": [], "p": [], "novelty": [], "err": []}
+    record: dict[str, list] = {"step": [], "T": [], "p": [], "novelty": [], "err": [], "predicted": []}
     reference = EMT()
 
     def ramp_and_record() -> None:
@@ -133,7 +135,8 @@ def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, ex
         exact.calc = reference
         err = np.sqrt(np.mean((atoms.calc.results["forces"] - exact.get_forces()) ** 2))
         results = atoms.calc.results
-        for key, value in zip(record, (dyn.nsteps, target, results["reliability"], results["novelty"], err)):
+        for key, value in zip(record, (dyn.nsteps, target, results["reliability"], results["novelty"], err,
+                                       results["force_error"])):
             record[key].append(float(value))
 
     dyn.attach(ramp_and_record, interval=1)
@@ -173,9 +176,11 @@ def plot_md(record: dict, threshold: float, tau: float, halt: int | None, path: 
     middle.plot(record["step"], record["novelty"], lw=1, color="tab:purple")
     middle.axhline(1.0, color="grey", ls=":", lw=1, label="support edge (novelty 1)")
     middle.set_ylabel("novelty")
-    bottom.plot(record["step"], 1000 * np.asarray(record["err"]), lw=1, color="tab:red")
+    bottom.plot(record["step"], 1000 * np.asarray(record["err"]), lw=1, color="tab:red", label="true (EMT reference)")
+    bottom.plot(record["step"], 1000 * np.asarray(record["predicted"]), lw=1, color="tab:green", ls="-.",
+                label="predicted by the head (results['force_error'])")
     bottom.axhline(1000 * tau, color="k", ls="--", lw=1, label=f"tolerance tau = {1000 * tau:.0f} meV/Å")
-    bottom.set_ylabel("true force RMSE (meV/Å)")
+    bottom.set_ylabel("force RMSE (meV/Å)")
     bottom.set_xlabel("MD step (2 fs), heated 300 K -> 2000 K")
     for ax in (top, middle, bottom):
         if halt is not None:
@@ -192,11 +197,12 @@ def format_table(summary: dict) -> str:
     def pct(x: float) -> str:
         return "—" if np.isnan(x) else f"{x:.0%}"
 
-    head = (f"{'evaluation set':<24}{'frames':>7}{'F-RMSE':>8}{'bad':>6}{'mean p':>8}{'novel':>7}"
+    head = (f"{'evaluation set':<24}{'frames':>7}{'F-RMSE':>8}{'pred':>7}{'bad':>6}{'mean p':>8}{'novel':>7}"
             f"{'p-only acc':>11}{'risk':>6}{'verdict acc':>12}{'risk':>6}")
-    lines = [head, f"{'':<24}{'':>7}{'meV/Å':>8}", "-" * len(head)]
+    lines = [head, f"{'':<24}{'':>7}{'meV/Å':>8}{'meV/Å':>7}", "-" * len(head)]
     for r in summary["rows"] + [{"set": "pooled", **summary["pooled"]}]:
-        lines.append(f"{r['set']:<24}{r['frames']:>7}{r['force_rmse_meV_A']:>8.1f}{pct(r['unreliable_true']):>6}"
+        lines.append(f"{r['set']:<24}{r['frames']:>7}{r['force_rmse_meV_A']:>8.1f}"
+                     f"{r['predicted_force_rmse_meV_A']:>7.1f}{pct(r['unreliable_true']):>6}"
                      f"{r['mean_reliability']:>8.2f}{pct(r['out_of_support']):>7}{pct(r['accepted_p_only']):>11}"
                      f"{pct(r['risk_p_only']):>6}{pct(r['accepted']):>12}{pct(r['risk']):>6}")
     needed = f"; {summary['frames_needed']} would certify the target" if summary["frames_needed"] else ""

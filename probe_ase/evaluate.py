@@ -12,6 +12,13 @@ With an ensemble (a MACE committee calculator), its disagreement (mean over
 atoms of the per-atom force standard deviation, eV/Å, and the energy
 standard deviation per atom, eV/atom) is evaluated on the same frames.
 
+With reference forces and a head that regresses atom errors (the default for
+force criteria), ``metrics.json`` ``"force_error"`` and the report's
+"Predicted force errors" table say how well the predicted ``force_error``
+(force RMSE, eV/Å) and ``atom_force_error`` (``|ΔF_i|``, eV/Å) match the true
+ones: Spearman, how often the truth exceeds the prediction, and the median
+ratio of truth to prediction.
+
 With reference forces, the report also judges atoms (``metrics.json``
 ``"atoms"``, the "Per-atom" table and ``atom_roc.png``): for a head with a
 per-atom logit, AUROC and Spearman of ``1 - atom_reliability`` against each
@@ -112,6 +119,8 @@ def evaluate(
         atom_error = np.concatenate([atom_errors(s.arrays["mlip_forces"], reference_forces(f))
                                      for s, f in zip(scored, frames)])
         results["atoms"] = atom_metrics(probe, scored, atom_error, reliable, atom_std)
+        if probe.head.atom_error:
+            results["force_error"] = force_error_metrics(scored, frames, atom_error)
         if probe.meta.local:
             atom_curves = {"PROBE atoms": 1 - np.concatenate([s.arrays["atom_reliability"] for s in scored])}
             if atom_std is not None:
@@ -151,3 +160,24 @@ def atom_metrics(probe: Probe, scored: list[Atoms], atom_error: np.ndarray, reli
     if atom_std is not None:
         out["ensemble"] = {"auroc": metrics.auroc(bad, atom_std), "spearman": metrics.spearman(atom_std, atom_error)}
     return out
+
+
+def force_error_metrics(scored: list[Atoms], frames: list[Atoms], atom_error: np.ndarray) -> dict:
+    """How well the predicted force errors (eV/Å) match the true ones, per structure and per atom.
+
+    Structures: the predicted ``force_error`` against the true force RMSE over
+    components; atoms: ``atom_force_error`` against ``atom_error`` (``|ΔF_i|``,
+    eV/Å, all atoms). Spearman ranks; ``fraction_above`` is how often the true
+    error exceeds the prediction (about 0.5 for a median-like estimate),
+    ``median_ratio`` the median of true / predicted.
+    """
+    predicted = np.array([s.info["force_error"] for s in scored])
+    true = np.array([structure_error("force_rmse", 0.0, 0.0, s.arrays["mlip_forces"], reference_forces(f))
+                     for s, f in zip(scored, frames)])
+    atom_predicted = np.concatenate([s.arrays["atom_force_error"] for s in scored])
+
+    def agreement(pred: np.ndarray, truth: np.ndarray) -> dict:
+        return {"spearman": metrics.spearman(pred, truth), "fraction_above": float(np.mean(truth > pred)),
+                "median_ratio": float(np.median(truth / pred))}
+
+    return {"structures": agreement(predicted, true), "atoms": agreement(atom_predicted, atom_error)}

@@ -302,15 +302,19 @@ class ProbeHead(nn.Module):
         edges: torch.Tensor,
         batch: torch.Tensor,
         n_structures: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Uncalibrated logits ``(n_structures,)``, importances and atom logits ``(n_atoms,)``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Uncalibrated logits ``(n_structures,)``, importances, atom logits and predicted ``|ΔF_i|`` (eV/Å) per atom.
 
         ``edges`` is ``(2, n_edges)`` (destination, source) over the atoms of all
         structures; ``batch`` gives each atom's structure index. Without
-        ``atom_logit`` the atom logits are an empty tensor.
+        ``atom_logit`` the atom logits, without ``atom_error`` the predicted
+        errors are empty tensors. The predicted error is ``exp`` of the
+        regressed mean ``log |ΔF_i|``: a median-like estimate, not an upper bound.
         """
-        logits, importance, atom_logits, _ = self.all_logits(features, numbers, edges, batch, n_structures)
-        return logits[:, 0], importance, atom_logits
+        logits, importance, atom_logits, atom_errors = self.all_logits(features, numbers, edges, batch, n_structures)
+        if self.atom_error:
+            atom_errors = torch.exp(self.error_shift + self.error_scale * atom_errors)
+        return logits[:, 0], importance, atom_logits, atom_errors
 
     def all_logits(
         self,
@@ -348,7 +352,7 @@ class ProbeHead(nn.Module):
     @torch.inference_mode()
     def reliability(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Calibrated probabilities: per structure, importances ``(n_atoms,)``, per atom (empty without atom logits)."""
-        logits, importance, atom_logits = self(*inputs)
+        logits, importance, atom_logits, _ = self(*inputs)
         return torch.sigmoid(logits / self.temperature), importance, torch.sigmoid(atom_logits / self.atom_temperature)
 
 

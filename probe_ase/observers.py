@@ -12,8 +12,9 @@ lies outside the support (reason ``low_atom_reliability``), so one bad region
 of a big cell counts even while the cell as a whole looks fine. It acts:
 
 * ``"log"``: append one line per call to a text log (step, time in fs,
-  reliability, novelty, energy in eV, temperature in K, verdict, reason, and
-  the count and indices of unreliable atoms, ``-`` when atoms are not judged);
+  reliability, novelty, energy in eV, temperature in K, the head's predicted
+  force RMSE in eV/Å (``-`` from heads without it), verdict, reason, and the
+  count and indices of unreliable atoms, ``-`` when atoms are not judged);
 * ``"flag"``: also append unreliable frames, with their results and per-atom
   importances, novelties and reliabilities (``atom_reliability`` column, for
   OVITO to colour by), to an extxyz file (at most ``max_flagged`` per run);
@@ -167,7 +168,8 @@ class ReliabilityMonitor:
         s.reliabilities.append(p)
         if not p >= s.min_reliability:  # also true while min is NaN
             s.min_reliability, s.min_reliability_step = p, step
-        self._write_log(step, p, novelty, calc.get_property("energy", atoms), reason, bad_atoms)
+        self._write_log(step, p, novelty, calc.get_property("energy", atoms), calc.results.get("force_error"),
+                        reason, bad_atoms)
         if reliable:
             self.streak = 0
             self.last_reliable = _snapshot(atoms)
@@ -211,8 +213,8 @@ class ReliabilityMonitor:
                                      self.min_atom_reliability, calc.max_novelty)
         return np.flatnonzero(~ok)
 
-    def _write_log(self, step: int, p: float, novelty: float, energy: float, reason: str,
-                   bad_atoms: np.ndarray | None) -> None:
+    def _write_log(self, step: int, p: float, novelty: float, energy: float, force_error: float | None,
+                   reason: str, bad_atoms: np.ndarray | None) -> None:
         if self.log_path is None:
             return
         if self._log is None:
@@ -220,7 +222,7 @@ class ReliabilityMonitor:
             self._log = open(self.log_path, "a", buffering=1)
             if new:
                 self._log.write(f"# {'step':>8} {'time_fs':>10} {'reliability':>11} {'novelty':>8} {'energy_eV':>14} "
-                                f"{'T_K':>8} reliable reason n_bad_atoms bad_atoms\n")
+                                f"{'T_K':>8} {'F_err_eV/A':>10} reliable reason n_bad_atoms bad_atoms\n")
         time_fs = self.dyn.get_time() / units.fs if isinstance(self.dyn, MolecularDynamics) else float("nan")
         temperature = self.atoms.get_temperature() if self.atoms.get_momenta().any() else 0.0
         if bad_atoms is None:
@@ -229,8 +231,9 @@ class ReliabilityMonitor:
             count = str(len(bad_atoms))
             listed = ",".join(map(str, bad_atoms[:LOG_ATOMS])) + (f",+{len(bad_atoms) - LOG_ATOMS}"
                                                                   if len(bad_atoms) > LOG_ATOMS else "")
+        error = "-" if force_error is None else f"{force_error:.4f}"
         self._log.write(f"{step:>10d} {time_fs:>10.2f} {p:>11.5f} {novelty:>8.3f} {energy:>14.6f} {temperature:>8.1f} "
-                        f"{int(reason == 'ok'):>8d} {reason} {count} {listed or '-'}\n")
+                        f"{error:>10} {int(reason == 'ok'):>8d} {reason} {count} {listed or '-'}\n")
 
     # ---- reporting and files ------------------------------------------------
     @property

@@ -43,6 +43,12 @@ class Scores:
         novelty: per structure, the largest atom novelty.
         atom_reliability: per atom, calibrated P(|ΔF_i| <= atom tolerance)
             (0-1); empty when the head has no per-atom logit.
+        atom_force_error: per atom, the head's predicted force-error norm
+            ``|ΔF_i|`` (eV/Å; median-like, see :class:`~probe_ase.head.HeadConfig`
+            ``atom_error``); empty when the head does not regress atom errors.
+        force_error: per structure, the predicted force RMSE (eV/Å) as the
+            ``force_rmse`` criterion defines it, over all force components:
+            ``sqrt(mean_i atom_force_error_i**2 / 3)``; empty likewise.
     """
 
     reliability: np.ndarray
@@ -50,6 +56,8 @@ class Scores:
     atom_novelty: np.ndarray
     novelty: np.ndarray
     atom_reliability: np.ndarray
+    atom_force_error: np.ndarray
+    force_error: np.ndarray
 
 
 def per_structure(atom_values: torch.Tensor, owner: torch.Tensor, n_structures: int, reduce: str) -> torch.Tensor:
@@ -129,14 +137,14 @@ class Probe:
     def predict(
         self, features: torch.Tensor, numbers: torch.Tensor, ptr: np.ndarray, edges: Sequence[np.ndarray]
     ) -> Scores:
-        """Reliability and novelty per structure; importance, novelty and reliability per atom (atoms concatenated).
+        """Reliability, novelty and predicted force RMSE per structure; the per-atom results (atoms concatenated).
 
         reliability = sigmoid((logit - novelty_weight * log(penalty novelty)) / temperature), the
         penalty novelty being the mean atom novelty (or the structure novelty, ``meta.novelty.penalty``).
         """
         inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
         with self._lock, torch.inference_mode():
-            logits, importance, atom_logits = self._compiled()(*inputs)
+            logits, importance, atom_logits, atom_error = self._compiled()(*inputs)
             atom_novelty = self.novelty(inputs[0], inputs[1])
             novelty = per_structure(atom_novelty, inputs[3], inputs[4], "max")
             penalty = novelty if self.meta.novelty.penalty == "max" else \
@@ -144,7 +152,10 @@ class Probe:
             logits = logits - logit_penalty(penalty, self.meta.novelty_weight).to(logits.dtype)
             p = torch.sigmoid(logits / self.head.temperature)
             atom_p = torch.sigmoid(atom_logits / self.head.atom_temperature)
-        return Scores(*(t.cpu().numpy().astype(float) for t in (p, importance, atom_novelty, novelty, atom_p)))
+            error = (per_structure(atom_error.square(), inputs[3], inputs[4], "mean") / 3).sqrt() \
+                if atom_error.numel() else atom_error  # the force_rmse criterion's RMS over components
+        return Scores(*(t.cpu().numpy().astype(float)
+                        for t in (p, importance, atom_novelty, novelty, atom_p, atom_error, error)))
 
     def verdict(
         self, reliability: np.ndarray, novelty: np.ndarray, threshold: float | None = None, max_novelty: float = 1.0

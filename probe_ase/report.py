@@ -124,7 +124,7 @@ def markdown(results: dict, figures: list[str], n_frames: int) -> str:
     keys = ["auroc", "auprc", "spearman", "aurc", "excess_aurc", "risk_at_50", "risk_at_80", "risk_at_90",
             "ece", "brier", "coverage_at_p_star", "risk_at_p_star", "out_of_support", "verdict_coverage",
             "verdict_risk"]
-    methods = [m for m in results if isinstance(results[m], dict) and m != "atoms"]
+    methods = [m for m in results if isinstance(results[m], dict) and m not in ("atoms", "force_error")]
     lines = [
         "# probe-ase evaluation", "",
         f"{n_frames} structures; criterion `{results['criterion']}`, tolerance tau = {results['tau']:.4g} "
@@ -139,9 +139,23 @@ def markdown(results: dict, figures: list[str], n_frames: int) -> str:
     for key in keys:
         row = [results[m].get(key) for m in methods]
         lines.append(f"| {key} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in row) + " |")
+    lines += force_error_markdown(results.get("force_error"))
     lines += atom_markdown(results.get("atoms"))
     lines += ["", *[f"![{name}]({name})" for name in figures], ""]
     return "\n".join(lines)
+
+
+def force_error_markdown(agreement: dict | None) -> list[str]:
+    """Lines of the report's predicted-force-error section (none for heads without the atom-error regression)."""
+    if not agreement:
+        return []
+    rows = [("Spearman vs the true error", "spearman"), ("fraction of true errors above the prediction",
+                                                        "fraction_above"), ("median true / predicted", "median_ratio")]
+    return ["", "## Predicted force errors", "",
+            "The head's `force_error` (force RMSE, eV/Å) and `atom_force_error` (abs(ΔF_i), eV/Å) against the "
+            "true errors: median-like estimates, so about half of the true errors lie above them.", "",
+            "| metric | structures: force_error | atoms: atom_force_error |", "|---|---|---|",
+            *[f"| {name} | {agreement['structures'][key]:.3f} | {agreement['atoms'][key]:.3f} |" for name, key in rows]]
 
 
 def atom_markdown(atoms: dict | None) -> list[str]:

@@ -22,8 +22,10 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
     ``info["reliability"]`` (0-1), ``info["reliable"]`` (the verdict at the
     head's p* and support), ``info["reason"]``, ``info["novelty"]``,
     ``info["mlip_energy"]`` (eV), ``arrays["mlip_forces"]`` (eV/Å),
-    ``arrays["atom_novelty"]``, ``arrays["atom_importance"]`` and, from heads
-    with a per-atom logit, ``arrays["atom_reliability"]`` (0-1).
+    ``arrays["atom_novelty"]``, ``arrays["atom_importance"]``, from heads
+    with a per-atom logit ``arrays["atom_reliability"]`` (0-1), and from
+    heads that regress atom errors ``info["force_error"]`` and
+    ``arrays["atom_force_error"]`` (predicted, eV/Å).
     Memory stays constant in the number of frames.
     """
     frames = iter(frames)
@@ -49,5 +51,8 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
             out.arrays["atom_importance"] = scores.importance[ptr[k] : ptr[k + 1]]
             if probe.meta.local:
                 out.arrays["atom_reliability"] = scores.atom_reliability[ptr[k] : ptr[k + 1]]
+            if probe.head.atom_error:
+                out.info["force_error"] = float(scores.force_error[k])
+                out.arrays["atom_force_error"] = scores.atom_force_error[ptr[k] : ptr[k + 1]]
             yield out
         index += len(chunk)

@@ -285,4 +285,9 @@ def test_evaluate_writes_every_promised_file(files, capsys, backbones, cu_data):
     assert results["probe"]["excess_aurc"] >= -1e-12  # nothing beats the oracle
     text = (report / "report.md").read_text()
     assert "| auroc |" in text and "![roc.png](roc.png)" in text
+    # a force head predicts force errors (eV/Å): they rank the true ones and sit near them
+    agreement = results["force_error"]
+    assert agreement["structures"]["spearman"] >= 0.5 and agreement["atoms"]["spearman"] >= 0.3
+    assert 0.1 <= agreement["atoms"]["fraction_above"] <= 0.9
+    assert "## Predicted force errors" in text and "| median true / predicted |" in text
     assert all((report / n).read_bytes()[:4] == b"\x89PNG" for n in names if n.endswith(".png"))

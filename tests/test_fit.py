@@ -115,10 +115,10 @@ def test_early_stopping_can_watch_the_whole_training_loss(backbones, cu_data):
 
 
 def test_force_heads_regress_each_atoms_error_and_blend_it_into_the_logit(backbones, cu_data, tmp_path):
-    from probe_ase import Probe
-    from probe_ase.dataset import featurize
-    from probe_ase.graph import HeadGraph
-    from probe_ase.head import batch_inputs, log_rms_error
+    from ase.io import read, write
+
+    from probe_ase import Probe, ProbeCalculator, annotate
+    from probe_ase.labels import atom_errors
     from probe_ase.metrics import spearman
 
     calc = backbones("mace")
@@ -129,20 +129,37 @@ def test_force_heads_regress_each_atoms_error_and_blend_it_into_the_logit(backbo
     assert (head.error_blend > 0).all()  # every label's logit falls as the predicted error grows
     frames = cu_data["test_in"] + cu_data["test_out"]
     with find_tap(calc, probe.meta.layers) as tap:
-        fs = featurize(tap, frames, cache_dir=False, progress=False)
-    inputs = batch_inputs(fs.features.to(head.feature_mean), fs.numbers, fs.ptr,
-                          HeadGraph(probe.meta.config.cutoff).frames(frames), range(len(frames)))
-    with torch.no_grad():
-        _, _, _, atom_errors = head.all_logits(*inputs)
-        predicted = log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:]).numpy()
-    # held-out frames: the predicted RMS atom error ranks the true force RMSE, and each atom's its own error
-    assert spearman(predicted, fs.error("force_rmse")) >= 0.7
-    log_atom = (head.error_shift + head.error_scale * atom_errors).numpy()
-    assert spearman(log_atom, fs.atom_errors) >= 0.5
+        scored = list(score_frames(probe, tap, frames))
+    predicted = np.array([s.info["force_error"] for s in scored])  # eV/Å
+    true = np.array([np.sqrt(np.mean((s.arrays["mlip_forces"] - f.get_forces()) ** 2))
+                     for s, f in zip(scored, frames)])  # the force_rmse criterion: RMS over components
+    atom_predicted = np.concatenate([s.arrays["atom_force_error"] for s in scored])
+    atom_true = np.concatenate([atom_errors(s.arrays["mlip_forces"], f.get_forces()) for s, f in zip(scored, frames)])
+    # held-out frames: the predicted force errors rank the true ones, per structure and per atom ...
+    assert spearman(predicted, true) >= 0.7
+    assert spearman(atom_predicted, atom_true) >= 0.5
+    # ... in eV/Å: each structure's is the RMS of its atoms', and a median-like estimate of the true errors
+    np.testing.assert_allclose(predicted[0], np.sqrt(np.mean(scored[0].arrays["atom_force_error"] ** 2) / 3), rtol=1e-5)
+    assert 0.2 <= np.mean(atom_true > atom_predicted) <= 0.8
+    assert 0.5 <= np.median(true / predicted) <= 2.0
+
     probe.save(tmp_path / "probe.pt")
     loaded = Probe.load(tmp_path / "probe.pt")
     for name in ("error_shift", "error_scale", "error_blend", "error_centre"):
         torch.testing.assert_close(getattr(loaded.head, name), getattr(head, name))
+    # the calculator gives the same estimates every step, and writers keep them
+    atoms = frames[-1].copy()
+    with ProbeCalculator(calc, loaded) as probe_calc:
+        atoms.calc = probe_calc
+        atoms.get_forces()
+        assert {"force_error", "atom_force_error"} <= set(probe_calc.implemented_properties)
+        assert probe_calc.results["force_error"] == pytest.approx(predicted[-1], rel=1e-4)
+        np.testing.assert_allclose(probe_calc.results["atom_force_error"], scored[-1].arrays["atom_force_error"],
+                                   rtol=1e-4)
+        write(tmp_path / "frame.xyz", annotate(atoms), format="extxyz")
+    back = read(tmp_path / "frame.xyz")
+    assert back.info["force_error"] == pytest.approx(predicted[-1], rel=1e-4)
+    np.testing.assert_allclose(back.arrays["atom_force_error"], scored[-1].arrays["atom_force_error"], rtol=1e-4)
 
 
 def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backbones, cu_data):
@@ -152,7 +169,11 @@ def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backb
 
     calc = backbones("mace")
     kwargs = dict(criterion="energy", quantile=0.7, train=TrainConfig(epochs=3), cache_dir=False, progress=False)
-    assert fit_probe(calc, cu_data["pool"], **kwargs).meta.config.atom_error is False
+    energy_head = fit_probe(calc, cu_data["pool"], **kwargs)
+    assert energy_head.meta.config.atom_error is False
+    with find_tap(calc, energy_head.meta.layers) as tap:
+        scored = next(score_frames(energy_head, tap, cu_data["test_in"][:1]))
+    assert "force_error" not in scored.info and "atom_force_error" not in scored.arrays  # no estimate without it
     frames = [a.copy() for a in cu_data["pool"]]
     for a, src in zip(frames, cu_data["pool"]):
         a.calc = SinglePointCalculator(a, energy=src.get_potential_energy())  # energy only

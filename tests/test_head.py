@@ -88,7 +88,7 @@ def test_aux_logits_come_after_the_main_one():
     features, numbers, ptr, edges = _two_structures()
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
     every = head.all_logits(*inputs)[0]
-    main, _, _ = head(*inputs)
+    main, _, _, _ = head(*inputs)
     assert every.shape == (2, 3)
     torch.testing.assert_close(main, every[:, 0])
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
@@ -113,8 +113,8 @@ def test_a_shared_score_gives_every_label_the_same_ranking():
 def test_probe_head_importance_normalised():
     head = _head()
     features, numbers, ptr, edges = _two_structures()
-    logits, importance, atom_logits = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
-    assert logits.shape == (2,) and importance.shape == (12,) and atom_logits.shape == (0,)
+    logits, importance, atom_logits, atom_errors = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
+    assert logits.shape == (2,) and importance.shape == (12,) and atom_logits.shape == atom_errors.shape == (0,)
     assert torch.isfinite(logits).all()
     assert (importance >= 0).all()
     sums = torch.stack([importance[:5].sum(), importance[5:].sum()])
@@ -129,7 +129,7 @@ def test_atom_logits_one_per_atom_with_their_own_temperature():
     head = _head(atom_logit=True)
     features, numbers, ptr, edges = _two_structures()
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
-    logits, _, atom_logits = head(*inputs)
+    logits, _, atom_logits, _ = head(*inputs)
     assert atom_logits.shape == (12,) and torch.isfinite(atom_logits).all()
     assert atom_logits.std() > 1e-3  # atoms differ
     head.atom_temperature.fill_(2.0)
@@ -141,17 +141,18 @@ def test_atom_logits_one_per_atom_with_their_own_temperature():
 def test_probe_head_structures_are_independent(variant):
     head = _head(**variant)
     features, numbers, ptr, edges = _two_structures()
-    both, imp_both, atom_both = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
-    alone, imp_alone, atom_alone = head(*batch_inputs(features, numbers, ptr, edges, [1]))
+    both, imp_both, atom_both, error_both = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
+    alone, imp_alone, atom_alone, error_alone = head(*batch_inputs(features, numbers, ptr, edges, [1]))
     torch.testing.assert_close(alone, both[1:], atol=1e-5, rtol=0)
     torch.testing.assert_close(imp_alone, imp_both[5:], atol=1e-6, rtol=0)
     torch.testing.assert_close(atom_alone, atom_both[5:] if atom_both.numel() else atom_both, atol=1e-5, rtol=0)
+    torch.testing.assert_close(error_alone, error_both[5:] if error_both.numel() else error_both, atol=1e-5, rtol=1e-5)
 
 
 def test_probe_head_permutation_invariant(variant):
     head = _head(**variant)
     features, numbers, ptr, edges = _two_structures()
-    logits, importance, atom_logits = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
+    logits, importance, atom_logits, atom_errors = head(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
 
     # relabel the atoms of structure 1: new atom a is old atom perm[a]
     perm = torch.tensor([3, 6, 0, 5, 1, 4, 2])
@@ -162,17 +163,21 @@ def test_probe_head_permutation_invariant(variant):
     numbers2[5:] = numbers[5:][perm]
     edges1 = inverse[edges[1]]  # old local index -> new local index, both rows
     edges1 = edges1[:, torch.randperm(edges1.shape[1], generator=torch.Generator().manual_seed(1))]
-    logits2, importance2, atom_logits2 = head(*batch_inputs(features2, numbers2, ptr, [edges[0], edges1], [0, 1]))
+    logits2, importance2, atom_logits2, atom_errors2 = head(*batch_inputs(features2, numbers2, ptr, [edges[0], edges1], [0, 1]))
 
     torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=0)
     if atom_logits.numel():  # per-atom logits follow the atoms
         torch.testing.assert_close(atom_logits2[5:], atom_logits[5:][perm], atol=1e-5, rtol=0)
         torch.testing.assert_close(atom_logits2[:5], atom_logits[:5], atol=1e-5, rtol=0)
+    if atom_errors.numel():  # so do the predicted force errors (eV/Å)
+        assert (atom_errors > 0).all()
+        torch.testing.assert_close(atom_errors2[5:], atom_errors[5:][perm], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(atom_errors2[:5], atom_errors[:5], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(importance2[:5], importance[:5], atol=1e-6, rtol=0)
     torch.testing.assert_close(importance2[5:], importance[5:][perm], atol=1e-6, rtol=0)
 
     # the graph matters: the same permutation with the old, unpermuted edges changes the logit
-    logits3, _, _ = head(*batch_inputs(features2, numbers2, ptr, edges, [0, 1]))
+    logits3, _, _, _ = head(*batch_inputs(features2, numbers2, ptr, edges, [0, 1]))
     assert abs(float(logits3[1] - logits[1])) > 1e-4
 
 
@@ -190,7 +195,7 @@ def test_chunked_and_dense_attention_agree(variant):
         head = _head(**variant).train()
         for block in head.blocks:
             block.attention.chunk, block.attention.dense_max = chunk, dense_max
-        logits, importance, atom_logits = head(*inputs)
+        logits, importance, atom_logits, _ = head(*inputs)
         (logits.sum() + atom_logits.sum()).backward()
         results.append((logits.detach(), importance.detach(), atom_logits.detach(),
                         head.blocks[0].attention.qkv.weight.grad))

@@ -158,8 +158,9 @@ def test_monitor_logs_and_flags_unreliable_atoms(local_calc, local_probe, tmp_pa
     for frame in flagged:
         line = next(x for x in lines if int(x[0]) == frame.info["step"])
         bad = np.flatnonzero(frame.arrays["atom_reliability"] < threshold)
-        assert line[7] == "low_atom_reliability" and int(line[8]) == len(bad)
-        assert line[9].split(",")[: len(bad)] == [str(i) for i in bad[:20]]
+        assert line[8] == "low_atom_reliability" and int(line[9]) == len(bad)
+        assert line[10].split(",")[: len(bad)] == [str(i) for i in bad[:20]]
+        assert float(line[6]) == pytest.approx(frame.info["force_error"], abs=1e-4)  # predicted force RMSE, eV/Å
         np.testing.assert_array_equal(frame.arrays["atom_unreliable"], frame.arrays["atom_reliability"] < threshold)
 
 

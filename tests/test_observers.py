@@ -33,8 +33,8 @@ def md_atoms(cu_data, calc, temperature_K, seed=0):
 
 def read_log(path):
     """Steps, reliability, novelty, verdict (1 reliable) and reason of each logged step."""
-    rows = np.loadtxt(path, comments="#", usecols=(0, 2, 3, 6))
-    reasons = [line.split()[7] for line in open(path) if not line.startswith("#")]
+    rows = np.loadtxt(path, comments="#", usecols=(0, 2, 3, 7))
+    reasons = [line.split()[8] for line in open(path) if not line.startswith("#")]
     return rows[:, 0].astype(int), rows[:, 1], rows[:, 2], rows[:, 3].astype(int), reasons
 
 
@@ -78,6 +78,11 @@ def test_heated_md_is_flagged_and_halted_where_the_log_says(mace_probe_calc, cu_
     assert all(f.info["reason"] in ("low_probability", "out_of_support") for f in flagged)
     assert flagged[0].arrays["atom_importance"].sum() == pytest.approx(1.0, abs=1e-5)
     assert flagged[0].arrays["atom_novelty"].max() == pytest.approx(flagged[0].info["novelty"])
+    # the head's predicted force RMSE (eV/Å) is logged every step and travels with the flagged frames
+    predicted = np.loadtxt(tmp_path / "r.log", comments="#", usecols=(6,))
+    assert len(predicted) == len(steps) and (predicted > 0).all()
+    assert flagged[0].info["force_error"] == pytest.approx(predicted[np.flatnonzero(bad)[0]], abs=1e-4)
+    assert flagged[0].arrays["atom_force_error"].shape == (len(atoms),)
     assert len(read(tmp_path / "md.traj", ":")) == dyn.nsteps + 1  # trajectory intact
     last = monitor.last_reliable
     assert last is not None and last.calc is None and np.abs(last.get_momenta()).sum() > 0

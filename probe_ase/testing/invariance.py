@@ -8,8 +8,8 @@ from ase.calculators.calculator import Calculator
 from scipy.spatial.transform import Rotation
 
 #: per-structure results that must not change, and per-atom ones that must follow a permutation
-STRUCTURE_RESULTS = ("reliability", "novelty")
-ATOM_RESULTS = ("atom_importance", "atom_novelty", "atom_reliability")
+STRUCTURE_RESULTS = ("reliability", "novelty", "force_error")
+ATOM_RESULTS = ("atom_importance", "atom_novelty", "atom_reliability", "atom_force_error")
 
 
 def _score(calc: Calculator, atoms: Atoms) -> dict[str, np.ndarray]:
@@ -17,7 +17,7 @@ def _score(calc: Calculator, atoms: Atoms) -> dict[str, np.ndarray]:
     atoms.calc = calc
     atoms.get_potential_energy()
     return {key: np.array(calc.results[key], dtype=float) for key in STRUCTURE_RESULTS + ATOM_RESULTS
-            if key in calc.results}  # atom_reliability only from heads with a per-atom logit
+            if key in calc.results}  # some only from heads with a per-atom logit / atom-error regression
 
 
 def moved_copies(atoms: Atoms, seed: int = 0, wrap: bool = False) -> list[tuple[str, Atoms, np.ndarray | None]]:
@@ -39,10 +39,11 @@ def moved_copies(atoms: Atoms, seed: int = 0, wrap: bool = False) -> list[tuple[
 def assert_invariant(
     calc: Calculator, atoms: Atoms, tol: float = 1e-5, novelty_tol: float = 1e-4, seed: int = 0
 ) -> None:
-    """Raise AssertionError unless reliability and novelty (and per-atom results, permuted) are invariant.
+    """Raise AssertionError unless reliability, novelty, force_error (and per-atom results, permuted) are invariant.
 
-    Per-atom results are ``atom_importance``, ``atom_novelty`` and, when the
-    head has a per-atom logit, ``atom_reliability``.
+    Per-atom results are ``atom_importance``, ``atom_novelty``, when the
+    head has a per-atom logit ``atom_reliability``, and when it regresses
+    atom errors ``atom_force_error`` (eV/Å).
 
     Applies a random rotation (of positions and cell), a random translation
     (Å) and a random permutation of atoms, each on its own. Tolerances are
