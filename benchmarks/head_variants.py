@@ -18,6 +18,11 @@ standard errors go to a table and a JSON file::
         --criteria force_rmse --shift --variants "+ aux quantiles 0.3/0.5/0.7/0.9" \
         "+ dense aux quantiles 0.1-0.9, 0.95" --out benchmarks/results/uq-acac/head_variants_shift.json
 
+With ``--features scalars+norms`` (MACE only; DESIGN §5b "richer invariant
+features") the head reads, besides each layer's scalar (0e) channels, the norm
+of every l > 0 channel of that layer (rotation invariant as well), through a
+tap defined here; features are cached apart from the default ones.
+
 Units: force RMSE in eV/Å, energy error in eV.
 """
 
@@ -42,6 +47,7 @@ from probe_ase.fileio import atomic_write  # noqa: E402
 from probe_ase.fit import STOP_ON  # noqa: E402
 from probe_ase.graph import radius_graph  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
+from probe_ase.taps.mace import MaceTap  # noqa: E402
 
 VARIANTS = {
     "baseline (attention pool)": HeadConfig(aux_quantiles=(), atom_error=False),
@@ -56,9 +62,40 @@ VARIANTS = {
 }
 
 
-def shift_ranking(probe, calc, frames, cache) -> tuple[float, float]:
+class NormTap(MaceTap):
+    """MACE scalar channels plus the norm of each l > 0 channel of every product block (all invariant)."""
+
+    def __init__(self, calc, layers=None) -> None:
+        self._blocks = []  # per layer: (scalar columns, [(start, multiplicity, dim) of each l > 0 irrep])
+        for product in calc.models[0].products:
+            irreps = product.linear.irreps_out
+            scalars = [i for (_, ir), sl in zip(irreps, irreps.slices()) if ir.l == 0 for i in range(sl.start, sl.stop)]
+            vectors = [(sl.start, mul, ir.dim) for (mul, ir), sl in zip(irreps, irreps.slices()) if ir.l > 0]
+            self._blocks.append((scalars, vectors))
+        super().__init__(calc, layers)
+
+    def layer_width(self, layer: int) -> int:
+        scalars, vectors = self._blocks[layer]
+        return len(scalars) + sum(mul for _, mul, _ in vectors)
+
+    def invariant(self, layer: int, output):
+        scalars, vectors = self._blocks[layer]
+        parts = [output[:, scalars]]
+        parts += [output[:, s : s + mul * dim].reshape(len(output), mul, dim).norm(dim=-1) for s, mul, dim in vectors]
+        return torch.cat(parts, dim=1)
+
+    def reference_features(self, atoms):
+        raise NotImplementedError("benchmark-only tap: no reference path")
+
+
+def open_tap(calc, features: str):
+    """The tap the head reads: the default one, or scalars plus l > 0 norms (MACE)."""
+    return find_tap(calc) if features == "scalars" else NormTap(calc)
+
+
+def shift_ranking(probe, calc, frames, cache, features: str = "scalars") -> tuple[float, float]:
     """AUROC and Spearman ρ of ``1 - reliability`` on ``frames`` (labels at the probe's own tolerance)."""
-    with find_tap(calc) as tap:
+    with open_tap(calc, features) as tap:
         fs = featurize(tap, frames, cache_dir=cache, progress=False)
     graphs = [radius_graph(a, probe.meta.config.cutoff) for a in frames]
     p = probe.predict(fs.features.to(probe.head.feature_mean.dtype), fs.numbers, fs.ptr, graphs).reliability
@@ -86,6 +123,9 @@ def main(argv=None) -> int:
                     help="also fit on the pool's in-distribution part and rank its shifted part (leave-shift-out)")
     ap.add_argument("--stop-on", choices=STOP_ON, default=TrainConfig().stop_on,
                     help="the validation loss early stopping watches (TrainConfig.stop_on)")
+    ap.add_argument("--features", choices=["scalars", "scalars+norms"], default="scalars",
+                    help="what the head reads: each layer's scalar channels (default), or also the norms of its "
+                         "l > 0 channels (MACE only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_variants_<backbone>.json)")
     args = ap.parse_args(argv)
@@ -98,6 +138,10 @@ def main(argv=None) -> int:
     if not member0:
         raise SystemExit(f"no {pattern} in {args.run / 'models'}: run uq_quality.py first")
     calc = uq_quality.make_calc(args.backbone, member0[0])
+    if args.features != "scalars" and args.backbone != "mace":
+        raise SystemExit("--features scalars+norms is for MACE backbones")
+    cache = args.run / ("cache" if args.features == "scalars" else "cache-norms")
+    tap = open_tap(calc, args.features)
     rows = []
     print("| criterion | variant | AUROC (cal) | Spearman (cal) |"
           + (" AUROC (unseen shift) | Spearman (unseen shift) |" if args.shift else ""), flush=True)
@@ -109,18 +153,18 @@ def main(argv=None) -> int:
             for seed in range(args.seeds):
                 train = TrainConfig(epochs=150, patience=20, seed=seed, stop_on=args.stop_on)
                 probe = fit_probe(calc, pool, criterion=crit, config=config, train=train, **tolerance,
-                                  cache_dir=args.run / "cache", progress=False)
+                                  cache_dir=cache, progress=False, tap=tap)
                 scores.append((probe.meta.report["auroc"], probe.meta.report["spearman"]))
                 if args.shift:
                     try:
                         probe_in = fit_probe(calc, pool_in, criterion=crit, config=config, train=train, **tolerance,
-                                             cache_dir=args.run / "cache", progress=False)
+                                             cache_dir=cache, progress=False, tap=tap)
                     except LabelError as err:  # e.g. too few in-distribution structures above an absolute τ
                         print(f"no unseen-shift fit: {err}", flush=True)
                         continue
-                    shift_scores.append(shift_ranking(probe_in, calc, shifted, args.run / "cache"))
+                    shift_scores.append(shift_ranking(probe_in, calc, shifted, cache, args.features))
             mean, se = mean_se(scores)
-            row = {"criterion": crit, "variant": name, "config": asdict(config),
+            row = {"criterion": crit, "variant": name, "features": args.features, "config": asdict(config),
                    "auroc_mean": mean[0], "auroc_se": se[0], "spearman_mean": mean[1], "spearman_se": se[1],
                    "per_seed": np.array(scores).tolist(), "seconds": time.perf_counter() - t0}
             line = f"| {crit} | {name} | {mean[0]:.3f} ± {se[0]:.3f} | {mean[1]:.3f} ± {se[1]:.3f} |"
@@ -131,6 +175,7 @@ def main(argv=None) -> int:
                 line += f" {mean[0]:.3f} ± {se[0]:.3f} | {mean[1]:.3f} ± {se[1]:.3f} |"
             rows.append(row)
             print(line, flush=True)
+    tap.close()
     out = args.out or args.run / f"head_variants_{args.backbone}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps({"member0": str(member0[0]), "seeds": args.seeds,
                                                                  "stop_on": args.stop_on, "tolerance": tolerance,
