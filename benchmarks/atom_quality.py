@@ -18,8 +18,12 @@ deviation (norm over components of the std over members, eV/Å); coverage and
 risk at the head's atom p*; and whether the attention importance points at the
 worst atoms (mean within-structure Spearman of importance vs |ΔF_i| over the
 structures whose force RMSE exceeds 0.1 eV/Å, and the share of them whose most
-important atom is among the three worst). Writes ``results.json`` and
-``results.md`` into ``--out``.
+important atom is among the three worst). Heads that regress atom errors (the
+default for this force criterion) also give their predicted ``atom_force_error``
+(|ΔF_i|, eV/Å) and ``force_error`` (force RMSE, eV/Å): Spearman against the
+true errors beside the ensemble's per-atom std and its mean over atoms, AUROC
+at the atom tolerance, how often the truth exceeds the prediction and the
+median ratio. Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -89,7 +93,23 @@ def file_row(scored: list, frames: list, std: np.ndarray | None, atom_tau: float
     row = {"n_atoms": int(len(error)), "n_unreliable_structures": len(within),
            "importance_spearman": float(np.nanmean(within)) if within else float("nan"),
            "importance_top_in_top3_worst": float(np.mean(top)) if top else float("nan")}
-    if atom_tau is None:  # a head without the per-atom logit: the importance check only
+    if std is not None:
+        row["ensemble_spearman"] = metrics.spearman(std, error)
+    if "atom_force_error" in scored[0].arrays:  # the head's predicted |ΔF_i| (eV/Å), and the force RMSE from it
+        predicted = np.concatenate([s.arrays["atom_force_error"] for s in scored])
+        rmse = np.array([np.sqrt(np.mean((s.arrays["mlip_forces"] - reference_forces(f)) ** 2))
+                         for s, f in zip(scored, frames)])
+        row |= {"predicted_spearman": metrics.spearman(predicted, error),
+                "predicted_fraction_above": float(np.mean(error > predicted)),
+                "predicted_median_ratio": float(np.median(error / predicted)),
+                "structure_predicted_spearman": metrics.spearman(np.array([s.info["force_error"] for s in scored]),
+                                                                 rmse)}
+        if std is not None:
+            mean_std = np.array([std[ptr[k]:ptr[k + 1]].mean() for k in range(len(frames))])
+            row["structure_ensemble_spearman"] = metrics.spearman(mean_std, rmse)
+        if atom_tau is not None:
+            row["predicted_auroc"] = metrics.auroc(error > atom_tau, predicted)
+    if atom_tau is None:  # a head without the per-atom logit: the importance and predicted-error checks only
         return row
     p = np.concatenate([s.arrays["atom_reliability"] for s in scored])
     bad = error > atom_tau
@@ -99,7 +119,7 @@ def file_row(scored: list, frames: list, std: np.ndarray | None, atom_tau: float
             "coverage_at_atom_p_star": float(accepted.mean()),
             "risk_at_atom_p_star": float(bad[accepted].mean()) if accepted.any() else float("nan")}
     if std is not None:
-        row |= {"ensemble_auroc": metrics.auroc(bad, std), "ensemble_spearman": metrics.spearman(std, error)}
+        row["ensemble_auroc"] = metrics.auroc(bad, std)
     return row
 
 
@@ -158,6 +178,8 @@ def markdown(res: dict) -> str:
                 lines += [f"| {name} | {f(r['importance_spearman'])} | {f(r['importance_top_in_top3_worst'])} "
                           f"({r['n_unreliable_structures']}) |" for name, r in entry["files"].items()]
                 lines.append("")
+                if "predicted_spearman" in entry["files"]["pooled"]:
+                    lines += predicted_table(entry["files"], f)
                 continue
             lines += [f"Atom tolerance {entry['atom_tau']:.3f} eV/Å, atom p* {entry['atom_p_star']:.3f} (empirical); "
                       f"calibration atoms AUROC {cal['auroc']:.3f}.", "",
@@ -171,7 +193,25 @@ def markdown(res: dict) -> str:
                              f"{f(r['importance_spearman'])} | {f(r['importance_top_in_top3_worst'])} "
                              f"({r['n_unreliable_structures']}) |")
             lines.append("")
+            if "predicted_spearman" in entry["files"]["pooled"]:
+                lines += predicted_table(entry["files"], f)
     return "\n".join(lines)
+
+
+def predicted_table(files: dict, f) -> list[str]:
+    """Rows comparing the head's predicted force errors (``atom_force_error``, ``force_error``) with the ensemble."""
+    lines = ["Predicted force errors (`atom_force_error` |ΔF_i| and `force_error` force RMSE, eV/Å) against the "
+             "ensemble's per-atom force std and its mean over atoms (Spearman vs the true errors; AUROC for the "
+             "atom tolerance; how often the true |ΔF_i| exceeds the prediction, and the median true / predicted):", "",
+             "| file | atoms: Spearman predicted | Spearman ensemble | AUROC predicted | AUROC ensemble "
+             "| true > predicted | median true / predicted | structures: Spearman predicted | Spearman ensemble |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in files.items():
+        lines.append(f"| {name} | {f(r['predicted_spearman'])} | {f(r.get('ensemble_spearman'))} | "
+                     f"{f(r.get('predicted_auroc'))} | {f(r.get('ensemble_auroc'))} | {f(r['predicted_fraction_above'])} "
+                     f"| {f(r['predicted_median_ratio'])} | {f(r['structure_predicted_spearman'])} | "
+                     f"{f(r.get('structure_ensemble_spearman'))} |")
+    return lines + [""]
 
 
 def main(argv=None) -> None:

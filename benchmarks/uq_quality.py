@@ -674,6 +674,8 @@ def markdown(res: dict) -> str:
              f"Command: `{s['command']}`  ", f"Wall time: {res['wall_seconds'] / 60:.1f} min on "
              f"{s['threads']} CPU threads. Data: BOTNet-datasets (Kovács, Batatia et al., arXiv:2205.06643).", "",
              f"Settings: {json.dumps({k: v for k, v in s.items() if k != 'command'})}", ""]
+    if "provenance" in res:  # a file that joins backbones from two runs says which is which
+        lines += [f"Provenance: {res['provenance']}", ""]
     if "environment" in res:  # runs before session 15 did not record it
         env = res["environment"]
         lines += [f"Environment: git {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}, Python "
