@@ -166,6 +166,8 @@ def markdown(res: dict) -> str:
              "Importance: within-structure Spearman of attention importance vs |ΔF_i| over structures with force "
              f"RMSE > {STRUCTURE_TAU} eV/Å, and how often the most important atom is among the three worst. "
              "Every row measured; none dropped.", ""]
+    if "provenance" in res:  # a file that joins backbones from two runs says which is which
+        lines += [f"Provenance: {res['provenance']}", ""]
     for kind, regimes in res["backbones"].items():
         for regime, entry in regimes.items():
             lines += [f"## {kind}, {regime}", ""]
