@@ -4,13 +4,15 @@
 AUROC / Spearman ρ with the 5-member ensemble's. The ensemble's scores do not
 depend on a head seed; PROBE's do (the seed draws the train / validation /
 calibration split, the initialisation and the fold heads). This script refits
-the head of each MACE force row with ``--seeds`` seeds on the same fit pool and
+the head of each force row of one backbone (``--backbone mace``, the default,
+or ``schnetpack``: PaiNN) with ``--seeds`` seeds on the same fit pool and
 member 0, with the settings of ``uq_quality.py``, scores the same evaluation
 files, and prints each seed's pooled AUROC / ρ beside the ensemble's from the
 run's ``results.json``. Nothing is chosen here: it reports the spread of the
 shipped method (seed 0 reproduces the run's own row)::
 
     python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac
+    python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac --backbone schnetpack
 
 Units: force RMSE in eV/Å.
 """
@@ -37,15 +39,17 @@ from probe_ase.head import HeadConfig  # noqa: E402
 
 ROWS = (("absolute", "force_rmse"), ("quantile", "force_rmse"))
 ENSEMBLE = ("ens_force_std", "ens_force_max_std", "ens_energy_std")
+#: member 0 of each backbone in a uq_quality.py models folder
+MEMBER0 = {"mace": "ssmace_c16_L1_e20_*_s0.model", "schnetpack": "spkpl_painn_f32_e25_*_s0.pt"}
 
 
-def study(data: Path, run: Path, seeds: int) -> dict:
+def study(data: Path, run: Path, seeds: int, backbone: str = "mace") -> dict:
     res_run = json.loads((run / "results.json").read_text())
     name, _, pool, _, evals, _ = uq.load_splits(data, False)
-    paths = sorted((run / "models").glob("ssmace_c16_L1_e20_*_s0.model"))
+    paths = sorted((run / "models").glob(MEMBER0[backbone]))
     if not paths:
-        raise SystemExit(f"{run / 'models'}: no MACE member 0 of uq_quality.py")
-    calc = uq.make_calc("mace", paths[0])
+        raise SystemExit(f"{run / 'models'}: no {backbone} member 0 of uq_quality.py")
+    calc = uq.make_calc(backbone, paths[0])
     head = HeadConfig(**{k: tuple(v) if isinstance(v, list) else v
                          for k, v in res_run["settings"]["probe_head"].items()})
     names = list(evals)
@@ -54,10 +58,10 @@ def study(data: Path, run: Path, seeds: int) -> dict:
     energies, forces, feats, ptr = uq.member_pass(calc, frames, desc="member 0 on eval")
     numbers = torch.as_tensor(np.concatenate([a.numbers for a in frames]))
     err = uq.errors_of(frames, energies, forces)
-    out = {"dataset": name, "environment": uq.environment(paths), "seeds": seeds, "rows": []}
+    out = {"dataset": name, "backbone": backbone, "environment": uq.environment(paths), "seeds": seeds, "rows": []}
     graphs = {}
     for regime, crit in ROWS:
-        entry = res_run["backbones"]["mace"]["regimes"][regime][crit]
+        entry = res_run["backbones"][backbone]["regimes"][regime][crit]
         pooled = entry["pooled"]
         mask = np.isin(file_of, [names.index(f) for f in entry["pooled_files"]]) & np.isfinite(err[crit])
         ens = max(ENSEMBLE, key=lambda m: pooled[m]["auroc"])
@@ -88,7 +92,7 @@ def study(data: Path, run: Path, seeds: int) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['dataset']}, MACE member 0, {res['seeds']} head seeds on the same fit pool; pooled over the "
+    lines = [f"{res['dataset']}, {res.get('backbone', 'mace')} member 0, {res['seeds']} head seeds on the same fit pool; pooled over the "
              "evaluation files of uq_quality.py's row", "",
              "| τ | " + " | ".join(f"seed {s}" for s in range(res["seeds"]))
              + " | mean ± SE | ensemble (best by AUROC) | seeds ≥ ensemble (AUROC, ρ) |",
@@ -103,20 +107,31 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds_help: str, run_help: str) -> int:
-    """Command line shared by the fit-pool seed studies: parse, run ``study(data, run, seeds)``, print, write JSON."""
+def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds_help: str, run_help: str,
+                    backbones: tuple[str, ...] = ()) -> int:
+    """Command line shared by the fit-pool seed studies: parse, run ``study(data, run, seeds)``, print, write JSON.
+
+    With ``backbones`` a ``--backbone`` option (default the first) is passed on as ``study(..., backbone=)``;
+    the default JSON name then gains ``_<backbone>`` for all but the first.
+    """
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--data", required=True, type=Path, help="acac or ethanol folder of the BOTNet data")
     ap.add_argument("--run", required=True, type=Path, help=run_help)
     ap.add_argument("--seeds", type=int, default=seeds, help=seeds_help)
+    if backbones:
+        ap.add_argument("--backbone", choices=backbones, default=backbones[0],
+                        help=f"whose member 0 to refit (default {backbones[0]}; schnetpack: PaiNN)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default RUN/{script}.json)")
+    ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default RUN/{script}.json"
+                    + (f"; RUN/{script}_<backbone>.json for other backbones)" if backbones else ")"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = study(args.data.resolve(), args.run, args.seeds)
+    kw = {"backbone": args.backbone} if backbones else {}
+    res = study(args.data.resolve(), args.run, args.seeds, **kw)
     res["command"] = " ".join([f"{script}.py"] + (argv or sys.argv[1:]))
     print(table(res))
-    out = args.out or args.run / f"{script}.json"
+    suffix = f"_{args.backbone}" if backbones and args.backbone != backbones[0] else ""
+    out = args.out or args.run / f"{script}{suffix}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
     print(f"wrote {out}")
     return 0
@@ -124,7 +139,7 @@ def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds
 
 def main(argv=None) -> int:
     return seed_study_main(argv, __doc__, "head_seeds", study, table, 5, "head seeds 0..N-1 (seed 0 is the run's own head)",
-                           "a finished uq_quality.py output folder (results.json, models/, cache/)")
+                           "a finished uq_quality.py output folder (results.json, models/, cache/)", tuple(MEMBER0))
 
 
 if __name__ == "__main__":
