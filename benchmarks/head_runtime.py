@@ -1,6 +1,6 @@
 """How to run the head: eager, TorchScript (scripted and frozen) or torch.compile, paired, vs atom count.
 
-    python benchmarks/head_runtime.py [--sizes 15 128 1000 10000] [--modes eager script compile]
+    python benchmarks/head_runtime.py [--sizes 15 128 1000 10000] [--modes eager script compile] [--members K]
                                       [--out benchmarks/results/head-runtime-torch<version>.json]
 
 An untrained default head (64 wide, 4 heads, 1 block, the per-atom logit, 128
@@ -11,6 +11,8 @@ repeat so load on the machine hits all alike. Reported: median ms per call,
 and each mode's ratio to eager. ``compile`` is ``torch.compile(dynamic=True)``
 (its first calls compile: warm-up, not timed; the warm-up time is reported).
 Run it once per torch version to compare (the result file names the version).
+``--members K`` times a head averaging K heads (``HeadConfig(members=K)``;
+the file name gains ``-members<K>``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -53,14 +56,16 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="+", default=["eager", "script", "compile"], choices=["eager", "script", "compile"])
     ap.add_argument("--repeats", type=int, default=30, help="timed rounds per size (a third above 5 000 atoms)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--members", type=int, default=1, help="heads averaged (HeadConfig.members)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     version = torch.__version__.split("+")[0]
-    out = args.out or Path(f"benchmarks/results/head-runtime-torch{version}.json")
+    suffix = f"-members{args.members}" if args.members > 1 else ""
+    out = args.out or Path(f"benchmarks/results/head-runtime-torch{version}{suffix}.json")
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        head = ProbeHead(FEATURES, (29,), HeadConfig(cutoff=CUTOFF, atom_logit=True)).eval()
+        head = ProbeHead(FEATURES, (29,), HeadConfig(cutoff=CUTOFF, atom_logit=True, members=args.members)).eval()
     rows, warmups, failures = [], {}, {}
     for target in args.sizes:
         if target > 20:
@@ -100,8 +105,8 @@ def main(argv=None) -> None:
                **{f"{m}/eager": v / med["eager"] for m, v in med.items() if m != "eager" and "eager" in med}}
         rows.append(row)
         print(f"{n:>6} atoms: " + ", ".join(f"{m} {v:8.3f} ms" for m, v in med.items()), flush=True)
-    result = {"command": "head_runtime.py " + " ".join(argv or []), "environment": environment(), "torch": torch.__version__,
-              "threads": args.threads, "rows": rows, "warmup_s_first_size": {m: w[0] for m, w in warmups.items()}, "failures": failures}
+    result = {"command": "head_runtime.py " + " ".join(sys.argv[1:] if argv is None else argv), "environment": environment(), "torch": torch.__version__,
+              "threads": args.threads, "members": args.members, "rows": rows, "warmup_s_first_size": {m: w[0] for m, w in warmups.items()}, "failures": failures}
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     print("warm-up (3 calls, first size): " + ", ".join(f"{m} {w[0]:.2f} s" for m, w in warmups.items()))
     print(f"wrote {out}")

@@ -9,10 +9,13 @@ or ``schnetpack``: PaiNN) with ``--seeds`` seeds on the same fit pool and
 member 0, with the settings of ``uq_quality.py``, scores the same evaluation
 files, and prints each seed's pooled AUROC / ρ beside the ensemble's from the
 run's ``results.json``. Nothing is chosen here: it reports the spread of the
-shipped method (seed 0 reproduces the run's own row)::
+shipped method (seed 0 reproduces the run's own row). ``--head-members K``
+fits each head as the mean of K heads (``HeadConfig(members=K)``, chosen on
+the fit pool by ``head_crossfit.py``) instead of the run's single head::
 
     python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac
     python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac --backbone schnetpack
+    python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac --head-members 5 --seeds 1
 
 Units: force RMSE in eV/Å.
 """
@@ -43,22 +46,23 @@ ENSEMBLE = ("ens_force_std", "ens_force_max_std", "ens_energy_std")
 MEMBER0 = {"mace": "ssmace_c16_L1_e20_*_s0.model", "schnetpack": "spkpl_painn_f32_e25_*_s0.pt"}
 
 
-def study(data: Path, run: Path, seeds: int, backbone: str = "mace") -> dict:
+def study(data: Path, run: Path, seeds: int, backbone: str = "mace", members: int = 1) -> dict:
     res_run = json.loads((run / "results.json").read_text())
     name, _, pool, _, evals, _ = uq.load_splits(data, False)
     paths = sorted((run / "models").glob(MEMBER0[backbone]))
     if not paths:
         raise SystemExit(f"{run / 'models'}: no {backbone} member 0 of uq_quality.py")
     calc = uq.make_calc(backbone, paths[0])
-    head = HeadConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in res_run["settings"]["probe_head"].items()})
+    head = HeadConfig(**{**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in res_run["settings"]["probe_head"].items()}, "members": members})
     names = list(evals)
     frames = [a for n in names for a in evals[n]]
     file_of = np.concatenate([[i] * len(evals[n]) for i, n in enumerate(names)])
     energies, forces, feats, ptr = uq.member_pass(calc, frames, desc="member 0 on eval")
     numbers = torch.as_tensor(np.concatenate([a.numbers for a in frames]))
     err = uq.errors_of(frames, energies, forces)
-    out = {"dataset": name, "backbone": backbone, "environment": uq.environment(paths), "seeds": seeds, "rows": []}
+    out = {"dataset": name, "backbone": backbone, "head_members": members, "environment": uq.environment(paths),
+           "seeds": seeds, "rows": []}
     graphs = {}
     for regime, crit in ROWS:
         entry = res_run["backbones"][backbone]["regimes"][regime][crit]
@@ -92,8 +96,10 @@ def study(data: Path, run: Path, seeds: int, backbone: str = "mace") -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['dataset']}, {res.get('backbone', 'mace')} member 0, {res['seeds']} head seeds on the same fit pool; pooled over the "
-             "evaluation files of uq_quality.py's row", "",
+    members = res.get("head_members", 1)
+    lines = [f"{res['dataset']}, {res.get('backbone', 'mace')} member 0, {res['seeds']} head seeds on the same fit pool"
+             + (f", each head the mean of {members}" if members > 1 else "")
+             + "; pooled over the evaluation files of uq_quality.py's row", "",
              "| τ | " + " | ".join(f"seed {s}" for s in range(res["seeds"]))
              + " | mean ± SE | ensemble (best by AUROC) | seeds ≥ ensemble (AUROC, ρ) |",
              "|---" * (res["seeds"] + 4) + "|"]
@@ -108,11 +114,12 @@ def table(res: dict) -> str:
 
 
 def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds_help: str, run_help: str,
-                    backbones: tuple[str, ...] = ()) -> int:
+                    backbones: tuple[str, ...] = (), head_members: bool = False) -> int:
     """Command line shared by the fit-pool seed studies: parse, run ``study(data, run, seeds)``, print, write JSON.
 
     With ``backbones`` a ``--backbone`` option (default the first) is passed on as ``study(..., backbone=)``;
-    the default JSON name then gains ``_<backbone>`` for all but the first.
+    the default JSON name then gains ``_<backbone>`` for all but the first. With ``head_members`` a
+    ``--head-members`` option is passed on as ``study(..., members=)``; above 1 the name gains ``_members<K>``.
     """
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--data", required=True, type=Path, help="acac or ethanol folder of the BOTNet data")
@@ -121,16 +128,22 @@ def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds
     if backbones:
         ap.add_argument("--backbone", choices=backbones, default=backbones[0],
                         help=f"whose member 0 to refit (default {backbones[0]}; schnetpack: PaiNN)")
+    if head_members:
+        ap.add_argument("--head-members", type=int, default=1,
+                        help="fit each head as the mean of this many heads (HeadConfig.members; default 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default RUN/{script}.json"
                     + (f"; RUN/{script}_<backbone>.json for other backbones)" if backbones else ")"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     kw = {"backbone": args.backbone} if backbones else {}
+    if head_members:
+        kw["members"] = args.head_members
     res = study(args.data.resolve(), args.run, args.seeds, **kw)
     res["command"] = " ".join([f"{script}.py"] + (argv or sys.argv[1:]))
     print(table(res))
     suffix = f"_{args.backbone}" if backbones and args.backbone != backbones[0] else ""
+    suffix += f"_members{args.head_members}" if head_members and args.head_members > 1 else ""
     out = args.out or args.run / f"{script}{suffix}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
     print(f"wrote {out}")
@@ -139,7 +152,8 @@ def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds
 
 def main(argv=None) -> int:
     return seed_study_main(argv, __doc__, "head_seeds", study, table, 5, "head seeds 0..N-1 (seed 0 is the run's own head)",
-                           "a finished uq_quality.py output folder (results.json, models/, cache/)", tuple(MEMBER0))
+                           "a finished uq_quality.py output folder (results.json, models/, cache/)", tuple(MEMBER0),
+                           head_members=True)
 
 
 if __name__ == "__main__":

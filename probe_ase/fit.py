@@ -163,7 +163,15 @@ def train_head(
     the validation split's spread (:meth:`ProbeHead.set_error_blend`). Early
     stopping watches the main loss plus the atom and atom-error losses
     (``train.stop_on="main"``) or the whole training loss (``"all"``).
+    With ``config.members = K > 1`` each of K single heads is trained so,
+    with seeds ``train.seed + k``, and the returned head averages them
+    (:meth:`ProbeHead.from_members`); the epochs are the most any member ran.
     """
+    if config.members > 1:
+        single = replace(config, members=1)
+        trained = [train_head(data, edges, labels, splits, elements, single, replace(train, seed=train.seed + k),
+                              progress, errors, atom_labels) for k in range(config.members)]
+        return ProbeHead.from_members([head for head, _ in trained], config), max(epochs for _, epochs in trained)
     tr, val, _ = splits
     generator = torch.Generator().manual_seed(train.seed)
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's global RNG alone

@@ -28,13 +28,16 @@ from .novelty import NoveltyConfig, NoveltyModel
 FORMAT = "probe-ase-head"
 #: bumped on every schema change; 2 added the novelty model and the certified threshold, 3 the per-atom logit,
 #: 4 the novelty weight on the logit, 5 the logit's novelty penalty on the mean atom novelty, 6 the per-atom
-#: force-error regression blended into the logit
-VERSION = 6
+#: force-error regression blended into the logit, 7 averaged heads
+VERSION = 7
+#: versions this probe-ase reads: a version-6 file is a version-7 one with a single head (HeadConfig.members = 1)
+READABLE = (6, 7)
 #: what each version added, for the message when a file of another version is opened
 CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
            4: "novelty in the probability (the logit's novelty weight)",
            5: "the logit's novelty penalty read from the mean atom novelty (NoveltyConfig.penalty)",
-           6: "the per-atom force-error regression blended into the logit (HeadConfig.atom_error)"}
+           6: "the per-atom force-error regression blended into the logit (HeadConfig.atom_error)",
+           7: "averaged heads (HeadConfig.members)"}
 
 
 @dataclass(frozen=True)
@@ -150,12 +153,13 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyMode
                             path=str(path)) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise HeadFileError(f"{path} is not a probe-ase head file", path=str(path))
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in READABLE:
         found = payload.get("version")
         newer = isinstance(found, int) and found > VERSION
         added = "; ".join(f"version {v} added {what}" for v, what in CHANGES.items()
                           if not isinstance(found, int) or v > found)
-        raise HeadFileError(f"{path} has head-file version {found}; this probe-ase reads version {VERSION} "
+        raise HeadFileError(f"{path} has head-file version {found}; this probe-ase reads versions "
+                            f"{', '.join(map(str, READABLE))} "
                             + ("(upgrade probe-ase to read it)" if newer else f"({added}): refit the head"),
                             path=str(path), found_version=found, version=VERSION)
     meta_json, state = payload["meta"], payload["state"]
@@ -168,7 +172,7 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyMode
         novelty = NoveltyModel(meta.feature_dim, meta.elements, meta.novelty.components)
         novelty.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("novelty.")})
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise HeadFileError(f"{path} says head-file version {VERSION} but its contents do not match that schema "
+        raise HeadFileError(f"{path} says head-file version {payload['version']} but its contents do not match that schema "
                             f"({type(err).__name__}: {err}); refit the head", path=str(path)) from err
     head.eval()
     return head, meta, novelty

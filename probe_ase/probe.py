@@ -197,8 +197,24 @@ class Probe:
         if self._frozen is None or self._frozen[0] != device:
             try:
                 frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(self.head).eval()))
+                self._check_compiled(frozen)
             except Exception as err:  # noqa: BLE001 - an optimisation only; the eager head is exact
                 warnings.warn(f"TorchScript could not compile the head ({err}); running it eagerly", stacklevel=3)
                 frozen = self.head
             self._frozen = (device, frozen)
         return self._frozen[1]
+
+    def _check_compiled(self, frozen: torch.nn.Module) -> None:
+        """Raise unless ``frozen`` gives the eager head's outputs on a small structure of the head's elements."""
+        head = self.head
+        device = head.feature_mean.device
+        n = 2 * len(head.elements)
+        features = torch.linspace(-1, 1, n * head.feature_dim, device=device).view(n, head.feature_dim)
+        numbers = torch.tensor(head.elements, device=device).repeat(2)
+        index = torch.arange(n, device=device)
+        edges = torch.stack([index, index.roll(1)], 0)
+        edges = torch.cat([edges, torch.stack([index, index])], 1)  # neighbours and every atom's self loop
+        inputs = (features, numbers, edges, torch.zeros(n, dtype=torch.long, device=device), 1)
+        with torch.inference_mode():
+            for got, expected in zip(frozen(*inputs), head(*inputs)):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

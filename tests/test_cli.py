@@ -59,13 +59,14 @@ def test_failed_score_leaves_existing_output_intact(files, capsys):
 
 
 def test_fit_options_for_the_verdict_reach_the_head_file(files, cu_data):
-    """--delta, --reference-data, --support-quantile and --weight-folds end up in the head the CLI writes."""
+    """--delta, --reference-data, --support-quantile, --weight-folds and --members end up in the head the CLI writes."""
     write(files / "train.xyz", cu_data["train"], format="extxyz")
     head = files / "options.pt"
     assert main(["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"), "--quantile", "0.7",
                  "--epochs", "5", "--no-cache", "--delta", "0.2", "--reference-data", str(files / "train.xyz"),
-                 "--support-quantile", "0.95", "--weight-folds", "2", "-o", str(head)]) == 0
+                 "--support-quantile", "0.95", "--weight-folds", "2", "--members", "2", "-o", str(head)]) == 0
     meta = Probe.load(head).meta
+    assert meta.config.members == 2 and len(Probe.load(head).head.others) == 1
     assert (meta.delta, meta.novelty.support_quantile, meta.novelty.weight_folds) == (0.2, 0.95, 2)
     assert meta.report["certificate"]["delta"] == 0.2 and meta.report["novelty_weight_folds"] == 2
     assert meta.report["n_reference"] == sum(len(a) for a in cu_data["train"])  # atoms of the training frames
@@ -85,6 +86,7 @@ BAD_INPUT = [  # (arguments after the subcommand's files, what the one error lin
     ("md-zero-timestep", "timestep must be positive"),
     ("md-negative-friction", "friction must be positive"),
     ("fit-malformed", "cannot read structures from"),
+    ("fit-zero-members", "members must be >= 1"),
 ]
 
 
@@ -105,6 +107,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(files, capsys, cu_data, 
         "md-negative-friction": md + ["--friction", "-0.01"],
         "fit-malformed": ["fit", "--backbone", str(files / "mace.model"), "--data", str(work / "malformed.xyz"),
                           "--no-cache", "-o", str(work / "out.pt")],
+        "fit-zero-members": ["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"),
+                             "--members", "0", "--no-cache", "-o", str(work / "out.pt")],
     }[case]
     before = sorted(p.name for p in work.iterdir())
     assert main(args) == 2

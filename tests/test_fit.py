@@ -162,6 +162,59 @@ def test_force_heads_regress_each_atoms_error_and_blend_it_into_the_logit(backbo
     np.testing.assert_allclose(back.arrays["atom_force_error"], scored[-1].arrays["atom_force_error"], rtol=1e-4)
 
 
+def test_averaged_heads_are_their_members_mean_and_round_trip(backbones, cu_data, tmp_path):
+    """HeadConfig(members=3): three heads (seeds 0, 1, 2) averaged; member 0 is the single head of the same seed."""
+    from ase.build import sort
+
+    from probe_ase import NoveltyConfig, Probe, ProbeCalculator
+    from probe_ase.dataset import featurize
+    from probe_ase.graph import HeadGraph
+    from probe_ase.head import batch_inputs
+
+    calc = backbones("mace")
+    kwargs = dict(criterion="force_rmse", quantile=0.7, atom_quantile=0.9, train=TrainConfig(epochs=30, patience=10),
+                  novelty=NoveltyConfig(weight_folds=0), cache_dir=False, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on busy cores let training runs drift apart (test_fit_is_deterministic)
+    try:
+        probe = fit_probe(calc, cu_data["pool"], config=HeadConfig(hidden=16, heads=2, members=3), **kwargs)
+        single = fit_probe(calc, cu_data["pool"], config=HeadConfig(hidden=16, heads=2), **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    head = probe.head
+    assert probe.meta.config.members == 3 and len(head.others) == 2 and len(single.head.others) == 0
+    own = {k: v for k, v in head.state_dict().items() if not k.startswith("others.")}
+    assert own.keys() == single.head.state_dict().keys()
+    for name, value in single.head.state_dict().items():
+        if name not in ("temperature", "atom_temperature"):  # calibrated on the average, not on member 0
+            torch.testing.assert_close(own[name], value, msg=name)
+    assert not torch.equal(head.others[0].readout[-1].weight, head.others[1].readout[-1].weight)
+    frames = cu_data["test_in"] + cu_data["test_out"]
+    with find_tap(calc, probe.meta.layers) as tap:
+        fs = featurize(tap, frames, cache_dir=False, progress=False)
+    inputs = batch_inputs(fs.features, fs.numbers, fs.ptr, HeadGraph(probe.meta.config.cutoff).frames(frames),
+                          range(len(frames)))
+    with torch.no_grad():
+        mean = head.all_logits(*inputs)
+        members = [head.member_logits(*inputs)] + [m.member_logits(*inputs) for m in head.others]
+    for i in range(4):  # logits, importances, atom logits, predicted atom errors: the members' means
+        torch.testing.assert_close(mean[i], sum(m[i] for m in members) / 3)
+    p, err = held_out_scores(calc, probe, frames)
+    assert auroc(err > probe.meta.tau, 1 - p) >= 0.8
+    probe.save(tmp_path / "probe.pt")
+    loaded = Probe.load(tmp_path / "probe.pt")
+    assert loaded.meta == probe.meta
+    atoms = frames[-1].copy()
+    moved = sort(atoms, tags=np.random.default_rng(0).permutation(len(atoms)))  # permuted ...
+    moved.rotate(37, (1, 2, 3), rotate_cell=True)  # ... rotated and translated
+    moved.translate((0.4, -1.1, 2.0))
+    with ProbeCalculator(calc, loaded) as wrapped:
+        atoms.calc = wrapped
+        assert wrapped.get_property("reliability", atoms) == pytest.approx(p[-1], abs=1e-5)
+        moved.calc = wrapped
+        assert wrapped.get_property("reliability", moved) == pytest.approx(p[-1], abs=1e-5)
+
+
 def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backbones, cu_data):
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -179,3 +232,35 @@ def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backb
         a.calc = SinglePointCalculator(a, energy=src.get_potential_energy())  # energy only
     with pytest.raises(InputError, match="atom_error=True.*needs reference forces"):
         fit_probe(calc, frames, config=HeadConfig(atom_error=True), **kwargs)
+
+
+def test_a_miscompiled_head_falls_back_to_the_eager_one(backbones, probes, cu_data, monkeypatch):
+    """The scripted head is checked against the eager one before use; a wrong one is refused, with a warning."""
+    import copy
+
+    from probe_ase.dataset import featurize
+    from probe_ase.graph import HeadGraph
+
+    frames = cu_data["test_out"][:3]
+    with find_tap(backbones("mace"), probes("mace").meta.layers) as tap:
+        fs = featurize(tap, frames, cache_dir=False, progress=False)
+    edges = HeadGraph(probes("mace").meta.config.cutoff).frames(frames)
+    right, wrong = copy.deepcopy(probes("mace")), copy.deepcopy(probes("mace"))
+    right._frozen = wrong._frozen = None
+    expected = right.predict(fs.features, fs.numbers, fs.ptr, edges)  # scripted, and checked
+    assert isinstance(right._compiled(), torch.jit.ScriptModule)
+
+    class Wrong(torch.nn.Module):  # what a miscompiled head might give: the right shapes, wrong numbers
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, *inputs):
+            logits, *rest = self.head(*inputs)
+            return (logits + 1.0, *rest)
+
+    monkeypatch.setattr(torch.jit, "freeze", lambda module: Wrong(wrong.head))
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        got = wrong.predict(fs.features, fs.numbers, fs.ptr, edges)
+    assert wrong._compiled() is wrong.head
+    np.testing.assert_allclose(got.reliability, expected.reliability, rtol=1e-5)

@@ -82,14 +82,14 @@ def test_missing_and_foreign_files(tmp_path):
 def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
     import json
 
-    from probe_ase.headfile import VERSION, _checksum
+    from probe_ase.headfile import READABLE, VERSION, _checksum
 
     path = tmp_path / "head.pt"
     probes("mace").save(path)
     payload = torch.load(path, weights_only=True)
-    for version in (VERSION - 1, VERSION + 1):
+    for version in (min(READABLE) - 1, VERSION + 1):
         torch.save({**payload, "version": version}, tmp_path / "v.pt")
-        with pytest.raises(HeadFileError, match=f"version {version}.*reads version {VERSION}"):
+        with pytest.raises(HeadFileError, match=f"version {version}.*reads versions 6, 7"):
             Probe.load(tmp_path / "v.pt")
     meta = json.loads(payload["meta"])
     meta["config"]["a_field_from_the_future"] = 1  # a schema change without a version bump
@@ -97,3 +97,23 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
     torch.save({**payload, "meta": meta_json, "sha256": _checksum(meta_json, payload["state"])}, tmp_path / "s.pt")
     with pytest.raises(HeadFileError, match="do not match that schema"):
         Probe.load(tmp_path / "s.pt")
+
+
+def test_a_version_6_file_reads_as_one_head(probes, tmp_path):
+    """Version 7 added HeadConfig.members: a version-6 file (no such field) loads as a single head, unchanged."""
+    import json
+
+    from probe_ase.headfile import _checksum
+
+    path = tmp_path / "head.pt"
+    probes("mace").save(path)
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["meta"])
+    del meta["config"]["members"]
+    meta_json = json.dumps(meta, sort_keys=True)
+    old = tmp_path / "v6.pt"
+    torch.save({**payload, "version": 6, "meta": meta_json, "sha256": _checksum(meta_json, payload["state"])}, old)
+    loaded = Probe.load(old)
+    assert loaded.meta == probes("mace").meta and loaded.meta.config.members == 1
+    for name, value in probes("mace").head.state_dict().items():
+        assert torch.equal(loaded.head.state_dict()[name], value)

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--cutoff", type=float, default=None,
                         help="attention neighbourhood radius in Å (default: the backbone's own cutoff)")
+    parser.add_argument("--members", type=int, default=1, metavar="K",
+                        help="average K heads trained with seeds SEED..SEED+K-1 (K times the fit time and the head's "
+                             "per-step time; default: 1)")
     parser.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (default: ~/.cache/probe-ase)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     add_batch_size(parser)
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         calc, args.data, criterion=args.criterion, threshold=args.threshold, quantile=args.quantile,
         atom_threshold=args.atom_threshold, atom_quantile=args.atom_quantile, target_risk=args.target_risk,
         delta=args.delta, reference_data=args.reference_data, novelty=NoveltyConfig(**novelty),
-        layers=args.layers, config=HeadConfig(cutoff=args.cutoff),
+        layers=args.layers, config=HeadConfig(cutoff=args.cutoff, members=args.members),
         train=TrainConfig(epochs=args.epochs, seed=args.seed), energy_key=args.energy_key,
         forces_key=args.forces_key, batch_size=args.batch_size,
         cache_dir=False if args.no_cache else args.cache_dir,
