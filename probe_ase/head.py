@@ -75,8 +75,11 @@ class HeadConfig:
         members: independently trained copies of the head (seeds
             ``train.seed``, ``+ 1``, ...) whose logits, importances and
             per-atom outputs are averaged: the head's own small ensemble.
-            Costs ``members`` times the training and the head's per-step
-            time (not the backbone's). On the acac and ethanol MACE fit
+            Costs ``members`` times the training; per calculator step on up
+            to 64 atoms the members run batched
+            (:class:`~probe_ase.stacked.StackedHead`: five cost about twice
+            one head's time, not the backbone's), on larger cells one after
+            another. On the acac and ethanol MACE fit
             pools a mean of 5 heads ranked held-out frames better than one
             head in every fold, by about 0.003 AUROC and 0.004 Spearman ρ
             (``benchmarks/head_crossfit.py``; README, "Averaging heads").

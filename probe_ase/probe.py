@@ -23,6 +23,7 @@ from .exceptions import MismatchError
 from .head import ProbeHead, batch_inputs
 from .headfile import HeadMeta, load_head, save_head
 from .novelty import NoveltyModel, logit_penalty
+from .stacked import StackedHead
 
 if TYPE_CHECKING:
     from .taps import Tap
@@ -190,13 +191,16 @@ class Probe:
     def _compiled(self) -> torch.nn.Module:
         """The head scripted and frozen for inference (fewer small-op dispatches per step).
 
-        Built on first use on the head's current device; falls back to the
+        An averaged head (``members > 1``) runs its members batched
+        (:class:`~probe_ase.stacked.StackedHead`). Built on first use on the head's current device; falls back to the
         eager head where TorchScript cannot compile it.
         """
         device = self.head.feature_mean.device
         if self._frozen is None or self._frozen[0] != device:
             try:
-                frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(self.head).eval()))
+                head = copy.deepcopy(self.head).eval()
+                module = StackedHead(head) if len(head.others) else head
+                frozen = torch.jit.freeze(torch.jit.script(module.eval()))
                 self._check_compiled(frozen)
             except Exception as err:  # noqa: BLE001 - an optimisation only; the eager head is exact
                 warnings.warn(f"TorchScript could not compile the head ({err}); running it eagerly", stacklevel=3)

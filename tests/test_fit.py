@@ -213,6 +213,7 @@ def test_averaged_heads_are_their_members_mean_and_round_trip(backbones, cu_data
         assert wrapped.get_property("reliability", atoms) == pytest.approx(p[-1], abs=1e-5)
         moved.calc = wrapped
         assert wrapped.get_property("reliability", moved) == pytest.approx(p[-1], abs=1e-5)
+    assert loaded._compiled().original_name == "StackedHead"  # the steps ran the members batched, compiled
 
 
 def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backbones, cu_data):

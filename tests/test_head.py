@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from ase.build import bulk, molecule
 from probe_ase import InputError
 from probe_ase.graph import radius_graph
 from probe_ase.head import HeadConfig, ProbeHead, batch_inputs, segment_softmax
+from probe_ase.stacked import StackedHead
 
 ELEMENTS = (1, 6, 8)
 
@@ -204,6 +207,33 @@ def test_chunked_and_dense_attention_agree(variant):
         torch.testing.assert_close(dense, whole, atol=1e-6, rtol=1e-5)
     single = batch_inputs(features, numbers, ptr, edges, [1])  # one structure: plain softmax pooling
     torch.testing.assert_close(head(*single)[0], results[2][0][1:], atol=1e-6, rtol=1e-5)
+
+
+
+def test_stacked_members_give_the_averaged_heads_outputs(variant):
+    """StackedHead (members batched, eager and scripted) = the members' loop, on one structure and on two."""
+    torch.manual_seed(0)
+    head = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, members=3, **variant)).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for member in (head, *head.others):  # members differ in every buffer the stacked pass reads
+            member.set_standardisation(torch.randn(50, 8, generator=gen) * 2 + 1, torch.tensor(ELEMENTS).repeat(17)[:50])
+            member.set_error_scale(torch.randn(40, generator=gen) - 2)
+            member.error_blend.copy_(torch.rand(member.error_blend.shape, generator=gen))
+            member.error_centre.fill_(float(torch.randn((), generator=gen)))
+    features, numbers, ptr, edges = _two_structures()
+    edges = [torch.cat([e, e[:, -3:]], dim=1) for e in edges]  # edges listed twice (periodic images) count twice
+    stacked = StackedHead(copy.deepcopy(head)).eval()
+    scripted = torch.jit.freeze(torch.jit.script(StackedHead(copy.deepcopy(head)).eval()))
+    with torch.inference_mode():
+        for indices in ([1], [0, 1]):  # one structure runs batched, two through the head
+            inputs = batch_inputs(features, numbers, ptr, edges, indices)
+            expected = head(*inputs)
+            assert not torch.equal(head.member_logits(*inputs)[0], head.others[0].member_logits(*inputs)[0])
+            for module in (stacked, scripted):
+                for got, want in zip(module(*inputs), expected):
+                    assert got.shape == want.shape
+                    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 # --- HeadConfig -----------------------------------------------------------------------------
