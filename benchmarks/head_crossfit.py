@@ -19,6 +19,15 @@ of in-distribution frames much; temperature not at all)::
     python benchmarks/head_crossfit.py --data ../shared/data/ethanol --run benchmarks/results/uq-ethanol \
         --backbone schnetpack --variants default "2 attention blocks"
 
+``--features`` compares what the head reads, on the same folds: ``scalars``
+(the adapter's features, the default) and, for PaiNN, ``scalars+vector
+norms``: beside each tapped layer's scalars ``q`` the norm over x, y, z of
+each of its vector channels ``mu`` (rotation invariant; the shipped PaiNN
+adapter reads ``q`` alone)::
+
+    python benchmarks/head_crossfit.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
+        --backbone schnetpack --threshold 0.1 --variants default --features scalars "scalars+vector norms"
+
 Units: force RMSE in eV/Å, energy error in eV.
 """
 
@@ -48,6 +57,7 @@ from probe_ase.graph import HeadGraph  # noqa: E402
 from probe_ase.head import batch_inputs  # noqa: E402
 from probe_ase.labels import make_labels, resolve_tolerance  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
+from probe_ase.taps.schnetpack import PaiNNTap  # noqa: E402
 
 #: changes to the default head (``HeadConfig()``, cutoff from the backbone)
 VARIANTS = {
@@ -56,6 +66,20 @@ VARIANTS = {
     "3 attention blocks": {"blocks": 3},
     "hidden 128, 8 heads": {"hidden": 128, "heads": 8},
 }
+
+#: what the head reads
+FEATURES = ("scalars", "scalars+vector norms")
+
+
+class PaiNNVectorNormTap(PaiNNTap):
+    """PaiNN's scalars ``q`` of each tapped layer and the norms ``|mu_c|`` (over x, y, z) of its vector channels."""
+
+    def layer_width(self, layer: int) -> int:
+        return 2 * super().layer_width(layer)
+
+    def invariant(self, layer: int, output: object) -> torch.Tensor:
+        q, mu = output  # (n, 1, F), (n, 3, F)
+        return torch.cat([q.squeeze(1), torch.linalg.vector_norm(mu, dim=1)], -1)
 
 
 def crossfit(features, edges, errors, labels, configs: dict, folds: int, reps: int, seeds: int) -> list[dict]:
@@ -129,6 +153,8 @@ def main(argv=None) -> int:
     tol.add_argument("--quantile", type=float, help="τ as this quantile (0-1) of the pool's errors (default 0.8)")
     ap.add_argument("--variants", nargs="+", default=["default", "2 attention blocks"], choices=list(VARIANTS),
                     help="names of VARIANTS; the first is the reference of the paired differences")
+    ap.add_argument("--features", nargs="+", default=["scalars"], choices=FEATURES,
+                    help="what the head reads (scalars+vector norms: PaiNN only); several are crossed with --variants")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=2, help="repetitions of the fold split, each shuffled anew")
     ap.add_argument("--seeds", type=int, default=3, help="heads per variant and fold (seeds 0..N-1)")
@@ -141,10 +167,16 @@ def main(argv=None) -> int:
     if not paths:
         raise SystemExit(f"{args.run / 'models'}: no {args.backbone} member 0 of uq_quality.py")
     calc = uq.make_calc(args.backbone, paths[0])
+    if "scalars+vector norms" in args.features and args.backbone != "schnetpack":
+        raise SystemExit("--features 'scalars+vector norms' reads PaiNN's vector channels: needs --backbone schnetpack")
+    feature_sets = {}
     with find_tap(calc) as tap:
-        features = featurize(tap, pool, cache_dir=args.run / "cache", progress=False)
+        feature_sets["scalars"] = featurize(tap, pool, cache_dir=args.run / "cache", progress=False)
         cutoff = tap.cutoff
-    errors = features.error(args.criterion)
+    if "scalars+vector norms" in args.features:
+        with PaiNNVectorNormTap(calc, tap.layers) as wide:  # no cache: its key would not tell the two taps apart
+            feature_sets["scalars+vector norms"] = featurize(wide, pool, cache_dir=False, progress=False)
+    errors = feature_sets["scalars"].error(args.criterion)
     quantile = 0.8 if args.threshold is None and args.quantile is None else args.quantile
     tau = resolve_tolerance(errors, args.threshold, quantile)
     labels = make_labels(errors, tau)
@@ -152,15 +184,22 @@ def main(argv=None) -> int:
     configs = {v: replace(HeadConfig(cutoff=cutoff, atom_error=atom_error), **VARIANTS[v]) for v in args.variants}
     edges = HeadGraph(cutoff).frames(pool)
     t0 = time.perf_counter()
-    rows = crossfit(features, edges, errors, labels, configs, args.folds, args.reps, args.seeds)
+    rows = []
+    for kind in args.features:  # the same folds for every feature set (same labels, same shuffles)
+        fitted = crossfit(feature_sets[kind], edges, errors, labels, configs, args.folds, args.reps, args.seeds)
+        named = fitted if len(args.features) == 1 else [
+            {**r, "variants": {f"{v}, {kind}": x for v, x in r["variants"].items()}} for r in fitted]
+        rows = named if not rows else [{**a, "variants": a["variants"] | b["variants"]} for a, b in zip(rows, named)]
+    names = args.variants if len(args.features) == 1 else [f"{v}, {k}" for k in args.features for v in args.variants]
     res = {"dataset": name, "backbone": args.backbone, "member0": str(paths[0]), "criterion": args.criterion,
            "tau": tau, "quantile": quantile, "n_pool": len(pool), "folds": args.folds, "reps": args.reps,
            "seeds": args.seeds, "configs": {k: asdict(c) for k, c in configs.items()}, "rows": rows,
-           "summary": summarise(rows, args.variants), "seconds": time.perf_counter() - t0,
+           "features": args.features, "summary": summarise(rows, names), "seconds": time.perf_counter() - t0,
            "environment": uq.environment(paths[:1]), "command": " ".join(["head_crossfit.py"] + (argv or sys.argv[1:]))}
     print(table(res))
     label = f"{args.criterion}_{'tau' + format(tau, '.3g') if args.threshold is not None else f'q{quantile:g}'}"
-    out = args.out or args.run / f"head_crossfit_{args.backbone}_{label}.json"
+    extra = "" if args.features == ["scalars"] else "_" + "_".join(k.replace("+", "_").replace(" ", "_") for k in args.features)
+    out = args.out or args.run / f"head_crossfit_{args.backbone}_{label}{extra}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
     print(f"wrote {out}")
     return 0
