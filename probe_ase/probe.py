@@ -192,8 +192,9 @@ class Probe:
         """The head scripted and frozen for inference (fewer small-op dispatches per step).
 
         An averaged head (``members > 1``) runs its members batched
-        (:class:`~probe_ase.stacked.StackedHead`). Built on first use on the head's current device; falls back to the
-        eager head where TorchScript cannot compile it.
+        (:class:`~probe_ase.stacked.StackedHead`). Built on first use on the
+        head's current device; falls back to the eager head where TorchScript
+        cannot compile it or its outputs differ.
         """
         device = self.head.feature_mean.device
         if self._frozen is None or self._frozen[0] != device:

@@ -23,7 +23,7 @@ from .head import ProbeHead, SharedScore
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([t.detach() for t in tensors]).clone()
+    return torch.stack([t.detach() for t in tensors])
 
 
 class StackedLinear(nn.Module):
