@@ -20,10 +20,11 @@ of in-distribution frames much; temperature not at all)::
         --backbone schnetpack --variants default "2 attention blocks"
 
 ``--features`` compares what the head reads, on the same folds: ``scalars``
-(the adapter's features, the default) and, for PaiNN, ``scalars+vector
-norms``: beside each tapped layer's scalars ``q`` the norm over x, y, z of
-each of its vector channels ``mu`` (rotation invariant; the shipped PaiNN
-adapter reads ``q`` alone)::
+(the adapter's features, the default) and ``scalars+vector norms``: beside
+each tapped layer's scalars the norm of each of its non-scalar channels
+(PaiNN: each vector channel of ``mu`` over x, y, z; MACE: each ``l > 0``
+irrep channel of a product block's output), rotation invariant; the shipped
+adapters read the scalars alone::
 
     python benchmarks/head_crossfit.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
         --backbone schnetpack --threshold 0.1 --variants default --features scalars "scalars+vector norms"
@@ -57,6 +58,7 @@ from probe_ase.graph import HeadGraph  # noqa: E402
 from probe_ase.head import batch_inputs  # noqa: E402
 from probe_ase.labels import make_labels, resolve_tolerance  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
+from probe_ase.taps.mace import MaceTap  # noqa: E402
 from probe_ase.taps.schnetpack import PaiNNTap  # noqa: E402
 
 #: changes to the default head (``HeadConfig()``, cutoff from the backbone)
@@ -80,6 +82,28 @@ class PaiNNVectorNormTap(PaiNNTap):
     def invariant(self, layer: int, output: object) -> torch.Tensor:
         q, mu = output  # (n, 1, F), (n, 3, F)
         return torch.cat([q.squeeze(1), torch.linalg.vector_norm(mu, dim=1)], -1)
+
+
+class MaceVectorNormTap(MaceTap):
+    """MACE's scalar (0e) channels of each tapped product block and the norm of each of its l > 0 channels."""
+
+    def __init__(self, calc, layers=None) -> None:
+        self._irreps = [product.linear.irreps_out for product in calc.models[0].products]
+        super().__init__(calc, layers)
+
+    def layer_width(self, layer: int) -> int:
+        return sum(mul for mul, _ in self._irreps[layer])
+
+    def invariant(self, layer: int, output: object) -> torch.Tensor:
+        parts = []
+        for (mul, ir), part in zip(self._irreps[layer], self._irreps[layer].slices()):
+            block = output[:, part]
+            parts.append(block if ir.l == 0 else torch.linalg.vector_norm(block.reshape(-1, mul, ir.dim), dim=-1))
+        return torch.cat(parts, -1)
+
+
+#: the tap reading the scalars and the non-scalar channels' norms, per ``--backbone``
+VECTOR_NORM_TAPS = {"schnetpack": PaiNNVectorNormTap, "mace": MaceVectorNormTap}
 
 
 def crossfit(features, edges, errors, labels, configs: dict, folds: int, reps: int, seeds: int) -> list[dict]:
@@ -154,7 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["default", "2 attention blocks"], choices=list(VARIANTS),
                     help="names of VARIANTS; the first is the reference of the paired differences")
     ap.add_argument("--features", nargs="+", default=["scalars"], choices=FEATURES,
-                    help="what the head reads (scalars+vector norms: PaiNN only); several are crossed with --variants")
+                    help="what the head reads; several are crossed with --variants")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=2, help="repetitions of the fold split, each shuffled anew")
     ap.add_argument("--seeds", type=int, default=3, help="heads per variant and fold (seeds 0..N-1)")
@@ -167,14 +191,12 @@ def main(argv=None) -> int:
     if not paths:
         raise SystemExit(f"{args.run / 'models'}: no {args.backbone} member 0 of uq_quality.py")
     calc = uq.make_calc(args.backbone, paths[0])
-    if "scalars+vector norms" in args.features and args.backbone != "schnetpack":
-        raise SystemExit("--features 'scalars+vector norms' reads PaiNN's vector channels: needs --backbone schnetpack")
     feature_sets = {}
     with find_tap(calc) as tap:
         feature_sets["scalars"] = featurize(tap, pool, cache_dir=args.run / "cache", progress=False)
         cutoff = tap.cutoff
     if "scalars+vector norms" in args.features:
-        with PaiNNVectorNormTap(calc, tap.layers) as wide:  # no cache: its key would not tell the two taps apart
+        with VECTOR_NORM_TAPS[args.backbone](calc, tap.layers) as wide:  # no cache: its key would not tell the two taps apart
             feature_sets["scalars+vector norms"] = featurize(wide, pool, cache_dir=False, progress=False)
     errors = feature_sets["scalars"].error(args.criterion)
     quantile = 0.8 if args.threshold is None and args.quantile is None else args.quantile
