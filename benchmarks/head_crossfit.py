@@ -20,11 +20,12 @@ of in-distribution frames much; temperature not at all)::
         --backbone schnetpack --variants default "2 attention blocks"
 
 ``--features`` compares what the head reads, on the same folds: ``scalars``
-(the adapter's features, the default) and ``scalars+vector norms``: beside
-each tapped layer's scalars the norm of each of its non-scalar channels
-(PaiNN: each vector channel of ``mu`` over x, y, z; MACE: each ``l > 0``
-irrep channel of a product block's output), rotation invariant; the shipped
-adapters read the scalars alone::
+(the tap's ``channels="scalars"``, the default here) and ``scalars+vector
+norms`` (``channels="scalars+norms"``): beside each tapped layer's scalars the
+norm of each of its non-scalar channels (PaiNN: each vector channel of ``mu``
+over x, y, z; MACE: each ``l > 0`` irrep channel of a product block's
+output), rotation invariant. This comparison chose PaiNN's default channels
+(``scalars+norms`` since head-file version 8); MACE's stay ``scalars``::
 
     python benchmarks/head_crossfit.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
         --backbone schnetpack --threshold 0.1 --variants default --features scalars "scalars+vector norms"
@@ -58,8 +59,6 @@ from probe_ase.graph import HeadGraph  # noqa: E402
 from probe_ase.head import batch_inputs  # noqa: E402
 from probe_ase.labels import make_labels, resolve_tolerance  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
-from probe_ase.taps.mace import MaceTap  # noqa: E402
-from probe_ase.taps.schnetpack import PaiNNTap  # noqa: E402
 
 #: changes to the default head (``HeadConfig()``, cutoff from the backbone)
 VARIANTS = {
@@ -69,41 +68,8 @@ VARIANTS = {
     "hidden 128, 8 heads": {"hidden": 128, "heads": 8},
 }
 
-#: what the head reads
-FEATURES = ("scalars", "scalars+vector norms")
-
-
-class PaiNNVectorNormTap(PaiNNTap):
-    """PaiNN's scalars ``q`` of each tapped layer and the norms ``|mu_c|`` (over x, y, z) of its vector channels."""
-
-    def layer_width(self, layer: int) -> int:
-        return 2 * super().layer_width(layer)
-
-    def invariant(self, layer: int, output: object) -> torch.Tensor:
-        q, mu = output  # (n, 1, F), (n, 3, F)
-        return torch.cat([q.squeeze(1), torch.linalg.vector_norm(mu, dim=1)], -1)
-
-
-class MaceVectorNormTap(MaceTap):
-    """MACE's scalar (0e) channels of each tapped product block and the norm of each of its l > 0 channels."""
-
-    def __init__(self, calc, layers=None) -> None:
-        self._irreps = [product.linear.irreps_out for product in calc.models[0].products]
-        super().__init__(calc, layers)
-
-    def layer_width(self, layer: int) -> int:
-        return sum(mul for mul, _ in self._irreps[layer])
-
-    def invariant(self, layer: int, output: object) -> torch.Tensor:
-        parts = []
-        for (mul, ir), part in zip(self._irreps[layer], self._irreps[layer].slices()):
-            block = output[:, part]
-            parts.append(block if ir.l == 0 else torch.linalg.vector_norm(block.reshape(-1, mul, ir.dim), dim=-1))
-        return torch.cat(parts, -1)
-
-
-#: the tap reading the scalars and the non-scalar channels' norms, per ``--backbone``
-VECTOR_NORM_TAPS = {"schnetpack": PaiNNVectorNormTap, "mace": MaceVectorNormTap}
+#: what the head reads: the tap's channel set of each name
+FEATURES = {"scalars": "scalars", "scalars+vector norms": "scalars+norms"}
 
 
 def crossfit(features, edges, errors, labels, configs: dict, folds: int, reps: int, seeds: int) -> list[dict]:
@@ -177,7 +143,7 @@ def main(argv=None) -> int:
     tol.add_argument("--quantile", type=float, help="τ as this quantile (0-1) of the pool's errors (default 0.8)")
     ap.add_argument("--variants", nargs="+", default=["default", "2 attention blocks"], choices=list(VARIANTS),
                     help="names of VARIANTS; the first is the reference of the paired differences")
-    ap.add_argument("--features", nargs="+", default=["scalars"], choices=FEATURES,
+    ap.add_argument("--features", nargs="+", default=["scalars"], choices=list(FEATURES),
                     help="what the head reads; several are crossed with --variants")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=2, help="repetitions of the fold split, each shuffled anew")
@@ -192,13 +158,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.run / 'models'}: no {args.backbone} member 0 of uq_quality.py")
     calc = uq.make_calc(args.backbone, paths[0])
     feature_sets = {}
-    with find_tap(calc) as tap:
-        feature_sets["scalars"] = featurize(tap, pool, cache_dir=args.run / "cache", progress=False)
-        cutoff = tap.cutoff
-    if "scalars+vector norms" in args.features:
-        with VECTOR_NORM_TAPS[args.backbone](calc, tap.layers) as wide:  # no cache: its key would not tell the two taps apart
-            feature_sets["scalars+vector norms"] = featurize(wide, pool, cache_dir=False, progress=False)
-    errors = feature_sets["scalars"].error(args.criterion)
+    for kind in args.features:
+        with find_tap(calc, channels=FEATURES[kind]) as tap:
+            feature_sets[kind] = featurize(tap, pool, cache_dir=args.run / "cache", progress=False)
+            cutoff = tap.cutoff
+    errors = feature_sets[args.features[0]].error(args.criterion)  # the backbone's errors: the same for every tap
     quantile = 0.8 if args.threshold is None and args.quantile is None else args.quantile
     tau = resolve_tolerance(errors, args.threshold, quantile)
     labels = make_labels(errors, tau)

@@ -18,10 +18,11 @@ standard errors go to a table and a JSON file::
         --criteria force_rmse --shift --variants "+ aux quantiles 0.3/0.5/0.7/0.9" \
         "+ dense aux quantiles 0.1-0.9, 0.95" --out benchmarks/results/uq-acac/head_variants_shift.json
 
-With ``--features scalars+norms`` (MACE only; DESIGN §5b "richer invariant
-features") the head reads, besides each layer's scalar (0e) channels, the norm
-of every l > 0 channel of that layer (rotation invariant as well), through a
-tap defined here; features are cached apart from the default ones.
+With ``--features scalars+norms`` (DESIGN §5b "richer invariant features") the
+head reads, besides each layer's scalar channels, the norm of every non-scalar
+channel of that layer (rotation invariant as well): the tap's
+``channels="scalars+norms"``. ``--features scalars`` reads the scalars alone,
+for PaiNN too (whose default is now ``scalars+norms``).
 
 Units: force RMSE in eV/Å, energy error in eV.
 """
@@ -47,8 +48,6 @@ from probe_ase.fileio import atomic_write  # noqa: E402
 from probe_ase.fit import STOP_ON  # noqa: E402
 from probe_ase.graph import radius_graph  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
-from probe_ase.taps.base import Tap  # noqa: E402
-from probe_ase.taps.mace import MaceTap  # noqa: E402
 
 VARIANTS = {
     "baseline (attention pool)": HeadConfig(aux_quantiles=(), atom_error=False),
@@ -63,39 +62,9 @@ VARIANTS = {
 }
 
 
-class NormTap(MaceTap):
-    """MACE scalar channels plus the norm of each l > 0 channel of every product block (all invariant)."""
-
-    def __init__(self, calc, layers=None) -> None:
-        self._blocks = []  # per layer: (scalar columns, [(start, multiplicity, dim) of each l > 0 irrep])
-        for product in calc.models[0].products:
-            irreps = product.linear.irreps_out
-            scalars = [i for (_, ir), sl in zip(irreps, irreps.slices()) if ir.l == 0 for i in range(sl.start, sl.stop)]
-            vectors = [(sl.start, mul, ir.dim) for (mul, ir), sl in zip(irreps, irreps.slices()) if ir.l > 0]
-            self._blocks.append((scalars, vectors))
-        super().__init__(calc, layers)
-
-    def layer_width(self, layer: int) -> int:
-        scalars, vectors = self._blocks[layer]
-        return len(scalars) + sum(mul for _, mul, _ in vectors)
-
-    def invariant(self, layer: int, output):
-        scalars, vectors = self._blocks[layer]
-        parts = [output[:, scalars]]
-        parts += [output[:, s : s + mul * dim].reshape(len(output), mul, dim).norm(dim=-1) for s, mul, dim in vectors]
-        return torch.cat(parts, dim=1)
-
-    reference_features = Tap.reference_features  # MaceTap's hook-free reference gives scalars only: none here
-
-
-def open_tap(calc, features: str):
-    """The tap the head reads: the default one, or scalars plus l > 0 norms (MACE)."""
-    return find_tap(calc) if features == "scalars" else NormTap(calc)
-
-
 def shift_ranking(probe, calc, frames, cache, features: str = "scalars") -> tuple[float, float]:
     """AUROC and Spearman ρ of ``1 - reliability`` on ``frames`` (labels at the probe's own tolerance)."""
-    with open_tap(calc, features) as tap:
+    with find_tap(calc, channels=features) as tap:
         fs = featurize(tap, frames, cache_dir=cache, progress=False)
     graphs = [radius_graph(a, probe.meta.config.cutoff) for a in frames]
     p = probe.predict(fs.features.to(probe.head.feature_mean.dtype), fs.numbers, fs.ptr, graphs).reliability
@@ -125,7 +94,7 @@ def main(argv=None) -> int:
                     help="the validation loss early stopping watches (TrainConfig.stop_on)")
     ap.add_argument("--features", choices=["scalars", "scalars+norms"], default="scalars",
                     help="what the head reads: each layer's scalar channels (default), or also the norms of its "
-                         "l > 0 channels (MACE only)")
+                         "non-scalar channels (the tap's channels)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_variants_<backbone>.json)")
     args = ap.parse_args(argv)
@@ -138,10 +107,8 @@ def main(argv=None) -> int:
     if not member0:
         raise SystemExit(f"no {pattern} in {args.run / 'models'}: run uq_quality.py first")
     calc = uq_quality.make_calc(args.backbone, member0[0])
-    if args.features != "scalars" and args.backbone != "mace":
-        raise SystemExit("--features scalars+norms is for MACE backbones")
-    cache = args.run / ("cache" if args.features == "scalars" else "cache-norms")
-    tap = open_tap(calc, args.features)
+    cache = args.run / "cache"  # the cache key tells the channel sets apart
+    tap = find_tap(calc, channels=args.features)
     rows = []
     print("| criterion | variant | AUROC (cal) | Spearman (cal) |"
           + (" AUROC (unseen shift) | Spearman (unseen shift) |" if args.shift else ""), flush=True)

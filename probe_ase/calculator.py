@@ -15,7 +15,7 @@ from .graph import HeadGraph
 from .headfile import HeadMeta
 from .probe import Probe
 from .exceptions import InputError
-from .taps import Tap, find_tap
+from .taps import Tap
 from .validate import check_atoms
 
 PROBE_PROPERTIES = ["reliability", "reliable", "reason", "novelty", "atom_novelty", "atom_importance"]
@@ -79,7 +79,7 @@ class ProbeCalculator(Calculator):
         self.probe = probe if isinstance(probe, Probe) else Probe.load(probe)
         meta = self.probe.meta
         self._own_tap = tap is None
-        self.tap = find_tap(base, meta.layers) if tap is None else tap
+        self.tap = self.probe.tap_for(base) if tap is None else tap
         if self._own_tap:
             weakref.finalize(self, self.tap.close)  # a dropped calculator leaves no hooks behind
         try:

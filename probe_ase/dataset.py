@@ -4,7 +4,7 @@ Reference energies (eV) and forces (eV/Å) come from extxyz ``info``/``arrays``
 keys, from a SinglePointCalculator attached to each frame, or from ase.db rows.
 The backbone runs in batches through its tap (one pass for energy, forces and
 features), and results are cached on disk keyed by the backbone fingerprint,
-tapped layers and a hash of the data.
+tapped layers and channels and a hash of the data.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def featurize(
                                         index=k, energy_key=energy_key)
     cache = None
     if cache_dir is not False:
-        key = f"{CACHE_SCHEMA}-{tap.fingerprint()[:16]}-{'_'.join(map(str, tap.layers))}-{data_hash(frames, energy_key, forces_key)[:24]}"
+        layers = "_".join(map(str, tap.layers)) + ("" if tap.channels == "scalars" else f"-{tap.channels.replace('+', '_')}")
+        key = f"{CACHE_SCHEMA}-{tap.fingerprint()[:16]}-{layers}-{data_hash(frames, energy_key, forces_key)[:24]}"
         cache = Path(cache_dir or default_cache_dir()) / f"{tap.kind}-{key}.pt"
         if cache.exists():
             try:

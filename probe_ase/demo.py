@@ -22,7 +22,6 @@ from . import metrics
 from .fileio import atomic_write
 from .fit import TrainConfig, fit_probe
 from .scoring import score_frames
-from .taps import find_tap
 from .testing import emt_frames, train_mace
 
 EVAL_SETS = {  # name: (frames, temperature K, strain, seed)
@@ -59,7 +58,7 @@ def run_demo(out_dir: str | Path = "probe-ase-demo", seed: int = 0, log=print) -
     probe.save(out / "probe.pt")
     log("4/5 scoring the evaluation sets")
     rows, scored_all = [], []
-    with find_tap(calc, probe.meta.layers) as tap:
+    with probe.tap_for(calc) as tap:
         for name, frames in evaluation.items():
             scored = list(score_frames(probe, tap, frames))
             for f in scored:

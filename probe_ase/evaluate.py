@@ -48,7 +48,6 @@ from .probe import Probe
 from .labels import UNITS, atom_errors, needs_forces, structure_error
 from .scoring import score_frames
 from .report import atom_roc, importance_png, markdown, plot_evaluation
-from .taps import find_tap
 
 
 def ensemble_scores(committee: BaseCalculator, frames: list[Atoms]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -86,7 +85,7 @@ def evaluate(
         if reference_energy(atoms) is None or (needs_forces(criterion) and reference_forces(atoms) is None):
             raise MissingReferenceError(f"frame {k} lacks the reference data criterion {criterion!r} needs",
                                         index=k, criterion=criterion)
-    with find_tap(calc, probe.meta.layers) as tap:
+    with probe.tap_for(calc) as tap:
         probe.check_backbone(tap)
         scored = list(score_frames(probe, tap, frames, batch_size))
     p = np.array([s.info["reliability"] for s in scored])

@@ -338,6 +338,7 @@ def fit_probe(
     delta: float = 0.1,
     reference_data: Frames | None = None,
     layers: Sequence[int] | None = None,
+    channels: str | None = None,
     config: HeadConfig = HeadConfig(),
     train: TrainConfig = TrainConfig(),
     novelty: NoveltyConfig = NoveltyConfig(),
@@ -375,6 +376,10 @@ def fit_probe(
             no labels needed): added to the novelty model's density, so
             structures like them count as inside the support.
         layers: interaction layers to tap (default: all).
+        channels: which invariant channels of each layer to read: ``"scalars"``
+            or ``"scalars+norms"`` (beside the scalars, the norm of each vector
+            channel; PaiNN and MACE). Default: the adapter's
+            (``"scalars+norms"`` for PaiNN, ``"scalars"`` for the others).
         config, train, novelty: head size, training and novelty options.
         energy_key, forces_key: where reference values live in ``info``/``arrays``.
         batch_size: structures per backbone pass.
@@ -406,10 +411,13 @@ def fit_probe(
     if tap is not None and layers is not None and tuple(layers) != tap.layers:
         raise InputError(f"layers={list(layers)} differ from the tap's {list(tap.layers)}: choose them on the tap",
                          layers=list(layers), tap_layers=list(tap.layers))
-    with find_tap(calc, layers) if tap is None else nullcontext(tap) as tap:  # a tap you pass stays open
+    if tap is not None and channels is not None and channels != tap.channels:
+        raise InputError(f"channels={channels!r} differ from the tap's {tap.channels!r}: choose them on the tap",
+                         channels=channels, tap_channels=tap.channels)
+    with find_tap(calc, layers, channels) if tap is None else nullcontext(tap) as tap:  # a tap you pass stays open
         features = featurize(tap, frames, energy_key, forces_key, batch_size, cache_dir, progress)
         reference = None if reference_data is None else features_only(tap, read_frames(reference_data), batch_size)
-        kind, fingerprint, tap_layers = tap.kind, tap.fingerprint(), tap.layers
+        kind, fingerprint, tap_layers, channels = tap.kind, tap.fingerprint(), tap.layers, tap.channels
         if config.cutoff is None:
             config = replace(config, cutoff=tap.cutoff)
     # the head knows only elements it saw: others would get an untrained embedding
@@ -519,7 +527,8 @@ def fit_probe(
             atom_novelty.numpy(), importance_cal, cal_ptr, target_risk)
         report["atoms"]["temperature"] = float(head.atom_temperature)
     meta = HeadMeta(
-        backbone=kind, fingerprint=fingerprint, layers=tap_layers, feature_dim=features.features.shape[1],
+        backbone=kind, fingerprint=fingerprint, layers=tap_layers, channels=channels,
+        feature_dim=features.features.shape[1],
         elements=elements, criterion=criterion, tau=tau, quantile=quantile, temperature=temperature,
         p_star=p_star, target_risk=target_risk, coverage=float(accepted.mean()), config=config, report=report,
         delta=delta, certified_risk=cert.risk, novelty=novelty,

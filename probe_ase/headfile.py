@@ -28,16 +28,18 @@ from .novelty import NoveltyConfig, NoveltyModel
 FORMAT = "probe-ase-head"
 #: bumped on every schema change; 2 added the novelty model and the certified threshold, 3 the per-atom logit,
 #: 4 the novelty weight on the logit, 5 the logit's novelty penalty on the mean atom novelty, 6 the per-atom
-#: force-error regression blended into the logit, 7 averaged heads
-VERSION = 7
-#: versions this probe-ase reads: a version-6 file is a version-7 one with a single head (HeadConfig.members = 1)
-READABLE = (6, 7)
+#: force-error regression blended into the logit, 7 averaged heads, 8 the tapped channel set
+VERSION = 8
+#: versions this probe-ase reads: a version-6 file is a version-7 one with a single head (HeadConfig.members = 1),
+#: a version-7 file a version-8 one that read the scalar channels (HeadMeta.channels = "scalars")
+READABLE = (6, 7, 8)
 #: what each version added, for the message when a file of another version is opened
 CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
            4: "novelty in the probability (the logit's novelty weight)",
            5: "the logit's novelty penalty read from the mean atom novelty (NoveltyConfig.penalty)",
            6: "the per-atom force-error regression blended into the logit (HeadConfig.atom_error)",
-           7: "averaged heads (HeadConfig.members)"}
+           7: "averaged heads (HeadConfig.members)",
+           8: "the tapped channel set (HeadMeta.channels: PaiNN's vector norms)"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class HeadMeta:
         fingerprint: SHA-256 of the backbone's parameters.
         layers: tapped interaction layers.
         feature_dim: width of the features the head reads.
+        channels: which invariant channels of each layer the tap read
+            (``"scalars"``, or ``"scalars+norms"``: the scalars and the norm of
+            each vector channel; see the adapter's ``channel_sets``).
         elements: atomic numbers in the fit data: the only ones the head scores.
         criterion: error criterion (see :mod:`probe_ase.labels`).
         tau: tolerance in the criterion's units (eV/Å, eV/atom or eV).
@@ -99,6 +104,7 @@ class HeadMeta:
     atom_quantile: float | None = None
     atom_p_star: float | None = None
     novelty_weight: float = 0.0
+    channels: str = "scalars"
 
     @property
     def local(self) -> bool:

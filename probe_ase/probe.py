@@ -26,6 +26,8 @@ from .novelty import NoveltyModel, logit_penalty
 from .stacked import StackedHead
 
 if TYPE_CHECKING:
+    from ase.calculators.calculator import Calculator
+
     from .taps import Tap
 
 #: why a structure is not reliable (``results["reason"]``); "ok" when it is. The monitor adds
@@ -109,12 +111,23 @@ class Probe:
         """Read a head file (never executes code)."""
         return cls(*load_head(path))
 
+    def tap_for(self, calc: Calculator) -> Tap:
+        """A tap on the backbone in ``calc`` reading what this head reads (its layers and channels); close it after."""
+        from .taps import find_tap
+
+        return find_tap(calc, self.meta.layers, self.meta.channels)
+
     def check_backbone(self, tap: Tap) -> None:
-        """Raise :class:`MismatchError` unless the head was fitted on the backbone ``tap`` watches, and its layers."""
+        """Raise :class:`MismatchError` unless the head was fitted on the backbone ``tap`` watches, its layers and
+        channels."""
         m = self.meta
         kind, layers, feature_dim = tap.kind, tap.layers, tap.feature_dim
         if m.backbone not in (kind, *tap.aliases):
             raise MismatchError(f"head was fitted on a {m.backbone} backbone, not {kind}", expected=m.backbone, found=kind)
+        if tap.channels != m.channels:
+            raise MismatchError(f"head reads the {m.channels!r} channels of each layer; the tap gives {tap.channels!r} "
+                                f"(build it with channels={m.channels!r}, or use Probe.tap_for)",
+                                expected=m.channels, found=tap.channels)
         if tuple(layers) != m.layers or feature_dim != m.feature_dim:
             raise MismatchError(
                 f"head reads {m.feature_dim} features from layers {list(m.layers)}; "

@@ -36,12 +36,13 @@ def refit_options(meta: HeadMeta, head_epochs: int, seed: int) -> dict:
     """:func:`~probe_ase.fit.fit_probe` options that refit a head like the one ``meta`` describes.
 
     Keeps its criterion, target risk and certificate level (``delta``),
-    tapped layers, head size, novelty options and, for a head with a per-atom
-    logit, its atom tolerance (eV/Å); the tolerance ``tau`` is the caller's.
+    tapped layers and channels, head size, novelty options and, for a head
+    with a per-atom logit, its atom tolerance (eV/Å); the tolerance ``tau``
+    is the caller's.
     """
     options = dict(criterion=meta.criterion, target_risk=meta.target_risk, delta=meta.delta, layers=meta.layers,
-                   config=meta.config, novelty=meta.novelty, train=TrainConfig(epochs=head_epochs, seed=seed),
-                   cache_dir=False, progress=False)
+                   channels=meta.channels, config=meta.config, novelty=meta.novelty,
+                   train=TrainConfig(epochs=head_epochs, seed=seed), cache_dir=False, progress=False)
     if meta.atom_tau is not None:
         options["atom_threshold"] = meta.atom_tau
     return options

@@ -72,6 +72,10 @@ def test_cache_skips_the_backbone(backbones, cu_data, tmp_path):
     assert len(list(tmp_path.glob("mace-*.pt"))) == 2
     np.testing.assert_array_equal(first.features.numpy(), second.features.numpy())
     assert runs == 1  # ten structures, one batched pass
+    with find_tap(backbones("mace"), channels="scalars+norms") as norms:  # other channels, other key
+        wider = featurize(norms, frames, cache_dir=tmp_path, progress=False)
+        assert norms.n_forward == 1 and wider.features.shape[1] == norms.feature_dim > first.features.shape[1]
+    assert len(list(tmp_path.glob("mace-*.pt"))) == 3
 
 
 def test_bad_sources(tmp_path):

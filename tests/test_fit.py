@@ -9,11 +9,12 @@ import torch
 
 from probe_ase import HeadConfig, LabelError, MissingReferenceError, TrainConfig, find_tap, fit_probe
 from probe_ase.metrics import auroc
+from probe_ase.taps import ADAPTERS
 from probe_ase.scoring import score_frames
 
 
 def held_out_scores(calc, probe, frames):
-    with find_tap(calc, probe.meta.layers) as tap:
+    with probe.tap_for(calc) as tap:
         scored = list(score_frames(probe, tap, frames))
     p = np.array([f.info["reliability"] for f in scored])
     err = np.array([np.sqrt(np.mean((f.arrays["mlip_forces"] - f.get_forces()) ** 2)) for f in scored])
@@ -28,6 +29,7 @@ def test_head_separates_shifted_frames(backbone_name, backbones, probes, cu_data
     assert 0 < unreliable.sum() < len(err)
     assert auroc(unreliable, 1 - p) >= 0.8
     assert probe.meta.criterion == "force_rmse" and probe.meta.backbone == backbone_name
+    assert probe.meta.channels == ADAPTERS[backbone_name].default_channels  # PaiNN: its vector norms too
     report = probe.report
     assert report["n_train"] + report["n_val"] + report["n_cal"] == len(cu_data["pool"])
     assert 0 < probe.meta.p_star and 0 <= probe.meta.coverage <= 1
@@ -100,6 +102,34 @@ def test_max_pool_aux_quantiles_and_shared_score_fit_learn_and_round_trip(backbo
         assert wrapped.get_property("reliability", atoms) == pytest.approx(p[len(cu_data["test_in"])], abs=1e-5)
 
 
+def test_a_head_on_vector_norms_records_its_channels_and_is_checked_for_them(backbones, cu_data, tmp_path):
+    """channels="scalars+norms" on MACE: the head file says so, the calculator rebuilds that tap from it and gives
+    the scores the head gave; a tap reading other channels is refused, by the calculator and by fit_probe."""
+    from probe_ase import InputError, MismatchError, NoveltyConfig, Probe, ProbeCalculator
+
+    calc = backbones("mace")
+    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, channels="scalars+norms",
+                      config=HeadConfig(hidden=16), train=TrainConfig(epochs=40, patience=10),
+                      novelty=NoveltyConfig(weight_folds=0), cache_dir=False, progress=False)
+    with find_tap(calc) as scalars:
+        assert probe.meta.channels == "scalars+norms" and probe.meta.feature_dim > scalars.feature_dim
+        with pytest.raises(MismatchError, match="reads the 'scalars\\+norms' channels.*the tap gives 'scalars'"):
+            ProbeCalculator(calc, probe, tap=scalars)
+        with pytest.raises(InputError, match="channels='scalars\\+norms' differ from the tap's 'scalars'"):
+            fit_probe(calc, cu_data["pool"], channels="scalars+norms", tap=scalars)
+    probe.save(tmp_path / "probe.pt")
+    assert Probe.load(tmp_path / "probe.pt").meta == probe.meta
+    frames = cu_data["test_in"][:3] + cu_data["test_out"][:3]
+    p, err = held_out_scores(calc, probe, frames)
+    assert len(set(np.round(p, 6))) > 1  # a probability that moves with the frame
+    with ProbeCalculator(calc, tmp_path / "probe.pt") as wrapped:
+        assert wrapped.tap.channels == "scalars+norms"
+        for atoms, expected in zip(frames, p):
+            atoms = atoms.copy()
+            atoms.calc = wrapped
+            assert wrapped.get_property("reliability", atoms) == pytest.approx(expected, abs=1e-5)
+
+
 def test_early_stopping_can_watch_the_whole_training_loss(backbones, cu_data):
     # without the atom-error regression: its loss, watched either way, picked the same epoch on this pool
     kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16, heads=2, atom_error=False),
@@ -128,7 +158,7 @@ def test_force_heads_regress_each_atoms_error_and_blend_it_into_the_logit(backbo
     assert probe.meta.config.atom_error is True  # auto: a force criterion with reference forces everywhere
     assert (head.error_blend > 0).all()  # every label's logit falls as the predicted error grows
     frames = cu_data["test_in"] + cu_data["test_out"]
-    with find_tap(calc, probe.meta.layers) as tap:
+    with probe.tap_for(calc) as tap:
         scored = list(score_frames(probe, tap, frames))
     predicted = np.array([s.info["force_error"] for s in scored])  # eV/Å
     true = np.array([np.sqrt(np.mean((s.arrays["mlip_forces"] - f.get_forces()) ** 2))
@@ -190,7 +220,7 @@ def test_averaged_heads_are_their_members_mean_and_round_trip(backbones, cu_data
             torch.testing.assert_close(own[name], value, msg=name)
     assert not torch.equal(head.others[0].readout[-1].weight, head.others[1].readout[-1].weight)
     frames = cu_data["test_in"] + cu_data["test_out"]
-    with find_tap(calc, probe.meta.layers) as tap:
+    with probe.tap_for(calc) as tap:
         fs = featurize(tap, frames, cache_dir=False, progress=False)
     inputs = batch_inputs(fs.features, fs.numbers, fs.ptr, HeadGraph(probe.meta.config.cutoff).frames(frames),
                           range(len(frames)))
@@ -225,7 +255,7 @@ def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backb
     kwargs = dict(criterion="energy", quantile=0.7, train=TrainConfig(epochs=3), cache_dir=False, progress=False)
     energy_head = fit_probe(calc, cu_data["pool"], **kwargs)
     assert energy_head.meta.config.atom_error is False
-    with find_tap(calc, energy_head.meta.layers) as tap:
+    with energy_head.tap_for(calc) as tap:
         scored = next(score_frames(energy_head, tap, cu_data["test_in"][:1]))
     assert "force_error" not in scored.info and "atom_force_error" not in scored.arrays  # no estimate without it
     frames = [a.copy() for a in cu_data["pool"]]
@@ -243,7 +273,7 @@ def test_a_miscompiled_head_falls_back_to_the_eager_one(backbones, probes, cu_da
     from probe_ase.graph import HeadGraph
 
     frames = cu_data["test_out"][:3]
-    with find_tap(backbones("mace"), probes("mace").meta.layers) as tap:
+    with probes("mace").tap_for(backbones("mace")) as tap:
         fs = featurize(tap, frames, cache_dir=False, progress=False)
     edges = HeadGraph(probes("mace").meta.config.cutoff).frames(frames)
     right, wrong = copy.deepcopy(probes("mace")), copy.deepcopy(probes("mace"))

@@ -89,7 +89,7 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
     payload = torch.load(path, weights_only=True)
     for version in (min(READABLE) - 1, VERSION + 1):
         torch.save({**payload, "version": version}, tmp_path / "v.pt")
-        with pytest.raises(HeadFileError, match=f"version {version}.*reads versions 6, 7"):
+        with pytest.raises(HeadFileError, match=f"version {version}.*reads versions 6, 7, 8"):
             Probe.load(tmp_path / "v.pt")
     meta = json.loads(payload["meta"])
     meta["config"]["a_field_from_the_future"] = 1  # a schema change without a version bump
@@ -99,8 +99,9 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
         Probe.load(tmp_path / "s.pt")
 
 
-def test_a_version_6_file_reads_as_one_head(probes, tmp_path):
-    """Version 7 added HeadConfig.members: a version-6 file (no such field) loads as a single head, unchanged."""
+def test_a_version_6_file_reads_as_one_head_on_scalars(probes, tmp_path):
+    """Version 7 added HeadConfig.members, version 8 HeadMeta.channels: a version-6 file (neither field) loads as a
+    single head reading the scalar channels, unchanged."""
     import json
 
     from probe_ase.headfile import _checksum
@@ -109,11 +110,12 @@ def test_a_version_6_file_reads_as_one_head(probes, tmp_path):
     probes("mace").save(path)
     payload = torch.load(path, weights_only=True)
     meta = json.loads(payload["meta"])
-    del meta["config"]["members"]
+    del meta["config"]["members"], meta["channels"]
     meta_json = json.dumps(meta, sort_keys=True)
     old = tmp_path / "v6.pt"
     torch.save({**payload, "version": 6, "meta": meta_json, "sha256": _checksum(meta_json, payload["state"])}, old)
     loaded = Probe.load(old)
     assert loaded.meta == probes("mace").meta and loaded.meta.config.members == 1
+    assert loaded.meta.channels == "scalars"
     for name, value in probes("mace").head.state_dict().items():
         assert torch.equal(loaded.head.state_dict()[name], value)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from probe_ase import BackboneError, InputError, find_tap
-from probe_ase.taps import MaceTap, ModuleTap
+from probe_ase.taps import ADAPTERS, MaceTap, ModuleTap
 from probe_ase.testing import check_tap
+
+from conftest import require_backbone
 
 
 def test_every_adapter_passes_check_tap(backbone_name, backbones, cu_data):
@@ -17,6 +19,64 @@ def test_every_adapter_passes_check_tap(backbone_name, backbones, cu_data):
     assert set(report) == {"layers", "one_pass", "batched", "neighbour_graph", "invariance", "copy", "close"}
     assert "equal the reference" in report["layers"]  # every shipped adapter has a reference computation
     assert report["neighbour_graph"].startswith("equal")  # and reads the backbone's own list
+
+
+#: every adapter's channel sets besides its default (the default passes check_tap above)
+OTHER_CHANNELS = [pytest.param(kind, channels, marks=[getattr(pytest.mark, cls.extra)] if cls.extra else [])
+                  for kind, cls in ADAPTERS.items() for channels in cls.channel_sets if channels != cls.default_channels]
+
+
+@pytest.mark.parametrize(("kind", "channels"), OTHER_CHANNELS)
+def test_every_channel_set_passes_check_tap(kind, channels, backbones, cu_data):
+    """Each non-default channel set (MACE's vector norms, PaiNN's scalars alone) is exact, invariant and one pass."""
+    require_backbone(kind)
+    calc = backbones(kind)
+    report = check_tap(calc, cu_data["test_out"][0], make_tap=lambda: find_tap(calc, channels=channels))
+    assert "equal the reference" in report["layers"] and report["invariance"]
+
+
+@pytest.mark.parametrize("kind", [pytest.param("mace"), pytest.param("painn", marks=pytest.mark.schnetpack)])
+def test_vector_norms_sit_beside_the_scalars_and_share_the_pass(kind, backbones, cu_data):
+    """One step feeds a scalars tap and a scalars+norms tap on one backbone: each layer of the latter is the
+    former's scalars, then one nonnegative norm per vector channel (PaiNN: as many as scalars)."""
+    require_backbone(kind)
+    calc = backbones(kind)
+    if kind == "mace":  # one norm per non-scalar irrep channel: 16x1o in the first product, none in the last
+        expected = [sum(mul for mul, ir in p.linear.irreps_out if (ir.l, ir.p) != (0, 1)) for p in calc.models[0].products]
+    with find_tap(calc, channels="scalars") as scalars, find_tap(calc, channels="scalars+norms") as both:
+        if kind == "painn":  # one norm per vector channel of mu: as many as scalars
+            expected = [scalars.layer_width(layer) for layer in scalars.layers]
+        atoms = cu_data["test_out"][1].copy()
+        atoms.calc = calc
+        calc.reset()
+        atoms.get_forces()
+        a, b = scalars.features(), both.features()
+        assert both.n_forward == scalars.n_forward  # one pass seen by both
+        start_a = start_b = 0
+        for layer in scalars.layers:
+            width = scalars.layer_width(layer)
+            assert both.layer_width(layer) == width + expected[layer]
+            torch.testing.assert_close(b[:, start_b : start_b + width], a[:, start_a : start_a + width], rtol=0, atol=0)
+            norms = b[:, start_b + width : start_b + both.layer_width(layer)]
+            assert norms.shape[1] == expected[layer] and (norms >= 0).all()
+            start_a, start_b = start_a + width, start_b + both.layer_width(layer)
+        assert sum(expected) > 0 and both.feature_dim == scalars.feature_dim + sum(expected) == b.shape[1]
+
+
+def test_unknown_channel_sets_are_clear_errors(backbones):
+    calc = backbones("mace")
+    with pytest.raises(InputError, match="channels 'vectors' invalid for a mace backbone; it offers 'scalars', "
+                                         "'scalars\\+norms'"):
+        find_tap(calc, channels="vectors")
+    assert not any(m._forward_hooks for m in calc.models[0].modules())  # refused before any hook
+
+
+@pytest.mark.chgnet
+def test_invariant_backbones_offer_scalars_only(backbones):
+    """CHGNet's atom features are invariant as they are: there is no vector channel to take norms of."""
+    require_backbone("chgnet")
+    with pytest.raises(InputError, match="invalid for a chgnet backbone; it offers 'scalars'$"):
+        find_tap(backbones("chgnet"), channels="scalars+norms")
 
 
 def test_check_tap_catches_a_wrong_tap(backbones, cu_data):

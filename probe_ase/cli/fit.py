@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fold heads whose out-of-fold logits fit the novelty weight (default: 5; 0: the "
                              "validation split, no extra heads, several times faster)")
     parser.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")
+    parser.add_argument("--channels", choices=("scalars", "scalars+norms"),
+                        help="invariant channels of each layer to read: the scalars, or beside them the norm of each "
+                             "vector channel (PaiNN, MACE; default: scalars+norms for PaiNN, scalars for the others)")
     parser.add_argument("--epochs", type=int, default=200, help="most training epochs (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--cutoff", type=float, default=None,
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         calc, args.data, criterion=args.criterion, threshold=args.threshold, quantile=args.quantile,
         atom_threshold=args.atom_threshold, atom_quantile=args.atom_quantile, target_risk=args.target_risk,
         delta=args.delta, reference_data=args.reference_data, novelty=NoveltyConfig(**novelty),
-        layers=args.layers, config=HeadConfig(cutoff=args.cutoff, members=args.members),
+        layers=args.layers, channels=args.channels, config=HeadConfig(cutoff=args.cutoff, members=args.members),
         train=TrainConfig(epochs=args.epochs, seed=args.seed), energy_key=args.energy_key,
         forces_key=args.forces_key, batch_size=args.batch_size,
         cache_dir=False if args.no_cache else args.cache_dir,
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     probe.meta = dataclasses.replace(probe.meta, backbone_path=str(source.resolve()) if source.exists() else args.backbone)
     probe.save(args.output)
     m = probe.meta
-    print(f"wrote {args.output}: {m.backbone} backbone, criterion {m.criterion}, tau = {m.tau:.4g}, "
+    print(f"wrote {args.output}: {m.backbone} backbone ({m.channels}), criterion {m.criterion}, tau = {m.tau:.4g}, "
           f"p* = {m.p_star:.3f}, coverage {m.coverage:.1%} at target risk {m.target_risk:.1%}")
     if m.local:
         print(f"per-atom reliability: atom tolerance {m.atom_tau:.4g} eV/Å, atom p* = {m.atom_p_star:.3f} "

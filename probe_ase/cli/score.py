@@ -30,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from ..exceptions import InputError
     from ..fileio import atomic_path
     from ..scoring import score_frames
-    from ..taps import find_tap
 
     if not os.path.exists(args.frames):
         raise InputError(f"no such file: {args.frames}", path=args.frames)
@@ -38,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--output must differ from the input file", path=args.frames, output=args.output)
     probe, calc = load_probe_and_backbone(args)
     reliabilities, verdicts = [], []
-    with find_tap(calc, probe.meta.layers) as tap, atomic_path(args.output) as tmp:
+    with probe.tap_for(calc) as tap, atomic_path(args.output) as tmp:
         probe.check_backbone(tap)
         probe.to(args.device)
         with open(tmp, "w") as handle:

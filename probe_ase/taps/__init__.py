@@ -48,8 +48,13 @@ def backbone_calculators(calc: BaseCalculator) -> list[tuple[type[Tap], BaseCalc
     return []
 
 
-def find_tap(calc: BaseCalculator, layers: Sequence[int] | None = None) -> Tap:
-    """Attach the right adapter to the one backbone in ``calc`` (hooks are live on return)."""
+def find_tap(calc: BaseCalculator, layers: Sequence[int] | None = None, channels: str | None = None) -> Tap:
+    """Attach the right adapter to the one backbone in ``calc`` (hooks are live on return).
+
+    ``layers``: the interaction layers to tap (default all); ``channels``: which
+    invariant channels of each (one of the adapter's ``channel_sets``; default
+    its ``default_channels``).
+    """
     found = backbone_calculators(calc)
     if len(found) != 1:
         kinds = ", ".join(ADAPTERS)
@@ -60,7 +65,7 @@ def find_tap(calc: BaseCalculator, layers: Sequence[int] | None = None) -> Tap:
             calculator=type(calc).__name__, found=len(found),
         )
     tap_cls, backbone = found[0]
-    return tap_cls(backbone, layers)
+    return tap_cls(backbone, layers, channels)
 
 
 __all__ = ["ADAPTERS", "CHGNetTap", "MaceTap", "ModuleTap", "PaiNNTap", "Prediction", "SchNetTap", "Tap", "adapter",

@@ -14,7 +14,10 @@ An adapter (a :class:`Tap` subclass) says:
 * which calculators and model files are its: :meth:`Tap.accepts`,
   :meth:`Tap.owns`, :meth:`Tap.load` (a file, or a name in ``pretrained``);
 * where its features are: :meth:`Tap.feature_modules`, :meth:`Tap.layer_width`,
-  :meth:`Tap.invariant` (the rotation-invariant part of a hooked output);
+  :meth:`Tap.invariant` (the rotation-invariant part of a hooked output), and
+  which invariant channel sets it offers (``channel_sets``, ``default_channels``:
+  ``"scalars"``, and for equivariant backbones also ``"scalars+norms"``, the
+  scalars beside the norm of each non-scalar channel);
 * how to read the backbone's own neighbour list from its input:
   :meth:`Tap.read_inputs`, ``_pairs`` and ``_vectors``;
 * a batched backbone pass: ``_predict_batch``;
@@ -135,9 +138,19 @@ class Tap(ABC):
     aliases: ClassVar[tuple[str, ...]] = ()
     #: the backbone needs a cell: molecules are boxed (with pbc) to run it
     periodic_only: ClassVar[bool] = False
+    #: the invariant channel sets :meth:`invariant` can read from each layer (head files record the one used)
+    channel_sets: ClassVar[tuple[str, ...]] = ("scalars",)
+    #: the set a tap reads when none is named
+    default_channels: ClassVar[str] = "scalars"
 
-    def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
+    def __init__(self, calc: Calculator, layers: Sequence[int] | None = None, channels: str | None = None) -> None:
         self.calc = calc
+        #: which invariant channels of each layer the features hold (one of ``channel_sets``)
+        self.channels = self.default_channels if channels is None else channels
+        if self.channels not in self.channel_sets:
+            raise InputError(f"channels {self.channels!r} invalid for a {self.kind} backbone; it offers "
+                             f"{', '.join(map(repr, self.channel_sets))}",
+                             channels=self.channels, channel_sets=list(self.channel_sets), kind=self.kind)
         modules = self.feature_modules()
         n = len(modules)
         chosen = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
@@ -254,7 +267,7 @@ class Tap(ABC):
 
     def hook_key(self) -> Hashable:
         """Taps with equal keys on one module hook the same outputs the same way, so they share one set of hooks."""
-        return type(self)
+        return type(self), self.channels
 
     def _extra_hooks(self, hooks: _Hooks) -> list[torch.utils.hooks.RemovableHandle]:
         """Further hooks an adapter needs (e.g. pre-hooks), writing into ``hooks.capture.scratch``."""

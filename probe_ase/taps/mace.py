@@ -2,8 +2,10 @@
 
 Features are the scalar (``0e``) channels of each interaction layer's node
 features, i.e. the outputs of ``model.products[i]``. Equivariant (l > 0)
-channels are left out so that every feature is rotation invariant. For a
-committee calculator only the first model is tapped.
+channels are left out so that every feature is rotation invariant; with
+``channels="scalars+norms"`` each of them adds its norm over its 2l + 1
+components (rotation invariant too) after the scalars. For a committee
+calculator only the first model is tapped.
 
 Foundation shapes: ``ScaleShiftMACE`` (MACE-MP/OFF/MPA) is tapped like any
 MACE. A multi-head model (mace-torch's multi-head fine-tuning) shares its body
@@ -34,13 +36,13 @@ class MaceTap(Tap):
     kind = "mace"
     library = "mace"
     pair_keys = ("edge_index", "positions", "shifts")
+    channel_sets = ("scalars", "scalars+norms")
 
-    def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
+    def __init__(self, calc: Calculator, layers: Sequence[int] | None = None, channels: str | None = None) -> None:
         _refuse_untappable(calc)
-        self._scalar_index = [
-            _scalar_channels(product.linear.irreps_out) for product in calc.models[0].products
-        ]
-        super().__init__(calc, layers)
+        self._irreps = [product.linear.irreps_out for product in calc.models[0].products]
+        self._scalar_index = [_scalar_channels(irreps) for irreps in self._irreps]
+        super().__init__(calc, layers, channels)
 
     @classmethod
     def accepts(cls, calc: Calculator) -> bool:
@@ -68,12 +70,20 @@ class MaceTap(Tap):
         return MACECalculator(models=model, device=device)
 
     def reference_features(self, atoms: Atoms) -> dict[int, np.ndarray]:
-        """Every layer's scalar channels from mace-torch's own ``MACECalculator.get_descriptors``."""
-        descriptors = self.calc.get_descriptors(atoms, invariants_only=True)
+        """Every layer's channels from mace-torch's own ``MACECalculator.get_descriptors``.
+
+        ``"scalars"``: its invariant descriptors; ``"scalars+norms"``: its full
+        node features, each layer's part reduced as :meth:`invariant` does.
+        """
+        scalars_only = self.channels == "scalars"
+        descriptors = self.calc.get_descriptors(atoms, invariants_only=scalars_only)
         if isinstance(descriptors, list):  # a committee: the first model is the one tapped
             descriptors = descriptors[0]
-        edges = np.cumsum([0] + [self.layer_width(i) for i in range(len(self._scalar_index))])
-        return {i: descriptors[:, edges[i] : edges[i + 1]] for i in self.layers}
+        widths = [self.layer_width(i) if scalars_only else irreps.dim for i, irreps in enumerate(self._irreps)]
+        edges = np.cumsum([0] + widths)
+        parts = {i: descriptors[:, edges[i] : edges[i + 1]] for i in self.layers}
+        return parts if scalars_only else \
+            {i: self.invariant(i, torch.from_numpy(part)).numpy() for i, part in parts.items()}
 
     @property
     def module(self) -> torch.nn.Module:
@@ -85,13 +95,20 @@ class MaceTap(Tap):
         return list(self.module.products)
 
     def layer_width(self, layer: int) -> int:
-        """Number of scalar (``0e``) channels in the output of ``products[layer]``."""
-        return len(self._scalar_index[layer])
+        """Scalar (``0e``) channels in the output of ``products[layer]``, plus its other channels with norms."""
+        scalars = len(self._scalar_index[layer])
+        return scalars if self.channels == "scalars" else scalars + _n_norms(self._irreps[layer])
 
     def invariant(self, layer: int, output: object) -> torch.Tensor:
-        """The scalar (``0e``) channels ``(n_atoms, width)`` of a product block's output (a view when contiguous)."""
+        """The scalar (``0e``) channels ``(n_atoms, width)`` of a product block's output (a view when contiguous),
+        then, with ``"scalars+norms"``, the norm of each other channel over its components."""
         index = self._scalar_index[layer]
-        return output[:, index[0] : index[-1] + 1] if _contiguous(index) else output[:, index]
+        scalars = output[:, index[0] : index[-1] + 1] if _contiguous(index) else output[:, index]
+        if self.channels == "scalars":
+            return scalars
+        norms = [torch.linalg.vector_norm(output[:, part].reshape(-1, mul, ir.dim), dim=-1)
+                 for (mul, ir), part in zip(self._irreps[layer], self._irreps[layer].slices()) if not _scalar(ir)]
+        return torch.cat([scalars, *norms], dim=-1)
 
     def fingerprint(self) -> str:
         """The parameters' digest; for a multi-head model also the selected head, whose energies the head judges."""
@@ -166,13 +183,23 @@ def _refuse_untappable(calc: Calculator) -> None:
                             enable_oeq=getattr(calc, "_enable_oeq", None))
 
 
+def _scalar(ir: object) -> bool:
+    """Whether an e3nn ``Irrep`` is a true scalar, ``0e``."""
+    return ir.l == 0 and ir.p == 1
+
+
 def _scalar_channels(irreps: object) -> list[int]:
     """Column indices of the ``0e`` channels of an e3nn ``Irreps``."""
     index: list[int] = []
     for (_mul, ir), sl in zip(irreps, irreps.slices()):
-        if ir.l == 0 and ir.p == 1:
+        if _scalar(ir):
             index.extend(range(sl.start, sl.stop))
     return index
+
+
+def _n_norms(irreps: object) -> int:
+    """How many channels of an e3nn ``Irreps`` are not ``0e`` (one norm each)."""
+    return sum(mul for mul, ir in irreps if not _scalar(ir))
 
 
 def _contiguous(index: list[int]) -> bool:

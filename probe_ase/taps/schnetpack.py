@@ -10,8 +10,13 @@ it would finally store as ``scalar_representation``):
   ``v``: the feature is ``x + v``, bit for bit the value ``SchNet.forward``
   computes (electronic embeddings included, as they are already in ``x``).
 * **PaiNN**: ``mixing[i]`` returns ``(q, mu)`` with ``q`` the scalar
-  representation after layer ``i``; only ``q`` (squeezed from ``(n, 1, F)``)
-  is kept, the equivariant vector ``mu`` never enters.
+  representation after layer ``i``. By default (``channels="scalars+norms"``)
+  the feature is ``q`` (squeezed from ``(n, 1, F)``) followed by the norm of
+  each of the ``F`` vector channels of ``mu`` ``(n, 3, F)`` over x, y, z:
+  ``2F`` rotation-invariant numbers per atom. ``channels="scalars"`` keeps
+  ``q`` alone, as head files written before version 8 did. The default was
+  chosen on the benchmark fit pools' own cross-fitted folds (README,
+  "Averaging heads"), never on evaluation files.
 
 Only one module per layer carries the base class's forward hook, so
 ``n_forward`` still counts one per backbone pass; SchNet's block inputs go
@@ -48,10 +53,10 @@ class _SchNetPackTap(Tap):
     #: the representation class's name in ``schnetpack.representation``
     representation: str
 
-    def __init__(self, calc: Calculator, layers: Sequence[int] | None = None) -> None:
+    def __init__(self, calc: Calculator, layers: Sequence[int] | None = None, channels: str | None = None) -> None:
         self._rep = _find_representation(calc.model)
         self._converter = None  # built on first batched pass
-        super().__init__(calc, layers)
+        super().__init__(calc, layers, channels)
 
     @classmethod
     def _is_mine(cls, model: object) -> bool:
@@ -87,8 +92,8 @@ class _SchNetPackTap(Tap):
         return self.calc.model
 
     def layer_width(self, layer: int) -> int:
-        """The representation's ``n_atom_basis``: every layer has that width."""
-        return int(self._rep.n_atom_basis)
+        """The representation's ``n_atom_basis`` (twice that with ``"scalars+norms"``): every layer has that width."""
+        return int(self._rep.n_atom_basis) * (1 if self.channels == "scalars" else 2)
 
     @property
     def cutoff(self) -> float:
@@ -115,8 +120,12 @@ class _SchNetPackTap(Tap):
             cut.n_interactions = i + 1
             with torch.no_grad(), _default_dtype(inputs["_positions"].dtype):
                 out = cut({k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()})
-            reference[i] = out["scalar_representation"].detach().cpu().numpy()
+            reference[i] = self._reference_layer(out).detach().cpu().numpy()
         return reference
+
+    def _reference_layer(self, out: dict) -> torch.Tensor:
+        """A layer's features from the representation's own outputs (its scalar representation)."""
+        return out["scalar_representation"]
 
     def _pairs(self, inputs: dict) -> torch.Tensor:
         return torch.stack([inputs["_idx_i"], inputs["_idx_j"]])
@@ -192,19 +201,33 @@ class SchNetTap(_SchNetPackTap):
 
 
 class PaiNNTap(_SchNetPackTap):
-    """PaiNN: layer ``i`` is the scalar ``q`` returned by ``mixing[i]`` (module docstring)."""
+    """PaiNN: layer ``i`` is the scalar ``q`` returned by ``mixing[i]`` and the norms of its vectors ``mu``
+    (module docstring)."""
 
     kind = "painn"
     representation = "PaiNN"
     _layer_lists = ("interactions", "mixing")
+    channel_sets = ("scalars+norms", "scalars")
+    default_channels = "scalars+norms"
 
     def feature_modules(self) -> list[torch.nn.Module]:
         """PaiNN's ``mixing`` blocks, one per layer."""
         return list(self._rep.mixing)
 
     def invariant(self, layer: int, output: object) -> torch.Tensor:
-        """Layer features ``(n_atoms, width)``: the scalar ``q`` of ``(q, mu)``, squeezed from ``(n, 1, F)``."""
-        return output[0].squeeze(1)
+        """Layer features ``(n_atoms, width)``: the scalar ``q`` of ``(q, mu)``, squeezed from ``(n, 1, F)``,
+        then (``"scalars+norms"``) the norm over x, y, z of each channel of ``mu`` ``(n, 3, F)``."""
+        return _painn_features(output[0], output[1], self.channels)
+
+    def _reference_layer(self, out: dict) -> torch.Tensor:
+        """``scalar_representation`` ``(n, F)`` and the norms of ``vector_representation`` ``(n, 3, F)``."""
+        return _painn_features(out["scalar_representation"], out["vector_representation"], self.channels)
+
+
+def _painn_features(q: torch.Tensor, mu: torch.Tensor, channels: str) -> torch.Tensor:
+    """PaiNN's scalars ``q`` (``(n, F)`` or ``(n, 1, F)``) and, for ``"scalars+norms"``, the norms of ``mu``."""
+    q = q.reshape(q.shape[0], -1)
+    return q if channels == "scalars" else torch.cat([q, torch.linalg.vector_norm(mu, dim=1)], dim=-1)
 
 
 @contextmanager
