@@ -322,5 +322,5 @@ def test_older_head_file_names_both_versions(cold_probe, tmp_path):
     payload["version"] = 1
     torch.save(payload, path)
     with pytest.raises(headfile.HeadFileError,
-                       match="version 1; this probe-ase reads versions 6, 7 .*version 2 added the novelty"):
+                       match="version 1; this probe-ase reads versions 6, 7, 8 .*version 2 added the novelty"):
         Probe.load(path)
