@@ -30,6 +30,10 @@ output), rotation invariant. This comparison chose PaiNN's default channels
     python benchmarks/head_crossfit.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
         --backbone schnetpack --threshold 0.1 --variants default --features scalars "scalars+vector norms"
 
+``scalars+force norms`` appends to each atom's scalars ``log(|F_i| + 0.01)``,
+``F_i`` the backbone's own predicted force on it (eV/Å; rotation invariant):
+an output-space number, as an ensemble reads (tried on MACE, not taken).
+
 Units: force RMSE in eV/Å, energy error in eV.
 """
 
@@ -68,8 +72,16 @@ VARIANTS = {
     "hidden 128, 8 heads": {"hidden": 128, "heads": 8},
 }
 
-#: what the head reads: the tap's channel set of each name
-FEATURES = {"scalars": "scalars", "scalars+vector norms": "scalars+norms"}
+#: what the head reads: the tap's channel set of each name, and whether each atom's log predicted force norm joins it
+FEATURES = {"scalars": ("scalars", False), "scalars+vector norms": ("scalars+norms", False),
+            "scalars+force norms": ("scalars", True)}
+
+
+def with_force_norms(tap, pool, fs):
+    """``fs`` with one more feature per atom: ``log(|F_i| + 0.01)``, F_i the backbone's own force (eV/Å) on the atom."""
+    forces = np.concatenate([p.forces for p in tap.predict(pool)])
+    extra = torch.from_numpy(np.log(np.linalg.norm(forces, axis=1) + 0.01)).to(fs.features.dtype)[:, None]
+    return replace(fs, features=torch.cat([fs.features, extra], dim=1))
 
 
 def crossfit(features, edges, errors, labels, configs: dict, folds: int, reps: int, seeds: int) -> list[dict]:
@@ -159,8 +171,11 @@ def main(argv=None) -> int:
     calc = uq.make_calc(args.backbone, paths[0])
     feature_sets = {}
     for kind in args.features:
-        with find_tap(calc, channels=FEATURES[kind]) as tap:
+        channels, force_norms = FEATURES[kind]
+        with find_tap(calc, channels=channels) as tap:
             feature_sets[kind] = featurize(tap, pool, cache_dir=args.run / "cache", progress=False)
+            if force_norms:
+                feature_sets[kind] = with_force_norms(tap, pool, feature_sets[kind])
             cutoff = tap.cutoff
     errors = feature_sets[args.features[0]].error(args.criterion)  # the backbone's errors: the same for every tap
     quantile = 0.8 if args.threshold is None and args.quantile is None else args.quantile
