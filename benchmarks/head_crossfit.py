@@ -33,6 +33,8 @@ output), rotation invariant. This comparison chose PaiNN's default channels
 ``scalars+force norms`` appends to each atom's scalars ``log(|F_i| + 0.01)``,
 ``F_i`` the backbone's own predicted force on it (eV/Å; rotation invariant):
 an output-space number, as an ensemble reads (tried on MACE, not taken).
+``scalars+message scalars`` (MACE) appends the ``l = 0`` part of each
+interaction block's message, the input of the product block the adapter taps.
 
 Units: force RMSE in eV/Å, energy error in eV.
 """
@@ -62,7 +64,8 @@ from probe_ase.fit import train_head  # noqa: E402
 from probe_ase.graph import HeadGraph  # noqa: E402
 from probe_ase.head import batch_inputs  # noqa: E402
 from probe_ase.labels import make_labels, resolve_tolerance  # noqa: E402
-from probe_ase.taps import find_tap  # noqa: E402
+from probe_ase.dataset import features_only  # noqa: E402
+from probe_ase.taps import ModuleTap, find_tap  # noqa: E402
 
 #: changes to the default head (``HeadConfig()``, cutoff from the backbone)
 VARIANTS = {
@@ -74,7 +77,18 @@ VARIANTS = {
 
 #: what the head reads: the tap's channel set of each name, and whether each atom's log predicted force norm joins it
 FEATURES = {"scalars": ("scalars", False), "scalars+vector norms": ("scalars+norms", False),
-            "scalars+force norms": ("scalars", True)}
+            "scalars+force norms": ("scalars", True), "scalars+message scalars": ("scalars", False)}
+
+
+def with_message_scalars(calc, pool, fs):
+    """``fs`` with each MACE interaction block's message scalars beside the product scalars: the ``l = 0``
+    component of every channel of ``interactions[i]``'s output ``(n, channels, (lmax + 1)**2)``."""
+    model = calc.models[0]
+    widths = [int(block.target_irreps.count("0e")) for block in model.interactions]
+    with ModuleTap(calc, modules=[f"interactions.{i}" for i in range(len(widths))], widths=widths, model=model,
+                   cutoff=float(calc.r_max), invariant=lambda layer, out: out[0][:, :, 0]) as tap:
+        extra, _ = features_only(tap, pool)
+    return replace(fs, features=torch.cat([fs.features, extra.to(fs.features.dtype)], dim=1))
 
 
 def with_force_norms(tap, pool, fs):
@@ -176,6 +190,8 @@ def main(argv=None) -> int:
             feature_sets[kind] = featurize(tap, pool, cache_dir=args.run / "cache", progress=False)
             if force_norms:
                 feature_sets[kind] = with_force_norms(tap, pool, feature_sets[kind])
+            if kind == "scalars+message scalars":
+                feature_sets[kind] = with_message_scalars(calc, pool, feature_sets[kind])
             cutoff = tap.cutoff
     errors = feature_sets[args.features[0]].error(args.criterion)  # the backbone's errors: the same for every tap
     quantile = 0.8 if args.threshold is None and args.quantile is None else args.quantile
