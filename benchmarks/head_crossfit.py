@@ -171,6 +171,8 @@ def main(argv=None) -> int:
                     help="names of VARIANTS; the first is the reference of the paired differences")
     ap.add_argument("--features", nargs="+", default=["scalars"], choices=list(FEATURES),
                     help="what the head reads; several are crossed with --variants")
+    ap.add_argument("--layers", type=int, nargs="+", metavar="I",
+                    help="interaction layers every feature set reads (default: all); folds stay those of the full run")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=2, help="repetitions of the fold split, each shuffled anew")
     ap.add_argument("--seeds", type=int, default=3, help="heads per variant and fold (seeds 0..N-1)")
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
     feature_sets = {}
     for kind in args.features:
         channels, force_norms = FEATURES[kind]
-        with find_tap(calc, channels=channels) as tap:
+        with find_tap(calc, args.layers, channels) as tap:
             feature_sets[kind] = featurize(tap, pool, cache_dir=args.run / "cache", progress=False)
             if force_norms:
                 feature_sets[kind] = with_force_norms(tap, pool, feature_sets[kind])
@@ -211,11 +213,12 @@ def main(argv=None) -> int:
     res = {"dataset": name, "backbone": args.backbone, "member0": str(paths[0]), "criterion": args.criterion,
            "tau": tau, "quantile": quantile, "n_pool": len(pool), "folds": args.folds, "reps": args.reps,
            "seeds": args.seeds, "configs": {k: asdict(c) for k, c in configs.items()}, "rows": rows,
-           "features": args.features, "summary": summarise(rows, names), "seconds": time.perf_counter() - t0,
+           "features": args.features, "layers": args.layers, "summary": summarise(rows, names), "seconds": time.perf_counter() - t0,
            "environment": uq.environment(paths[:1]), "command": " ".join(["head_crossfit.py"] + (argv or sys.argv[1:]))}
     print(table(res))
     label = f"{args.criterion}_{'tau' + format(tau, '.3g') if args.threshold is not None else f'q{quantile:g}'}"
     extra = "" if args.features == ["scalars"] else "_" + "_".join(k.replace("+", "_").replace(" ", "_") for k in args.features)
+    extra += "" if args.layers is None else "_layers" + "".join(map(str, args.layers))
     out = args.out or args.run / f"head_crossfit_{args.backbone}_{label}{extra}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
     print(f"wrote {out}")
