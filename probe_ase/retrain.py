@@ -37,12 +37,16 @@ def refit_options(meta: HeadMeta, head_epochs: int, seed: int) -> dict:
 
     Keeps its criterion, target risk and certificate level (``delta``),
     tapped layers and channels, head size, novelty options and, for a head
-    with a per-atom logit, its atom tolerance (eV/Å); the tolerance ``tau``
+    with a per-atom logit, its atom tolerance (eV/Å), and how it was
+    calibrated (split or cross-fitted, and the folds); the tolerance ``tau``
     is the caller's.
     """
+    fitted = meta.report.get("train", {})
+    train = TrainConfig(epochs=head_epochs, seed=seed, calibration=fitted.get("calibration", "split"),
+                        folds=fitted.get("folds", TrainConfig.folds))
     options = dict(criterion=meta.criterion, target_risk=meta.target_risk, delta=meta.delta, layers=meta.layers,
                    channels=meta.channels, config=meta.config, novelty=meta.novelty,
-                   train=TrainConfig(epochs=head_epochs, seed=seed), cache_dir=False, progress=False)
+                   train=train, cache_dir=False, progress=False)
     if meta.atom_tau is not None:
         options["atom_threshold"] = meta.atom_tau
     return options

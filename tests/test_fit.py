@@ -295,3 +295,35 @@ def test_a_miscompiled_head_falls_back_to_the_eager_one(backbones, probes, cu_da
         got = wrong.predict(fs.features, fs.numbers, fs.ptr, edges)
     assert wrong._compiled() is wrong.head
     np.testing.assert_allclose(got.reliability, expected.reliability, rtol=1e-5)
+
+
+def test_crossfit_calibration_scores_every_structure_and_deploys_the_fold_heads_mean(backbones, cu_data, tmp_path):
+    """calibration="crossfit": all structures but the grid share calibrate (4x the split's here), the head file
+    holds the fold heads' mean, which ranks held-out shifted frames and round-trips; active learning's refit keeps
+    the scheme; bad options are clear errors."""
+    from probe_ase import InputError, Probe
+    from probe_ase.retrain import refit_options
+
+    calc = backbones("mace")
+    kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16), cache_dir=False, progress=False)
+    crossfit = TrainConfig(epochs=40, patience=10, calibration="crossfit", folds=3)
+    probe = fit_probe(calc, cu_data["pool"], train=crossfit, **kwargs)
+    report, n = probe.report, len(cu_data["pool"])
+    assert report["calibration"] == "crossfit" and report["folds"] == 3 and report["novelty_weight_folds"] == 3
+    assert report["n_cal"] + report["n_grid"] == n and report["n_cal"] >= 4 * round(0.2 * n)
+    assert report["certificate"]["n_accepted"] <= report["n_cal"]
+    assert probe.meta.config.members == 3 and len(probe.head.others) == 2
+    p, err = held_out_scores(calc, probe, cu_data["test_in"] + cu_data["test_out"])
+    assert auroc(err > probe.meta.tau, 1 - p) >= 0.8
+    probe.save(tmp_path / "probe.pt")
+    loaded = Probe.load(tmp_path / "probe.pt")
+    assert loaded.meta == probe.meta
+    assert np.allclose(held_out_scores(calc, loaded, cu_data["test_in"][:4])[0], p[:4], atol=1e-6)
+    refit = refit_options(loaded.meta, head_epochs=5, seed=1)["train"]
+    assert (refit.calibration, refit.folds, refit.epochs, refit.seed) == ("crossfit", 3, 5, 1)
+    with pytest.raises(InputError, match="calibration must be one of"):
+        TrainConfig(calibration="cross")
+    with pytest.raises(InputError, match="folds must be >= 2"):
+        TrainConfig(calibration="crossfit", folds=1)
+    with pytest.raises(InputError, match="members must be 1 or 3, got 2"):
+        fit_probe(calc, cu_data["pool"], train=crossfit, **(kwargs | {"config": HeadConfig(hidden=16, members=2)}))
