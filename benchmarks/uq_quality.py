@@ -392,9 +392,9 @@ def time_cost(kind, member_paths, probe, latent, frames, n=30) -> dict[str, floa
 
 
 # --------------------------------------------------------------------------- main pieces
-def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig):
+def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig, calibration: str = "split"):
     """Fitted probes keyed by (regime, criterion); LabelError gives None with the reason."""
-    train_cfg = TrainConfig(epochs=40 if quick else 150, patience=10 if quick else 20, seed=0)
+    train_cfg = TrainConfig(epochs=40 if quick else 150, patience=10 if quick else 20, seed=0, calibration=calibration)
     probes = {}
     for regime, spec in REGIMES.items():
         for crit in CRITERIA:
@@ -411,11 +411,11 @@ def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig):
 
 
 def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: HeadConfig, with_cost=True,
-                      pool_in=None, target_risk=0.05):
+                      pool_in=None, target_risk=0.05, calibration="split"):
     calc0 = make_calc(kind, member_paths[0])
     criteria_ok = set(CRITERIA) if has_forces(pool) else {"energy"}
     t0 = time.perf_counter()
-    probes = fit_heads(calc0, pool, quick, cache, criteria_ok, head)
+    probes = fit_heads(calc0, pool, quick, cache, criteria_ok, head, calibration)
     t_fit = time.perf_counter() - t0
     with find_tap(calc0) as tap:
         pool_fs = featurize(tap, pool, cache_dir=cache, progress=False)
@@ -490,7 +490,7 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
         results["operating_point"] = operating_points(
             kind, member_paths, calc0, pool, probes, names, frames, file_of, err, scores, feats, numbers, ptr,
             quick, cache, head, target_risk)
-        lso_probes = fit_heads(calc0, pool_in, quick, cache, criteria_ok, head)
+        lso_probes = fit_heads(calc0, pool_in, quick, cache, criteria_ok, head, calibration)
         shifted = [n for n in names if "(half)" not in n]
         results["leave_shift_out"] = operating_points(
             kind, member_paths, calc0, pool_in, lso_probes, names, frames, file_of, err, scores, feats, numbers, ptr,
@@ -760,6 +760,9 @@ def main(argv=None):
                     help="PROBE head without the per-atom force-error regression (HeadConfig.atom_error=False; the "
                          "default up to session 16) instead of the default (on for force criteria)")
     ap.add_argument("--models", type=Path, default=None, help="cached backbone folder (default OUT/models)")
+    ap.add_argument("--calibration", default="split", choices=["split", "crossfit"],
+                    help="PROBE's TrainConfig.calibration (default split; crossfit: 5 fold heads, every fit frame "
+                         "calibrates once, the mean head deployed)")
     ap.add_argument("--target-risk", type=float, default=0.05,
                     help="target risk (fraction 0-1) for every method's operating threshold (default 0.05)")
     ap.add_argument("--threads", type=int, default=1,
@@ -794,7 +797,7 @@ def main(argv=None):
                 "schnetpack": f"{args.spk_rep}, {width} features, 2 interactions, cutoff 5, {spk_epochs} epochs, "
                               "schnetpack AtomisticTask + pytorch_lightning Trainer, AdamW lr 1e-3, batch 16, "
                               "loss 0.01 E + 0.99 F MSE, best validation checkpoint",
-                "probe_head": asdict(head), "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
+                "probe_head": asdict(head), "probe_calibration": args.calibration, "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
                 "labels": "error of member 0 (the deployed model) for every method"}
     res = {"dataset": name, "settings": settings, "environment": environment(), "backbones": {}, "timings_s": {}}
 
@@ -810,7 +813,8 @@ def main(argv=None):
         res["environment"]["models"].update({Path(m).name: file_digest(m) for m in paths})
         t0 = time.perf_counter()
         res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out, head,
-                                                   pool_in=pool_in, target_risk=args.target_risk)
+                                                   pool_in=pool_in, target_risk=args.target_risk,
+                                                   calibration=args.calibration)
         res["timings_s"][f"{kind}_evaluate"] = time.perf_counter() - t0
         for n, row in res["backbones"][kind]["backbone_errors"].items():
             print(f"  {kind} {n:28s} E RMSE {row['member0_energy_rmse_meV_atom']:8.1f} meV/atom   "

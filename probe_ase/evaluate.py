@@ -96,6 +96,7 @@ def evaluate(
     m = probe.meta
     results = {"criterion": criterion, "unit": UNITS[criterion], "tau": tau, "p_star": probe.p_star,
                "target_risk": m.target_risk, "certified_risk": m.certified_risk, "delta": m.delta,
+               "calibration": m.report.get("calibration", "split"),
                "probe": metrics.summary(p, reliable, error, probe.p_star)}
     results["probe"] |= {  # the verdict: p >= p* and inside the novelty support
         "verdict_coverage": float(verdict.mean()),

@@ -17,6 +17,12 @@
    verdict (probability >= p* and inside the support) has risk <= ``target_risk``
    with probability >= 1 - ``delta``, by Learn-then-Test on the calibration split.
 
+``TrainConfig(calibration="crossfit")`` replaces steps 3-6's single split:
+``folds`` fold heads each score the fold they never saw, so every structure
+gets a held-out score (:func:`held_out_crossfit`); the novelty weight, the
+temperature and the certificate read those (85 % of the structures
+calibrate instead of 20 %) and the deployed head averages the fold heads.
+
 With ``atom_threshold`` / ``atom_quantile`` each atom is labelled too (its
 force-error norm within the atom tolerance), the head gets a per-atom logit
 trained beside the structure one (step 4), its own temperature on the
@@ -443,9 +449,6 @@ def held_out_crossfit(
     """
     from sklearn.model_selection import StratifiedKFold
 
-    if config.members not in (1, train.folds):
-        raise InputError(f"calibration='crossfit' deploys the mean of its {train.folds} fold heads: members must be "
-                         f"1 or {train.folds}, got {config.members}", members=config.members, folds=train.folds)
     everything = np.arange(len(labels))
     n_minor = int(min(labels.sum(), len(labels) - labels.sum()))
     if n_minor < 2 * train.folds:
@@ -569,6 +572,9 @@ def fit_probe(
                          atom_logit=True, atom_threshold=None, atom_quantile=None)
     if local:
         config = replace(config, atom_logit=True)
+    if train.calibration == "crossfit" and config.members not in (1, train.folds):
+        raise InputError(f"calibration='crossfit' deploys the mean of its {train.folds} fold heads: members must be "
+                         f"1 or {train.folds}, got {config.members}", members=config.members, folds=train.folds)
     frames = read_frames(data)
     if tap is not None and layers is not None and tuple(layers) != tap.layers:
         raise InputError(f"layers={list(layers)} differ from the tap's {list(tap.layers)}: choose them on the tap",

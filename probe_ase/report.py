@@ -130,7 +130,8 @@ def markdown(results: dict, figures: list[str], n_frames: int) -> str:
         f"{n_frames} structures; criterion `{results['criterion']}`, tolerance tau = {results['tau']:.4g} "
         f"{results['unit']}; operating threshold p* = {results['p_star']:.3f}, certified at risk "
         f"{results['certified_risk']:.1%} (target {results['target_risk']:.1%}) with probability >= "
-        f"{1 - results['delta']:.0%} for structures like the calibration ones; "
+        f"{1 - results['delta']:.0%} for structures like the calibration ones"
+        f"{' (cross-fitted calibration: approximately)' if results.get('calibration') == 'crossfit' else ''}; "
         f"{results['probe']['fraction_unreliable']:.1%} of structures are unreliable. Positive class: "
         "unreliable; ranking score 1 - p for PROBE, the disagreement for the ensemble. The verdict rows "
         "count structures accepted by p >= p* *and* novelty <= 1 (inside the support).", "",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,21 @@ def test_fit_options_for_the_verdict_reach_the_head_file(files, cu_data):
     assert Probe.load(files / "probe.pt").meta.novelty.weight_folds == 5  # the default when not given
 
 
+def test_fit_can_cross_fit_its_calibration(files):
+    """--calibration crossfit --folds 2: the head file holds the two fold heads' mean, calibrated on all but the grid."""
+    head = files / "crossfit.pt"
+    assert main(["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"), "--quantile", "0.7",
+                 "--epochs", "5", "--no-cache", "--calibration", "crossfit", "--folds", "2", "-o", str(head)]) == 0
+    meta = Probe.load(head).meta
+    assert (meta.report["calibration"], meta.report["folds"], meta.config.members) == ("crossfit", 2, 2)
+    assert meta.report["train"]["calibration"] == "crossfit"
+    assert Probe.load(files / "probe.pt").report["calibration"] == "split"  # the default
+    report = files / "crossfit-report"
+    assert main(["evaluate", str(files / "test.xyz"), "--probe", str(head), "--report", str(report)]) == 0
+    assert json.loads((report / "metrics.json").read_text())["calibration"] == "crossfit"
+    assert "(cross-fitted calibration: approximately)" in (report / "report.md").read_text()
+
+
 def test_fit_errors_are_reported_not_raised(files, capsys):
     code = main(["fit", "--backbone", str(files / "absent.model"), "--data", str(files / "pool.xyz")])
     assert code == 2
@@ -90,6 +107,7 @@ BAD_INPUT = [  # (arguments after the subcommand's files, what the one error lin
     ("md-negative-friction", "friction must be positive"),
     ("fit-malformed", "cannot read structures from"),
     ("fit-zero-members", "members must be >= 1"),
+    ("fit-crossfit-members", "members must be 1 or 5, got 2"),
 ]
 
 
@@ -112,6 +130,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(files, capsys, cu_data, 
                           "--no-cache", "-o", str(work / "out.pt")],
         "fit-zero-members": ["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"),
                              "--members", "0", "--no-cache", "-o", str(work / "out.pt")],
+        "fit-crossfit-members": ["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"),
+                                 "--calibration", "crossfit", "--members", "2", "--no-cache", "-o", str(work / "out.pt")],
     }[case]
     before = sorted(p.name for p in work.iterdir())
     assert main(args) == 2
@@ -284,8 +304,6 @@ def test_evaluate_writes_every_promised_file(files, capsys, backbones, cu_data):
                 "reliability_diagram.png"}
     names = {p.name for p in report.iterdir()}
     assert expected <= names and len([n for n in names if n.startswith("importance_")]) == 2
-    import json
-
     results = json.loads((report / "metrics.json").read_text())
     assert set(results["probe"]) >= {"auroc", "spearman", "aurc", "excess_aurc", "risk_at_80", "ece", "brier"}
     assert "ensemble_force_std" in results and 0 <= results["ensemble_force_std"]["auroc"] <= 1

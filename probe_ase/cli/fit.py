@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=int, default=1, metavar="K",
                         help="average K heads trained with seeds SEED..SEED+K-1 (K times the fit time and the head's "
                              "per-step time; default: 1)")
+    parser.add_argument("--calibration", choices=("split", "crossfit"), default="split",
+                        help="split: one head, calibrated and certified on a held-out 20 %% (exact guarantee); "
+                             "crossfit: FOLDS heads each trained without one fold, every structure calibrates once "
+                             "(85 %% of the data), the head file holds their mean (approximate guarantee; default: "
+                             "split)")
+    parser.add_argument("--folds", type=int, default=5, metavar="K",
+                        help="fold heads of --calibration crossfit (default: 5)")
     parser.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (default: ~/.cache/probe-ase)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     add_batch_size(parser)
@@ -77,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         atom_threshold=args.atom_threshold, atom_quantile=args.atom_quantile, target_risk=args.target_risk,
         delta=args.delta, reference_data=args.reference_data, novelty=NoveltyConfig(**novelty),
         layers=args.layers, channels=args.channels, config=HeadConfig(cutoff=args.cutoff, members=args.members),
-        train=TrainConfig(epochs=args.epochs, seed=args.seed), energy_key=args.energy_key,
+        train=TrainConfig(epochs=args.epochs, seed=args.seed, calibration=args.calibration, folds=args.folds),
+        energy_key=args.energy_key,
         forces_key=args.forces_key, batch_size=args.batch_size,
         cache_dir=False if args.no_cache else args.cache_dir,
     )
