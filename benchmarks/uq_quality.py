@@ -392,7 +392,8 @@ def time_cost(kind, member_paths, probe, latent, frames, n=30) -> dict[str, floa
 
 
 # --------------------------------------------------------------------------- main pieces
-def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig, calibration: str = "split"):
+def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig, calibration: str = "split",
+              fallback: str = "strictest"):
     """Fitted probes keyed by (regime, criterion); LabelError gives None with the reason."""
     train_cfg = TrainConfig(epochs=40 if quick else 150, patience=10 if quick else 20, seed=0, calibration=calibration)
     probes = {}
@@ -403,7 +404,7 @@ def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig, calibrati
             kw = {"threshold": spec[crit]} if regime == "absolute" else {"quantile": spec}
             try:
                 probes[(regime, crit)] = fit_probe(calc, pool, criterion=crit, train=train_cfg, config=head, cache_dir=cache,
-                                                   progress=True, **kw)
+                                                   progress=True, fallback=fallback, **kw)
             except LabelError as err:
                 probes[(regime, crit)] = str(err)
                 tqdm.write(f"  PROBE {regime}/{crit} skipped: {err}")
@@ -411,11 +412,11 @@ def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig, calibrati
 
 
 def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: HeadConfig, with_cost=True,
-                      pool_in=None, target_risk=0.05, calibration="split"):
+                      pool_in=None, target_risk=0.05, calibration="split", fallback="strictest"):
     calc0 = make_calc(kind, member_paths[0])
     criteria_ok = set(CRITERIA) if has_forces(pool) else {"energy"}
     t0 = time.perf_counter()
-    probes = fit_heads(calc0, pool, quick, cache, criteria_ok, head, calibration)
+    probes = fit_heads(calc0, pool, quick, cache, criteria_ok, head, calibration, fallback)
     t_fit = time.perf_counter() - t0
     with find_tap(calc0) as tap:
         pool_fs = featurize(tap, pool, cache_dir=cache, progress=False)
@@ -489,12 +490,12 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
         t0 = time.perf_counter()
         results["operating_point"] = operating_points(
             kind, member_paths, calc0, pool, probes, names, frames, file_of, err, scores, feats, numbers, ptr,
-            quick, cache, head, target_risk)
-        lso_probes = fit_heads(calc0, pool_in, quick, cache, criteria_ok, head, calibration)
+            quick, cache, head, target_risk, fallback=fallback)
+        lso_probes = fit_heads(calc0, pool_in, quick, cache, criteria_ok, head, calibration, fallback)
         shifted = [n for n in names if "(half)" not in n]
         results["leave_shift_out"] = operating_points(
             kind, member_paths, calc0, pool_in, lso_probes, names, frames, file_of, err, scores, feats, numbers, ptr,
-            quick, cache, head, target_risk, only_files=shifted)
+            quick, cache, head, target_risk, only_files=shifted, fallback=fallback)
         results["operating_seconds"] = time.perf_counter() - t0
     if with_cost:
         probe = next((v for v in probes.values() if not isinstance(v, str)), None)
@@ -527,14 +528,14 @@ def pool_scores(kind, member_paths, calc0, pool, cache):
 
 
 def operating_points(kind, member_paths, calc0, pool, probes, names, frames, file_of, err, eval_scores, feats,
-                     numbers, ptr, quick, cache, head, target_risk, delta=0.1, only_files=None):
+                     numbers, ptr, quick, cache, head, target_risk, delta=0.1, only_files=None, fallback="strictest"):
     """The number a user lives with: each method's threshold chosen on ``pool``, then coverage and risk per file.
 
     PROBE's threshold is its own certified p* (Learn-then-Test on its
     calibration split), once on the probability alone and once with the
     novelty support (the verdict). Each baseline's threshold is certified the
     same way (:func:`probe_ase.certify.certify`, target ``target_risk``,
-    ``delta``) on its scores over the pool: 40 % of the pool fixes the grid,
+    ``delta``, ``fallback``) on its scores over the pool: 40 % of the pool fixes the grid,
     60 % calibrates (the baselines need no training split, so they get more
     calibration frames than PROBE's 20 %). Each file also gets each score's
     AUROC (how well it ranks that file's frames, whatever the threshold).
@@ -558,7 +559,8 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
                   "PROBE verdict (p and support)": probe.verdict(sc.reliability, sc.novelty)[0]}
         certified = {"PROBE (p only)": probe.meta.certified_risk, "PROBE verdict (p and support)": probe.meta.certified_risk}
         for m, pool_score in base_pool.items():
-            cert = certify(-pool_score[~grid_part], bad_pool[~grid_part], -pool_score[grid_part], target_risk, delta)
+            cert = certify(-pool_score[~grid_part], bad_pool[~grid_part], -pool_score[grid_part], target_risk, delta,
+                           fallback=fallback)
             accept[m] = -eval_scores[m] >= cert.threshold
             certified[m] = cert.risk
         entry = {"tau": tau, "target_risk": target_risk, "delta": delta, "certified_risk": certified,
@@ -763,6 +765,9 @@ def main(argv=None):
     ap.add_argument("--calibration", default="split", choices=["split", "crossfit"],
                     help="PROBE's TrainConfig.calibration (default split; crossfit: 5 fold heads, every fit frame "
                          "calibrates once, the mean head deployed)")
+    ap.add_argument("--fallback", default="strictest", choices=["strictest", "target"],
+                    help="where a method's target risk cannot be certified, which threshold certified at the larger "
+                         "risk it gets (fit_probe's fallback, the same for PROBE and every baseline; default strictest)")
     ap.add_argument("--target-risk", type=float, default=0.05,
                     help="target risk (fraction 0-1) for every method's operating threshold (default 0.05)")
     ap.add_argument("--threads", type=int, default=1,
@@ -797,7 +802,8 @@ def main(argv=None):
                 "schnetpack": f"{args.spk_rep}, {width} features, 2 interactions, cutoff 5, {spk_epochs} epochs, "
                               "schnetpack AtomisticTask + pytorch_lightning Trainer, AdamW lr 1e-3, batch 16, "
                               "loss 0.01 E + 0.99 F MSE, best validation checkpoint",
-                "probe_head": asdict(head), "probe_calibration": args.calibration, "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
+                "probe_head": asdict(head), "probe_calibration": args.calibration,
+                "threshold_fallback": args.fallback, "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
                 "labels": "error of member 0 (the deployed model) for every method"}
     res = {"dataset": name, "settings": settings, "environment": environment(), "backbones": {}, "timings_s": {}}
 
@@ -814,7 +820,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out, head,
                                                    pool_in=pool_in, target_risk=args.target_risk,
-                                                   calibration=args.calibration)
+                                                   calibration=args.calibration, fallback=args.fallback)
         res["timings_s"][f"{kind}_evaluate"] = time.perf_counter() - t0
         for n, row in res["backbones"][kind]["backbone_errors"].items():
             print(f"  {kind} {n:28s} E RMSE {row['member0_energy_rmse_meV_atom']:8.1f} meV/atom   "

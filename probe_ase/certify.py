@@ -16,8 +16,10 @@ arXiv:2110.01052) and fixed-sequence testing:
 3. The walk stops at the first p-value above ``delta``; the loosest threshold
    rejected before that is returned.
 4. When no threshold is certified at the target, rungs of higher risk are
-   tried, sharing ``delta``, and the strictest threshold of the first rung
-   certified is returned with that risk (:func:`certify`).
+   tried, sharing ``delta``, and a threshold of the first rung certified is
+   returned with that risk (:func:`certify`): by default its strictest; with
+   ``fallback="target"``, the loosest one whose calibration risk is at most
+   the target.
 
 Guarantee: with probability at least ``1 - delta`` over the calibration
 draw, the returned threshold has risk <= alpha on structures exchangeable
@@ -43,6 +45,8 @@ from .exceptions import InputError
 GRID_POINTS = 400
 #: the first threshold tested is expected to accept this many times :func:`min_accepted` structures
 START_MARGIN = 2
+#: which threshold of a fallback rung :func:`certify` returns
+FALLBACKS = ("strictest", "target")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,17 @@ def _accepted_needed(rate: float, alpha: float, delta: float, most: int = 10**6)
     return hi
 
 
+def aim_at_target(scores: np.ndarray, bad: np.ndarray, eligible: np.ndarray, grid: np.ndarray, last: int,
+                  target: float) -> int:
+    """Index of the loosest of ``grid[:last + 1]`` whose calibration risk is <= ``target`` (0 if none)."""
+    best = 0
+    for j in range(last + 1):
+        accepted = eligible & (scores >= grid[j])
+        if accepted.any() and bad[accepted].mean() <= target:
+            best = j
+    return best
+
+
 def fallback_ladder(target_risk: float, step: float = 1.25) -> list[float]:
     """Risks tried, in order, when ``target_risk`` cannot be certified: x ``step`` per rung, below 1."""
     ladder, alpha = [], target_risk * step
@@ -181,6 +196,7 @@ def certify(
     delta: float = 0.1,
     cal_eligible: np.ndarray | None = None,
     val_eligible: np.ndarray | None = None,
+    fallback: str = "strictest",
 ) -> Certificate:
     """Choose a threshold on a score (higher = more reliable) certified at ``target_risk``.
 
@@ -193,13 +209,19 @@ def certify(
         cal_eligible: calibration structures that may be accepted at all
             (default all); the others count as rejected at every threshold.
         val_eligible: the same for the validation structures (for the grid).
+        fallback: which certified threshold a fallback returns (:data:`FALLBACKS`, below).
 
     When ``target_risk`` cannot be certified, the lowest risk on a ladder
     above it (x 1.25 per rung, :func:`fallback_ladder`) that the data certify
-    is found, and the *strictest* threshold tested at it (the first of its
-    fixed sequence) is returned with ``certified=False``; ``risk`` says what it
-    certifies. The loosest threshold at that risk would accept structures up
-    to a risk the caller did not ask for: a fallback spends no more than it must.
+    is found and returned with ``certified=False``; ``risk`` says what it
+    certifies. Every threshold of that rung's certified prefix holds it, so
+    which one is a choice of what to spend: ``"strictest"`` (default) the
+    first of the fixed sequence (it accepts about :data:`START_MARGIN` x
+    :func:`min_accepted` calibration structures, a count, so a smaller share
+    of a larger calibration set); ``"target"`` the loosest of the prefix whose
+    calibration risk is at most ``target_risk`` (more coverage, a smaller
+    margin under shift). The loosest of the prefix would accept structures up
+    to a risk the caller did not ask for, and is never returned.
     The fallback rungs share ``delta`` (Bonferroni: each is tested at ``delta``
     divided by their number), so a reported fallback risk is wrong with
     probability at most ``delta`` as well. When no rung below risk 1 is
@@ -208,6 +230,7 @@ def certify(
     if not 0 < target_risk < 1 or not 0 < delta < 1:
         raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}",
                          target_risk=target_risk, delta=delta)
+    check_fallback(fallback)
     scores, bad = np.asarray(cal_scores, dtype=float), np.asarray(cal_bad, dtype=bool)
     eligible = np.ones(len(scores), dtype=bool) if cal_eligible is None else np.asarray(cal_eligible, dtype=bool)
     val_ok = np.ones(len(val_scores), dtype=bool) if val_eligible is None else np.asarray(val_eligible, dtype=bool)
@@ -218,10 +241,17 @@ def certify(
         j = fixed_sequence(scores, bad, eligible, grid, alpha, level)
         if j is not None:
             certified = alpha == target_risk
-            j = j if certified else 0  # a fallback spends no risk beyond its strictest certified threshold
+            if not certified:
+                j = 0 if fallback == "strictest" else aim_at_target(scores, bad, eligible, grid, j, target_risk)
             accepted = eligible & (scores >= grid[j])
             needed = None if certified else frames_needed(scores, bad, eligible, target_risk, delta)
             return Certificate(float(grid[j]), target_risk, delta, certified, alpha, int(accepted.sum()),
                                int(bad[accepted].sum()), float(accepted.mean()), needed)
     return Certificate(math.inf, target_risk, delta, False, 1.0, 0, 0, 0.0,
                        frames_needed(scores, bad, eligible, target_risk, delta))
+
+
+def check_fallback(fallback: str) -> None:
+    """Raise :class:`InputError` unless ``fallback`` is one of :data:`FALLBACKS`."""
+    if fallback not in FALLBACKS:
+        raise InputError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}", fallback=fallback)

@@ -15,7 +15,9 @@
 6. Temperature-scale the logit on the calibration split.
 7. Certify ``p*`` (:mod:`probe_ase.certify`): the loosest threshold whose
    verdict (probability >= p* and inside the support) has risk <= ``target_risk``
-   with probability >= 1 - ``delta``, by Learn-then-Test on the calibration split.
+   with probability >= 1 - ``delta``, by Learn-then-Test on the calibration split;
+   where the data cannot certify ``target_risk``, a threshold certified at a
+   larger risk, chosen by ``fallback``.
 
 ``TrainConfig(calibration="crossfit")`` replaces steps 3-6's single split:
 ``folds`` fold heads each score the fold they never saw, so every structure
@@ -48,7 +50,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from . import metrics
-from .certify import certify
+from .certify import certify, check_fallback
 from .dataset import FeatureSet, Frames, featurize, features_only, read_frames
 from .exceptions import InputError, LabelError
 from .graph import HeadGraph
@@ -501,6 +503,7 @@ def fit_probe(
     atom_quantile: float | None = None,
     target_risk: float = 0.05,
     delta: float = 0.1,
+    fallback: str = "strictest",
     reference_data: Frames | None = None,
     layers: Sequence[int] | None = None,
     channels: str | None = None,
@@ -537,6 +540,11 @@ def fit_probe(
             unreliable at the operating threshold p* (0-1).
         delta: p* keeps ``target_risk`` with probability >= 1 - delta over the
             calibration draw (0-1), for structures like the calibration ones.
+        fallback: where ``target_risk`` cannot be certified, which threshold
+            certified at the larger risk p* is: ``"strictest"`` (default, the
+            least coverage and the most margin) or ``"target"`` (the loosest
+            whose calibration risk is at most ``target_risk``); see
+            :func:`~probe_ase.certify.certify`.
         reference_data: the backbone's own training frames (path or list;
             no labels needed): added to the novelty model's density, so
             structures like them count as inside the support.
@@ -561,6 +569,7 @@ def fit_probe(
         the calibrated probability carries no information.
     """
     check_criterion(criterion)
+    check_fallback(fallback)
     if not 0 < target_risk < 1 or not 0 < delta < 1:
         raise InputError(f"target_risk and delta must lie strictly between 0 and 1, got {target_risk} and {delta}",
                          target_risk=target_risk, delta=delta)
@@ -619,7 +628,7 @@ def fit_probe(
     head.temperature.fill_(temperature)
     p = 1 / (1 + np.exp(-z_cal / temperature))
     cert = certify(z_cal, labels[cal] == 0, z_val, target_risk, delta, cal_eligible=novelty_cal <= 1,
-                   val_eligible=held.novelty_grid <= 1)
+                   val_eligible=held.novelty_grid <= 1, fallback=fallback)
     # accept p >= p*: p* = sigmoid(z*/T); nothing certified -> just above 1, so nothing is accepted
     p_star = float(np.nextafter(1.0, 2.0)) if not np.isfinite(cert.threshold) else \
         float(1 / (1 + np.exp(-cert.threshold / temperature)))
@@ -634,6 +643,13 @@ def fit_probe(
         else:
             more = ("more data like this would not certify it (its empirical risk is never below the target): "
                     "improve the backbone or the head, or raise target_risk")
+        if fallback == "strictest" and np.isfinite(cert.threshold):
+            aim = certify(z_cal, labels[cal] == 0, z_val, target_risk, delta, cal_eligible=novelty_cal <= 1,
+                          val_eligible=held.novelty_grid <= 1, fallback="target")
+            if aim.n_accepted > cert.n_accepted:
+                more += (f"; p* accepts {cert.n_accepted} calibration structures, fallback='target' would accept "
+                         f"{aim.n_accepted} at the same certified risk (calibration risk <= {target_risk:.1%}, less "
+                         "margin under shift)")
         warnings.warn(f"target risk {target_risk:.1%} cannot be certified at delta {delta} with {len(cal)} calibration "
                       f"structures; p* = {p_star:.3f} is certified at risk {cert.risk:.1%} instead (the fallback risks "
                       f"share delta {delta}, so this one too holds with probability >= {1 - delta:g}); {more}", stacklevel=2)
@@ -652,7 +668,7 @@ def fit_probe(
         "informative": informative, "probability_range": [float(p.min()), float(p.max())],
         "risk_at_p_star": float(np.mean(labels[cal][accepted] == 0)) if accepted.any() else float("nan"),
         "cal_out_of_support": float(np.mean(novelty_cal > 1)), "novelty_weight": weight,
-        "certificate": {"certified": cert.certified, "risk": cert.risk, "delta": delta,
+        "certificate": {"certified": cert.certified, "risk": cert.risk, "delta": delta, "fallback": fallback,
                         "n_accepted": cert.n_accepted, "n_errors": cert.n_errors, "frames_needed": cert.frames_needed},
         "n_reference": 0 if reference is None else int(reference[0].shape[0]),
         "train": asdict(train),

@@ -35,7 +35,7 @@ from .headfile import HeadMeta
 def refit_options(meta: HeadMeta, head_epochs: int, seed: int) -> dict:
     """:func:`~probe_ase.fit.fit_probe` options that refit a head like the one ``meta`` describes.
 
-    Keeps its criterion, target risk and certificate level (``delta``),
+    Keeps its criterion, target risk, certificate level (``delta``) and fallback rule,
     tapped layers and channels, head size, novelty options and, for a head
     with a per-atom logit, its atom tolerance (eV/Å), and how it was
     calibrated (split or cross-fitted, and the folds); the tolerance ``tau``
@@ -44,7 +44,8 @@ def refit_options(meta: HeadMeta, head_epochs: int, seed: int) -> dict:
     fitted = meta.report.get("train", {})
     train = TrainConfig(epochs=head_epochs, seed=seed, calibration=fitted.get("calibration", "split"),
                         folds=fitted.get("folds", TrainConfig.folds))
-    options = dict(criterion=meta.criterion, target_risk=meta.target_risk, delta=meta.delta, layers=meta.layers,
+    options = dict(criterion=meta.criterion, target_risk=meta.target_risk, delta=meta.delta,
+                   fallback=meta.report.get("certificate", {}).get("fallback", "strictest"), layers=meta.layers,
                    channels=meta.channels, config=meta.config, novelty=meta.novelty,
                    train=train, cache_dir=False, progress=False)
     if meta.atom_tau is not None:

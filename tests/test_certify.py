@@ -92,6 +92,35 @@ def test_fallback_is_the_strictest_threshold_tested_at_its_risk():
     assert loosest > 0 and cert.n_accepted < int((scores >= grid[loosest]).sum())
 
 
+def test_target_fallback_keeps_its_certified_risk_and_spends_it_on_coverage():
+    """fallback="target": same certified risk, the loosest threshold of the rung's certified prefix whose calibration
+    risk is <= the target; it accepts at least what the strictest does, its true risk stays within the certified one
+    in >= 1 - delta of the draws, and where the target's coverage is out of the strictest's reach it covers more."""
+    rng = np.random.default_rng(5)
+    floor, delta, draws = 0.03, 0.1, 60
+    level = delta / len(fallback_ladder(0.05))
+    fails = fell = 0
+    gain = []
+    for _ in range(draws):
+        scores, bad = draw(rng, 250, floor)
+        val, _ = draw(rng, 180, floor)
+        strict, aim = (certify(scores, bad, val, 0.05, delta, fallback=rule) for rule in ("strictest", "target"))
+        assert (aim.certified, aim.risk) == (strict.certified, strict.risk)
+        if strict.certified or strict.risk >= 1:
+            assert aim.threshold == strict.threshold
+            continue
+        fell += 1
+        grid = threshold_grid(val, np.ones(len(val), dtype=bool), len(scores), aim.risk, level)
+        loosest = fixed_sequence(scores, bad, np.ones(len(scores), dtype=bool), grid, aim.risk, level)
+        assert grid[loosest] <= aim.threshold <= strict.threshold and aim.n_accepted >= strict.n_accepted
+        if aim.threshold < strict.threshold:
+            assert aim.n_errors <= 0.05 * aim.n_accepted
+        fails += true_risk(aim.threshold, floor) > aim.risk
+        gain.append(strict.threshold - aim.threshold)  # true coverage gained (scores uniform on (0, 1))
+    assert fell >= draws // 2 and fails / draws <= delta
+    assert np.mean(gain) > 0.05
+
+
 def test_what_data_can_certify():
     # DESIGN.md §8: alpha = delta = 0.05
     assert min_accepted(0.05, 0.05) == 59

@@ -61,18 +61,20 @@ def test_failed_score_leaves_existing_output_intact(files, capsys):
 
 
 def test_fit_options_for_the_verdict_reach_the_head_file(files, cu_data):
-    """--delta, --reference-data, --support-quantile, --weight-folds, --members and --channels end up in the head the
-    CLI writes."""
+    """--delta, --fallback, --reference-data, --support-quantile, --weight-folds, --members and --channels end up in
+    the head the CLI writes."""
     write(files / "train.xyz", cu_data["train"], format="extxyz")
     head = files / "options.pt"
     assert main(["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"), "--quantile", "0.7",
                  "--epochs", "5", "--no-cache", "--delta", "0.2", "--reference-data", str(files / "train.xyz"),
                  "--support-quantile", "0.95", "--weight-folds", "2", "--members", "2",
-                 "--channels", "scalars+norms", "-o", str(head)]) == 0
+                 "--channels", "scalars+norms", "--fallback", "target", "-o", str(head)]) == 0
     meta = Probe.load(head).meta
     assert meta.channels == "scalars+norms" and Probe.load(files / "probe.pt").meta.channels == "scalars"
     assert meta.config.members == 2 and len(Probe.load(head).head.others) == 1
     assert (meta.delta, meta.novelty.support_quantile, meta.novelty.weight_folds) == (0.2, 0.95, 2)
+    assert meta.report["certificate"]["fallback"] == "target"
+    assert Probe.load(files / "probe.pt").report["certificate"]["fallback"] == "strictest"
     assert meta.report["certificate"]["delta"] == 0.2 and meta.report["novelty_weight_folds"] == 2
     assert meta.report["n_reference"] == sum(len(a) for a in cu_data["train"])  # atoms of the training frames
     assert Probe.load(files / "probe.pt").meta.novelty.weight_folds == 5  # the default when not given

@@ -327,3 +327,26 @@ def test_crossfit_calibration_scores_every_structure_and_deploys_the_fold_heads_
         TrainConfig(calibration="crossfit", folds=1)
     with pytest.raises(InputError, match="members must be 1 or 3, got 2"):
         fit_probe(calc, cu_data["pool"], train=crossfit, **(kwargs | {"config": HeadConfig(hidden=16, members=2)}))
+
+
+def test_fallback_target_spends_the_certified_risk_on_coverage(backbones, cu_data):
+    """Where 5 % cannot be certified, fallback="target" keeps the head and the certified risk but lowers p* to the
+    loosest threshold whose calibration risk is <= 5 %; the default's warning says what that would accept; refit
+    keeps the rule."""
+    from probe_ase import NoveltyConfig
+    from probe_ase.retrain import refit_options
+
+    kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16), cache_dir=False, progress=False,
+                  train=TrainConfig(epochs=20, patience=5, calibration="crossfit", folds=2),
+                  novelty=NoveltyConfig(weight_folds=0))  # ~100 calibration structures: room between the two rules
+    with pytest.warns(UserWarning, match="fallback='target' would accept") as caught:
+        strict = fit_probe(backbones("mace"), cu_data["pool"], **kwargs)
+    assert any("cannot be certified" in str(w.message) for w in caught)
+    aim = fit_probe(backbones("mace"), cu_data["pool"], fallback="target", **kwargs)
+    s, a = strict.report["certificate"], aim.report["certificate"]
+    assert not s["certified"] and (s["fallback"], a["fallback"]) == ("strictest", "target")
+    assert a["risk"] == s["risk"] and strict.meta.temperature == aim.meta.temperature
+    assert aim.p_star < strict.p_star and a["n_accepted"] > s["n_accepted"]
+    assert a["n_errors"] <= 0.05 * a["n_accepted"]
+    assert refit_options(aim.meta, head_epochs=5, seed=1)["fallback"] == "target"
+    assert refit_options(strict.meta, head_epochs=5, seed=1)["fallback"] == "strictest"

@@ -60,10 +60,10 @@ def _bulk_cu():
     return bulk("Cu", "fcc", a=3.6, cubic=True)
 
 
-def _certify(target_risk):
+def _certify(target_risk, fallback="strictest"):
     from probe_ase.certify import certify
 
-    return certify(np.zeros(10), np.zeros(10, dtype=bool), np.zeros(5), target_risk, 0.1)
+    return certify(np.zeros(10), np.zeros(10, dtype=bool), np.zeros(5), target_risk, 0.1, fallback=fallback)
 
 
 def _make_dynamics(pbc: bool = True, **kwargs):
@@ -107,6 +107,7 @@ DELIBERATE_ERRORS = {
     "regions-buffer": (lambda tmp: probe_ase.extract_regions(_bulk_cu(), [0], buffer=0.0), probe_ase.InputError,
                        {"buffer": 0.0}),
     "certify-risk": (lambda tmp: _certify(1.5), probe_ase.InputError, {"target_risk": 1.5, "delta": 0.1}),
+    "certify-fallback": (lambda tmp: _certify(0.05, fallback="loosest"), probe_ase.InputError, {"fallback": "loosest"}),
     "labels-quantile": (lambda tmp: _resolve_tolerance(quantile=1.5), probe_ase.InputError, {"quantile": 1.5}),
     "read-frames": (lambda tmp: probe_ase.read_frames(tmp / "absent.xyz"), probe_ase.InputError,
                     {"path": "{tmp}/absent.xyz"}),

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=0.1,
                         help="p* keeps --target-risk with probability >= 1 - delta over the calibration draw "
                              "(0-1; default: 0.1)")
+    parser.add_argument("--fallback", choices=("strictest", "target"), default="strictest",
+                        help="where --target-risk cannot be certified, which threshold certified at the larger risk "
+                             "p* is: the strictest (default) or the loosest whose calibration risk is at most "
+                             "--target-risk (more coverage, less margin under shift)")
     parser.add_argument("--reference-data", metavar="PATH",
                         help="the backbone's own training structures (extxyz, ASE trajectory or ase.db; no labels "
                              "needed): structures like them count as inside the novelty support")
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     probe = fit_probe(
         calc, args.data, criterion=args.criterion, threshold=args.threshold, quantile=args.quantile,
         atom_threshold=args.atom_threshold, atom_quantile=args.atom_quantile, target_risk=args.target_risk,
-        delta=args.delta, reference_data=args.reference_data, novelty=NoveltyConfig(**novelty),
+        delta=args.delta, fallback=args.fallback, reference_data=args.reference_data, novelty=NoveltyConfig(**novelty),
         layers=args.layers, channels=args.channels, config=HeadConfig(cutoff=args.cutoff, members=args.members),
         train=TrainConfig(epochs=args.epochs, seed=args.seed, calibration=args.calibration, folds=args.folds),
         energy_key=args.energy_key,
