@@ -97,6 +97,7 @@ def evaluate(
     results = {"criterion": criterion, "unit": UNITS[criterion], "tau": tau, "p_star": probe.p_star,
                "target_risk": m.target_risk, "certified_risk": m.certified_risk, "delta": m.delta,
                "calibration": m.report.get("calibration", "split"),
+               "fallback": m.report.get("certificate", {}).get("fallback", "strictest"),
                "probe": metrics.summary(p, reliable, error, probe.p_star)}
     results["probe"] |= {  # the verdict: p >= p* and inside the novelty support
         "verdict_coverage": float(verdict.mean()),

@@ -119,6 +119,17 @@ def importance_png(frame: Atoms, index: int, out: Path) -> str:
     return name
 
 
+def fallback_note(results: dict) -> str:
+    """How p* was chosen when the target risk could not be certified (empty when it was)."""
+    if results["certified_risk"] <= results["target_risk"]:
+        return ""
+    if results.get("fallback") == "target":
+        return (f"; the target could not be certified: p* is the loosest threshold certified at "
+                f"{results['certified_risk']:.1%} whose calibration risk is at most the target (fallback 'target')")
+    return (f"; the target could not be certified: p* is the strictest threshold certified at "
+            f"{results['certified_risk']:.1%} (fallback 'strictest')")
+
+
 def markdown(results: dict, figures: list[str], n_frames: int) -> str:
     """The text of ``report.md``: headline, a metric table over the methods, the per-atom section, figures."""
     keys = ["auroc", "auprc", "spearman", "aurc", "excess_aurc", "risk_at_50", "risk_at_80", "risk_at_90",
@@ -131,7 +142,8 @@ def markdown(results: dict, figures: list[str], n_frames: int) -> str:
         f"{results['unit']}; operating threshold p* = {results['p_star']:.3f}, certified at risk "
         f"{results['certified_risk']:.1%} (target {results['target_risk']:.1%}) with probability >= "
         f"{1 - results['delta']:.0%} for structures like the calibration ones"
-        f"{' (cross-fitted calibration: approximately)' if results.get('calibration') == 'crossfit' else ''}; "
+        f"{' (cross-fitted calibration: approximately)' if results.get('calibration') == 'crossfit' else ''}"
+        f"{fallback_note(results)}; "
         f"{results['probe']['fraction_unreliable']:.1%} of structures are unreliable. Positive class: "
         "unreliable; ranking score 1 - p for PROBE, the disagreement for the ensemble. The verdict rows "
         "count structures accepted by p >= p* *and* novelty <= 1 (inside the support).", "",

@@ -177,3 +177,14 @@ def test_ineligible_structures_are_never_accepted():
 def test_bad_levels_are_input_errors(risk, delta):
     with pytest.raises(InputError, match="strictly between 0 and 1"):
         certify(np.ones(3), np.zeros(3, dtype=bool), np.ones(3), risk, delta)
+
+
+def test_the_evaluation_report_says_how_a_fallback_p_star_was_chosen():
+    """evaluate's report.md names the fallback rule only when the target was not certified."""
+    from probe_ase.report import fallback_note
+
+    base = {"target_risk": 0.05, "certified_risk": 0.153}
+    assert "strictest threshold certified at 15.3%" in fallback_note(base | {"fallback": "strictest"})
+    assert "loosest threshold certified at 15.3% whose calibration risk is at most" in \
+        fallback_note(base | {"fallback": "target"})
+    assert fallback_note(base | {"certified_risk": 0.05, "fallback": "target"}) == ""

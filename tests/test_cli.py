@@ -61,38 +61,42 @@ def test_failed_score_leaves_existing_output_intact(files, capsys):
 
 
 def test_fit_options_for_the_verdict_reach_the_head_file(files, cu_data):
-    """--delta, --fallback, --reference-data, --support-quantile, --weight-folds, --members and --channels end up in
-    the head the CLI writes."""
+    """--delta, --reference-data, --support-quantile, --weight-folds, --members and --channels end up in the head the
+    CLI writes."""
     write(files / "train.xyz", cu_data["train"], format="extxyz")
     head = files / "options.pt"
     assert main(["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"), "--quantile", "0.7",
                  "--epochs", "5", "--no-cache", "--delta", "0.2", "--reference-data", str(files / "train.xyz"),
                  "--support-quantile", "0.95", "--weight-folds", "2", "--members", "2",
-                 "--channels", "scalars+norms", "--fallback", "target", "-o", str(head)]) == 0
+                 "--channels", "scalars+norms", "-o", str(head)]) == 0
     meta = Probe.load(head).meta
     assert meta.channels == "scalars+norms" and Probe.load(files / "probe.pt").meta.channels == "scalars"
     assert meta.config.members == 2 and len(Probe.load(head).head.others) == 1
     assert (meta.delta, meta.novelty.support_quantile, meta.novelty.weight_folds) == (0.2, 0.95, 2)
-    assert meta.report["certificate"]["fallback"] == "target"
-    assert Probe.load(files / "probe.pt").report["certificate"]["fallback"] == "strictest"
     assert meta.report["certificate"]["delta"] == 0.2 and meta.report["novelty_weight_folds"] == 2
     assert meta.report["n_reference"] == sum(len(a) for a in cu_data["train"])  # atoms of the training frames
     assert Probe.load(files / "probe.pt").meta.novelty.weight_folds == 5  # the default when not given
 
 
 def test_fit_can_cross_fit_its_calibration(files):
-    """--calibration crossfit --folds 2: the head file holds the two fold heads' mean, calibrated on all but the grid."""
+    """--calibration crossfit --folds 2 --fallback target: the head file holds the two fold heads' mean, calibrated on
+    all but the grid, and the fallback rule; evaluate's report names both."""
     head = files / "crossfit.pt"
     assert main(["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"), "--quantile", "0.7",
-                 "--epochs", "5", "--no-cache", "--calibration", "crossfit", "--folds", "2", "-o", str(head)]) == 0
+                 "--epochs", "5", "--no-cache", "--calibration", "crossfit", "--folds", "2", "--fallback", "target",
+                 "-o", str(head)]) == 0
     meta = Probe.load(head).meta
     assert (meta.report["calibration"], meta.report["folds"], meta.config.members) == ("crossfit", 2, 2)
-    assert meta.report["train"]["calibration"] == "crossfit"
-    assert Probe.load(files / "probe.pt").report["calibration"] == "split"  # the default
+    assert meta.report["train"]["calibration"] == "crossfit" and meta.report["certificate"]["fallback"] == "target"
+    default = Probe.load(files / "probe.pt")
+    assert (default.report["calibration"], default.report["certificate"]["fallback"]) == ("split", "strictest")
     report = files / "crossfit-report"
     assert main(["evaluate", str(files / "test.xyz"), "--probe", str(head), "--report", str(report)]) == 0
-    assert json.loads((report / "metrics.json").read_text())["calibration"] == "crossfit"
-    assert "(cross-fitted calibration: approximately)" in (report / "report.md").read_text()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert (metrics["calibration"], metrics["fallback"]) == ("crossfit", "target")
+    text = (report / "report.md").read_text()
+    assert "(cross-fitted calibration: approximately)" in text
+    assert ("(fallback 'target')" in text) == (meta.certified_risk > meta.target_risk)
 
 
 def test_fit_errors_are_reported_not_raised(files, capsys):
