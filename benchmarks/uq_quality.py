@@ -52,9 +52,11 @@ Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
 6. **Scaling**: PROBE (quantile regime) for MACE member-0-style backbones of three
    widths (4/8/16 channels, the main width's model reused), one row each (``--no-scaling`` skips).
 
-Writes ``results.json``, ``results.md`` and ``plots/<backbone>_<regime>_<criterion>/``
-(ROC, risk-coverage, PROBE probability vs error, reliability diagram) into
-``--out``, each file atomically.
+Writes ``results.json``, ``results.md``, ``plots/<backbone>_<regime>_<criterion>/``
+(ROC, risk-coverage, PROBE probability vs error, reliability diagram) and
+``scores-<backbone>.npz`` (every method's per-frame score, member 0's errors
+and each operating point's acceptance: what ``paired_bootstrap.py`` resamples)
+into ``--out``, each file atomically.
 """
 
 from __future__ import annotations
@@ -412,7 +414,16 @@ def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig, calibrati
 
 
 def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: HeadConfig, with_cost=True,
-                      pool_in=None, target_risk=0.05, calibration="split", fallback="strictest"):
+                      pool_in=None, target_risk=0.05, calibration="split", fallback="strictest",
+                      arrays: dict[str, np.ndarray] | None = None):
+    """Every method's metrics on ``evals``; fills ``arrays`` (when given) with the per-frame scores behind them.
+
+    ``arrays`` keys: ``files`` and ``file_of`` (each frame's file), then per
+    ``<regime>/<criterion>``: ``error`` (member 0's, NaN where unlabelled),
+    ``score/<method>`` (higher: less reliable; PROBE's is ``1 - p``) and,
+    for both operating-point protocols, ``operating_point|leave_shift_out/
+    accept/<method>`` (booleans).
+    """
     calc0 = make_calc(kind, member_paths[0])
     criteria_ok = set(CRITERIA) if has_forces(pool) else {"energy"}
     t0 = time.perf_counter()
@@ -434,6 +445,8 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
     if ens:
         scores.update({k: ens[k] for k in ("ens_force_std", "ens_force_max_std", "ens_energy_std")})
     graphs: dict[float, list] = {}  # radius graphs by head cutoff (Å)
+    if arrays is not None:
+        arrays.update(files=np.array(names), file_of=file_of)
 
     # backbone errors per file (member 0 and ensemble mean)
     bb = {}
@@ -466,6 +479,9 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
         usable = np.isfinite(err[crit])
         file_ids = [i for i, n in enumerate(names) if usable[file_of == i].all()]
         all_scores = {"PROBE": p, **scores, "oracle": err[crit]}
+        if arrays is not None:
+            arrays[f"{regime}/{crit}/error"] = err[crit]
+            arrays.update({f"{regime}/{crit}/score/{m}": 1 - s if m == "PROBE" else s for m, s in all_scores.items()})
         for i in file_ids + [None]:
             mask = usable & ((file_of == i) if i is not None else np.isin(file_of, file_ids))
             e, rel = err[crit][mask], err[crit][mask] <= tau
@@ -490,12 +506,13 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
         t0 = time.perf_counter()
         results["operating_point"] = operating_points(
             kind, member_paths, calc0, pool, probes, names, frames, file_of, err, scores, feats, numbers, ptr,
-            quick, cache, head, target_risk, fallback=fallback)
+            quick, cache, head, target_risk, fallback=fallback, arrays=arrays, prefix="operating_point")
         lso_probes = fit_heads(calc0, pool_in, quick, cache, criteria_ok, head, calibration, fallback)
         shifted = [n for n in names if "(half)" not in n]
         results["leave_shift_out"] = operating_points(
             kind, member_paths, calc0, pool_in, lso_probes, names, frames, file_of, err, scores, feats, numbers, ptr,
-            quick, cache, head, target_risk, only_files=shifted, fallback=fallback)
+            quick, cache, head, target_risk, only_files=shifted, fallback=fallback, arrays=arrays,
+            prefix="leave_shift_out")
         results["operating_seconds"] = time.perf_counter() - t0
     if with_cost:
         probe = next((v for v in probes.values() if not isinstance(v, str)), None)
@@ -528,7 +545,8 @@ def pool_scores(kind, member_paths, calc0, pool, cache):
 
 
 def operating_points(kind, member_paths, calc0, pool, probes, names, frames, file_of, err, eval_scores, feats,
-                     numbers, ptr, quick, cache, head, target_risk, delta=0.1, only_files=None, fallback="strictest"):
+                     numbers, ptr, quick, cache, head, target_risk, delta=0.1, only_files=None, fallback="strictest",
+                     arrays=None, prefix=""):
     """The number a user lives with: each method's threshold chosen on ``pool``, then coverage and risk per file.
 
     PROBE's threshold is its own certified p* (Learn-then-Test on its
@@ -539,6 +557,8 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
     60 % calibrates (the baselines need no training split, so they get more
     calibration frames than PROBE's 20 %). Each file also gets each score's
     AUROC (how well it ranks that file's frames, whatever the threshold).
+    ``arrays`` (when given) gets each method's acceptance of every frame
+    under ``<regime>/<criterion>/<prefix>/accept/<method>``.
     """
     from probe_ase.certify import certify
 
@@ -563,6 +583,8 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
                            fallback=fallback)
             accept[m] = -eval_scores[m] >= cert.threshold
             certified[m] = cert.risk
+        if arrays is not None:
+            arrays.update({f"{regime}/{crit}/{prefix}/accept/{m}": a for m, a in accept.items()})
         entry = {"tau": tau, "target_risk": target_risk, "delta": delta, "certified_risk": certified,
                  "p_star": probe.p_star, "novelty_weight": probe.meta.novelty_weight, "files": {}}
         usable = np.isfinite(err[crit])
@@ -818,9 +840,12 @@ def main(argv=None):
         res["timings_s"][f"{kind}_train"] = time.perf_counter() - t0
         res["environment"]["models"].update({Path(m).name: file_digest(m) for m in paths})
         t0 = time.perf_counter()
+        arrays: dict[str, np.ndarray] = {}
         res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out, head,
                                                    pool_in=pool_in, target_risk=args.target_risk,
-                                                   calibration=args.calibration, fallback=args.fallback)
+                                                   calibration=args.calibration, fallback=args.fallback,
+                                                   arrays=arrays)
+        atomic_write(out / f"scores-{kind}.npz", lambda tmp: _save_npz(tmp, arrays))
         res["timings_s"][f"{kind}_evaluate"] = time.perf_counter() - t0
         for n, row in res["backbones"][kind]["backbone_errors"].items():
             print(f"  {kind} {n:28s} E RMSE {row['member0_energy_rmse_meV_atom']:8.1f} meV/atom   "
@@ -835,6 +860,11 @@ def main(argv=None):
     res["wall_seconds"] = time.perf_counter() - start
     _write(out, res)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} ({res['wall_seconds'] / 60:.1f} min)")
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]):
+    with open(path, "wb") as fh:  # a handle: savez would append ".npz" to the temporary name
+        np.savez_compressed(fh, **arrays)
 
 
 def _write(out: Path, res: dict):
