@@ -7,6 +7,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..certify import FALLBACKS
+from ..fit import CALIBRATION
+from ..labels import CRITERIA
 from .options import add_backbone, add_batch_size, add_reference_keys
 
 HELP = "fit a PROBE head on labelled structures (reference energies in eV, forces in eV/Å)"
@@ -19,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelled structures: extxyz, ASE trajectory or ase.db (never used for backbone training)")
     parser.add_argument("-o", "--output", default="probe.pt", metavar="PATH", help="head file to write (default: probe.pt)")
     parser.add_argument("--criterion", default="force_rmse",
-                        choices=["force_rmse", "force_max", "energy_per_atom", "energy"],
+                        choices=CRITERIA,
                         help="error criterion: force_rmse / force_max in eV/Å, energy_per_atom in eV/atom, energy in eV")
     tol = parser.add_mutually_exclusive_group()
     tol.add_argument("--threshold", type=float, metavar="TAU",
@@ -36,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=0.1,
                         help="p* keeps --target-risk with probability >= 1 - delta over the calibration draw "
                              "(0-1; default: 0.1)")
-    parser.add_argument("--fallback", choices=("strictest", "target"), default="strictest",
+    parser.add_argument("--fallback", choices=FALLBACKS, default="strictest",
                         help="where --target-risk cannot be certified, which threshold certified at the larger risk "
                              "p* is: the strictest (default) or the loosest whose calibration risk is at most "
                              "--target-risk (more coverage, less margin under shift)")
@@ -60,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=int, default=1, metavar="K",
                         help="average K heads trained with seeds SEED..SEED+K-1 (K times the fit time and the head's "
                              "per-step time; default: 1)")
-    parser.add_argument("--calibration", choices=("split", "crossfit"), default="split",
+    parser.add_argument("--calibration", choices=CALIBRATION, default="split",
                         help="split: one head, calibrated and certified on a held-out 20 %% (exact guarantee); "
                              "crossfit: FOLDS heads each trained without one fold, every structure calibrates once "
                              "(85 %% of the data), the head file holds their mean (approximate guarantee; default: "
