@@ -16,6 +16,8 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
+from .exceptions import InputError
+
 
 def auroc(unreliable: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve for detecting unreliable structures (NaN if one class)."""
@@ -129,7 +131,8 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, strata: np.ndarr
     trajectory that are correlated make the interval too narrow.
     """
     if not 0 < level < 1 or reps < 1 or n < 1:
-        raise ValueError(f"bootstrap needs 0 < level < 1, reps >= 1 and n >= 1 (got {level}, {reps}, {n})")
+        raise InputError(f"bootstrap needs 0 < level < 1, reps >= 1 and n >= 1 (got {level}, {reps}, {n})",
+                         level=level, reps=reps, n=n)
     rng = np.random.default_rng(seed)
     groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
     values = []
