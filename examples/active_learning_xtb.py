@@ -33,9 +33,9 @@ from ase.md.langevin import Langevin  # noqa: E402
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution  # noqa: E402
 from tblite.ase import TBLite  # noqa: E402
 
-from probe_ase import ProbeCalculator, TrainConfig, fit_probe  # noqa: E402
-from probe_ase.active_learning import ActiveLearner, RoundReport  # noqa: E402
-from probe_ase.retrain import MaceTrainer  # noqa: E402
+from probe_ase import FitOptions, ProbeCalculator, fit_probe  # noqa: E402
+from probe_ase.al.learner import ActiveLearner, RoundReport  # noqa: E402
+from probe_ase.al.retrain import MaceTrainer  # noqa: E402
 from probe_ase.testing import train_mace  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,8 +69,8 @@ print("generating xTB data ...")
 train = xtb_md(int(60 * scale), 300, seed=1)
 pool = xtb_md(int(60 * scale), 300, seed=2) + xtb_md(int(60 * scale), 800, seed=3)
 base = train_mace(train, r_max=4.0, epochs=int(80 * scale))
-probe = fit_probe(base, pool, criterion="force_rmse", quantile=0.7, train=TrainConfig(epochs=100),
-                  cache_dir=False, progress=False)
+probe = fit_probe(base, pool, criterion="force_rmse", quantile=0.7, cache_dir=False, progress=False,
+                  options=FitOptions(epochs=100, patience=25))
 print(f"head fitted: tau = {probe.meta.tau * 1000:.0f} meV/Å, p* = {probe.p_star:.2f}")
 
 

@@ -8,8 +8,9 @@ trained on EMT copper at 300 K. Nothing in probe-ase knows it. The script
    atoms' invariant features, ``(n_atoms, width)``),
 2. runs the adapter conformance suite ``check_tap`` against the model's own
    hook-free ``layer_features``,
-3. fits a head with ``fit_probe(..., tap=tap)`` and scores 300 K and 1200 K
-   frames with ``ProbeCalculator(calc, probe, tap=tap)``.
+3. fits a head with ``fit_probe(tap, ...)`` (the tap itself in place of the
+   calculator) and scores 300 K and 1200 K frames with
+   ``ProbeCalculator(calc, probe, tap=tap)``.
 
 Runs in about half a minute on 2 CPU cores, with no files or network.
 
@@ -21,8 +22,8 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.neighborlist import neighbor_list
 
-from probe_ase import ModuleTap, ProbeCalculator, TrainConfig, fit_probe
-from probe_ase.metrics import auroc
+from probe_ase import FitOptions, ModuleTap, ProbeCalculator, fit_probe
+from probe_ase.evaluation.metrics import auroc
 from probe_ase.testing import check_tap, emt_frames
 
 CUTOFF = 4.0  # Å
@@ -135,8 +136,8 @@ if __name__ == "__main__":
 
     pool = emt_frames(40, 300, seed=2) + emt_frames(30, 900, seed=3) + emt_frames(30, 600, strain=0.03, seed=4)
     with make_tap() as tap:
-        probe = fit_probe(calc, pool, criterion="force_rmse", quantile=0.7, train=TrainConfig(epochs=60),
-                          cache_dir=False, progress=False, tap=tap)
+        probe = fit_probe(tap, pool, criterion="force_rmse", quantile=0.7, cache_dir=False, progress=False,
+                          options=FitOptions(epochs=60, patience=25))
         frames = emt_frames(20, 300, seed=5) + emt_frames(20, 1200, seed=6)
         reliability, errors = [], []
         with ProbeCalculator(calc, probe, tap=tap) as probe_calc:

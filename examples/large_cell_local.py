@@ -25,7 +25,8 @@ from ase.geometry import find_mic
 from ase.io import write
 from matplotlib.figure import Figure
 
-from probe_ase import HeadConfig, ProbeCalculator, TrainConfig, annotate, fit_probe, metrics
+from probe_ase import FitOptions, ProbeCalculator, annotate, fit_probe
+from probe_ase.evaluation import metrics
 from probe_ase.testing import emt_frames, hot_spot_frames, train_mace
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,8 +56,8 @@ base = train_mace(emt_frames(40, 300, seed=1), epochs=30)
 thermal = emt_frames(36, 300, size=3, seed=2)
 vacancies = [remove_cluster(a, int(rng.integers(1, 5)), int(rng.integers(len(a))))[0] for a in thermal[12:]]
 pool = thermal[:12] + vacancies + hot_spot_frames(24, seed=3)
-probe = fit_probe(base, pool, criterion="force_rmse", quantile=0.7, atom_quantile=0.9, config=HeadConfig(hidden=32),
-                  train=TrainConfig(epochs=30, patience=10), cache_dir=False, progress=False)
+probe = fit_probe(base, pool, criterion="force_rmse", quantile=0.7, atom_quantile=0.9, cache_dir=False, progress=False,
+                  options=FitOptions(hidden=32, epochs=30, patience=10))
 
 # --- the big cell: a 300 K snapshot tiled to 4 096 atoms, then a four-vacancy cluster ---
 cell = emt_frames(1, 300, size=4, seed=4, interval=30)[0].repeat((2, 2, 4))

@@ -15,7 +15,7 @@ from ase import units
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-from probe_ase import ProbeCalculator, TrainConfig, fit_probe
+from probe_ase import FitOptions, ProbeCalculator, fit_probe
 from probe_ase.observers import ReliabilityMonitor, ReliabilityTrajectory
 from probe_ase.testing import emt_frames, train_mace
 
@@ -27,7 +27,8 @@ out.mkdir(exist_ok=True)
 # --- set-up: a backbone and a fitted head (normally loaded from files) ---
 base = train_mace(emt_frames(30, 300, seed=1), epochs=25)
 pool = emt_frames(40, 300, seed=2) + emt_frames(25, 900, seed=3) + emt_frames(25, 600, strain=0.03, seed=4)
-probe = fit_probe(base, pool, criterion="force_rmse", quantile=0.8, train=TrainConfig(epochs=60), cache_dir=False)
+probe = fit_probe(base, pool, criterion="force_rmse", quantile=0.8, cache_dir=False,
+                  options=FitOptions(epochs=60, patience=25))
 
 # --- the two lines that gate an existing MD script ---
 atoms = emt_frames(1, 300, seed=5)[0]
