@@ -5,7 +5,7 @@
 Two heads identical but for ``HeadConfig(atom_logit=...)`` (64 wide, 4 heads,
 1 block, the default aux quantiles, 128 feature channels like MACE-MP medium's
 scalars, cutoff 5 Å) score fcc Cu cells of each size through
-:meth:`~probe_ase.probe.Probe.predict` (batching, head, novelty, ``.numpy()``),
+:meth:`~probe_ase.model.probe.Probe.predict` (batching, head, novelty, ``.numpy()``),
 interleaved call by call so load on the machine hits both alike; the medians
 and their ratio are reported, in ms per call, with the log-log slope of the
 time with the atom logit from 1 000 atoms up. The head's time is what PROBE
@@ -27,11 +27,12 @@ from ase.build import bulk
 
 from environment import environment
 from probe_ase.fileio import atomic_write
-from probe_ase.graph import radius_graph
-from probe_ase.head import HeadConfig, ProbeHead
-from probe_ase.headfile import HeadMeta
-from probe_ase.probe import Probe
-from probe_ase.novelty import NoveltyConfig, NoveltyModel
+from probe_ase.model.calibration import Calibration
+from probe_ase.model.graph import radius_graph
+from probe_ase.model.head import HeadConfig, ProbeHead
+from probe_ase.model.headfile import HeadMeta
+from probe_ase.model.probe import Probe
+from probe_ase.model.novelty import NoveltyConfig, NoveltyModel
 
 FEATURES, CUTOFF = 128, 5.0
 
@@ -43,8 +44,8 @@ def probe_with(atom_logit: bool) -> Probe:
         torch.manual_seed(0)
         head = ProbeHead(FEATURES, (29,), config).eval()
     meta = HeadMeta(backbone="mace", fingerprint="0" * 64, layers=(0, 1), feature_dim=FEATURES, elements=(29,),
-                    criterion="force_rmse", tau=0.1, quantile=None, temperature=1.0, p_star=0.5, target_risk=0.05,
-                    coverage=1.0, config=config, novelty=NoveltyConfig(),
+                    criterion="force_rmse", tau=0.1, quantile=None, p_star=0.5, target_risk=0.05,
+                    coverage=1.0, config=config, novelty=NoveltyConfig(), calibration=Calibration(),
                     atom_tau=0.15 if atom_logit else None, atom_p_star=0.5 if atom_logit else None)
     return Probe(head, meta, NoveltyModel(FEATURES, (29,), NoveltyConfig().components))
 

@@ -9,8 +9,9 @@ or trained there)::
 
 For each backbone and atom-label regime (fixed before any run: top 10 % of the
 fit pool's atoms unreliable, ``atom_quantile=0.9``; and an absolute
-``atom_threshold=0.15`` eV/Å), PROBE is fitted on member 0 over the fit pool
-(structure criterion force RMSE at 0.1 eV/Å, default head) and every atom of
+``atom_tolerance=0.15`` eV/Å), PROBE is fitted on member 0 over the fit pool
+(structure criterion force RMSE at 0.1 eV/Å, default head, 200 epochs and
+patience 25, the training these results ran with) and every atom of
 every evaluation file is scored. Per file and pooled: per-atom AUROC (positive:
 |ΔF_i| above the atom tolerance) and Spearman against |ΔF_i| for
 ``1 - atom_reliability`` and for the ensemble's per-atom force standard
@@ -45,17 +46,20 @@ warnings.filterwarnings("ignore")
 from environment import environment, file_digest  # noqa: E402
 from uq_quality import load_splits, make_calc, train_mace, train_spk  # noqa: E402
 
-from probe_ase import fit_probe, metrics  # noqa: E402
-from probe_ase.dataset import reference_forces  # noqa: E402
-from probe_ase.evaluate import ensemble_scores  # noqa: E402
+from probe_ase import fit_probe  # noqa: E402
+from common import LEGACY_OPTIONS  # noqa: E402
+
+from probe_ase.evaluation import metrics  # noqa: E402
+from probe_ase.fitting.data import reference_forces  # noqa: E402
+from probe_ase.evaluation.evaluate import ensemble_scores  # noqa: E402
 from probe_ase.exceptions import LabelError  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.labels import atom_errors  # noqa: E402
+from probe_ase.fitting.labels import atom_errors  # noqa: E402
 from probe_ase.scoring import score_frames  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
 
 REGIMES = {"top 10 % of fit atoms (atom_quantile 0.9)": {"atom_quantile": 0.9},
-           "absolute 0.15 eV/Å": {"atom_threshold": 0.15},
+           "absolute 0.15 eV/Å": {"atom_tolerance": 0.15},
            "default head, no atom labels (importance only)": {}}
 STRUCTURE_TAU = 0.1  # eV/Å, force RMSE
 
@@ -128,11 +132,11 @@ def run_backbone(kind: str, paths: list[Path], pool: list, evals: dict, cache: P
     out: dict = {}
     stds = {name: ensemble_atom_std(kind, paths, frames, cache, name.replace(" ", "_")) if len(paths) > 1 else None
             for name, frames in tqdm(evals.items(), desc="ensemble", unit="file")}
-    for regime, options in REGIMES.items():
+    for regime, labels in REGIMES.items():
         t0 = time.perf_counter()
         try:
-            probe = fit_probe(calc0, pool, criterion="force_rmse", threshold=STRUCTURE_TAU, cache_dir=cache,
-                              progress=False, **options)
+            probe = fit_probe(calc0, pool, criterion="force_rmse", tolerance=STRUCTURE_TAU, cache_dir=cache,
+                              progress=False, options=LEGACY_OPTIONS, **labels)
         except LabelError as err:
             out[regime] = {"error": str(err)}
             continue

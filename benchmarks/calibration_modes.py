@@ -7,7 +7,7 @@ holds too few unreliable frames for most labels: acac 9 of 195 fitted frames
 above 43 meV, 1-2 above 0.1 eV/Å) is split at random into a
 part the head is fitted on (``--fit-share``, default 60 %) and *fresh* frames
 exchangeable with it. On each draw and label, a head is fitted on the first
-part with ``TrainConfig(calibration="split")`` and with ``"crossfit"`` (MACE
+part with ``FitOptions(calibration="split")`` and with ``"crossfit"`` (MACE
 or PaiNN member 0 of a finished ``uq_quality.py`` run, its benchmark
 training options), and its verdict (p >= p* and inside the support) is
 applied to the fresh frames: the certified risk, the calibration structures,
@@ -37,12 +37,14 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from probe_ase import fit_probe, metrics  # noqa: E402
-from probe_ase.dataset import featurize  # noqa: E402
+from probe_ase import FitOptions, fit_probe  # noqa: E402
+
+from probe_ase.evaluation import metrics  # noqa: E402
+from probe_ase.fitting.data import featurize  # noqa: E402
 from probe_ase.exceptions import LabelError  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fit import CALIBRATION, TrainConfig  # noqa: E402
-from probe_ase.graph import radius_graph  # noqa: E402
+from probe_ase.fitting.spec import CALIBRATION  # noqa: E402
+from probe_ase.model.graph import radius_graph  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from head_seeds import MEMBER0  # noqa: E402
 from uq_quality import REGIMES, load_splits, make_calc  # noqa: E402
@@ -56,7 +58,7 @@ def run_draw(calc, fit, fresh, criterion, tolerance, seed, cache) -> dict:
         t0 = time.perf_counter()
         try:
             probe = fit_probe(calc, fit, criterion=criterion, cache_dir=cache, progress=False,
-                              train=TrainConfig(epochs=150, patience=20, seed=seed, calibration=mode), **tolerance)
+                              options=FitOptions(seed=seed, calibration=mode), **tolerance)
         except LabelError as err:
             out[mode] = {"skipped": str(err)}
             continue
@@ -64,7 +66,7 @@ def run_draw(calc, fit, fresh, criterion, tolerance, seed, cache) -> dict:
             fs = featurize(tap, fresh, cache_dir=cache, progress=False)
         graphs = [radius_graph(a, probe.meta.config.cutoff) for a in fresh]
         scored = probe.predict(fs.features.to(probe.head.feature_mean.dtype), fs.numbers, fs.ptr, graphs)
-        accepted = probe.verdict(scored.reliability, scored.novelty)[0]
+        accepted = probe.verdict(scored).reliable
         good = fs.error(criterion) <= probe.meta.tau
         out[mode] = {"certified_risk": probe.meta.certified_risk, "certified": probe.report["certificate"]["certified"],
                      "n_cal": probe.report["n_cal"], "fresh": len(fresh), "accepted": int(accepted.sum()),
@@ -94,7 +96,7 @@ def main(argv=None):
     calc = make_calc(args.backbone, paths[0])
     cache = args.run / "cache"
     # uq_quality's four labels: absolute tolerances, and the top 20 % of the fitted part unreliable
-    labels = [(crit, f"{tau:g}", {"threshold": tau}) for crit, tau in REGIMES["absolute"].items()]
+    labels = [(crit, f"{tau:g}", {"tolerance": tau}) for crit, tau in REGIMES["absolute"].items()]
     labels += [(crit, "top 20 %", {"quantile": REGIMES["quantile"]}) for crit in REGIMES["absolute"]]
     rows = []
     for rep in tqdm(range(args.reps), desc="draws", unit="draw"):

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from probe_ase.certify import certify
+from probe_ase.fitting.certify import certify
 from probe_ase.fileio import atomic_write
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -5,7 +5,7 @@ for gaps of a few thousandths of AUROC (DESIGN.md §5b). For member 0 of a
 trained ``uq_quality.py`` run, the whole fit pool is split into ``--folds``
 stratified folds (``--reps`` times, each with its own shuffle); for every
 held-out fold and every variant, ``--seeds`` heads are trained on the other
-folds (:func:`probe_ase.fit.train_head`, early stopping on a stratified 15 %
+folds (:func:`probe_ase.fitting.train.train_head`, early stopping on a stratified 15 %
 of them, the training settings of ``uq_quality.py``) and rank the held-out
 fold by their main logit. Each variant gets two scores per fold: the mean
 over seeds of one head's AUROC / Spearman ρ, and those of the mean logit of
@@ -57,14 +57,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import uq_quality as uq  # noqa: E402
 from head_seeds import MEMBER0  # noqa: E402
 
-from probe_ase import HeadConfig, TrainConfig, metrics  # noqa: E402
-from probe_ase.dataset import featurize  # noqa: E402
+
+from probe_ase.evaluation import metrics  # noqa: E402
+from probe_ase.fitting.data import featurize  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fit import train_head  # noqa: E402
-from probe_ase.graph import HeadGraph  # noqa: E402
-from probe_ase.head import batch_inputs  # noqa: E402
-from probe_ase.labels import make_labels, resolve_tolerance  # noqa: E402
-from probe_ase.dataset import features_only  # noqa: E402
+from probe_ase.fitting.train import TrainConfig, train_head  # noqa: E402
+from probe_ase.model.graph import HeadGraph  # noqa: E402
+from probe_ase.model.head import HeadConfig, batch_inputs  # noqa: E402
+from probe_ase.fitting.labels import make_labels, resolve_tolerance  # noqa: E402
+from probe_ase.fitting.data import features_only  # noqa: E402
 from probe_ase.taps import ModuleTap, find_tap  # noqa: E402
 
 #: changes to the default head (``HeadConfig()``, cutoff from the backbone)
@@ -115,7 +116,7 @@ def crossfit(features, edges, errors, labels, configs: dict, folds: int, reps: i
                 logits, seconds = [], time.perf_counter()
                 for seed in range(seeds):
                     head, _ = train_head(features, edges, labels, splits, elements, config,
-                                         TrainConfig(epochs=150, patience=20, seed=seed), False, errors)
+                                         TrainConfig(epochs=150, patience=20, seed=seed), False, errors)  # FitOptions' training
                     with torch.no_grad():
                         z = head.all_logits(*batch_inputs(features.features, features.numbers, features.ptr, edges,
                                                           held))[0][:, 0].numpy().astype(float)

@@ -14,7 +14,7 @@ Run it once per torch version to compare (the result file names the version).
 ``--members K`` times a head averaging K heads (``HeadConfig(members=K)``;
 the file name gains ``-members<K>``); ``script`` then runs its members one
 after another, ``stacked`` (the default modes' fourth with K > 1) batched as
-one :class:`~probe_ase.stacked.StackedHead`, scripted and frozen: what
+one :class:`~probe_ase.model.stacked.StackedHead`, scripted and frozen: what
 ``Probe`` runs per step.
 """
 
@@ -34,9 +34,9 @@ from ase.build import bulk
 
 from environment import environment
 from probe_ase.fileio import atomic_write
-from probe_ase.graph import radius_graph
-from probe_ase.head import HeadConfig, ProbeHead, batch_inputs
-from probe_ase.stacked import StackedHead
+from probe_ase.model.graph import radius_graph
+from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs
+from probe_ase.model.stacked import StackedHead
 
 FEATURES, CUTOFF = 128, 5.0
 

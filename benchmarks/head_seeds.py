@@ -10,7 +10,7 @@ member 0, with the settings of ``uq_quality.py``, scores the same evaluation
 files, and prints each seed's pooled AUROC / ρ beside the ensemble's from the
 run's ``results.json``. Nothing is chosen here: it reports the spread of the
 shipped method (seed 0 reproduces the run's own row). ``--head-members K``
-fits each head as the mean of K heads (``HeadConfig(members=K)``, chosen on
+fits each head as the mean of K heads (``FitOptions(members=K)``, chosen on
 the fit pool by ``head_crossfit.py``) instead of the run's single head::
 
     python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac
@@ -35,10 +35,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import uq_quality as uq  # noqa: E402
 
-from probe_ase import TrainConfig, fit_probe, metrics  # noqa: E402
+from probe_ase import FitOptions  # noqa: E402
+from common import OPTION_FIELDS, fit  # noqa: E402
+
+from probe_ase.evaluation import metrics  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.graph import radius_graph  # noqa: E402
-from probe_ase.head import HeadConfig  # noqa: E402
+from probe_ase.model.graph import radius_graph  # noqa: E402
 
 ROWS = (("absolute", "force_rmse"), ("quantile", "force_rmse"))
 ENSEMBLE = ("ens_force_std", "ens_force_max_std", "ens_energy_std")
@@ -53,8 +55,9 @@ def study(data: Path, run: Path, seeds: int, backbone: str = "mace", members: in
     if not paths:
         raise SystemExit(f"{run / 'models'}: no {backbone} member 0 of uq_quality.py")
     calc = uq.make_calc(backbone, paths[0])
-    head = HeadConfig(**{**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in res_run["settings"]["probe_head"].items()}, "members": members})
+    # the run's head: its HeadConfig knobs beyond FitOptions (hidden, cutoff and members are FitOptions')
+    head = {k: tuple(v) if isinstance(v, list) else v for k, v in res_run["settings"]["probe_head"].items()
+            if k not in OPTION_FIELDS["head"]}
     names = list(evals)
     frames = [a for n in names for a in evals[n]]
     file_of = np.concatenate([[i] * len(evals[n]) for i, n in enumerate(names)])
@@ -70,12 +73,12 @@ def study(data: Path, run: Path, seeds: int, backbone: str = "mace", members: in
         mask = np.isin(file_of, [names.index(f) for f in entry["pooled_files"]]) & np.isfinite(err[crit])
         ens = max(ENSEMBLE, key=lambda m: pooled[m]["auroc"])
         spec = uq.REGIMES[regime]
-        kw = {"threshold": spec[crit]} if regime == "absolute" else {"quantile": spec}
+        kw = {"tolerance": spec[crit]} if regime == "absolute" else {"quantile": spec}
         per_seed = []
         for seed in tqdm(range(seeds), desc=f"{name} {regime}/{crit}", unit="head"):
             t0 = time.perf_counter()
-            probe = fit_probe(calc, pool, criterion=crit, train=TrainConfig(epochs=150, patience=20, seed=seed),
-                              config=head, cache_dir=run / "cache", progress=False, **kw)
+            probe = fit(calc, pool, FitOptions(seed=seed, members=members), head=head, criterion=crit,
+                        cache_dir=run / "cache", progress=False, **kw)
             cutoff = probe.meta.config.cutoff
             if cutoff not in graphs:
                 graphs[cutoff] = [radius_graph(a, cutoff) for a in frames]
@@ -130,7 +133,7 @@ def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds
                         help=f"whose member 0 to refit (default {backbones[0]}; schnetpack: PaiNN)")
     if head_members:
         ap.add_argument("--head-members", type=int, default=1,
-                        help="fit each head as the mean of this many heads (HeadConfig.members; default 1)")
+                        help="fit each head as the mean of this many heads (FitOptions.members; default 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default RUN/{script}.json"
                     + (f"; RUN/{script}_<backbone>.json for other backbones)" if backbones else ")"))

@@ -42,23 +42,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import uq_quality  # noqa: E402
 
-from probe_ase import HeadConfig, LabelError, TrainConfig, fit_probe, metrics  # noqa: E402
-from probe_ase.dataset import featurize  # noqa: E402
+from probe_ase import FitOptions, LabelError  # noqa: E402
+from common import fit, study_configs  # noqa: E402
+
+from probe_ase.evaluation import metrics  # noqa: E402
+from probe_ase.fitting.data import featurize  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fit import STOP_ON  # noqa: E402
-from probe_ase.graph import radius_graph  # noqa: E402
+from probe_ase.fitting.train import STOP_ON, TrainConfig  # noqa: E402
+from probe_ase.model.graph import radius_graph  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
 
+#: each variant's HeadConfig knobs (the rest at the head's defaults; fitted through fit_spec)
 VARIANTS = {
-    "baseline (attention pool)": HeadConfig(aux_quantiles=(), atom_error=False),
-    "+ max pool": HeadConfig(max_pool=True, aux_quantiles=(), atom_error=False),
-    "+ aux quantiles 0.3/0.5/0.7/0.9": HeadConfig(aux_quantiles=(0.3, 0.5, 0.7, 0.9), atom_error=False),
-    "+ max pool + aux quantiles": HeadConfig(max_pool=True, aux_quantiles=(0.3, 0.5, 0.7, 0.9), atom_error=False),
-    "+ aux quantiles + per-element scaling": HeadConfig(per_element_scaling=True, atom_error=False),
-    "+ dense aux quantiles 0.1-0.9, 0.95": HeadConfig(aux_quantiles=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
-                                                      atom_error=False),
-    "+ aux quantiles, shared score": HeadConfig(shared_score=True, atom_error=False),
-    "+ aux quantiles + atom-error regression (default)": HeadConfig(atom_error=True),
+    "baseline (attention pool)": {"aux_quantiles": (), "atom_error": False},
+    "+ max pool": {"max_pool": True, "aux_quantiles": (), "atom_error": False},
+    "+ aux quantiles 0.3/0.5/0.7/0.9": {"aux_quantiles": (0.3, 0.5, 0.7, 0.9), "atom_error": False},
+    "+ max pool + aux quantiles": {"max_pool": True, "aux_quantiles": (0.3, 0.5, 0.7, 0.9), "atom_error": False},
+    "+ aux quantiles + per-element scaling": {"per_element_scaling": True, "atom_error": False},
+    "+ dense aux quantiles 0.1-0.9, 0.95": {"aux_quantiles": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+                                            "atom_error": False},
+    "+ aux quantiles, shared score": {"shared_score": True, "atom_error": False},
+    "+ aux quantiles + atom-error regression (default)": {"atom_error": True},
 }
 
 
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_variants_<backbone>.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tolerance = {"quantile": 0.8} if args.threshold is None else {"threshold": args.threshold}
+    tolerance = {"quantile": 0.8} if args.threshold is None else {"tolerance": args.threshold}
     _, _, pool, pool_in, _, _ = uq_quality.load_splits(args.data.resolve(), quick=False)
     shifted = pool[len(pool_in):]  # load_splits puts the in-distribution part first
     pattern = "ssmace_*_s0.model" if args.backbone == "mace" else "spkpl_*_s0.pt"
@@ -114,24 +118,25 @@ def main(argv=None) -> int:
           + (" AUROC (unseen shift) | Spearman (unseen shift) |" if args.shift else ""), flush=True)
     for crit in args.criteria:
         for name in args.variants:
-            config = VARIANTS[name]
+            head = VARIANTS[name]
+            train = {"stop_on": args.stop_on}
             scores, shift_scores = [], []
             t0 = time.perf_counter()
             for seed in range(args.seeds):
-                train = TrainConfig(epochs=150, patience=20, seed=seed, stop_on=args.stop_on)
-                probe = fit_probe(calc, pool, criterion=crit, config=config, train=train, **tolerance,
-                                  cache_dir=cache, progress=False, tap=tap)
+                options = FitOptions(seed=seed)
+                probe = fit(tap, pool, options, head=head, train=train, criterion=crit, **tolerance,
+                            cache_dir=cache, progress=False)
                 scores.append((probe.meta.report["auroc"], probe.meta.report["spearman"]))
                 if args.shift:
                     try:
-                        probe_in = fit_probe(calc, pool_in, criterion=crit, config=config, train=train, **tolerance,
-                                             cache_dir=cache, progress=False, tap=tap)
+                        probe_in = fit(tap, pool_in, options, head=head, train=train, criterion=crit, **tolerance,
+                                       cache_dir=cache, progress=False)
                     except LabelError as err:  # e.g. too few in-distribution structures above an absolute τ
                         print(f"no unseen-shift fit: {err}", flush=True)
                         continue
                     shift_scores.append(shift_ranking(probe_in, calc, shifted, cache, args.features))
             mean, se = mean_se(scores)
-            row = {"criterion": crit, "variant": name, "features": args.features, "config": asdict(config),
+            row = {"criterion": crit, "variant": name, "features": args.features, "config": asdict(study_configs(FitOptions(), head).head),
                    "auroc_mean": mean[0], "auroc_se": se[0], "spearman_mean": mean[1], "spearman_se": se[1],
                    "per_seed": np.array(scores).tolist(), "seconds": time.perf_counter() - t0}
             line = f"| {crit} | {name} | {mean[0]:.3f} ± {se[0]:.3f} | {mean[1]:.3f} ± {se[1]:.3f} |"

@@ -29,10 +29,10 @@ from head_seeds import seed_study_main  # noqa: E402
 
 import probe_ase.fit as fit  # noqa: E402
 from probe_ase import LabelError, TrainConfig  # noqa: E402
-from probe_ase.dataset import featurize  # noqa: E402
-from probe_ase.graph import HeadGraph  # noqa: E402
-from probe_ase.head import batch_inputs  # noqa: E402
-from probe_ase.labels import make_labels  # noqa: E402
+from probe_ase.fitting.data import featurize  # noqa: E402
+from probe_ase.model.graph import HeadGraph  # noqa: E402
+from probe_ase.model.head import batch_inputs  # noqa: E402
+from probe_ase.fitting.labels import make_labels  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
 
 LABELS = (("force_rmse", {"threshold": 0.1}), ("force_rmse", {"quantile": 0.8}), ("energy", {"quantile": 0.8}))

@@ -1,6 +1,6 @@
 """How atom novelties should make a structure's novelty for ranking errors (fit pool only).
 
-The default GMM novelty (:func:`probe_ase.novelty.fit_novelty`) is fitted on
+The default GMM novelty (:func:`probe_ase.fitting.novelty.fit_novelty`) is fitted on
 80 % of the fit pool's in-distribution part (acac: the fit half of
 test_MD_300K; ethanol: the fit half of test_MD; three seeds), and scores the
 pool's shifted part (acac: train_600K; ethanol: the methanol frames), which
@@ -30,9 +30,12 @@ import numpy as np
 import torch
 import uq_quality as uq
 
-from probe_ase import featurize, find_tap, metrics
+from probe_ase import featurize, find_tap
+
+from probe_ase.evaluation import metrics
 from probe_ase.fileio import atomic_write
-from probe_ase.novelty import NoveltyConfig, fit_novelty
+from probe_ase.model.novelty import NoveltyConfig
+from probe_ase.fitting.novelty import fit_novelty
 
 AGGREGATES = {"max": np.max, "mean": np.mean, "rms": lambda a: np.sqrt(np.mean(a**2)),
               "top-3 mean": lambda a: np.sort(a)[-3:].mean(), "median": np.median}

@@ -3,7 +3,7 @@
 For one data folder (acac or ethanol, as in ``uq_quality.py``) the fit pool
 is split by what it contains: the in-distribution part (acac: the fit half of
 test_MD_300K; ethanol: the fit half of test_MD) fits a PROBE head exactly as
-``fit_probe`` does; the pool's shifted part (acac: train_600K; ethanol: the
+``fit_probe`` does (with the 200 epochs and patience 25 these results ran with); the pool's shifted part (acac: train_600K; ethanol: the
 methanol frames of train_eth_meth) plays the unseen shift. For each novelty
 variant the verdict's threshold is certified on the in-distribution
 calibration split (Learn-then-Test, eligibility = inside that variant's
@@ -14,7 +14,7 @@ support), then applied to the shifted part::
 
 Variants (all per element, structure novelty = the largest atom novelty, unit
 and support radius from 5-fold out-of-fold distances as in
-:func:`probe_ase.novelty.fit_novelty`):
+:func:`probe_ase.fitting.novelty.fit_novelty`):
 
 * ``gmm<k>``: Mahalanobis distance to the nearest of ``k`` Gaussian components;
 * ``layers``: one Gaussian per tapped interaction layer, the largest of the
@@ -25,7 +25,7 @@ and support radius from 5-fold out-of-fold distances as in
 each with support radius at quantile ``q`` of the held-out fit structures'
 novelty (``q`` = 1: the farthest one).
 
-Novelty in the probability (``NoveltyConfig(logit_weight=..., weight_folds=...)``):
+Novelty in the probability (``NoveltyConfig(logit_weight=...)``, ``FitOptions(weight_folds=...)``):
 the head is fitted with the novelty weight on the logit fitted on cross-fitted
 out-of-fold logits (the default), with it fitted on the validation split alone
 (``weight_folds=0``), and without it, (a) on the
@@ -44,6 +44,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +53,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import uq_quality as uq  # noqa: E402
 
-from probe_ase import fit_probe, metrics  # noqa: E402
+from common import LEGACY_OPTIONS, fit  # noqa: E402
+
+from probe_ase.evaluation import metrics  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
-from probe_ase.certify import certify  # noqa: E402
-from probe_ase.dataset import featurize  # noqa: E402
+from probe_ase.fitting.certify import certify  # noqa: E402
+from probe_ase.fitting.data import featurize  # noqa: E402
 from probe_ase.exceptions import LabelError  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fit import TrainConfig, split_indices  # noqa: E402
-from probe_ase.graph import radius_graph  # noqa: E402
-from probe_ase.novelty import NoveltyConfig, fit_novelty, structure_novelty  # noqa: E402
+from probe_ase.fitting.train import TrainConfig  # noqa: E402
+from probe_ase.fitting.split import split_indices  # noqa: E402
+from probe_ase.model.graph import radius_graph  # noqa: E402
+from probe_ase.model.novelty import NoveltyConfig, structure_novelty  # noqa: E402
+from probe_ase.verdict import judge  # noqa: E402
+from probe_ase.fitting.novelty import fit_novelty  # noqa: E402
 
 #: (name, criterion, absolute tolerance in eV/Å or eV, or quantile of the in-distribution errors), as in uq_quality
 LABELS = [("force_rmse 0.1 eV/Å", "force_rmse", 0.1, None), ("energy 43 meV", "energy", 0.043, None),
@@ -171,17 +177,23 @@ def nov_of(probe, fs):
 
 
 #: how the novelty weight on the logit is fitted: out-of-fold (default), validation split only, not at all
-WEIGHTINGS = {"with": NoveltyConfig(), "validation": NoveltyConfig(weight_folds=0),
-              "without": NoveltyConfig(logit_weight=False)}
+#: (fit options, NoveltyConfig knobs beyond FitOptions) of each
+WEIGHTINGS = {"with": (LEGACY_OPTIONS, {}), "validation": (replace(LEGACY_OPTIONS, weight_folds=0), {}),
+              "without": (LEGACY_OPTIONS, {"logit_weight": False})}
+
+
+def verdict(probe, p, novelty):
+    """The verdict at ``probe``'s p* on reliabilities ``p`` and structure novelties ``novelty``."""
+    return judge(p, novelty, probe.p_star).reliable
 
 
 def whole_pool_ranking(calc, pool, crit, threshold, quantile, target_risk, delta, cache):
     """The original protocol's fit (whole pool), for each of :data:`WEIGHTINGS`: calibration-split ranking."""
     out = {}
-    for tag, config in WEIGHTINGS.items():
+    for tag, (options, novelty) in WEIGHTINGS.items():
         try:
-            probe = fit_probe(calc, pool, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
-                              delta=delta, novelty=config, cache_dir=cache, progress=False)
+            probe = fit(calc, pool, options, novelty=novelty, criterion=crit, tolerance=threshold, quantile=quantile,
+                        target_risk=target_risk, delta=delta, cache_dir=cache, progress=False)
         except LabelError as exc:
             return {"skipped": str(exc)}
         with find_tap(calc) as tap:
@@ -193,7 +205,7 @@ def whole_pool_ranking(calc, pool, crit, threshold, quantile, target_risk, delta
         rows = torch.as_tensor(rows_of(fs.ptr, cal))
         p = probe.predict(fs.features[rows], fs.numbers[rows], sub_ptr(fs.ptr, cal),
                           [radius_graph(a, probe.meta.config.cutoff) for a in frames]).reliability
-        out[tag] = {**ranking(p, labels[cal] == 0, err[cal]), "weight": probe.meta.novelty_weight}
+        out[tag] = {**ranking(p, labels[cal] == 0, err[cal]), "weight": probe.meta.calibration.novelty_weight}
     return out
 
 
@@ -232,8 +244,8 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
             continue
         t0 = time.perf_counter()
         try:
-            probe = fit_probe(calc0, pool_in, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
-                              delta=delta, cache_dir=cache, progress=False)
+            probe = fit(calc0, pool_in, LEGACY_OPTIONS, criterion=crit, tolerance=threshold, quantile=quantile,
+                        target_risk=target_risk, delta=delta, cache_dir=cache, progress=False)
         except LabelError as exc:  # e.g. acac energy: the 300 K frames are all within 43 meV
             out["labels"][label] = {"skipped": str(exc)}
             print(f"{name} {label}: skipped ({exc})", flush=True)
@@ -284,13 +296,14 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
                           "shift": outcome(p_sh >= probe.p_star, bad_sh),
                           "in_cal": outcome(p_in[cal] >= probe.p_star, bad_in[cal])}
         rows["verdict"] = {"certified_risk": probe.meta.certified_risk,
-                           "shift": outcome(probe.verdict(p_sh, nov_of(probe, fs_sh))[0], bad_sh),
-                           "in_cal": outcome(probe.verdict(p_in[cal], nov_of(probe, fs_in)[cal])[0], bad_in[cal])}
-        weight = {"with": {"weight": probe.meta.novelty_weight, "cal": ranking(p_in[cal], bad_in[cal], err_in[cal]),
+                           "shift": outcome(verdict(probe, p_sh, nov_of(probe, fs_sh)), bad_sh),
+                           "in_cal": outcome(verdict(probe, p_in[cal], nov_of(probe, fs_in)[cal]), bad_in[cal])}
+        weight = {"with": {"weight": probe.meta.calibration.novelty_weight, "cal": ranking(p_in[cal], bad_in[cal], err_in[cal]),
                            "shift": ranking(p_sh, bad_sh, err_sh)}}
         for tag, what in (("validation", "validation-split novelty weight"), ("without", "no novelty weight")):
-            other = fit_probe(calc0, pool_in, crit, threshold=threshold, quantile=quantile, target_risk=target_risk,
-                              delta=delta, novelty=WEIGHTINGS[tag], cache_dir=cache, progress=False)
+            options, novelty = WEIGHTINGS[tag]
+            other = fit(calc0, pool_in, options, novelty=novelty, criterion=crit, tolerance=threshold,
+                        quantile=quantile, target_risk=target_risk, delta=delta, cache_dir=cache, progress=False)
             q_in, q_sh = (other.predict(fs.features, fs.numbers, fs.ptr,
                                         [radius_graph(a, cutoff) for a in frames]).reliability
                           for fs, frames in ((fs_in, pool_in), (fs_sh, shift)))
@@ -298,10 +311,10 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
                                        "shift": outcome(q_sh >= other.p_star, bad_sh),
                                        "in_cal": outcome(q_in[cal] >= other.p_star, bad_in[cal])}
             rows[f"verdict, {what}"] = {"certified_risk": other.meta.certified_risk,
-                                        "shift": outcome(other.verdict(q_sh, nov_of(other, fs_sh))[0], bad_sh),
-                                        "in_cal": outcome(other.verdict(q_in[cal], nov_of(other, fs_in)[cal])[0],
+                                        "shift": outcome(verdict(other, q_sh, nov_of(other, fs_sh)), bad_sh),
+                                        "in_cal": outcome(verdict(other, q_in[cal], nov_of(other, fs_in)[cal]),
                                                           bad_in[cal])}
-            weight[tag] = {"weight": other.meta.novelty_weight, "cal": ranking(q_in[cal], bad_in[cal], err_in[cal]),
+            weight[tag] = {"weight": other.meta.calibration.novelty_weight, "cal": ranking(q_in[cal], bad_in[cal], err_in[cal]),
                            "shift": ranking(q_sh, bad_sh, err_sh)}
         grid_part = np.random.default_rng(0).uniform(size=len(pool_in)) < 0.4
         for m in ("ens_force_std", "ens_force_max_std", "ens_energy_std"):

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from probe_ase import metrics
+from probe_ase.evaluation import metrics
 from probe_ase.fileio import atomic_write
 from readme_tables import (BACKBONES, COVERAGE_SHARE, CRITERIA, ENSEMBLE, MIN_ACCEPTED, OPERATING, RISK_CAP, num,
                            tau_label)

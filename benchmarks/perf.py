@@ -26,7 +26,7 @@ shape of MACE-MP-0 "medium" (128x0e+128x1o, l=3, correlation 3; up to 1000
 atoms, not in the featurisation section); SchNet 32 features; pretrained CHGNet
 0.3.0 from its wheel (``--backbones chgnet``; up to 1000 atoms, no committee).
 ``--md-only`` runs section (1) alone; ``--head-members K`` fits every head
-as the mean of K heads (``HeadConfig(members=K)``).
+as the mean of K heads (``FitOptions(members=K)``).
 Torch uses every core unless ``--threads`` says otherwise. Results go
 to a markdown report on stdout and a JSON file (written atomically).
 """
@@ -55,10 +55,10 @@ from ase.io import read
 from ase.calculators.calculator import Calculator, all_changes
 from tqdm.auto import tqdm
 
-from probe_ase import HeadConfig, ProbeCalculator, TrainConfig, fit_probe
-from probe_ase.graph import NeighbourCache, radius_graph
-from probe_ase.head import ProbeHead, batch_inputs
-from probe_ase.probe import Probe
+from probe_ase import FitOptions, ProbeCalculator, fit_probe
+from probe_ase.model.graph import NeighbourCache, radius_graph
+from probe_ase.model.head import ProbeHead, batch_inputs
+from probe_ase.model.probe import Probe
 from probe_ase.scoring import score_frames
 from probe_ase.taps.base import Tap
 from probe_ase.testing import emt_frames, train_mace
@@ -192,11 +192,10 @@ def build(args, tmp: str, system: str) -> dict:
         train = read(args.data / "train_300K.xyz", ":60")
         pool = read(args.data / "test_MD_300K.xyz", ":60")
         r_max, epochs = 5.0, max(1, epochs // 3)
-    fit_kw = dict(quantile=0.8, train=TrainConfig(epochs=5, patience=5), cache_dir=False, progress=False)
+    fit_kw = dict(quantile=0.8, cache_dir=False, progress=False,
+                  options=FitOptions(epochs=5, patience=5, members=args.head_members))
     if args.atom_logit:  # heads with the per-atom logit (local reliability)
         fit_kw["atom_quantile"] = 0.9
-    if args.head_members > 1:  # heads averaging several heads
-        fit_kw["config"] = HeadConfig(members=args.head_members)
     out = {}
     if "mace" in args.backbones:
         variants = {"mace": dict(channels=32, max_ell=1, correlation=2)}
@@ -458,7 +457,7 @@ def main(argv=None) -> int:
                    help="BOTNet acac folder (../shared/data/acac): time the 15-atom molecule with backbones "
                         "trained on its DFT frames (default: a 15-atom Cu cluster stands in)")
     p.add_argument("--head-members", type=int, default=1,
-                   help="heads averaged in each PROBE head (HeadConfig.members; default 1)")
+                   help="heads averaged in each PROBE head (FitOptions.members; default 1)")
     p.add_argument("--atom-logit", action="store_true",
                    help="fit heads with the per-atom logit (atom_quantile 0.9): the cost of atom_reliability")
     p.add_argument("--quick", action="store_true", help="smoke run: sizes 16 128 1000, 3 repeats, 50 frames")

@@ -13,7 +13,7 @@ Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
    (seeds 0..N-1), cached under ``OUT/models`` (``--retrain`` forces):
 
    * MACE with mace-torch's own trainer (``mace_run_train`` in a subprocess,
-     as :func:`probe_ase.retrain.run_mace_train` does), float32, 32 channels,
+     as :func:`probe_ase.al.retrain.run_mace_train` does), float32, 32 channels,
      max_L 1, 2 interactions, correlation 3, r_max 5 Å, E0s from
      ``isolated_atoms.xyz``, ``--epochs`` epochs (default 30); ``--quick``:
      8 channels, 3 epochs, 100 training frames.
@@ -28,9 +28,12 @@ Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
    test_MD + methanol frames of train_eth_meth, evaluation = other half of
    test_MD, methanol frames of test_eth_meth, test_H_removal, test_norm_mode_*.
 
-3. **PROBE** (:func:`probe_ase.fit_probe`, default head: auxiliary quantile
+3. **PROBE** (:func:`probe_ase.fit_probe` with its default ``FitOptions``:
+   150 epochs, patience 20, seed 0; default head: auxiliary quantile
    targets 0.3/0.5/0.7/0.9, chosen with ``head_variants.py`` on the fit pool's
-   own splits; ``--aux-quantiles`` / ``--max-pool`` change it) on member 0 over the fit pool, for
+   own splits; ``--aux-quantiles`` / ``--max-pool`` / ``--shared-score`` /
+   ``--no-atom-error`` change it, fitted through
+   :func:`probe_ase.fitting.pipeline.fit_spec`) on member 0 over the fit pool, for
    two label regimes (absolute: force RMSE 0.1 eV/Å, |ΔE| 0.043 eV;
    quantile: top 20 % of the pool unreliable) and two criteria (``force_rmse``
    on files with reference forces, ``energy`` everywhere).
@@ -38,13 +41,13 @@ Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
 4. **Baselines on the same frames**, all predicting member 0's error (the
    deployed model): ensemble energy std per atom, mean and max per-atom force
    std (MACE: ``MACECalculator(model_paths=[...])`` committee results, as in
-   :func:`probe_ase.evaluate.ensemble_scores`; SchNetPack: the members' own
+   :func:`probe_ase.evaluation.evaluate.ensemble_scores`; SchNetPack: the members' own
    batched predictions); latent distance (max over atoms of the Euclidean
    distance of the atom's standardised member-0 features to its nearest
    fit-pool atom of the same element, sklearn ``NearestNeighbors``); random
    (seeded uniform); oracle (the error itself).
 
-5. **Metrics** per evaluation file and pooled (:func:`probe_ase.metrics.summary`:
+5. **Metrics** per evaluation file and pooled (:func:`probe_ase.evaluation.metrics.summary`:
    AUROC, AUPRC, Spearman, AURC, excess AURC, risk at 50/80/90 % coverage;
    ECE and Brier for PROBE only), and cost per structure relative to one
    backbone call (single-structure calls, medians).
@@ -83,17 +86,18 @@ import torch  # noqa: E402
 from ase.io import read, write  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from probe_ase import fit_probe, metrics  # noqa: E402
-from probe_ase.dataset import featurize, reference_energy, reference_forces  # noqa: E402
-from probe_ase.report import plot_evaluation  # noqa: E402
+from probe_ase import FitOptions  # noqa: E402
+from probe_ase.evaluation import metrics  # noqa: E402
+from probe_ase.fitting.data import featurize, reference_energy, reference_forces  # noqa: E402
+from probe_ase.evaluation.report import plot_evaluation  # noqa: E402
 from probe_ase.exceptions import LabelError  # noqa: E402
 from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fit import TrainConfig  # noqa: E402
-from probe_ase.head import HeadConfig  # noqa: E402
-from probe_ase.graph import radius_graph  # noqa: E402
-from probe_ase.labels import structure_error  # noqa: E402
-from probe_ase.retrain import mace_training_frames  # noqa: E402
+from probe_ase.model.head import HeadConfig  # noqa: E402
+from probe_ase.model.graph import radius_graph  # noqa: E402
+from probe_ase.fitting.labels import structure_error  # noqa: E402
+from probe_ase.al.retrain import mace_training_frames  # noqa: E402
 from probe_ase.taps import find_tap  # noqa: E402
+from common import fit, study_configs  # noqa: E402
 from environment import environment, file_digest  # noqa: E402
 
 REGIMES = {"absolute": {"force_rmse": 0.1, "energy": 0.043}, "quantile": 0.8}
@@ -394,26 +398,36 @@ def time_cost(kind, member_paths, probe, latent, frames, n=30) -> dict[str, floa
 
 
 # --------------------------------------------------------------------------- main pieces
-def fit_heads(calc, pool, quick, cache, criteria_ok, head: HeadConfig, calibration: str = "split",
+def probe_options(quick: bool, calibration: str = "split", fallback: str = "strictest") -> FitOptions:
+    """PROBE's fit options: the defaults (150 epochs, patience 20, seed 0); ``--quick``: 40 epochs, patience 10."""
+    return FitOptions(calibration=calibration, fallback=fallback, seed=0,
+                      **({"epochs": 40, "patience": 10} if quick else {}))
+
+
+def fit_heads(calc, pool, quick, cache, criteria_ok, head: dict, calibration: str = "split",
               fallback: str = "strictest"):
-    """Fitted probes keyed by (regime, criterion); LabelError gives None with the reason."""
-    train_cfg = TrainConfig(epochs=40 if quick else 150, patience=10 if quick else 20, seed=0, calibration=calibration)
+    """Fitted probes keyed by (regime, criterion); LabelError gives None with the reason.
+
+    ``head``: HeadConfig knobs beyond FitOptions (``max_pool``, ``aux_quantiles``, ``shared_score``,
+    ``atom_error``); at their defaults the fit is plain :func:`probe_ase.fit_probe`.
+    """
+    options = probe_options(quick, calibration, fallback)
     probes = {}
     for regime, spec in REGIMES.items():
         for crit in CRITERIA:
             if crit not in criteria_ok:
                 continue
-            kw = {"threshold": spec[crit]} if regime == "absolute" else {"quantile": spec}
+            kw = {"tolerance": spec[crit]} if regime == "absolute" else {"quantile": spec}
             try:
-                probes[(regime, crit)] = fit_probe(calc, pool, criterion=crit, train=train_cfg, config=head, cache_dir=cache,
-                                                   progress=True, fallback=fallback, **kw)
+                probes[(regime, crit)] = fit(calc, pool, options, head=head, criterion=crit, cache_dir=cache,
+                                             progress=True, **kw)
             except LabelError as err:
                 probes[(regime, crit)] = str(err)
                 tqdm.write(f"  PROBE {regime}/{crit} skipped: {err}")
     return probes
 
 
-def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: HeadConfig, with_cost=True,
+def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: dict, with_cost=True,
                       pool_in=None, target_risk=0.05, calibration="split", fallback="strictest",
                       arrays: dict[str, np.ndarray] | None = None):
     """Every method's metrics on ``evals``; fills ``arrays`` (when given) with the per-frame scores behind them.
@@ -552,7 +566,7 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
     PROBE's threshold is its own certified p* (Learn-then-Test on its
     calibration split), once on the probability alone and once with the
     novelty support (the verdict). Each baseline's threshold is certified the
-    same way (:func:`probe_ase.certify.certify`, target ``target_risk``,
+    same way (:func:`probe_ase.fitting.certify.certify`, target ``target_risk``,
     ``delta``, ``fallback``) on its scores over the pool: 40 % of the pool fixes the grid,
     60 % calibrates (the baselines need no training split, so they get more
     calibration frames than PROBE's 20 %). Each file also gets each score's
@@ -560,7 +574,7 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
     ``arrays`` (when given) gets each method's acceptance of every frame
     under ``<regime>/<criterion>/<prefix>/accept/<method>``.
     """
-    from probe_ase.certify import certify
+    from probe_ase.fitting.certify import certify
 
     pool_err, base_pool = pool_scores(kind, member_paths, calc0, pool, cache)
     rng = np.random.default_rng(0)
@@ -576,7 +590,7 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
         sc = probe.predict(feats.to(probe.head.feature_mean.dtype), torch.as_tensor(numbers), ptr, graphs)
         rank = {"PROBE (p only)": 1 - sc.reliability, **{m: eval_scores[m] for m in base_pool}}  # higher: less reliable
         accept = {"PROBE (p only)": sc.reliability >= probe.p_star,
-                  "PROBE verdict (p and support)": probe.verdict(sc.reliability, sc.novelty)[0]}
+                  "PROBE verdict (p and support)": probe.verdict(sc).reliable}
         certified = {"PROBE (p only)": probe.meta.certified_risk, "PROBE verdict (p and support)": probe.meta.certified_risk}
         for m, pool_score in base_pool.items():
             cert = certify(-pool_score[~grid_part], bad_pool[~grid_part], -pool_score[grid_part], target_risk, delta,
@@ -586,7 +600,7 @@ def operating_points(kind, member_paths, calc0, pool, probes, names, frames, fil
         if arrays is not None:
             arrays.update({f"{regime}/{crit}/{prefix}/accept/{m}": a for m, a in accept.items()})
         entry = {"tau": tau, "target_risk": target_risk, "delta": delta, "certified_risk": certified,
-                 "p_star": probe.p_star, "novelty_weight": probe.meta.novelty_weight, "files": {}}
+                 "p_star": probe.p_star, "novelty_weight": probe.meta.calibration.novelty_weight, "files": {}}
         usable = np.isfinite(err[crit])
         for i in files + [None]:
             mask = usable & ((file_of == i) if i is not None else np.isin(file_of, files))
@@ -785,11 +799,11 @@ def main(argv=None):
                          "default up to session 16) instead of the default (on for force criteria)")
     ap.add_argument("--models", type=Path, default=None, help="cached backbone folder (default OUT/models)")
     ap.add_argument("--calibration", default="split", choices=["split", "crossfit"],
-                    help="PROBE's TrainConfig.calibration (default split; crossfit: 5 fold heads, every fit frame "
+                    help="PROBE's FitOptions.calibration (default split; crossfit: 5 fold heads, every fit frame "
                          "calibrates once, the mean head deployed)")
     ap.add_argument("--fallback", default="strictest", choices=["strictest", "target"],
                     help="where a method's target risk cannot be certified, which threshold certified at the larger "
-                         "risk it gets (fit_probe's fallback, the same for PROBE and every baseline; default strictest)")
+                         "risk it gets (FitOptions.fallback, the same for PROBE and every baseline; default strictest)")
     ap.add_argument("--target-risk", type=float, default=0.05,
                     help="target risk (fraction 0-1) for every method's operating threshold (default 0.05)")
     ap.add_argument("--threads", type=int, default=1,
@@ -812,8 +826,9 @@ def main(argv=None):
     channels = args.channels or (8 if args.quick else 16)
     width = 8 if args.quick else 32
 
-    head = HeadConfig(max_pool=args.max_pool, aux_quantiles=tuple(args.aux_quantiles), shared_score=args.shared_score,
-                      atom_error=False if args.no_atom_error else None)
+    # HeadConfig knobs beyond FitOptions; at their defaults PROBE is plain fit_probe
+    head = {"max_pool": args.max_pool, "aux_quantiles": tuple(args.aux_quantiles), "shared_score": args.shared_score,
+            "atom_error": False if args.no_atom_error else None}
     name, train, pool, pool_in, evals, e0s = load_splits(data, args.quick)
     print(f"{name}: {len(train)} training frames, fit pool {len(pool)}, evaluation "
           + ", ".join(f"{k} {len(v)}" for k, v in evals.items()))
@@ -824,7 +839,8 @@ def main(argv=None):
                 "schnetpack": f"{args.spk_rep}, {width} features, 2 interactions, cutoff 5, {spk_epochs} epochs, "
                               "schnetpack AtomisticTask + pytorch_lightning Trainer, AdamW lr 1e-3, batch 16, "
                               "loss 0.01 E + 0.99 F MSE, best validation checkpoint",
-                "probe_head": asdict(head), "probe_calibration": args.calibration,
+                "probe_head": asdict(study_configs(probe_options(args.quick), head).head),
+                "probe_calibration": args.calibration,
                 "threshold_fallback": args.fallback, "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
                 "labels": "error of member 0 (the deployed model) for every method"}
     res = {"dataset": name, "settings": settings, "environment": environment(), "backbones": {}, "timings_s": {}}

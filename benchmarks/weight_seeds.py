@@ -40,14 +40,15 @@ import numpy as np
 from scipy.optimize import minimize
 
 import probe_ase.fit
-from probe_ase import LabelError, TrainConfig, featurize, find_tap, fit_probe, metrics
+from probe_ase import LabelError, TrainConfig, featurize, find_tap, fit_probe
+from probe_ase.evaluation import metrics
 from probe_ase.fileio import atomic_write
-from probe_ase.graph import radius_graph
-from probe_ase.novelty import NOVELTY_FLOOR, PENALTIES, NoveltyConfig
+from probe_ase.model.graph import radius_graph
+from probe_ase.model.novelty import NOVELTY_FLOOR, NoveltyConfig, PENALTIES
 
 
 def fit_weight_shared_ratio(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarray) -> float:
-    """Variant of :func:`probe_ase.novelty.fit_logit_weight` (tried, not kept).
+    """Variant of :func:`probe_ase.fitting.novelty.fit_logit_weight` (tried, not kept).
 
     Logistic regression of each label column ``k`` on ``a_k (z_k - v log n) + b_k``,
     ``z_k`` the column's logit in its own standard deviations, one ``v >= 0``
