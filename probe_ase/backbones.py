@@ -9,12 +9,14 @@ from it: only load files you trust (the libraries themselves do the same).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from ase.calculators.calculator import Calculator
 
-from .exceptions import BackboneError, InputError
-from .taps import ADAPTERS, adapter
+from probe_ase.exceptions import BackboneError, InputError
+from probe_ase.taps import ADAPTERS, adapter
+from probe_ase.taps.base import quiet_import
 
 
 def backbone_types() -> list[str]:
@@ -25,6 +27,28 @@ def backbone_types() -> list[str]:
 def pretrained_names() -> list[str]:
     """Names :func:`load_backbone` takes instead of a file (weights shipped with a backbone's library)."""
     return [name for cls in ADAPTERS.values() for name in cls.pretrained]
+
+
+def _torch_load(name: str, device: str):
+    """``torch.load`` a whole pickled model, or a :class:`BackboneError` naming the file when it is not one."""
+    import pickle
+    import zipfile
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript.*")  # reported below, with the fix
+            return torch.load(name, map_location=device, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as err:
+        raise BackboneError(f"{name} is not a torch model file ({type(err).__name__}); pass a MACE .model, a "
+                            "SchNetPack or CHGNet model file, or a pretrained name", path=name) from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" in str(err) or "zip archive" in str(err) or "invalid load key" in str(err):
+            raise BackboneError(f"{name} is not a torch model file (a damaged or truncated archive?); pass a MACE "
+                                ".model, a SchNetPack or CHGNet model file", path=name) from None
+        raise
+    except ModuleNotFoundError as err:
+        raise BackboneError(f"{name} holds a model of the {err.name} package, which is not installed here",
+                            path=name, missing=err.name) from None
 
 
 def _require(cls) -> None:
@@ -48,14 +72,19 @@ def load_backbone(path: str | os.PathLike, kind: str = "auto", device: str = "cp
     if not os.path.exists(name):
         raise InputError(f"no such backbone file: {name} (pretrained names: {', '.join(pretrained_names())})",
                          path=name)
+    if os.path.isdir(name):
+        raise InputError(f"backbone {name} is a folder; pass a model file or a pretrained name", path=name)
     wanted = None if kind == "auto" else adapter(kind)
     if wanted is not None:
         _require(wanted)
     if ADAPTERS["mace"].available():
         # import e3nn (through mace) before unpickling: e3nn loads its constants with
         # torch.load at import, and a torch.load nested in another one fails
-        import mace.modules  # noqa: F401
-    model = torch.load(name, map_location=device, weights_only=False)
+        quiet_import("mace.modules")
+    model = _torch_load(name, device)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise BackboneError(f"{name} is a TorchScript model (e.g. a MACE *_compiled.model); forward hooks cannot tap "
+                            "it: load the uncompiled model file instead", path=name, found=type(model).__name__)
     owner = next((cls for cls in ADAPTERS.values() if cls.available() and cls.owns(model)), None)
     if wanted is not None and owner is not wanted:
         found = owner.kind if owner else f"{type(model).__module__}.{type(model).__name__}"

@@ -55,8 +55,28 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from ..exceptions import BackboneError, InputError
+from probe_ase.exceptions import BackboneError, InputError
 
+
+
+def quiet_import(module: str):
+    """Import ``module`` with the notices backbone libraries give at import silenced, during that import only.
+
+    e3nn's ``torch.load`` warnings (a FutureWarning, or a UserWarning about the
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` mace-torch sets) and mace-torch's
+    "cuequivariance ... is not available" print: noise to a probe-ase user.
+    Warnings and prints of anything after the import are untouched.
+    """
+    import contextlib
+    import importlib
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        for text in (".*weights_only.*", ".*WEIGHTS_ONLY.*", ".*cuequivariance.*", ".*openequivariance.*"):
+            warnings.filterwarnings("ignore", message=text)
+        return importlib.import_module(module)
 
 @dataclass(frozen=True)
 class Prediction:
@@ -179,7 +199,7 @@ class Tap(ABC):
     def available(cls) -> bool:
         """Whether the backbone's library imports here."""
         try:
-            __import__(cls.library)
+            quiet_import(cls.library)
         except Exception:  # absent, or broken against this torch
             return False
         return True
@@ -297,7 +317,7 @@ class Tap(ABC):
         """The head's graph ``(2, n_atoms + n_pairs)`` from the backbone's own neighbour list of the last pass.
 
         Self loops first, then every pair closer than ``cutoff`` (Å), so it
-        equals :func:`probe_ase.graph.radius_graph` as a set of edges. None when
+        equals :func:`probe_ase.model.graph.radius_graph` as a set of edges. None when
         ``cutoff`` exceeds the list's (it would miss pairs) or no pass has been
         seen: the caller then builds the graph itself.
         """

@@ -26,8 +26,8 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from ..exceptions import BackboneError
-from .base import Tap
+from probe_ase.exceptions import BackboneError
+from probe_ase.taps.base import Tap, quiet_import
 
 
 class MaceTap(Tap):
@@ -48,7 +48,7 @@ class MaceTap(Tap):
     def accepts(cls, calc: Calculator) -> bool:
         """Whether ``calc`` is a mace-torch ``MACECalculator``."""
         try:
-            from mace.calculators import MACECalculator
+            MACECalculator = quiet_import("mace.calculators").MACECalculator
         except ImportError:  # pragma: no cover - mace-torch is a core dependency
             return False
         return isinstance(calc, MACECalculator)
@@ -61,11 +61,9 @@ class MaceTap(Tap):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", model: object = None) -> Calculator:
         """A ``MACECalculator`` for the ``.model`` file ``path`` (a pickled module: only load files you trust)."""
-        from mace.calculators import MACECalculator
-
+        MACECalculator = quiet_import("mace.calculators").MACECalculator
         if model is None:
-            import mace.modules  # noqa: F401  (e3nn's own torch.load must not run nested in ours)
-
+            quiet_import("mace.modules")  # e3nn's own torch.load must not run nested in ours
             model = torch.load(path, map_location=device, weights_only=False)
         return MACECalculator(models=model, device=device)
 
