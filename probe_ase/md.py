@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -14,8 +15,8 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 from tqdm.auto import tqdm
 
-from .exceptions import InputError
-from .observers import ReliabilityMonitor, ReliabilityTrajectory
+from probe_ase.exceptions import InputError
+from probe_ase.observers import ReliabilityMonitor, ReliabilityTrajectory
 
 Ensemble = Literal["nve", "nvt", "npt"]
 
@@ -29,12 +30,15 @@ def make_dynamics(
     pressure_GPa: float = 0.0,
     compressibility_per_GPa: float = 0.01,
     seed: int = 0,
+    keep_momenta: bool = False,
 ) -> MolecularDynamics:
     """ASE dynamics for ``atoms``, velocities drawn at ``temperature_K`` (K).
 
     NVE: velocity Verlet; NVT: Langevin (friction in 1/fs); NPT: Berendsen
     barostat and thermostat (pressure in GPa, compressibility in 1/GPa,
-    periodic cells only). Timestep in fs.
+    periodic cells only). Timestep in fs. ``keep_momenta``: start from the
+    momenta ``atoms`` carries (a restart from a trajectory's last frame)
+    instead of drawing new ones.
     """
     if ensemble not in ("nve", "nvt", "npt"):
         raise InputError(f"ensemble must be nve, nvt or npt, got {ensemble!r}", ensemble=ensemble)
@@ -44,15 +48,21 @@ def make_dynamics(
         raise InputError(f"temperature must be >= 0 K, got {temperature_K}", temperature_K=temperature_K)
     if ensemble != "nve" and not friction_per_fs > 0:
         raise InputError(f"friction must be positive (1/fs), got {friction_per_fs}", friction_per_fs=friction_per_fs)
+    if ensemble == "npt" and not atoms.pbc.all():
+        raise InputError("NPT needs a periodic cell in all three directions", pbc=atoms.pbc.tolist())
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    if keep_momenta:
+        if not atoms.has("momenta"):
+            raise InputError("keep_momenta=True but the atoms carry no momenta (velocities)", keep_momenta=True)
+    else:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     dt = timestep_fs * units.fs
     if ensemble == "nve":
         return VelocityVerlet(atoms, dt)
     if ensemble == "nvt":
-        return Langevin(atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng)
-    if not atoms.pbc.all():
-        raise InputError("NPT needs a periodic cell in all three directions", pbc=atoms.pbc.tolist())
+        with warnings.catch_warnings():  # ASE >= 3.28 deprecates the default fixcm=True it still runs: not the user's
+            warnings.filterwarnings("ignore", message=".*fixcm.*", category=FutureWarning)
+            return Langevin(atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng)
     return NPTBerendsen(atoms, dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
                         taut=100 * units.fs, taup=1000 * units.fs,
                         compressibility_au=compressibility_per_GPa / units.GPa)
@@ -68,11 +78,15 @@ def run_gated(
 ) -> ReliabilityMonitor:
     """Run ``dyn`` for ``steps`` under a :class:`ReliabilityMonitor`; return the monitor.
 
-    ``trajectory`` (``.traj`` or extxyz, appended) gets every ``interval``-th
-    frame with its reliability and importances. ``monitor_options`` go to
+    ``trajectory`` (``.traj`` or extxyz, appended to) gets every ``interval``-th
+    frame (the start frame included) with its reliability and importances. ``monitor_options`` go to
     :class:`ReliabilityMonitor` (action, threshold, patience, log, flagged ...).
     The observers it attaches are detached again when it returns.
     """
+    if steps < 0 or int(steps) != steps:
+        raise InputError(f"steps must be a whole number >= 0, got {steps}", steps=steps)
+    if interval < 1 or int(interval) != interval:
+        raise InputError(f"interval must be a whole number >= 1, got {interval}", interval=interval)
     atoms = dyn.atoms
     bar = tqdm(total=steps, desc="md", unit="step", disable=not progress)
 
