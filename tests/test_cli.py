@@ -87,7 +87,8 @@ def test_fit_can_cross_fit_its_calibration(files):
                  "-o", str(head)]) == 0
     meta = Probe.load(head).meta
     assert (meta.report["calibration"], meta.report["folds"], meta.config.members) == ("crossfit", 2, 2)
-    assert meta.report["train"]["calibration"] == "crossfit" and meta.report["certificate"]["fallback"] == "target"
+    assert (meta.spec.options.calibration, meta.spec.options.folds, meta.spec.options.fallback) == ("crossfit", 2, "target")
+    assert meta.report["certificate"]["fallback"] == "target"
     default = Probe.load(files / "probe.pt")
     assert (default.report["calibration"], default.report["certificate"]["fallback"]) == ("split", "strictest")
     report = files / "crossfit-report"
@@ -105,48 +106,6 @@ def test_fit_errors_are_reported_not_raised(files, capsys):
     assert "no such backbone file" in capsys.readouterr().err
 
 
-BAD_INPUT = [  # (arguments after the subcommand's files, what the one error line must name)
-    ("score-malformed", "cannot read structures from"),
-    ("score-empty", "Empty file"),
-    ("md-negative-temperature", "temperature must be >= 0 K"),
-    ("md-zero-timestep", "timestep must be positive"),
-    ("md-negative-friction", "friction must be positive"),
-    ("fit-malformed", "cannot read structures from"),
-    ("fit-zero-members", "members must be >= 1"),
-    ("fit-crossfit-members", "members must be 1 or 5, got 2"),
-]
-
-
-@pytest.mark.parametrize("case,message", BAD_INPUT, ids=[c for c, _ in BAD_INPUT])
-def test_bad_input_is_one_clear_line_and_writes_nothing(files, capsys, cu_data, case, message):
-    work = files / f"bad-{case}"
-    work.mkdir()
-    (work / "malformed.xyz").write_text("3\nLattice=\"1 0 0\" Properties=species:S:1:pos:R:3\nCu 0 0\n")
-    (work / "empty.xyz").write_text("")
-    write(work / "start.xyz", cu_data["test_in"][0])
-    probe, md = str(files / "probe.pt"), ["md", str(work / "start.xyz"), "--probe", str(files / "probe.pt"),
-                                          "--steps", "2", "--trajectory", str(work / "out.traj")]
-    args = {
-        "score-malformed": ["score", "--probe", probe, str(work / "malformed.xyz"), "-o", str(work / "out.xyz")],
-        "score-empty": ["score", "--probe", probe, str(work / "empty.xyz"), "-o", str(work / "out.xyz")],
-        "md-negative-temperature": md + ["--temperature", "-5"],
-        "md-zero-timestep": md + ["--timestep", "0"],
-        "md-negative-friction": md + ["--friction", "-0.01"],
-        "fit-malformed": ["fit", "--backbone", str(files / "mace.model"), "--data", str(work / "malformed.xyz"),
-                          "--no-cache", "-o", str(work / "out.pt")],
-        "fit-zero-members": ["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"),
-                             "--members", "0", "--no-cache", "-o", str(work / "out.pt")],
-        "fit-crossfit-members": ["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"),
-                                 "--calibration", "crossfit", "--members", "2", "--no-cache", "-o", str(work / "out.pt")],
-    }[case]
-    before = sorted(p.name for p in work.iterdir())
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "error:" in line]  # beside progress bars
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
-    assert sorted(p.name for p in work.iterdir()) == before  # nothing written, nothing left behind
-
-
 def test_help_names_units(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
@@ -158,7 +117,7 @@ def test_md_command_halts_a_hot_run(files, capsys, cu_data):
     work = files / "md"
     work.mkdir()
     write(work / "start.xyz", cu_data["test_in"][0])
-    args = ["md", str(work / "start.xyz"), "--probe", str(files / "probe.pt"), "--ensemble", "nve",
+    args = ["md", str(work / "start.xyz"), "--probe", str(files / "probe.pt"), "--dynamics", "nve",
             "--temperature", "3000", "--timestep", "2", "--steps", "300", "--patience", "2",
             "--trajectory", str(work / "md.traj"), "--log", str(work / "r.log"), "--flagged", str(work / "f.xyz")]
     assert main(args) == 0
@@ -167,9 +126,35 @@ def test_md_command_halts_a_hot_run(files, capsys, cu_data):
     frames = read(work / "md.traj", ":")
     assert 1 < len(frames) < 301 and "reliability" in frames[-1].info
     assert len(np.loadtxt(work / "r.log", comments="#", usecols=range(7))) == len(frames)
-    assert main(args[:-6] + ["--ensemble", "npt", "--steps", "3", "--action", "log",
-                             "--trajectory", str(work / "npt.xyz"), "--log", str(work / "npt.log")]) == 0
+    assert main(args[:-6] + ["--dynamics", "npt", "--steps", "3", "--action", "log", "--trajectory",
+                             str(work / "npt.xyz"), "--log", str(work / "npt.log"), "--flagged", str(work / "n.xyz")]) == 0
     assert len(read(work / "npt.xyz", ":")) == 4
+
+
+def test_md_appends_only_when_asked_writes_every_nth_step_and_restarts_with_momenta(files, capsys, cu_data):
+    """An existing trajectory is refused (untouched) without --append; --traj-interval 3 writes steps 0, 3, 6, 9;
+    --restart continues from the last frame's positions and momenta, appended to the same file."""
+    work = files / "md-append"
+    work.mkdir()
+    write(work / "start.xyz", cu_data["test_in"][0])
+    traj, log, flagged = work / "md.traj", work / "md.log", work / "f.xyz"
+    base = ["--probe", str(files / "probe.pt"), "--action", "log", "--dynamics", "nve", "-q", "--trajectory", str(traj),
+            "--log", str(log), "--flagged", str(flagged)]
+    assert main(["md", str(work / "start.xyz"), "--steps", "9", "--traj-interval", "3", *base]) == 0
+    frames = read(traj, ":")
+    assert len(frames) == 4 and len(np.loadtxt(log, comments="#", usecols=range(7))) == 10
+    before = traj.read_bytes(), log.read_bytes()
+    capsys.readouterr()
+    assert main(["md", str(work / "start.xyz"), "--steps", "2", *base]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--trajectory {traj} exists; pass --append" in err
+    assert (traj.read_bytes(), log.read_bytes()) == before
+    assert main(["md", "--restart", str(traj), "--steps", "2", "--append", *base]) == 0
+    restarted = read(traj, ":")
+    assert len(restarted) == 4 + 3  # the restart frame again, then steps 1 and 2
+    np.testing.assert_allclose(restarted[4].positions, frames[-1].positions)
+    np.testing.assert_allclose(restarted[4].get_momenta(), frames[-1].get_momenta())  # not drawn anew
+    assert len(np.loadtxt(log, comments="#", usecols=range(7))) == 10 + 3
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +231,7 @@ def test_al_command_resumes_after_a_kill_from_the_retrained_model(files, al_prob
     from ase.db import connect
 
     import probe_ase
-    from probe_ase.store import ALStore
+    from probe_ase.al.store import ALStore
 
     work = files / "al-resume"
     work.mkdir()

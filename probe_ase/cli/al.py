@@ -22,7 +22,7 @@ Example config (units: K, fs, 1/fs)::
     min_separation = 10
     # p_lo = 0.1, p_hi = 0.5    (default: p*/2 and p*)
     # region_buffer = 6.0       big cells: label regions (unreliable atoms + this buffer, Å), not whole cells;
-    # min_atom_reliability = "auto"   needs a head fitted with --atom-threshold; "auto": the head's atom p*
+    # min_atom_reliability = "auto"   needs a head fitted with --atom-tolerance; "auto": the head's atom p*
 
     [label]
     workers = 1                   # > 1: a process pool of this size
@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 
+from probe_ase.cli.options import DYNAMICS, add_device
+
 HELP = "run active-learning rounds (explore, label with a reference, retrain) from a TOML config"
 
 SECTIONS = {
@@ -60,18 +62,86 @@ SECTIONS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``probe-ase al``'s arguments: the TOML config file, ``--device`` and ``--check``."""
-    parser.add_argument("config", help="TOML config file (see 'probe-ase al --help' and the README)")
-    parser.add_argument("--device", default="cpu", help="torch device for the backbone (default: cpu)")
-    parser.add_argument("--check", action="store_true",
-                        help="only check the config's database (statuses, reference results, claims, round files); "
-                             "exit status 1 on a problem")
+    essential = parser.add_argument_group("essential")
+    essential.add_argument("config", help="TOML config file (see 'probe-ase al --help' and the README)")
+    add_device(essential)
+    essential.add_argument("--check", action="store_true",
+                           help="only check the config's database (statuses, reference results, claims, round "
+                                "files); exit status 1 on a problem")
+
+
+#: [section] key -> (kind, lowest allowed value, unit), checked before any work
+NUMBERS = {
+    ("", "rounds"): (int, 1, ""), ("explore", "temperature"): (float, 0, " K"),
+    ("explore", "timestep"): (float, 1e-300, " fs"), ("explore", "friction"): (float, 1e-300, " 1/fs"),
+    ("explore", "steps"): (int, 1, ""), ("explore", "max_new"): (int, 1, ""),
+    ("explore", "min_separation"): (int, 1, " steps"), ("explore", "seed"): (int, 0, ""),
+    ("explore", "p_lo"): (float, 0, ""), ("explore", "p_hi"): (float, 0, ""),
+    ("explore", "region_buffer"): (float, 0, " Å"), ("label", "workers"): (int, 1, ""),
+    ("label", "retries"): (int, 0, ""), ("label", "lease"): (float, 1e-300, " s"),
+    ("retrain", "epochs"): (int, 1, ""),
+}
+
+
+def check(args: argparse.Namespace) -> None:
+    """The device, the config (keys, value types and ranges) and every file it names, before any work.
+
+    Sets ``args.settings`` (the config as read).
+    """
+    from probe_ase.cli import checks
+    from probe_ase.exceptions import InputError
+
+    checks.device(args.device)
+    checks.input_file(args.config, "CONFIG", "config file")
+    config = args.settings = load_config(args.config)
+    where = f"in {args.config}"
+    for (section, key), (kind, low, unit) in NUMBERS.items():
+        table = config if not section else config.get(section) or {}
+        if key not in table:
+            continue
+        value, name = table[key], f"{section + '.' if section else ''}{key}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise InputError(f"{name} {where} must be {'a whole number' if kind is int else 'a number'}{unit}, got "
+                             f"{value!r}", path=args.config, key=name, value=value)
+        if value < low or (key in ("p_lo", "p_hi") and value > 1):
+            span = "in [0, 1]" if key in ("p_lo", "p_hi") else ("positive" if 0 < low < 1 else f">= {low}")
+            raise InputError(f"{name} {where} must be {span}{unit}, got {value}", path=args.config, key=name,
+                             value=value)
+    explore = config.get("explore") or {}
+    if explore.get("ensemble", "nvt") not in DYNAMICS:
+        raise InputError(f"explore.ensemble {where} must be one of {', '.join(DYNAMICS)}, got "
+                         f"{explore['ensemble']!r}", path=args.config, value=explore["ensemble"])
+    db = str(config.get("db", "al.db"))
+    if args.check:
+        if "://" not in db:
+            checks.input_file(db, f"db {where}", "database")
+        return
+    if "://" not in db:
+        checks.output_file(db, f"db {where}")
+    checks.backbone_source(str(config["backbone"]), f"backbone {where}")
+    checks.head_file(str(config["probe"]), f"probe {where}")
+    checks.structures(str(config["start"]), f"start {where}")
+    retrain = config.get("retrain")
+    if retrain is not None:
+        for key in ("train_data", "fit_data"):
+            if key not in retrain:
+                raise InputError(f"[retrain] {where} lacks {key}", path=args.config, missing=key)
+            checks.structures(str(retrain[key]), f"retrain.{key} {where}")
+        checks.output_folder(str(retrain.get("work_dir", "al-retrain")), f"retrain.work_dir {where}")
+    reference = config["reference"]
+    if not isinstance(reference, dict) or not isinstance(reference.get("calculator"), str):
+        raise InputError(f"[reference] {where} needs calculator = \"module:attribute\" (e.g. "
+                         "\"ase.calculators.emt:EMT\")", path=args.config)
+    if not isinstance(reference.get("options", {}), dict):
+        raise InputError(f"reference.options {where} must be a table of keyword arguments", path=args.config)
+    reference_factory(reference)  # importable
 
 
 def load_config(path: str) -> dict:
     """Read and check the TOML config: unknown keys are errors."""
     import tomllib
 
-    from ..exceptions import InputError
+    from probe_ase.exceptions import InputError
 
     try:
         with open(path, "rb") as handle:
@@ -96,7 +166,7 @@ def reference_factory(spec: dict):
     import functools
     import importlib
 
-    from ..exceptions import InputError
+    from probe_ase.exceptions import InputError
 
     module_name, _, attribute = spec["calculator"].partition(":")
     try:
@@ -111,15 +181,15 @@ def run(args: argparse.Namespace) -> int:
     """Run the config's active-learning rounds (or, with ``--check``, check its database); returns the exit status."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..active_learning import ActiveLearner, RoundReport
-    from ..backbones import load_backbone
-    from ..calculator import ProbeCalculator
-    from ..dataset import read_frames
-    from ..md import make_dynamics
-    from ..retrain import MaceTrainer
-    from ..store import ALStore, check_database
+    from probe_ase.al.learner import ActiveLearner, RoundReport
+    from probe_ase.al.retrain import MaceTrainer
+    from probe_ase.al.store import ALStore, check_database
+    from probe_ase.backbones import load_backbone
+    from probe_ase.calculator import ProbeCalculator
+    from probe_ase.fitting.data import read_frames
+    from probe_ase.md import make_dynamics
 
-    config = load_config(args.config)
+    config = args.settings if getattr(args, "settings", None) is not None else load_config(args.config)
     db = config.get("db", "al.db")
     if args.check:
         report = check_database(db)
@@ -149,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                              float(explore.get("timestep", 1.0)), float(explore.get("friction", 0.01)),
                              seed=int(explore.get("seed", 0)) + learner.round)
 
-    learner.resume()  # frames an interrupted run left pending, whatever their round
+    learner.resume(progress=not args.quiet)  # frames an interrupted run left pending, whatever their round
     rows = [RoundReport.HEADER]
     rounds = int(config.get("rounds", 1))
     if learner.finished_rounds >= rounds:
@@ -158,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         report = learner.run_round(starts, md=md, steps=int(explore.get("steps", 500)),
                                    max_new=int(explore.get("max_new", 20)),
                                    min_separation=int(explore.get("min_separation", 10)), trainer=trainer,
+                                   progress=not args.quiet,
                                    checkpoint_dir=work_dir)
         rows.append(report.row())
         print(rows[-1])

@@ -3,101 +3,158 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-from pathlib import Path
+import os
 
-from ..certify import FALLBACKS
-from ..fit import CALIBRATION
-from ..labels import CRITERIA
-from .options import add_backbone, add_batch_size, add_reference_keys
+from probe_ase.cli import checks
+from probe_ase.cli.options import (CALIBRATION, CHANNELS, CRITERIA, FALLBACKS, add_alias, add_backbone,
+                                   add_batch_size, add_reference_keys)
 
 HELP = "fit a PROBE head on labelled structures (reference energies in eV, forces in eV/Å)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``probe-ase fit``'s arguments: backbone, data, criterion and tolerances, training options."""
-    add_backbone(parser)
-    parser.add_argument("--data", required=True, metavar="PATH",
-                        help="labelled structures: extxyz, ASE trajectory or ase.db (never used for backbone training)")
-    parser.add_argument("-o", "--output", default="probe.pt", metavar="PATH", help="head file to write (default: probe.pt)")
-    parser.add_argument("--criterion", default="force_rmse",
-                        choices=CRITERIA,
-                        help="error criterion: force_rmse / force_max in eV/Å, energy_per_atom in eV/atom, energy in eV")
-    tol = parser.add_mutually_exclusive_group()
-    tol.add_argument("--threshold", type=float, metavar="TAU",
-                     help="absolute tolerance in the criterion's unit (eV/Å, eV/atom or eV)")
+    """Add ``probe-ase fit``'s arguments in three groups: essential, certificate, advanced (one-to-one FitOptions)."""
+    essential = parser.add_argument_group("essential")
+    add_backbone(essential)
+    essential.add_argument("--data", required=True, metavar="PATH",
+                           help="labelled structures (energies in eV, forces in eV/Å): extxyz, ASE trajectory or "
+                                "ase.db; never the backbone's training data")
+    essential.add_argument("-o", "--output", default="probe.pt", metavar="PATH",
+                           help="head file to write, atomically (default: probe.pt)")
+    essential.add_argument("--criterion", default="force_rmse", choices=CRITERIA,
+                           help="error criterion: force_rmse / force_max in eV/Å, energy_per_atom in eV/atom, "
+                                "energy in eV (default: force_rmse)")
+    tol = essential.add_mutually_exclusive_group()
+    tol.add_argument("--tolerance", type=float, metavar="TAU",
+                     help="tolerance tau on the criterion, in its unit (eV/Å, eV/atom or eV); > 0")
     tol.add_argument("--quantile", type=float, metavar="Q",
-                     help="tolerance as this quantile (0-1) of the observed errors (default: 0.8)")
-    atom = parser.add_mutually_exclusive_group()
-    atom.add_argument("--atom-threshold", type=float, metavar="TAU_ATOM",
-                      help="also a per-atom reliability: tolerance on each atom's force error norm, in eV/Å")
+                     help="... or tau as this quantile (0-1) of the observed errors (default: 0.8)")
+    add_alias(tol, "--threshold", "--tolerance", "tolerance", type=float)
+    atom = essential.add_mutually_exclusive_group()
+    atom.add_argument("--atom-tolerance", type=float, metavar="TAU_ATOM",
+                      help="also a per-atom reliability: tolerance on each atom's force error norm, in eV/Å; > 0")
     atom.add_argument("--atom-quantile", type=float, metavar="Q",
-                      help="... or the atom tolerance as this quantile (0-1) of all atoms' force errors")
-    parser.add_argument("--target-risk", type=float, default=0.05,
-                        help="largest fraction of accepted structures allowed to be unreliable (default: 0.05)")
-    parser.add_argument("--delta", type=float, default=0.1,
-                        help="p* keeps --target-risk with probability >= 1 - delta over the calibration draw "
-                             "(0-1; default: 0.1)")
-    parser.add_argument("--fallback", choices=FALLBACKS, default="strictest",
-                        help="where --target-risk cannot be certified, which threshold certified at the larger risk "
-                             "p* is: the strictest (default) or the loosest whose calibration risk is at most "
-                             "--target-risk (more coverage, less margin under shift)")
-    parser.add_argument("--reference-data", metavar="PATH",
-                        help="the backbone's own training structures (extxyz, ASE trajectory or ase.db; no labels "
-                             "needed): structures like them count as inside the novelty support")
-    parser.add_argument("--support-quantile", type=float, metavar="Q",
-                        help="novelty support edge: this quantile (0-1] of held-out fit structures' novelty "
-                             "(default: 0.9)")
-    parser.add_argument("--weight-folds", type=int, metavar="K",
-                        help="fold heads whose out-of-fold logits fit the novelty weight (default: 5; 0: the "
-                             "validation split, no extra heads, several times faster)")
-    parser.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")
-    parser.add_argument("--channels", choices=("scalars", "scalars+norms"),
-                        help="invariant channels of each layer to read: the scalars, or beside them the norm of each "
-                             "vector channel (PaiNN, MACE; default: scalars+norms for PaiNN, scalars for the others)")
-    parser.add_argument("--epochs", type=int, default=200, help="most training epochs (default: 200)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--cutoff", type=float, default=None,
-                        help="attention neighbourhood radius in Å (default: the backbone's own cutoff)")
-    parser.add_argument("--members", type=int, default=1, metavar="K",
-                        help="average K heads trained with seeds SEED..SEED+K-1 (K times the fit time and the head's "
-                             "per-step time; default: 1)")
-    parser.add_argument("--calibration", choices=CALIBRATION, default="split",
-                        help="split: one head, calibrated and certified on a held-out 20 %% (exact guarantee); "
-                             "crossfit: FOLDS heads each trained without one fold, every structure calibrates once "
-                             "(85 %% of the data), the head file holds their mean (approximate guarantee; default: "
-                             "split)")
-    parser.add_argument("--folds", type=int, default=5, metavar="K",
-                        help="fold heads of --calibration crossfit (default: 5)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (default: ~/.cache/probe-ase)")
-    parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    add_batch_size(parser)
-    add_reference_keys(parser)
+                      help="... or the atom tolerance as this quantile (0-1) of all atoms' force errors (eV/Å)")
+    add_alias(atom, "--atom-threshold", "--atom-tolerance", "atom_tolerance", type=float)
+
+    data = parser.add_argument_group("data and cache")
+    add_reference_keys(data)
+    data.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (default: ~/.cache/probe-ase)")
+    data.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+
+    cert = parser.add_argument_group("certificate", "what the certified threshold p* promises")
+    cert.add_argument("--target-risk", type=float, default=0.05, metavar="R",
+                      help="largest fraction (0-1) of accepted structures allowed to be beyond tau (default: 0.05)")
+    cert.add_argument("--delta", type=float, default=0.1,
+                      help="p* keeps --target-risk with probability >= 1 - delta over the calibration draw "
+                           "(0-1; default: 0.1)")
+    cert.add_argument("--reference-data", metavar="PATH",
+                      help="the backbone's own training structures (extxyz, ASE trajectory or ase.db; no labels "
+                           "needed): structures like them count as inside the novelty support")
+
+    adv = parser.add_argument_group("advanced", "training and head settings (probe_ase.fitting.FitOptions); the "
+                                                "defaults are what the published numbers were measured with")
+    adv.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")
+    adv.add_argument("--channels", choices=CHANNELS,
+                     help="invariant channels of each layer: the scalars, or beside them the norm of each vector "
+                          "channel (default: the adapter's: scalars+norms for PaiNN, scalars for the others)")
+    adv.add_argument("--cutoff", type=float, metavar="Å",
+                     help="attention neighbourhood radius in Å (default: the backbone's own cutoff)")
+    adv.add_argument("--hidden", type=int, default=64, metavar="N", help="width of the head's per-atom encoding "
+                                                                         "(default: 64)")
+    adv.add_argument("--members", type=int, default=1, metavar="K",
+                     help="average K heads trained with seeds SEED..SEED+K-1 (K times the fit time and the head's "
+                          "per-step time; default: 1)")
+    adv.add_argument("--calibration", choices=CALIBRATION, default="split",
+                     help="split: one head, calibrated and certified on a held-out 20 %% (exact guarantee); "
+                          "crossfit: FOLDS heads each trained without one fold, every structure calibrates once "
+                          "(approximate guarantee; default: split)")
+    adv.add_argument("--folds", type=int, default=5, metavar="K", help="fold heads of --calibration crossfit "
+                                                                       "(>= 2; default: 5)")
+    adv.add_argument("--fallback", choices=FALLBACKS, default="strictest",
+                     help="where --target-risk cannot be certified: the strictest threshold certified at a larger "
+                          "risk (default), or the loosest whose calibration risk is at most --target-risk")
+    adv.add_argument("--support-quantile", type=float, default=0.9, metavar="Q",
+                     help="novelty support edge: this quantile (0-1] of held-out fit structures' novelty "
+                          "(default: 0.9)")
+    adv.add_argument("--weight-folds", type=int, default=5, metavar="K",
+                     help="fold heads whose out-of-fold logits fit the novelty weight (0 or >= 2; default: 5; "
+                          "0: the validation split, no extra heads, several times faster)")
+    adv.add_argument("--epochs", type=int, default=150, metavar="N", help="most training epochs (default: 150)")
+    adv.add_argument("--patience", type=int, default=20, metavar="N",
+                     help="epochs without validation improvement before stopping (default: 20)")
+    adv.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    add_batch_size(adv)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every value, the data and reference files, the backbone file and the output path, before the backbone runs."""
+    checks.positive(args.tolerance, "--tolerance", " (in the criterion's unit: eV/Å, eV/atom or eV)")
+    checks.fraction(args.quantile, "--quantile")
+    checks.positive(args.atom_tolerance, "--atom-tolerance", " (eV/Å)")
+    checks.fraction(args.atom_quantile, "--atom-quantile")
+    checks.fraction(args.target_risk, "--target-risk")
+    checks.fraction(args.delta, "--delta")
+    checks.fraction(args.support_quantile, "--support-quantile", open_high=False)
+    for value, flag in ((args.hidden, "--hidden"), (args.members, "--members"), (args.epochs, "--epochs"),
+                        (args.patience, "--patience"), (args.batch_size, "--batch-size")):
+        checks.at_least(value, flag, 1)
+    checks.at_least(args.folds, "--folds", 2)
+    checks.at_least(args.seed, "--seed", 0)
+    checks.positive(args.cutoff, "--cutoff", " (Å)")
+    for layer in args.layers or ():
+        checks.at_least(layer, "--layers", 0)
+    if args.weight_folds < 0 or args.weight_folds == 1:
+        raise checks.InputError(f"--weight-folds must be 0 (the validation split) or >= 2, got {args.weight_folds}",
+                                flag="--weight-folds", value=args.weight_folds)
+    if args.calibration == "crossfit" and args.members not in (1, args.folds):
+        raise checks.InputError(f"--calibration crossfit deploys the mean of its {args.folds} fold heads: --members "
+                                f"must be 1 or {args.folds}, got {args.members}", members=args.members,
+                                folds=args.folds)
+    checks.device(args.device)
+    checks.backbone_source(args.backbone)
+    checks.structures(args.data, "--data")
+    if args.reference_data is not None:
+        checks.structures(args.reference_data, "--reference-data")
+    checks.output_file(args.output, "-o/--output")
+    for path, flag in ((args.data, "--data"), (args.reference_data, "--reference-data")):
+        if path is not None:
+            checks.distinct(path, args.output, f"{flag} and -o/--output")
+    if args.cache_dir is not None and not args.no_cache:
+        checks.output_folder(args.cache_dir, "--cache-dir")
+
+
+def options(args: argparse.Namespace):
+    """The advanced group as :class:`~probe_ase.fitting.FitOptions` (one field per option)."""
+    try:
+        from probe_ase.fitting import FitOptions
+    except ImportError:  # while the fitting package does not export it yet
+        from probe_ase.fitting.spec import FitOptions
+
+    return FitOptions(layers=args.layers, channels=args.channels, cutoff=args.cutoff, hidden=args.hidden,
+                      members=args.members, calibration=args.calibration, folds=args.folds, fallback=args.fallback,
+                      support_quantile=args.support_quantile, weight_folds=args.weight_folds, epochs=args.epochs,
+                      patience=args.patience, seed=args.seed, batch_size=args.batch_size)
 
 
 def run(args: argparse.Namespace) -> int:
     """Fit a head, record the backbone's absolute path (or pretrained name) in it, save it and print its summary; returns 0."""
-    from ..backbones import load_backbone
-    from ..fit import TrainConfig, fit_probe
-    from ..head import HeadConfig
-    from ..novelty import NoveltyConfig
+    import dataclasses
 
-    novelty = {k: v for k, v in (("support_quantile", args.support_quantile), ("weight_folds", args.weight_folds))
-               if v is not None}
+    from probe_ase.backbones import load_backbone
+    from probe_ase.fitting.pipeline import fit_probe
+
+    advanced = options(args)
     calc = load_backbone(args.backbone, args.backbone_type, args.device)
-    probe = fit_probe(
-        calc, args.data, criterion=args.criterion, threshold=args.threshold, quantile=args.quantile,
-        atom_threshold=args.atom_threshold, atom_quantile=args.atom_quantile, target_risk=args.target_risk,
-        delta=args.delta, fallback=args.fallback, reference_data=args.reference_data, novelty=NoveltyConfig(**novelty),
-        layers=args.layers, channels=args.channels, config=HeadConfig(cutoff=args.cutoff, members=args.members),
-        train=TrainConfig(epochs=args.epochs, seed=args.seed, calibration=args.calibration, folds=args.folds),
-        energy_key=args.energy_key,
-        forces_key=args.forces_key, batch_size=args.batch_size,
-        cache_dir=False if args.no_cache else args.cache_dir,
-    )
-    source = Path(args.backbone)  # a file: its absolute path; a pretrained name: the name
-    probe.meta = dataclasses.replace(probe.meta, backbone_path=str(source.resolve()) if source.exists() else args.backbone)
+    probe = fit_probe(calc, args.data, criterion=args.criterion, tolerance=args.tolerance, quantile=args.quantile,
+                      atom_tolerance=args.atom_tolerance, atom_quantile=args.atom_quantile,
+                      target_risk=args.target_risk, delta=args.delta, reference_data=args.reference_data,
+                      label_keys=(args.energy_key, args.forces_key), cache_dir=False if args.no_cache else args.cache_dir,
+                      progress=not args.quiet, options=advanced)
+    source = args.backbone  # a file: its absolute path; a pretrained name: the name
+    probe.meta = dataclasses.replace(probe.meta, backbone_path=os.path.realpath(source) if os.path.exists(source)
+                                     else source)
     probe.save(args.output)
     m = probe.meta
     print(f"wrote {args.output}: {m.backbone} backbone ({m.channels}), criterion {m.criterion}, tau = {m.tau:.4g}, "
