@@ -1,6 +1,6 @@
 """Labelling under faults on SQLite and PostgreSQL: reference calls made, duplicates, lost results.
 
-    python benchmarks/al_faults.py [--repeats 3] [--pg-url postgresql://...] [--out benchmarks/results/al-faults]
+    python -m benchmarks.al_faults [--repeats 3] [--pg-url postgresql://...] [--out benchmarks/results/al-faults]
 
 Runs each scenario of :mod:`probe_ase.testing.faults` (the ones the tests
 assert on) ``--repeats`` times on each backend: two driver processes at once;
@@ -15,14 +15,13 @@ and writes ``results.json`` (every run) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
-from environment import environment
-from probe_ase.fileio import atomic_write
+from benchmarks.environment import environment
+from benchmarks.common import write_json
 from probe_ase.testing.faults import SCENARIOS
 from probe_ase.testing.postgres import create_database, drop_database, postgres_server
 
@@ -56,7 +55,7 @@ def main() -> None:
             print(f"{name:<38} {backend:<10} {len(group):>4} {sums} {ok:>9}")
     out = Path(args.out) / "results.json"
     meta = {"repeats": args.repeats, "environment": environment()}
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1)))
+    write_json(out, {"meta": meta, "runs": runs})
     print(f"wrote {out}")
 
 

@@ -1,6 +1,6 @@
 """What the per-atom logit costs: the head with and without it, paired, vs atom count.
 
-    python benchmarks/atom_cost.py [--sizes 15 128 1000 10000 50000] [--out benchmarks/results/atom-cost.json]
+    python -m benchmarks.atom_cost [--sizes 15 128 1000 10000 50000] [--out benchmarks/results/atom-cost.json]
 
 Two heads identical but for ``HeadConfig(atom_logit=...)`` (64 wide, 4 heads,
 1 block, the default aux quantiles, 128 feature channels like MACE-MP medium's
@@ -16,7 +16,6 @@ step table), so ``extra_ms`` over a backbone step is the cost of ``atom_reliabil
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 from ase.build import bulk
 
-from environment import environment
-from probe_ase.fileio import atomic_write
+from benchmarks.environment import environment
+from benchmarks.common import write_json
 from probe_ase.model.calibration import Calibration
 from probe_ase.model.graph import radius_graph
 from probe_ase.model.head import HeadConfig, ProbeHead
@@ -92,7 +91,7 @@ def main(argv=None) -> None:
     result = {"command": "atom_cost.py " + " ".join(argv or []), "environment": environment(), "threads": args.threads, "features": FEATURES,
               "cutoff_A": CUTOFF, "rows": rows, "loglog_slope_from_1000": slope}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    write_json(args.out, result, indent=2)
     print(f"wrote {args.out}")
 
 

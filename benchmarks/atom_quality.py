@@ -4,7 +4,7 @@ Same data, splits and backbones as ``uq_quality.py`` (acac or ethanol, member 0
 deployed, 5 members for the ensemble; the backbones are read from ``--models``
 or trained there)::
 
-    python benchmarks/atom_quality.py --data ../shared/data/acac \\
+    python -m benchmarks.atom_quality --data ../shared/data/acac \\
         --models benchmarks/results/uq-acac/models --out benchmarks/results/atoms-acac
 
 For each backbone and atom-label regime (fixed before any run: top 10 % of the
@@ -30,7 +30,6 @@ median ratio. Writes ``results.json`` and ``results.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -40,23 +39,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from environment import environment, file_digest  # noqa: E402
-from uq_quality import load_splits, make_calc, train_mace, train_spk  # noqa: E402
+from benchmarks.environment import environment, file_digest
+from benchmarks.common import LEGACY_OPTIONS, load_splits, make_calc, train_mace, train_spk, write_json
 
-from probe_ase import fit_probe  # noqa: E402
-from common import LEGACY_OPTIONS  # noqa: E402
+from probe_ase import fit_probe
 
-from probe_ase.evaluation import metrics  # noqa: E402
-from probe_ase.fitting.data import reference_forces  # noqa: E402
-from probe_ase.evaluation.evaluate import ensemble_scores  # noqa: E402
-from probe_ase.exceptions import LabelError  # noqa: E402
-from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fitting.labels import atom_errors  # noqa: E402
-from probe_ase.scoring import score_frames  # noqa: E402
-from probe_ase.taps import find_tap  # noqa: E402
+from probe_ase.evaluation import metrics
+from probe_ase.fitting.data import reference_forces
+from probe_ase.evaluation.evaluate import ensemble_scores
+from probe_ase.exceptions import LabelError
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.labels import atom_errors
+from probe_ase.scoring import score_frames
+from probe_ase.taps import find_tap
 
 REGIMES = {"top 10 % of fit atoms (atom_quantile 0.9)": {"atom_quantile": 0.9},
            "absolute 0.15 eV/Å": {"atom_tolerance": 0.15},
@@ -242,7 +239,7 @@ def main(argv=None) -> None:
         res["backbones"][kind] = run_backbone(kind, paths, pool, evals, args.out / "cache")
         res["wall_seconds"] = time.perf_counter() - start
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(res, indent=2, default=float)))
+        write_json(args.out / "results.json", res, indent=2)
         atomic_write(args.out / "results.md", lambda tmp: tmp.write_text(markdown(res)))
     print(f"wrote {args.out / 'results.md'} ({time.perf_counter() - start:.0f} s)")
 

@@ -15,7 +15,7 @@ the fresh frames accepted, their risk, the coverage of the reliable fresh
 frames, and the AUROC of 1 - p on them. Labels: ``uq_quality.py``'s four
 (force RMSE at 0.1 eV/Å, |ΔE| at 43 meV, and the top 20 % of each). No evaluation file is read::
 
-    python benchmarks/calibration_modes.py --data ../shared/data/acac --run benchmarks/results/uq-acac
+    python -m benchmarks.calibration_modes --data ../shared/data/acac --run benchmarks/results/uq-acac
 
 Prints a table and writes JSON (default ``RUN/calibration_modes_<backbone>_<pool>.json``), atomically.
 """
@@ -23,7 +23,6 @@ Prints a table and writes JSON (default ``RUN/calibration_modes_<backbone>_<pool
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,20 +34,18 @@ import torch
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 warnings.filterwarnings("ignore")
-sys.path.insert(0, str(Path(__file__).parent))
 
-from probe_ase import FitOptions, fit_probe  # noqa: E402
+from probe_ase import FitOptions, fit_probe
 
-from probe_ase.evaluation import metrics  # noqa: E402
-from probe_ase.fitting.data import featurize  # noqa: E402
-from probe_ase.exceptions import LabelError  # noqa: E402
-from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fitting.spec import CALIBRATION  # noqa: E402
-from probe_ase.model.graph import radius_graph  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from head_seeds import MEMBER0  # noqa: E402
-from uq_quality import REGIMES, load_splits, make_calc  # noqa: E402
-from environment import environment  # noqa: E402
+from probe_ase.evaluation import metrics
+from probe_ase.fitting.data import featurize
+from probe_ase.exceptions import LabelError
+from probe_ase.fitting.spec import CALIBRATION
+from probe_ase.model.graph import radius_graph
+from tqdm.auto import tqdm
+from benchmarks.common import find_members, load_splits, make_calc, write_json
+from benchmarks.uq_quality import REGIMES
+from benchmarks.environment import environment
 
 
 def run_draw(calc, fit, fresh, criterion, tolerance, seed, cache) -> dict:
@@ -90,9 +87,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     _, _, pool, pool_in, _, _ = load_splits(args.data.resolve(), quick=False)
     frames = pool_in if args.pool == "in-distribution" else pool
-    paths = sorted((args.run / "models").glob(MEMBER0[args.backbone]))
-    if not paths:
-        raise SystemExit(f"{args.run / 'models'}: no {args.backbone} member 0 of uq_quality.py")
+    paths = find_members(args.run / "models", args.backbone)
     calc = make_calc(args.backbone, paths[0])
     cache = args.run / "cache"
     # uq_quality's four labels: absolute tolerances, and the top 20 % of the fitted part unreliable
@@ -123,7 +118,7 @@ def main(argv=None):
     out = args.out or args.run / f"calibration_modes_{args.backbone}_{args.pool}.json"
     result = {"command": " ".join(["calibration_modes.py"] + (argv or sys.argv[1:])), "rows": rows,
               "environment": environment()}
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1, default=float)))
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -14,7 +14,7 @@ fall back, and over those draws the mean certified risk, each rule's true
 coverage and true risk, and how often each rule's true risk exceeds the
 target and the risk it is reported certified at::
 
-    python benchmarks/fallback_coverage.py
+    python -m benchmarks.fallback_coverage
 
 With ``--data`` and ``--run`` (a finished ``uq_quality.py`` run of MACE), the
 same two rules on real scores instead: the ensemble baselines' scores over
@@ -29,7 +29,7 @@ methanol frames). Per split, label and score, over the draws that fall
 back: accepted fresh frames, their risk and the coverage of the reliable
 ones, per rule::
 
-    python benchmarks/fallback_coverage.py --data ../shared/data/acac --run benchmarks/results/uq-acac
+    python -m benchmarks.fallback_coverage --data ../shared/data/acac --run benchmarks/results/uq-acac
 
 Prints a table and writes JSON (default ``benchmarks/results/fallback-coverage.json``;
 ``RUN/fallback_coverage.json`` for ``--run``), atomically.
@@ -38,17 +38,15 @@ Prints a table and writes JSON (default ``benchmarks/results/fallback-coverage.j
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from probe_ase.fitting.certify import certify
-from probe_ase.fileio import atomic_write
 
-sys.path.insert(0, str(Path(__file__).parent))
-from environment import environment  # noqa: E402
+from benchmarks.common import write_json
+from benchmarks.environment import environment
 
 
 def true_risk(t: float, floor: float) -> float:
@@ -72,12 +70,11 @@ def operating(score: np.ndarray, bad: np.ndarray, threshold: float) -> dict:
 
 def fit_pool_rows(data: Path, run: Path, reps: int, target: float, delta: float) -> list[dict]:
     """Both rules on the MACE ensemble baselines' fit-pool scores, exchangeable and leave-shift-out draws."""
-    from uq_quality import REGIMES, load_splits, make_calc, pool_scores
+    from benchmarks.common import find_members, load_splits, make_calc
+    from benchmarks.uq_quality import REGIMES, pool_scores
 
     _, _, pool, pool_in, _, _ = load_splits(data.resolve(), quick=False)
-    paths = sorted((run / "models").glob("ssmace_c16_L1_e20_*_s[0-4].model"))
-    if len(paths) != 5:
-        raise SystemExit(f"{run / 'models'}: expected the 5 MACE members of uq_quality.py, found {len(paths)}")
+    paths = find_members(run / "models", seeds="[0-4]", count=5)
     errors, baselines = pool_scores("mace", paths, make_calc("mace", paths[0]), pool, run / "cache")
     inside = np.arange(len(pool)) < len(pool_in)  # the pool lists its in-distribution part first
     rows = []
@@ -181,7 +178,7 @@ def main(argv=None):
         out = args.out or args.run / "fallback_coverage.json"
         result = {"command": command, "target_risk": args.target_risk, "delta": args.delta, "rows": rows,
                   "environment": environment()}
-        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        write_json(out, result)
         print(f"wrote {out}")
         return
     rows = [scenario(n, f, args.target_risk, args.delta, args.draws, seed=k)
@@ -202,7 +199,7 @@ def main(argv=None):
     out = args.out or Path(__file__).parent / "results" / "fallback-coverage.json"
     result = {"command": command, "target_risk": args.target_risk, "delta": args.delta, "rows": rows,
               "environment": environment()}
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -15,8 +15,8 @@ difference to the first, with standard errors over folds. Only the head is
 compared: no novelty penalty, no temperature (neither changes the ranking
 of in-distribution frames much; temperature not at all)::
 
-    python benchmarks/head_crossfit.py --data ../shared/data/acac --run benchmarks/results/uq-acac --threshold 0.1
-    python benchmarks/head_crossfit.py --data ../shared/data/ethanol --run benchmarks/results/uq-ethanol \
+    python -m benchmarks.head_crossfit --data ../shared/data/acac --run benchmarks/results/uq-acac --threshold 0.1
+    python -m benchmarks.head_crossfit --data ../shared/data/ethanol --run benchmarks/results/uq-ethanol \
         --backbone schnetpack --variants default "2 attention blocks"
 
 ``--features`` compares what the head reads, on the same folds: ``scalars``
@@ -27,7 +27,7 @@ over x, y, z; MACE: each ``l > 0`` irrep channel of a product block's
 output), rotation invariant. This comparison chose PaiNN's default channels
 (``scalars+norms`` since head-file version 8); MACE's stay ``scalars``::
 
-    python benchmarks/head_crossfit.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
+    python -m benchmarks.head_crossfit --data ../shared/data/acac --run benchmarks/results/uq-acac \
         --backbone schnetpack --threshold 0.1 --variants default --features scalars "scalars+vector norms"
 
 ``scalars+force norms`` appends to each atom's scalars ``log(|F_i| + 0.01)``,
@@ -42,7 +42,6 @@ Units: force RMSE in eV/Å, energy error in eV.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, replace
@@ -53,20 +52,17 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import uq_quality as uq  # noqa: E402
-from head_seeds import MEMBER0  # noqa: E402
+from benchmarks.common import MEMBER0, clean, find_members, load_splits, make_calc, write_json
+from benchmarks.environment import environment
 
-
-from probe_ase.evaluation import metrics  # noqa: E402
-from probe_ase.fitting.data import featurize  # noqa: E402
-from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fitting.train import TrainConfig, train_head  # noqa: E402
-from probe_ase.model.graph import HeadGraph  # noqa: E402
-from probe_ase.model.head import HeadConfig, batch_inputs  # noqa: E402
-from probe_ase.fitting.labels import make_labels, resolve_tolerance  # noqa: E402
-from probe_ase.fitting.data import features_only  # noqa: E402
-from probe_ase.taps import ModuleTap, find_tap  # noqa: E402
+from probe_ase.evaluation import metrics
+from probe_ase.fitting.data import featurize
+from probe_ase.fitting.train import TrainConfig, train_head
+from probe_ase.model.graph import HeadGraph
+from probe_ase.model.head import HeadConfig, batch_inputs
+from probe_ase.fitting.labels import make_labels, resolve_tolerance
+from probe_ase.fitting.data import features_only
+from probe_ase.taps import ModuleTap, find_tap
 
 #: changes to the default head (``HeadConfig()``, cutoff from the backbone)
 VARIANTS = {
@@ -181,11 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/head_crossfit_<backbone>_<label>.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    name, _, pool, _, _, _ = uq.load_splits(args.data.resolve(), quick=False)
-    paths = sorted((args.run / "models").glob(MEMBER0[args.backbone]))
-    if not paths:
-        raise SystemExit(f"{args.run / 'models'}: no {args.backbone} member 0 of uq_quality.py")
-    calc = uq.make_calc(args.backbone, paths[0])
+    name, _, pool, _, _, _ = load_splits(args.data.resolve(), quick=False)
+    paths = find_members(args.run / "models", args.backbone)
+    calc = make_calc(args.backbone, paths[0])
     feature_sets = {}
     for kind in args.features:
         channels, force_norms = FEATURES[kind]
@@ -215,13 +209,13 @@ def main(argv=None) -> int:
            "tau": tau, "quantile": quantile, "n_pool": len(pool), "folds": args.folds, "reps": args.reps,
            "seeds": args.seeds, "configs": {k: asdict(c) for k, c in configs.items()}, "rows": rows,
            "features": args.features, "layers": args.layers, "summary": summarise(rows, names), "seconds": time.perf_counter() - t0,
-           "environment": uq.environment(paths[:1]), "command": " ".join(["head_crossfit.py"] + (argv or sys.argv[1:]))}
+           "environment": environment(paths[:1]), "command": " ".join(["head_crossfit.py"] + (argv or sys.argv[1:]))}
     print(table(res))
     label = f"{args.criterion}_{'tau' + format(tau, '.3g') if args.threshold is not None else f'q{quantile:g}'}"
     extra = "" if args.features == ["scalars"] else "_" + "_".join(k.replace("+", "_").replace(" ", "_") for k in args.features)
     extra += "" if args.layers is None else "_layers" + "".join(map(str, args.layers))
     out = args.out or args.run / f"head_crossfit_{args.backbone}_{label}{extra}.json"
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
+    write_json(out, clean(res))
     print(f"wrote {out}")
     return 0
 

@@ -1,6 +1,6 @@
 """How to run the head: eager, TorchScript (scripted and frozen) or torch.compile, paired, vs atom count.
 
-    python benchmarks/head_runtime.py [--sizes 15 128 1000 10000] [--modes eager script stacked compile] [--members K]
+    python -m benchmarks.head_runtime [--sizes 15 128 1000 10000] [--modes eager script stacked compile] [--members K]
                                       [--out benchmarks/results/head-runtime-torch<version>.json]
 
 An untrained default head (64 wide, 4 heads, 1 block, the per-atom logit, 128
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -32,8 +31,8 @@ import numpy as np
 import torch
 from ase.build import bulk
 
-from environment import environment
-from probe_ase.fileio import atomic_write
+from benchmarks.environment import environment
+from benchmarks.common import write_json
 from probe_ase.model.graph import radius_graph
 from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs
 from probe_ase.model.stacked import StackedHead
@@ -116,7 +115,7 @@ def main(argv=None) -> None:
         print(f"{n:>6} atoms: " + ", ".join(f"{m} {v:8.3f} ms" for m, v in med.items()), flush=True)
     result = {"command": "head_runtime.py " + " ".join(sys.argv[1:] if argv is None else argv), "environment": environment(), "torch": torch.__version__,
               "threads": args.threads, "members": args.members, "rows": rows, "warmup_s_first_size": {m: w[0] for m, w in warmups.items()}, "failures": failures}
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    write_json(out, result, indent=2)
     print("warm-up (3 calls, first size): " + ", ".join(f"{m} {w[0]:.2f} s" for m, w in warmups.items()))
     print(f"wrote {out}")
 

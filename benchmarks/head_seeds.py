@@ -13,9 +13,9 @@ shipped method (seed 0 reproduces the run's own row). ``--head-members K``
 fits each head as the mean of K heads (``FitOptions(members=K)``, chosen on
 the fit pool by ``head_crossfit.py``) instead of the run's single head::
 
-    python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac
-    python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac --backbone schnetpack
-    python benchmarks/head_seeds.py --data ../shared/data/acac --run benchmarks/results/uq-acac --head-members 5 --seeds 1
+    python -m benchmarks.head_seeds --data ../shared/data/acac --run benchmarks/results/uq-acac
+    python -m benchmarks.head_seeds --data ../shared/data/acac --run benchmarks/results/uq-acac --backbone schnetpack
+    python -m benchmarks.head_seeds --data ../shared/data/acac --run benchmarks/results/uq-acac --head-members 5 --seeds 1
 
 Units: force RMSE in eV/Å.
 """
@@ -32,29 +32,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import uq_quality as uq  # noqa: E402
+from benchmarks import uq_quality as uq
+from benchmarks.environment import environment
 
-from probe_ase import FitOptions  # noqa: E402
-from common import OPTION_FIELDS, fit  # noqa: E402
+from probe_ase import FitOptions
+from benchmarks.common import MEMBER0, OPTION_FIELDS, clean, find_members, fit, load_splits, make_calc, write_json
 
-from probe_ase.evaluation import metrics  # noqa: E402
-from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.model.graph import radius_graph  # noqa: E402
+from probe_ase.evaluation import metrics
+from probe_ase.model.graph import radius_graph
 
 ROWS = (("absolute", "force_rmse"), ("quantile", "force_rmse"))
 ENSEMBLE = ("ens_force_std", "ens_force_max_std", "ens_energy_std")
-#: member 0 of each backbone in a uq_quality.py models folder
-MEMBER0 = {"mace": "ssmace_c16_L1_e20_*_s0.model", "schnetpack": "spkpl_painn_f32_e25_*_s0.pt"}
 
 
 def study(data: Path, run: Path, seeds: int, backbone: str = "mace", members: int = 1) -> dict:
     res_run = json.loads((run / "results.json").read_text())
-    name, _, pool, _, evals, _ = uq.load_splits(data, False)
-    paths = sorted((run / "models").glob(MEMBER0[backbone]))
-    if not paths:
-        raise SystemExit(f"{run / 'models'}: no {backbone} member 0 of uq_quality.py")
-    calc = uq.make_calc(backbone, paths[0])
+    name, _, pool, _, evals, _ = load_splits(data, False)
+    paths = find_members(run / "models", backbone)
+    calc = make_calc(backbone, paths[0])
     # the run's head: its HeadConfig knobs beyond FitOptions (hidden, cutoff and members are FitOptions')
     head = {k: tuple(v) if isinstance(v, list) else v for k, v in res_run["settings"]["probe_head"].items()
             if k not in OPTION_FIELDS["head"]}
@@ -64,7 +59,7 @@ def study(data: Path, run: Path, seeds: int, backbone: str = "mace", members: in
     energies, forces, feats, ptr = uq.member_pass(calc, frames, desc="member 0 on eval")
     numbers = torch.as_tensor(np.concatenate([a.numbers for a in frames]))
     err = uq.errors_of(frames, energies, forces)
-    out = {"dataset": name, "backbone": backbone, "head_members": members, "environment": uq.environment(paths),
+    out = {"dataset": name, "backbone": backbone, "head_members": members, "environment": environment(paths),
            "seeds": seeds, "rows": []}
     graphs = {}
     for regime, crit in ROWS:
@@ -148,7 +143,7 @@ def seed_study_main(argv, doc: str, script: str, study, table, seeds: int, seeds
     suffix = f"_{args.backbone}" if backbones and args.backbone != backbones[0] else ""
     suffix += f"_members{args.head_members}" if head_members and args.head_members > 1 else ""
     out = args.out or args.run / f"{script}{suffix}.json"
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
+    write_json(out, clean(res))
     print(f"wrote {out}")
     return 0
 

@@ -13,8 +13,8 @@ ethanol: the fit half of test_MD) and scored on the pool's shifted part
 tolerance: how the variant ranks a shift its head never saw. Means and
 standard errors go to a table and a JSON file::
 
-    python benchmarks/head_variants.py --data ../shared/data/acac --run benchmarks/results/uq-acac
-    python benchmarks/head_variants.py --data ../shared/data/acac --run benchmarks/results/uq-acac \
+    python -m benchmarks.head_variants --data ../shared/data/acac --run benchmarks/results/uq-acac
+    python -m benchmarks.head_variants --data ../shared/data/acac --run benchmarks/results/uq-acac \
         --criteria force_rmse --shift --variants "+ aux quantiles 0.3/0.5/0.7/0.9" \
         "+ dense aux quantiles 0.1-0.9, 0.95" --out benchmarks/results/uq-acac/head_variants_shift.json
 
@@ -39,18 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import uq_quality  # noqa: E402
+from benchmarks.environment import environment
 
-from probe_ase import FitOptions, LabelError  # noqa: E402
-from common import fit, study_configs  # noqa: E402
+from probe_ase import FitOptions, LabelError
+from benchmarks.common import fit, load_splits, make_calc, study_configs
 
-from probe_ase.evaluation import metrics  # noqa: E402
-from probe_ase.fitting.data import featurize  # noqa: E402
-from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fitting.train import STOP_ON, TrainConfig  # noqa: E402
-from probe_ase.model.graph import radius_graph  # noqa: E402
-from probe_ase.taps import find_tap  # noqa: E402
+from probe_ase.evaluation import metrics
+from probe_ase.fitting.data import featurize
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.train import STOP_ON, TrainConfig
+from probe_ase.model.graph import radius_graph
+from probe_ase.taps import find_tap
 
 #: each variant's HeadConfig knobs (the rest at the head's defaults; fitted through fit_spec)
 VARIANTS = {
@@ -104,13 +103,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tolerance = {"quantile": 0.8} if args.threshold is None else {"tolerance": args.threshold}
-    _, _, pool, pool_in, _, _ = uq_quality.load_splits(args.data.resolve(), quick=False)
+    _, _, pool, pool_in, _, _ = load_splits(args.data.resolve(), quick=False)
     shifted = pool[len(pool_in):]  # load_splits puts the in-distribution part first
     pattern = "ssmace_*_s0.model" if args.backbone == "mace" else "spkpl_*_s0.pt"
     member0 = sorted((args.run / "models").glob(pattern), key=lambda p: p.stat().st_mtime)
     if not member0:
         raise SystemExit(f"no {pattern} in {args.run / 'models'}: run uq_quality.py first")
-    calc = uq_quality.make_calc(args.backbone, member0[0])
+    calc = make_calc(args.backbone, member0[0])
     cache = args.run / "cache"  # the cache key tells the channel sets apart
     tap = find_tap(calc, channels=args.features)
     rows = []
@@ -151,7 +150,7 @@ def main(argv=None) -> int:
     out = args.out or args.run / f"head_variants_{args.backbone}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps({"member0": str(member0[0]), "seeds": args.seeds,
                                                                  "stop_on": args.stop_on, "tolerance": tolerance,
-                                                                 "environment": uq_quality.environment(member0[:1]),
+                                                                 "environment": environment(member0[:1]),
                                                                  "rows": rows}, indent=1)))
     print(f"wrote {out}")
     return 0

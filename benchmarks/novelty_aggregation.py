@@ -10,7 +10,7 @@ median) it reports the shift's AUROC (unreliable = positive) and Spearman ρ
 against member 0's error, beside the 5-member ensemble's force and energy
 std on the same frames (cached by ``novelty_variants.py``)::
 
-    python benchmarks/novelty_aggregation.py --data ../shared/data/acac \\
+    python -m benchmarks.novelty_aggregation --data ../shared/data/acac \\
         --models benchmarks/results/uq-acac/models --cache benchmarks/results/novelty-acac/cache \\
         --out benchmarks/results/novelty-aggregation-acac.json
 
@@ -22,18 +22,17 @@ read. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import uq_quality as uq
+from benchmarks.common import clean, find_members, load_splits, make_calc, write_json
+from benchmarks.environment import environment
 
 from probe_ase import featurize, find_tap
 
 from probe_ase.evaluation import metrics
-from probe_ase.fileio import atomic_write
 from probe_ase.model.novelty import NoveltyConfig
 from probe_ase.fitting.novelty import fit_novelty
 
@@ -43,16 +42,14 @@ ENSEMBLE = ("ens_force_std", "ens_force_max_std", "ens_energy_std")
 
 
 def study(data: Path, models: Path, cache: Path, seeds: int) -> dict:
-    name, _, pool, pool_in, _, _ = uq.load_splits(data, False)
+    name, _, pool, pool_in, _, _ = load_splits(data, False)
     shift = pool[len(pool_in):]
-    paths = sorted(models.glob("ssmace_c16_L1_e20_*_s0.model"))
-    if not paths:
-        raise SystemExit(f"{models}: no MACE member 0 of uq_quality.py")
+    paths = find_members(models)
     ensemble_file = cache / f"ensemble-{name}.npz"
     if not ensemble_file.exists():
         raise SystemExit(f"{ensemble_file}: run novelty_variants.py with this --cache first (it caches the ensemble)")
     ensemble = np.load(ensemble_file)
-    with find_tap(uq.make_calc("mace", paths[0])) as tap:
+    with find_tap(make_calc("mace", paths[0])) as tap:
         fs_in = featurize(tap, pool_in, cache_dir=cache, progress=False)
         fs = featurize(tap, shift, cache_dir=cache, progress=False)
     elements = sorted(set(fs_in.numbers.tolist()))
@@ -63,7 +60,7 @@ def study(data: Path, models: Path, cache: Path, seeds: int) -> dict:
         with torch.no_grad():
             atoms = model(fs.features, fs.numbers).numpy()
         novelty.append([atoms[fs.ptr[k] : fs.ptr[k + 1]] for k in range(len(shift))])
-    out = {"dataset": name, "environment": uq.environment(paths[:1]), "n_in": len(pool_in), "n_shift": len(shift), "seeds": seeds, "labels": {}}
+    out = {"dataset": name, "environment": environment(paths[:1]), "n_in": len(pool_in), "n_shift": len(shift), "seeds": seeds, "labels": {}}
     for label, crit, tau in [("force_rmse 0.1 eV/Å", "force_rmse", 0.1),
                              ("force_rmse q0.8", "force_rmse", float(np.quantile(fs_in.error("force_rmse"), 0.8))),
                              ("energy q0.8", "energy", float(np.quantile(fs_in.error("energy"), 0.8)))]:
@@ -102,7 +99,7 @@ def main(argv=None):
     res = study(args.data.resolve(), args.models.resolve(), args.cache, args.seeds)
     res["command"] = " ".join(["novelty_aggregation.py"] + (argv or sys.argv[1:]))
     print(table(res))
-    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
+    write_json(args.out, clean(res))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ variant the verdict's threshold is certified on the in-distribution
 calibration split (Learn-then-Test, eligibility = inside that variant's
 support), then applied to the shifted part::
 
-    python benchmarks/novelty_variants.py --data ../shared/data/acac \\
+    python -m benchmarks.novelty_variants --data ../shared/data/acac \\
         --models benchmarks/results/uq-acac/models --out benchmarks/results/novelty-acac
 
 Variants (all per element, structure novelty = the largest atom novelty, unit
@@ -41,7 +41,6 @@ in-distribution part (40 % fixes the grid, 60 % calibrates). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -50,23 +49,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import uq_quality as uq  # noqa: E402
+from benchmarks import uq_quality as uq
+from benchmarks.environment import environment
 
-from common import LEGACY_OPTIONS, fit  # noqa: E402
+from benchmarks.common import LEGACY_OPTIONS, clean, find_members, fit, fmt, load_splits, make_calc, write_json
 
-from probe_ase.evaluation import metrics  # noqa: E402
-from probe_ase.taps import find_tap  # noqa: E402
-from probe_ase.fitting.certify import certify  # noqa: E402
-from probe_ase.fitting.data import featurize  # noqa: E402
-from probe_ase.exceptions import LabelError  # noqa: E402
-from probe_ase.fileio import atomic_write  # noqa: E402
-from probe_ase.fitting.train import TrainConfig  # noqa: E402
-from probe_ase.fitting.split import split_indices  # noqa: E402
-from probe_ase.model.graph import radius_graph  # noqa: E402
-from probe_ase.model.novelty import NoveltyConfig, structure_novelty  # noqa: E402
-from probe_ase.verdict import judge  # noqa: E402
-from probe_ase.fitting.novelty import fit_novelty  # noqa: E402
+from probe_ase.evaluation import metrics
+from probe_ase.taps import find_tap
+from probe_ase.fitting.certify import certify
+from probe_ase.fitting.data import featurize
+from probe_ase.exceptions import LabelError
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.train import TrainConfig
+from probe_ase.fitting.split import split_indices
+from probe_ase.model.graph import radius_graph
+from probe_ase.model.novelty import NoveltyConfig, structure_novelty
+from probe_ase.verdict import judge
+from probe_ase.fitting.novelty import fit_novelty
 
 #: (name, criterion, absolute tolerance in eV/Å or eV, or quantile of the in-distribution errors), as in uq_quality
 LABELS = [("force_rmse 0.1 eV/Å", "force_rmse", 0.1, None), ("energy 43 meV", "energy", 0.043, None),
@@ -217,12 +216,10 @@ def outcome(accept, bad):
 
 
 def study(data: Path, models: Path, cache: Path, target_risk: float, delta: float) -> dict:
-    name, train, pool, pool_in, evals, e0s = uq.load_splits(data, False)
+    name, train, pool, pool_in, evals, e0s = load_splits(data, False)
     shift = pool[len(pool_in):]
-    paths = sorted(models.glob("ssmace_c16_L1_e20_*_s[0-4].model"))
-    if len(paths) != 5:
-        raise SystemExit(f"{models}: need the 5 MACE members of uq_quality.py (found {len(paths)})")
-    calc0 = uq.make_calc("mace", paths[0])
+    paths = find_members(models, seeds="[0-4]", count=5)
+    calc0 = make_calc("mace", paths[0])
     with find_tap(calc0) as tap:
         fs_in = featurize(tap, pool_in, cache_dir=cache, progress=False)
         fs_sh = featurize(tap, shift, cache_dir=cache, progress=False)
@@ -237,7 +234,7 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
         np.savez(ens_file, **ens)
     x_in, z_in = fs_in.features.double().numpy(), fs_in.numbers.numpy()
     x_sh, z_sh = fs_sh.features.double().numpy(), fs_sh.numbers.numpy()
-    out = {"dataset": name, "environment": uq.environment(paths), "n_in": len(pool_in), "n_shift": len(shift), "labels": {}}
+    out = {"dataset": name, "environment": environment(paths), "n_in": len(pool_in), "n_shift": len(shift), "labels": {}}
     for label, crit, threshold, quantile in LABELS:
         err_in, err_sh = fs_in.error(crit), fs_sh.error(crit)
         if not (np.isfinite(err_in).all() and np.isfinite(err_sh).all()):
@@ -337,7 +334,7 @@ def weight_table(name, crit, entry) -> str:
 
     def cells(entries: dict, split: str | None) -> str:
         got = [entries[t] if split is None else entries[t][split] for t in tags]
-        return " | ".join(" / ".join(uq.fmt(g[m]) for g in got) for m in ("auroc", "spearman"))
+        return " | ".join(" / ".join(fmt(g[m]) for g in got) for m in ("auroc", "spearman"))
 
     weights = " / ".join(f"{w[t]['weight']:.3g}" for t in tags[:2])
     lines = [f"\n#### {name}, {crit}: novelty in the probability (weight out-of-fold / validation {weights}, "
@@ -361,8 +358,8 @@ def table(name, crit, entry) -> str:
     for v, r in entry["rows"].items():
         s, c = r["shift"], r["in_cal"]
         lines.append(f"| {v} | {r['certified_risk']:.3f} | {s['coverage']:.2f} ({s['accepted']}) | "
-                     f"{uq.fmt(s['risk'])} | {uq.fmt(s['coverage_of_reliable'], 2)} | {uq.fmt(r.get('auroc_shift'))} | "
-                     f"{c['coverage']:.2f} | {uq.fmt(c['risk'])} |")
+                     f"{fmt(s['risk'])} | {fmt(s['coverage_of_reliable'], 2)} | {fmt(r.get('auroc_shift'))} | "
+                     f"{c['coverage']:.2f} | {fmt(c['risk'])} |")
     return "\n".join(lines) + "\n" + weight_table(name, crit, entry)
 
 
@@ -380,7 +377,7 @@ def main(argv=None):
     cache.mkdir(exist_ok=True)
     res = study(args.data.resolve(), args.models.resolve(), cache, args.target_risk, args.delta)
     res["command"] = " ".join(["novelty_variants.py"] + (argv or sys.argv[1:]))
-    atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(uq.clean(res), indent=1)))
+    write_json(args.out / "results.json", clean(res))
     md = "\n".join(table(res["dataset"], c, e) if "rows" in e else f"\n### {res['dataset']}, {c}: skipped: {e['skipped']}"
                    for c, e in res["labels"].items())
     atomic_write(args.out / "results.md", lambda tmp: tmp.write_text(f"# Novelty variants, {res['dataset']}\n\n"

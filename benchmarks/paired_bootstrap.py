@@ -4,7 +4,7 @@ Reads ``results.json`` and ``scores-<backbone>.npz`` of each run folder (no
 fitting, about a minute) and resamples the evaluation frames, within each
 file (so a pooled metric keeps the files' mix), ``--reps`` times::
 
-    python benchmarks/paired_bootstrap.py benchmarks/results/uq-acac benchmarks/results/uq-ethanol
+    python -m benchmarks.paired_bootstrap benchmarks/results/uq-acac benchmarks/results/uq-ethanol
 
 1. **Ranking**: for every backbone × label, PROBE's pooled AUROC and
    Spearman ρ minus the ensemble's best score (by AUROC on all frames, as the
@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from benchmarks.common import write_json
 from probe_ase.evaluation import metrics
 from probe_ase.fileio import atomic_write
-from readme_tables import (BACKBONES, COVERAGE_SHARE, CRITERIA, ENSEMBLE, MIN_ACCEPTED, OPERATING, RISK_CAP, num,
+from benchmarks.readme_tables import (BACKBONES, COVERAGE_SHARE, CRITERIA, ENSEMBLE, MIN_ACCEPTED, OPERATING, RISK_CAP, num,
                            tau_label)
 
 VERDICT = OPERATING[1]
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
         print(f"### {title}\n\n" + "\n".join(lines) + "\n")
     out = {"command": " ".join(["paired_bootstrap.py"] + (argv if argv is not None else sys.argv[1:])),
            "reps": args.reps, "seed": args.seed, "level": 0.95, "ranking": ranking, "leave_shift_out": shifts}
-    atomic_write(args.out / "paired-bootstrap.json", lambda tmp: tmp.write_text(json.dumps(out, indent=1)))
+    write_json(args.out / "paired-bootstrap.json", out)
     plot(ranking, args.out / "paired-bootstrap.png")
     print(f"wrote {args.out / 'paired-bootstrap.json'}, {args.out / 'paired-bootstrap.png'}")
     return 0

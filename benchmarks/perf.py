@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-    python benchmarks/perf.py --data ../shared/data/acac          # full: acac + Cu 16 ... 50000 atoms
-    python benchmarks/perf.py --data ../shared/data/acac --quick  # smoke run: Cu 16 128 1000, fewer repeats
+    python -m benchmarks.perf --data ../shared/data/acac          # full: acac + Cu 16 ... 50000 atoms
+    python -m benchmarks.perf --data ../shared/data/acac --quick  # smoke run: Cu 16 128 1000, fewer repeats
 
 Without ``--data`` a 15-atom Cu cluster stands in for the acetylacetone molecule.
 
@@ -63,7 +63,7 @@ from probe_ase.scoring import score_frames
 from probe_ase.taps.base import Tap
 from probe_ase.testing import emt_frames, train_mace
 from probe_ase.validate import check_atoms
-from environment import environment
+from benchmarks.environment import environment
 
 ROOT = Path(__file__).resolve().parent
 MEDIUM = "mace medium shape (untrained)"

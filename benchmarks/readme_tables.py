@@ -5,7 +5,7 @@ backbone × regime × criterion), the operating-point table (original protocol
 and leave-shift-out, MACE), the leave-shift-out ranking table, and the issue's
 leave-shift-out target check (files with >= 20 frames accepted by the verdict)::
 
-    python benchmarks/readme_tables.py benchmarks/results/uq-acac benchmarks/results/uq-ethanol
+    python -m benchmarks.readme_tables benchmarks/results/uq-acac benchmarks/results/uq-ethanol
 
 Units: τ in eV/Å (force RMSE) and meV (|ΔE|); coverage and risk are fractions.
 """
