@@ -304,3 +304,22 @@ def test_deprecated_spellings_warn_once_and_still_work(inputs, capsys):
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 5 and all("is deprecated" in w and "; use --" in w for w in warnings)
     assert "--ensemble is deprecated and will be removed in the next release; use --dynamics" in warnings[2]
+
+
+def test_loading_a_mace_file_prints_no_import_notices(inputs):
+    """e3nn's torch.load warnings and mace's cuequivariance print are silenced where probe-ase imports them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import probe_ase
+
+    code = ("import sys\nfrom probe_ase.backbones import load_backbone\nload_backbone(sys.argv[1])\n"
+            "import warnings\nwarnings.warn('after the import, warnings are shown again')")
+    result = subprocess.run([sys.executable, "-c", code, str(inputs / "mace.model")], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(Path(probe_ase.__file__).parents[1])})
+    assert result.returncode == 0, result.stderr
+    assert "cuequivariance" not in result.stdout + result.stderr
+    assert "weights_only" not in result.stderr and "WEIGHTS_ONLY" not in result.stderr
+    assert "after the import, warnings are shown again" in result.stderr  # nothing filtered globally
