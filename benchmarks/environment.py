@@ -2,10 +2,10 @@
 
 Benchmarks store :func:`environment` in their JSON, so a number that moves
 between runs can be traced to a changed package, commit or trained model
-(session 14 found its benchmark members had changed with the resolved
-environment, unrecorded). The CPU is recorded too: with the same packages,
+(the reruns of 2026-11-26, commit 6b3d35c, found the benchmark members had
+changed with the resolved environment, unrecorded). The CPU is recorded too: with the same packages,
 seeds and data, mace-torch's 20-epoch training picks a different best epoch
-on a different CPU (session 17: this machine's AVX-512 kernels, or the same
+on a different CPU (2026-12-02, commit da0c180: one machine's AVX-512 kernels, or the same
 machine limited to AVX2, gave three different acac members 0), so members
 are reproducible per CPU kind, not across kinds.
 """

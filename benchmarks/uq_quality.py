@@ -534,7 +534,7 @@ def markdown(res: dict) -> str:
              f"Settings: {json.dumps({k: v for k, v in s.items() if k != 'command'})}", ""]
     if "provenance" in res:  # a file that joins backbones from two runs says which is which
         lines += [f"Provenance: {res['provenance']}", ""]
-    if "environment" in res:  # runs before session 15 did not record it
+    if "environment" in res:  # runs before commit a11cce8 (2026-11-26) did not record it
         env = res["environment"]
         lines += [f"Environment: git {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}, Python "
                   f"{env['python']}, " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v) + "; models "
@@ -616,7 +616,7 @@ def main(argv=None):
                     help="PROBE head with one shared score for the main and quantile logits (HeadConfig.shared_score)")
     ap.add_argument("--no-atom-error", action="store_true",
                     help="PROBE head without the per-atom force-error regression (HeadConfig.atom_error=False; the "
-                         "default up to session 16) instead of the default (on for force criteria)")
+                         "default before commit e78e9a2, 2026-12-03) instead of the default (on for force criteria)")
     ap.add_argument("--models", type=Path, default=None, help="cached backbone folder (default OUT/models)")
     ap.add_argument("--calibration", default="split", choices=["split", "crossfit"],
                     help="PROBE's FitOptions.calibration (default split; crossfit: 5 fold heads, every fit frame "
