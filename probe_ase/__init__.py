@@ -9,7 +9,7 @@ heads fitted with an atom tolerance, ``atom_reliability``) to its results. Heads
 their operating threshold certified by Learn-then-Test.
 """
 
-from .exceptions import (
+from probe_ase.exceptions import (
     BackboneError,
     EmptyStructureError,
     HeadFileError,
@@ -28,13 +28,13 @@ from .exceptions import (
 #: public names and the module defining each, imported on first use (PEP 562): ``import probe_ase`` stays
 #: cheap (no torch, scikit-learn, scipy until a name that needs them is touched)
 _LAZY = {
-    "ActiveLearner": "active_learning", "ProbeCalculator": "calculator", "annotate": "calculator",
-    "featurize": "dataset", "read_frames": "dataset", "TrainConfig": "fit", "fit_probe": "fit",
-    "HeadConfig": "head", "ProbeHead": "head", "GuardReport": "guard", "guarded_optimize": "guard",
-    "HeadMeta": "headfile", "Probe": "probe", "NoveltyConfig": "novelty",
-    "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers", "find_tap": "taps",
-    "ModuleTap": "taps", "ADAPTERS": "taps", "load_backbone": "backbones",
-    "Region": "regions", "extract_regions": "regions", "ALStore": "store", "check_database": "store",
+    "ActiveLearner": "al.learner", "ProbeCalculator": "calculator", "annotate": "calculator",
+    "featurize": "fitting.data", "read_frames": "fitting.data", "FitOptions": "fitting.spec",
+    "FitSpec": "fitting.spec", "fit_probe": "fitting.pipeline", "GuardReport": "guard",
+    "guarded_optimize": "guard", "HeadMeta": "model.headfile", "Probe": "model.probe",
+    "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers",
+    "find_tap": "taps", "ModuleTap": "taps", "ADAPTERS": "taps", "load_backbone": "backbones",
+    "Region": "al.regions", "extract_regions": "al.regions", "ALStore": "al.store", "check_database": "al.store",
 }
 
 
@@ -58,8 +58,9 @@ __all__ = [
     "ActiveLearner",
     "BackboneError",
     "EmptyStructureError",
+    "FitOptions",
+    "FitSpec",
     "GuardReport",
-    "HeadConfig",
     "HeadFileError",
     "HeadMeta",
     "InputError",
@@ -68,17 +69,14 @@ __all__ = [
     "MissingReferenceError",
     "ModuleTap",
     "NonFiniteError",
-    "NoveltyConfig",
     "Probe",
     "ProbeCalculator",
     "ProbeError",
-    "ProbeHead",
     "Region",
     "ReliabilityHalt",
     "ReliabilityMonitor",
     "ReliabilityTrajectory",
     "StoreError",
-    "TrainConfig",
     "TrainingError",
     "UnknownElementError",
     "annotate",

@@ -11,17 +11,14 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import HeadGraph
-from .headfile import HeadMeta
-from .probe import Probe
-from .exceptions import InputError
-from .taps import Tap
-from .validate import check_atoms
+from probe_ase.exceptions import InputError
+from probe_ase.model.graph import HeadGraph
+from probe_ase.model.headfile import HeadMeta
+from probe_ase.model.probe import Probe
+from probe_ase.taps import Tap
+from probe_ase.validate import check_atoms
+from probe_ase.verdict import ATOM_RESULTS, STRUCTURE_RESULTS, structure_results
 
-PROBE_PROPERTIES = ["reliability", "reliable", "reason", "novelty", "atom_novelty", "atom_importance"]
-#: per-atom results (``atom_reliability`` only from heads with a per-atom logit,
-#: ``atom_force_error`` only from heads that regress atom force errors)
-ATOM_RESULTS = ("atom_novelty", "atom_importance", "atom_reliability", "atom_force_error")
 
 
 class ProbeCalculator(Calculator):
@@ -39,7 +36,7 @@ class ProbeCalculator(Calculator):
       within the head's tolerance;
     * ``novelty``: how unlike the fit data the structure's features are
       (the largest ``atom_novelty``; <= 1 inside the support the calibration
-      covered, see :mod:`probe_ase.novelty`);
+      covered, see :mod:`probe_ase.model.novelty`);
     * ``atom_novelty``: per atom, same scale;
     * ``reliable``: the verdict, ``reliability >= threshold`` **and**
       ``novelty <= max_novelty``;
@@ -60,7 +57,7 @@ class ProbeCalculator(Calculator):
     Args:
         base: the backbone calculator, or an ASE mixing calculator
             (``SumCalculator`` ...) holding exactly one backbone.
-        probe: a fitted :class:`~probe_ase.probe.Probe` or a head-file path.
+        probe: a fitted :class:`~probe_ase.model.probe.Probe` or a head-file path.
         threshold: operating threshold on ``reliability``; default the head's
             certified ``p*`` (a warning says so when the head's data could not
             certify its target risk and ``p*`` holds only at a larger one).
@@ -94,9 +91,10 @@ class ProbeCalculator(Calculator):
         if threshold is None and not meta.certified:
             warnings.warn(_uncertified(meta), stacklevel=2)
         self.max_novelty = float(max_novelty)
-        self.implemented_properties = list(base.implemented_properties) + PROBE_PROPERTIES + (
-            ["atom_reliability"] if meta.local else []) + (
-            ["atom_force_error", "force_error"] if self.probe.head.atom_error else [])
+        gives = {"atom_reliability": meta.local, "force_error": self.probe.head.atom_error,
+                 "atom_force_error": self.probe.head.atom_error}
+        self.implemented_properties = list(base.implemented_properties) + [
+            key for key in STRUCTURE_RESULTS + ATOM_RESULTS if gives.get(key, True)]
         self.probe.to(next(self.tap.module.parameters()).device)
         self._graph = HeadGraph(meta.config.cutoff)
 
@@ -125,15 +123,10 @@ class ProbeCalculator(Calculator):
             features = self.tap.features()[: len(atoms)]
             edges = [self._graph.step(atoms, self.tap)]  # the backbone's own list when it covers the cutoff
         numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=features.device)
-        scores = self.probe.predict(features, numbers, np.array([0, len(atoms)]), edges)
-        reliable, reason = self.probe.verdict(scores.reliability, scores.novelty, self.threshold, self.max_novelty)
-        self.results.update(reliability=float(scores.reliability[0]), reliable=bool(reliable[0]), reason=str(reason[0]),
-                            novelty=float(scores.novelty[0]), atom_novelty=scores.atom_novelty,
-                            atom_importance=scores.importance)
-        if self.probe.meta.local:
-            self.results["atom_reliability"] = scores.atom_reliability
-        if self.probe.head.atom_error:
-            self.results.update(atom_force_error=scores.atom_force_error, force_error=float(scores.force_error[0]))
+        ptr = np.array([0, len(atoms)])
+        scores = self.probe.predict(features, numbers, ptr, edges)
+        verdict = self.probe.verdict(scores, self.threshold, self.max_novelty)
+        self.results.update(structure_results(scores, verdict, 0, ptr))
 
     def close(self) -> None:
         """Remove the hooks from the backbone (a tap passed as ``tap=`` stays open: it is yours)."""
@@ -169,13 +162,8 @@ def annotate(atoms: Atoms, results: dict | None = None) -> Atoms:
     ``atoms.calc.results``. Returns ``atoms``.
     """
     results = atoms.calc.results if results is None else results
-    atoms.info.update(reliability=float(results["reliability"]), reliable=bool(results["reliable"]),
-                      reason=str(results["reason"]), novelty=float(results["novelty"]))
-    if "force_error" in results:
-        atoms.info["force_error"] = float(results["force_error"])
-    for key in ATOM_RESULTS:
-        if key in results:
-            atoms.arrays[key] = np.asarray(results[key], dtype=float)
+    atoms.info.update({key: results[key] for key in STRUCTURE_RESULTS if key in results})
+    atoms.arrays.update({key: np.asarray(results[key], dtype=float) for key in ATOM_RESULTS if key in results})
     return atoms
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .fileio import atomic_write
-from .fit import TrainConfig, fit_probe
-from .scoring import score_frames
-from .testing import emt_frames, train_mace
+from probe_ase.evaluation import metrics
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.pipeline import fit_probe
+from probe_ase.fitting.spec import FitOptions
+from probe_ase.scoring import score_frames
+from probe_ase.testing import emt_frames, train_mace
 
 EVAL_SETS = {  # name: (frames, temperature K, strain, seed)
     "300 K (in distribution)": (40, 300, 0.0, 11),
@@ -54,7 +55,8 @@ def run_demo(out_dir: str | Path = "probe-ase-demo", seed: int = 0, log=print) -
     calc = train_mace(train, epochs=40, seed=seed)
     torch.save(calc.models[0], out / "backbone.model")
     log(f"3/5 fitting the PROBE head on {len(pool)} pool frames (tolerance: top 20 % force RMSE)")
-    probe = fit_probe(calc, pool, criterion="force_rmse", quantile=0.8, train=TrainConfig(seed=seed), cache_dir=False)
+    probe = fit_probe(calc, pool, criterion="force_rmse", quantile=0.8, cache_dir=False,
+                      options=FitOptions(seed=seed))
     probe.save(out / "probe.pt")
     log("4/5 scoring the evaluation sets")
     rows, scored_all = [], []
@@ -118,8 +120,8 @@ def gated_md_demo(calc, probe, start, out: Path, seed: int, steps: int = 600, ex
     """Heat a gated Langevin run until the monitor halts it; record true errors along the way."""
     from ase.calculators.emt import EMT
 
-    from .calculator import ProbeCalculator
-    from .md import make_dynamics, run_gated
+    from probe_ase.calculator import ProbeCalculator
+    from probe_ase.md import make_dynamics, run_gated
 
     atoms = start.copy()
     atoms.calc = ProbeCalculator(calc, probe)

@@ -19,7 +19,7 @@ from ase.calculators.calculator import BaseCalculator
 from ase.optimize import BFGS
 from ase.optimize.optimize import Optimizer
 
-from .observers import ReliabilityMonitor
+from probe_ase.observers import ReliabilityMonitor
 
 
 @dataclass

@@ -46,8 +46,9 @@ from ase.io.trajectory import Trajectory
 from ase.md.md import MolecularDynamics
 from ase.optimize.optimize import Dynamics
 
-from .calculator import ATOM_RESULTS, ProbeCalculator, annotate
-from .exceptions import InputError, ReliabilityHalt
+from probe_ase.calculator import ProbeCalculator, annotate
+from probe_ase.exceptions import InputError, ReliabilityHalt
+from probe_ase.verdict import ATOM_RESULTS, judge
 
 #: most unreliable-atom indices written per log line (then "+N")
 LOG_ATOMS = 20
@@ -155,8 +156,10 @@ class ReliabilityMonitor:
         atoms, calc, step = self.atoms, self.atoms.calc, self.dyn.nsteps
         p = float(calc.get_property("reliability", atoms))
         novelty = float(calc.results["novelty"])
-        ok, why = calc.probe.verdict([p], [novelty], self.threshold, calc.max_novelty)
-        reliable, reason = bool(ok[0]), str(why[0])
+        reliable, reason = bool(calc.results["reliable"]), str(calc.results["reason"])
+        if self.threshold != calc.threshold:  # the monitor's own threshold: judged again, the same way
+            verdict = judge(np.array([p]), np.array([novelty]), self.threshold, calc.max_novelty)
+            reliable, reason = bool(verdict.reliable[0]), str(verdict.reason[0])
         bad_atoms = self.unreliable_atoms()
         s = self.summary_data
         if bad_atoms is not None:

@@ -9,10 +9,12 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from .graph import HeadGraph
-from .probe import Probe
-from .taps.base import Tap
-from .validate import check_atoms
+from probe_ase.calculator import annotate
+from probe_ase.model.graph import HeadGraph
+from probe_ase.model.probe import Probe
+from probe_ase.taps.base import Tap
+from probe_ase.validate import check_atoms
+from probe_ase.verdict import structure_results
 
 
 def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: int = 32) -> Iterator[Atoms]:
@@ -40,19 +42,12 @@ def score_frames(probe: Probe, tap: Tap, frames: Iterable[Atoms], batch_size: in
         numbers = torch.as_tensor(np.concatenate([a.numbers for a in chunk]), device=features.device)
         edges = graphs.frames(chunk)
         scores = probe.predict(features, numbers, ptr, edges)
-        reliable, reason = probe.verdict(scores.reliability, scores.novelty)
+        verdict = probe.verdict(scores)
         for k, (atoms, pred) in enumerate(zip(chunk, predictions)):
             out = atoms.copy()
             out.calc = atoms.calc  # keeps reference energy/forces from extxyz
-            out.info.update(reliability=float(scores.reliability[k]), reliable=bool(reliable[k]), reason=str(reason[k]),
-                            novelty=float(scores.novelty[k]), mlip_energy=pred.energy)
+            annotate(out, structure_results(scores, verdict, k, ptr))
+            out.info["mlip_energy"] = pred.energy
             out.arrays["mlip_forces"] = np.asarray(pred.forces, dtype=float)
-            out.arrays["atom_novelty"] = scores.atom_novelty[ptr[k] : ptr[k + 1]]
-            out.arrays["atom_importance"] = scores.importance[ptr[k] : ptr[k + 1]]
-            if probe.meta.local:
-                out.arrays["atom_reliability"] = scores.atom_reliability[ptr[k] : ptr[k + 1]]
-            if probe.head.atom_error:
-                out.info["force_error"] = float(scores.force_error[k])
-                out.arrays["atom_force_error"] = scores.atom_force_error[ptr[k] : ptr[k + 1]]
             yield out
         index += len(chunk)

@@ -8,7 +8,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 
-from .exceptions import EmptyStructureError, NonFiniteError, UnknownElementError
+from probe_ase.exceptions import EmptyStructureError, NonFiniteError, UnknownElementError
 
 
 def check_atoms(atoms: Atoms, elements: Iterable[int], where: str = "structure", what: str = "the backbone") -> None:

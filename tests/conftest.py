@@ -29,7 +29,8 @@ import torch
 
 from filelock import FileLock
 
-from probe_ase import HeadConfig, NoveltyConfig, Probe, TrainConfig, fit_probe
+from probe_ase import FitOptions, FitSpec, Probe, fit_probe
+from probe_ase.fitting.pipeline import Configs, fit_spec, internal_configs
 from probe_ase.taps import ADAPTERS
 from probe_ase.testing import emt_frames, train_mace
 from probe_ase.testing.postgres import create_database, drop_database, postgres_server, server_binaries
@@ -118,11 +119,8 @@ def probes(backbones, cu_data, tmp_path_factory):
     shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
 
     def fit(name: str):
-        return fit_probe(
-            backbones(name), cu_data["pool"], criterion="force_rmse", quantile=0.7,
-            config=HeadConfig(hidden=32), train=TrainConfig(epochs=80, patience=15),
-            novelty=NoveltyConfig(weight_folds=0), cache_dir=False, progress=False,
-        )
+        return fit_probe(backbones(name), cu_data["pool"], criterion="force_rmse", quantile=0.7, cache_dir=False,
+                         progress=False, options=FitOptions(hidden=32, epochs=80, patience=15, weight_folds=0))
 
     def get(name: str):
         if name not in cache and name in SLOW_BACKBONES:
@@ -137,6 +135,15 @@ def probes(backbones, cu_data, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def fit_with(calc, data, *, head=None, train=None, novelty=None, reference_data=None, **spec):
+    """A fit through the internal configurations (``probe_ase.fitting.pipeline.fit_spec``): ``head``, ``train`` and
+    ``novelty`` replace what ``spec``'s options give, for the study knobs the public ``fit_probe`` does not take."""
+    spec = FitSpec(**spec)
+    base = internal_configs(spec)
+    configs = Configs(head or base.head, train or base.train, novelty or base.novelty)
+    return fit_spec(calc, data, spec, reference_data=reference_data, cache_dir=False, progress=False, configs=configs)
 
 
 @pytest.fixture(params=BACKBONES)

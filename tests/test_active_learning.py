@@ -18,8 +18,8 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from probe_ase import InputError, ProbeCalculator
-from probe_ase.active_learning import ActiveLearner, Candidate, label_pending
-from probe_ase.labels import mean_force_rmse
+from probe_ase.al.learner import ActiveLearner, Candidate, label_pending
+from probe_ase.fitting.labels import mean_force_rmse
 from probe_ase.testing.reference import CountingEMT, geometry_hash
 
 
@@ -140,7 +140,7 @@ def test_killed_labelling_resumes_without_repeats(explored, tmp_path):
     log = tmp_path / "calls.txt"
     script = (
         "import functools\n"
-        "from probe_ase.active_learning import label_pending\n"
+        "from probe_ase.al.learner import label_pending\n"
         "from probe_ase.testing.reference import CountingEMT\n"
         f"label_pending({str(learner.db_path)!r}, functools.partial(CountingEMT, log={str(log)!r}, delay=0.4),"
         " progress=False, lease=1.0)\n"
@@ -192,7 +192,7 @@ def test_separation_applies_within_a_trajectory(probe_calc, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # retraining never touches the database backend
 def test_retraining_lowers_the_error_on_new_frames(explored, cu_data, tmp_path):
-    from probe_ase.retrain import MaceTrainer
+    from probe_ase.al.retrain import MaceTrainer
 
     learner, counts = explored
     learner.label(progress=False)

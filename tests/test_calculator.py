@@ -159,7 +159,7 @@ def test_head_refuses_another_backbone(probes, cu_data):
     with pytest.raises(MismatchError, match="different or retrained"):
         ProbeCalculator(other, probes("mace"))
     with pytest.raises(MismatchError, match="layers"):
-        from probe_ase.probe import Probe
+        from probe_ase.model.probe import Probe
         import dataclasses
 
         probe = probes("mace")
@@ -170,7 +170,7 @@ def test_uncertified_head_warns_when_its_p_star_is_the_threshold(backbones, prob
     import dataclasses
     import warnings
 
-    from probe_ase.probe import Probe
+    from probe_ase.model.probe import Probe
 
     probe = probes("mace")
 

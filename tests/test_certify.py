@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from probe_ase.certify import (certify, fallback_ladder, fixed_sequence, frames_needed, min_accepted, p_value,
+from probe_ase.fitting.certify import (certify, fallback_ladder, fixed_sequence, frames_needed, min_accepted, p_value,
                                threshold_grid)
 from probe_ase.exceptions import InputError
 
@@ -181,7 +181,7 @@ def test_bad_levels_are_input_errors(risk, delta):
 
 def test_the_evaluation_report_says_how_a_fallback_p_star_was_chosen():
     """evaluate's report.md names the fallback rule only when the target was not certified."""
-    from probe_ase.report import fallback_note
+    from probe_ase.evaluation.report import fallback_note
 
     base = {"target_risk": 0.05, "certified_risk": 0.153}
     assert "strictest threshold certified at 15.3%" in fallback_note(base | {"fallback": "strictest"})

@@ -66,10 +66,7 @@ def test_fit_advanced_group_is_fit_options_one_to_one():
 
     from probe_ase.cli import fit
 
-    try:
-        from probe_ase.fitting import FitOptions
-    except ImportError:
-        from probe_ase.fitting.spec import FitOptions
+    from probe_ase import FitOptions
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["fit"]
     group = next(g for g in sub._action_groups if g.title == "advanced")

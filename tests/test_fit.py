@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple, replace
+
 import numpy as np
 from scipy.stats import binom
 import pytest
 import torch
 
-from probe_ase import HeadConfig, LabelError, MissingReferenceError, TrainConfig, find_tap, fit_probe
-from probe_ase.metrics import auroc
+from conftest import fit_with
+
+from probe_ase import FitOptions, LabelError, MissingReferenceError, find_tap, fit_probe
+from probe_ase.fitting.train import TrainConfig
+from probe_ase.model.head import HeadConfig
+from probe_ase.model.novelty import NoveltyConfig
+from probe_ase.evaluation.metrics import auroc
 from probe_ase.taps import ADAPTERS
 from probe_ase.scoring import score_frames
 
@@ -40,15 +47,15 @@ def test_head_separates_shifted_frames(backbone_name, backbones, probes, cu_data
 
 
 def test_fit_is_deterministic(backbones, cu_data):
-    kwargs = dict(criterion="energy_per_atom", quantile=0.7, config=HeadConfig(hidden=16, heads=2),
-                  train=TrainConfig(epochs=5, seed=3), cache_dir=False, progress=False)
+    kwargs = dict(criterion="energy_per_atom", quantile=0.7, head=HeadConfig(hidden=16, heads=2),
+                  train=TrainConfig(epochs=5, seed=3))
     # one intra-op thread: with two on busy cores (another process running) torch 2.4.1 gave fits 1e-5 apart
     # in the weights from run to run in one process; one thread stayed bitwise repeatable under the same load
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a = fit_probe(backbones("mace"), cu_data["pool"], **kwargs)
-        b = fit_probe(backbones("mace"), cu_data["pool"], **kwargs)
+        a = fit_with(backbones("mace"), cu_data["pool"], **kwargs)
+        b = fit_with(backbones("mace"), cu_data["pool"], **kwargs)
     finally:
         torch.set_num_threads(threads)
     # same splits, labels and certificate exactly; floats to float32 rounding (newer torch builds
@@ -56,7 +63,7 @@ def test_fit_is_deterministic(backbones, cu_data):
     assert (a.meta.tau, a.meta.elements, a.report["certificate"]) == (b.meta.tau, b.meta.elements, b.report["certificate"])
     assert {k: a.report[k] for k in ("n_train", "n_val", "n_cal", "epochs")} == \
         {k: b.report[k] for k in ("n_train", "n_val", "n_cal", "epochs")}
-    assert a.p_star == pytest.approx(b.p_star, rel=1e-5) and a.meta.temperature == pytest.approx(b.meta.temperature, rel=1e-5)
+    assert a.p_star == pytest.approx(b.p_star, rel=1e-5) and astuple(a.meta.calibration)[:3] == pytest.approx(astuple(b.meta.calibration)[:3], rel=1e-5)
     for (name, x), (_, y) in zip(a.head.state_dict().items(), b.head.state_dict().items()):
         np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -64,9 +71,9 @@ def test_fit_is_deterministic(backbones, cu_data):
 def test_unusable_labels_are_clear_errors(backbones, cu_data):
     calc = backbones("mace")
     with pytest.raises(LabelError, match="all 120 structures are reliable"):
-        fit_probe(calc, cu_data["pool"], criterion="force_rmse", threshold=100.0, cache_dir=False, progress=False)
+        fit_probe(calc, cu_data["pool"], criterion="force_rmse", tolerance=100.0, cache_dir=False, progress=False)
     with pytest.raises(LabelError, match="unreliable"):
-        fit_probe(calc, cu_data["pool"], criterion="force_rmse", threshold=1e-9, cache_dir=False, progress=False)
+        fit_probe(calc, cu_data["pool"], criterion="force_rmse", tolerance=1e-9, cache_dir=False, progress=False)
 
 
 def test_force_criterion_needs_reference_forces(backbones, cu_data):
@@ -77,8 +84,8 @@ def test_force_criterion_needs_reference_forces(backbones, cu_data):
         a.calc = SinglePointCalculator(a, energy=src.get_potential_energy())  # energy only
     with pytest.raises(MissingReferenceError, match="needs reference forces"):
         fit_probe(backbones("mace"), frames, criterion="force_rmse", cache_dir=False, progress=False)
-    probe = fit_probe(backbones("mace"), frames, criterion="energy", quantile=0.7,
-                      train=TrainConfig(epochs=3), cache_dir=False, progress=False)
+    probe = fit_probe(backbones("mace"), frames, criterion="energy", quantile=0.7, options=FitOptions(epochs=3),
+                      cache_dir=False, progress=False)
     assert probe.meta.criterion == "energy"
 
 
@@ -87,8 +94,8 @@ def test_max_pool_aux_quantiles_and_shared_score_fit_learn_and_round_trip(backbo
 
     calc = backbones("mace")
     config = HeadConfig(hidden=32, max_pool=True, aux_quantiles=(0.5, 0.9), shared_score=True)
-    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, config=config,
-                      train=TrainConfig(epochs=80, patience=15), cache_dir=False, progress=False)
+    probe = fit_with(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, head=config,
+                     train=TrainConfig(epochs=80, patience=15))
     assert probe.meta.config.cutoff == pytest.approx(float(calc.r_max))  # default: the backbone's own cutoff
     assert probe.meta.config.aux_quantiles == (0.5, 0.9)
     p, err = held_out_scores(calc, probe, cu_data["test_in"] + cu_data["test_out"])
@@ -105,18 +112,17 @@ def test_max_pool_aux_quantiles_and_shared_score_fit_learn_and_round_trip(backbo
 def test_a_head_on_vector_norms_records_its_channels_and_is_checked_for_them(backbones, cu_data, tmp_path):
     """channels="scalars+norms" on MACE: the head file says so, the calculator rebuilds that tap from it and gives
     the scores the head gave; a tap reading other channels is refused, by the calculator and by fit_probe."""
-    from probe_ase import InputError, MismatchError, NoveltyConfig, Probe, ProbeCalculator
+    from probe_ase import InputError, MismatchError, Probe, ProbeCalculator
 
     calc = backbones("mace")
-    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, channels="scalars+norms",
-                      config=HeadConfig(hidden=16), train=TrainConfig(epochs=40, patience=10),
-                      novelty=NoveltyConfig(weight_folds=0), cache_dir=False, progress=False)
+    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, cache_dir=False, progress=False,
+                      options=FitOptions(channels="scalars+norms", hidden=16, epochs=40, patience=10, weight_folds=0))
     with find_tap(calc) as scalars:
         assert probe.meta.channels == "scalars+norms" and probe.meta.feature_dim > scalars.feature_dim
         with pytest.raises(MismatchError, match="reads the 'scalars\\+norms' channels.*the tap gives 'scalars'"):
             ProbeCalculator(calc, probe, tap=scalars)
-        with pytest.raises(InputError, match="channels='scalars\\+norms' differ from the tap's 'scalars'"):
-            fit_probe(calc, cu_data["pool"], channels="scalars+norms", tap=scalars)
+        with pytest.raises(InputError, match="options.channels='scalars\\+norms' differ from the tap's 'scalars'"):
+            fit_probe(scalars, cu_data["pool"], options=FitOptions(channels="scalars+norms"))
     probe.save(tmp_path / "probe.pt")
     assert Probe.load(tmp_path / "probe.pt").meta == probe.meta
     frames = cu_data["test_in"][:3] + cu_data["test_out"][:3]
@@ -132,12 +138,10 @@ def test_a_head_on_vector_norms_records_its_channels_and_is_checked_for_them(bac
 
 def test_early_stopping_can_watch_the_whole_training_loss(backbones, cu_data):
     # without the atom-error regression: its loss, watched either way, picked the same epoch on this pool
-    kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16, heads=2, atom_error=False),
-                  cache_dir=False, progress=False)
-    main = fit_probe(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5), **kwargs)
-    every = fit_probe(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5, stop_on="all"),
-                      **kwargs)
-    assert every.report["train"]["stop_on"] == "all"
+    kwargs = dict(criterion="force_rmse", quantile=0.7, head=HeadConfig(hidden=16, heads=2, atom_error=False))
+    main = fit_with(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5), **kwargs)
+    every = fit_with(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5, stop_on="all"),
+                     **kwargs)
     # same seed, split and initialisation: only what early stopping watched differs, and it changes the head kept
     assert (main.report["epochs"], main.report["auroc"]) != (every.report["epochs"], every.report["auroc"])
     p, err = held_out_scores(backbones("mace"), every, cu_data["test_in"] + cu_data["test_out"])
@@ -148,12 +152,12 @@ def test_force_heads_regress_each_atoms_error_and_blend_it_into_the_logit(backbo
     from ase.io import read, write
 
     from probe_ase import Probe, ProbeCalculator, annotate
-    from probe_ase.labels import atom_errors
-    from probe_ase.metrics import spearman
+    from probe_ase.fitting.labels import atom_errors
+    from probe_ase.evaluation.metrics import spearman
 
     calc = backbones("mace")
-    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=32),
-                      train=TrainConfig(epochs=80, patience=15), cache_dir=False, progress=False)
+    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, cache_dir=False, progress=False,
+                      options=FitOptions(hidden=32, epochs=80, patience=15))
     head = probe.head
     assert probe.meta.config.atom_error is True  # auto: a force criterion with reference forces everywhere
     assert (head.error_blend > 0).all()  # every label's logit falls as the predicted error grows
@@ -196,19 +200,19 @@ def test_averaged_heads_are_their_members_mean_and_round_trip(backbones, cu_data
     """HeadConfig(members=3): three heads (seeds 0, 1, 2) averaged; member 0 is the single head of the same seed."""
     from ase.build import sort
 
-    from probe_ase import NoveltyConfig, Probe, ProbeCalculator
-    from probe_ase.dataset import featurize
-    from probe_ase.graph import HeadGraph
-    from probe_ase.head import batch_inputs
+    from probe_ase import Probe, ProbeCalculator
+    from probe_ase.fitting.data import featurize
+    from probe_ase.model.graph import HeadGraph
+    from probe_ase.model.head import batch_inputs
 
     calc = backbones("mace")
     kwargs = dict(criterion="force_rmse", quantile=0.7, atom_quantile=0.9, train=TrainConfig(epochs=30, patience=10),
-                  novelty=NoveltyConfig(weight_folds=0), cache_dir=False, progress=False)
+                  novelty=NoveltyConfig(weight_folds=0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on busy cores let training runs drift apart (test_fit_is_deterministic)
     try:
-        probe = fit_probe(calc, cu_data["pool"], config=HeadConfig(hidden=16, heads=2, members=3), **kwargs)
-        single = fit_probe(calc, cu_data["pool"], config=HeadConfig(hidden=16, heads=2), **kwargs)
+        probe = fit_with(calc, cu_data["pool"], head=HeadConfig(hidden=16, heads=2, members=3), **kwargs)
+        single = fit_with(calc, cu_data["pool"], head=HeadConfig(hidden=16, heads=2), **kwargs)
     finally:
         torch.set_num_threads(threads)
     head = probe.head
@@ -216,8 +220,8 @@ def test_averaged_heads_are_their_members_mean_and_round_trip(backbones, cu_data
     own = {k: v for k, v in head.state_dict().items() if not k.startswith("others.")}
     assert own.keys() == single.head.state_dict().keys()
     for name, value in single.head.state_dict().items():
-        if name not in ("temperature", "atom_temperature"):  # calibrated on the average, not on member 0
-            torch.testing.assert_close(own[name], value, msg=name)
+        torch.testing.assert_close(own[name], value, msg=name)
+    assert probe.meta.calibration != single.meta.calibration  # calibrated on the average, not on member 0
     assert not torch.equal(head.others[0].readout[-1].weight, head.others[1].readout[-1].weight)
     frames = cu_data["test_in"] + cu_data["test_out"]
     with probe.tap_for(calc) as tap:
@@ -252,8 +256,8 @@ def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backb
     from probe_ase import InputError
 
     calc = backbones("mace")
-    kwargs = dict(criterion="energy", quantile=0.7, train=TrainConfig(epochs=3), cache_dir=False, progress=False)
-    energy_head = fit_probe(calc, cu_data["pool"], **kwargs)
+    kwargs = dict(criterion="energy", quantile=0.7, train=TrainConfig(epochs=3))
+    energy_head = fit_with(calc, cu_data["pool"], **kwargs)
     assert energy_head.meta.config.atom_error is False
     with energy_head.tap_for(calc) as tap:
         scored = next(score_frames(energy_head, tap, cu_data["test_in"][:1]))
@@ -262,15 +266,15 @@ def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backb
     for a, src in zip(frames, cu_data["pool"]):
         a.calc = SinglePointCalculator(a, energy=src.get_potential_energy())  # energy only
     with pytest.raises(InputError, match="atom_error=True.*needs reference forces"):
-        fit_probe(calc, frames, config=HeadConfig(atom_error=True), **kwargs)
+        fit_with(calc, frames, head=HeadConfig(atom_error=True), **kwargs)
 
 
 def test_a_miscompiled_head_falls_back_to_the_eager_one(backbones, probes, cu_data, monkeypatch):
     """The scripted head is checked against the eager one before use; a wrong one is refused, with a warning."""
     import copy
 
-    from probe_ase.dataset import featurize
-    from probe_ase.graph import HeadGraph
+    from probe_ase.fitting.data import featurize
+    from probe_ase.model.graph import HeadGraph
 
     frames = cu_data["test_out"][:3]
     with probes("mace").tap_for(backbones("mace")) as tap:
@@ -302,12 +306,12 @@ def test_crossfit_calibration_scores_every_structure_and_deploys_the_fold_heads_
     holds the fold heads' mean, which ranks held-out shifted frames and round-trips; active learning's refit keeps
     the scheme; bad options are clear errors."""
     from probe_ase import InputError, Probe
-    from probe_ase.retrain import refit_options
+    from probe_ase.al.retrain import refit_spec
 
     calc = backbones("mace")
-    kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16), cache_dir=False, progress=False)
-    crossfit = TrainConfig(epochs=40, patience=10, calibration="crossfit", folds=3)
-    probe = fit_probe(calc, cu_data["pool"], train=crossfit, **kwargs)
+    crossfit = FitOptions(hidden=16, epochs=40, patience=10, calibration="crossfit", folds=3)
+    probe = fit_probe(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, options=crossfit, cache_dir=False,
+                      progress=False)
     report, n = probe.report, len(cu_data["pool"])
     assert report["calibration"] == "crossfit" and report["folds"] == 3 and report["novelty_weight_folds"] == 3
     assert report["n_cal"] + report["n_grid"] == n and report["n_cal"] >= 4 * round(0.2 * n)
@@ -319,34 +323,33 @@ def test_crossfit_calibration_scores_every_structure_and_deploys_the_fold_heads_
     loaded = Probe.load(tmp_path / "probe.pt")
     assert loaded.meta == probe.meta
     assert np.allclose(held_out_scores(calc, loaded, cu_data["test_in"][:4])[0], p[:4], atol=1e-6)
-    refit = refit_options(loaded.meta, head_epochs=5, seed=1)["train"]
+    refit = refit_spec(loaded.meta, head_epochs=5, seed=1).options
     assert (refit.calibration, refit.folds, refit.epochs, refit.seed) == ("crossfit", 3, 5, 1)
     with pytest.raises(InputError, match="calibration must be one of"):
-        TrainConfig(calibration="cross")
+        FitOptions(calibration="cross")
     with pytest.raises(InputError, match="folds must be >= 2"):
-        TrainConfig(calibration="crossfit", folds=1)
+        FitOptions(calibration="crossfit", folds=1)
     with pytest.raises(InputError, match="members must be 1 or 3, got 2"):
-        fit_probe(calc, cu_data["pool"], train=crossfit, **(kwargs | {"config": HeadConfig(hidden=16, members=2)}))
+        FitOptions(calibration="crossfit", folds=3, members=2)
 
 
 def test_fallback_target_spends_the_certified_risk_on_coverage(backbones, cu_data):
     """Where 5 % cannot be certified, fallback="target" keeps the head and the certified risk but lowers p* to the
     loosest threshold whose calibration risk is <= 5 %; the default's warning says what that would accept; refit
     keeps the rule."""
-    from probe_ase import NoveltyConfig
-    from probe_ase.retrain import refit_options
+    from probe_ase.al.retrain import refit_spec
 
-    kwargs = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=16), cache_dir=False, progress=False,
-                  train=TrainConfig(epochs=20, patience=5, calibration="crossfit", folds=2),
-                  novelty=NoveltyConfig(weight_folds=0))  # ~100 calibration structures: room between the two rules
+    # ~100 calibration structures: room between the two rules
+    options = FitOptions(hidden=16, epochs=20, patience=5, calibration="crossfit", folds=2, weight_folds=0)
+    kwargs = dict(criterion="force_rmse", quantile=0.7, cache_dir=False, progress=False)
     with pytest.warns(UserWarning, match="fallback='target' would accept") as caught:
-        strict = fit_probe(backbones("mace"), cu_data["pool"], **kwargs)
+        strict = fit_probe(backbones("mace"), cu_data["pool"], options=options, **kwargs)
     assert any("cannot be certified" in str(w.message) for w in caught)
-    aim = fit_probe(backbones("mace"), cu_data["pool"], fallback="target", **kwargs)
+    aim = fit_probe(backbones("mace"), cu_data["pool"], options=replace(options, fallback="target"), **kwargs)
     s, a = strict.report["certificate"], aim.report["certificate"]
     assert not s["certified"] and (s["fallback"], a["fallback"]) == ("strictest", "target")
-    assert a["risk"] == s["risk"] and strict.meta.temperature == aim.meta.temperature
+    assert a["risk"] == s["risk"] and strict.meta.calibration == aim.meta.calibration
     assert aim.p_star < strict.p_star and a["n_accepted"] > s["n_accepted"]
     assert a["n_errors"] <= 0.05 * a["n_accepted"]
-    assert refit_options(aim.meta, head_epochs=5, seed=1)["fallback"] == "target"
-    assert refit_options(strict.meta, head_epochs=5, seed=1)["fallback"] == "strictest"
+    assert refit_spec(aim.meta, head_epochs=5, seed=1).options.fallback == "target"
+    assert refit_spec(strict.meta, head_epochs=5, seed=1).options.fallback == "strictest"

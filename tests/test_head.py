@@ -11,9 +11,9 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from probe_ase import InputError
-from probe_ase.graph import radius_graph
-from probe_ase.head import HeadConfig, ProbeHead, batch_inputs, segment_softmax
-from probe_ase.stacked import StackedHead
+from probe_ase.model.graph import radius_graph
+from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, segment_softmax
+from probe_ase.model.stacked import StackedHead
 
 ELEMENTS = (1, 6, 8)
 
@@ -123,22 +123,24 @@ def test_probe_head_importance_normalised():
     sums = torch.stack([importance[:5].sum(), importance[5:].sum()])
     torch.testing.assert_close(sums, torch.ones(2), atol=1e-6, rtol=0)
     assert not torch.allclose(importance[:5], torch.full((5,), 0.2))  # not trivially uniform
-    p, importance2, _ = head.reliability(*batch_inputs(features, numbers, ptr, edges, [0, 1]))
-    torch.testing.assert_close(p, torch.sigmoid(logits))
-    torch.testing.assert_close(importance2, importance)
 
 
 def test_atom_logits_one_per_atom_with_their_own_temperature():
+    from probe_ase.model.calibration import Calibration
+
     head = _head(atom_logit=True)
     features, numbers, ptr, edges = _two_structures()
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
     logits, _, atom_logits, _ = head(*inputs)
     assert atom_logits.shape == (12,) and torch.isfinite(atom_logits).all()
     assert atom_logits.std() > 1e-3  # atoms differ
-    head.atom_temperature.fill_(2.0)
-    p, _, atom_p = head.reliability(*inputs)
-    torch.testing.assert_close(atom_p, torch.sigmoid(atom_logits / 2.0))
-    torch.testing.assert_close(p, torch.sigmoid(logits))  # the structure temperature is untouched
+    calibration = Calibration(temperature=3.0, atom_temperature=2.0, novelty_weight=0.5)
+    torch.testing.assert_close(calibration.atom_reliability(atom_logits), torch.sigmoid(atom_logits / 2.0))
+    novelty = torch.tensor([0.5, 4.0])  # the penalty lowers the logit by 0.5 log(novelty), then T = 3
+    torch.testing.assert_close(calibration.reliability(logits, novelty),
+                               torch.sigmoid((logits - 0.5 * torch.log(novelty)) / 3.0))
+    assert calibration.probability(0.0) == 0.5 and calibration.probability(np.array([3.0]))[0] == pytest.approx(
+        float(torch.sigmoid(torch.tensor(1.0))))
 
 
 def test_probe_head_structures_are_independent(variant):
@@ -255,7 +257,7 @@ def test_head_config_validation():
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(weight_decay=-1.0),
                                  dict(val_fraction=0.5, cal_fraction=0.5), dict(cal_fraction=0.0), dict(stop_on="aux")])
 def test_train_config_validation(bad):
-    from probe_ase import TrainConfig
+    from probe_ase.fitting.train import TrainConfig
 
     with pytest.raises(InputError):
         TrainConfig(**bad)
@@ -361,7 +363,7 @@ def test_neighbour_cache_equals_a_fresh_graph_every_step(size):
     """The Verlet list gives exactly radius_graph's edges while atoms drift, and rebuilds when needed."""
     from ase.build import bulk
 
-    from probe_ase.graph import NeighbourCache
+    from probe_ase.model.graph import NeighbourCache
 
     atoms = bulk("Cu", cubic=True) * (size, size, size)
     cache = NeighbourCache(cutoff=4.0, skin=0.6)

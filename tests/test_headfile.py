@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_missing_and_foreign_files(tmp_path):
 def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
     import json
 
-    from probe_ase.headfile import READABLE, VERSION, _checksum
+    from probe_ase.model.headfile import READABLE, VERSION, _checksum
 
     path = tmp_path / "head.pt"
     probes("mace").save(path)
@@ -99,23 +100,47 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
         Probe.load(tmp_path / "s.pt")
 
 
-def test_a_version_6_file_reads_as_one_head_on_scalars(probes, tmp_path):
-    """Version 7 added HeadConfig.members, version 8 HeadMeta.channels: a version-6 file (neither field) loads as a
-    single head reading the scalar channels, unchanged."""
+def _as_version_8(payload: dict) -> tuple[dict, dict]:
+    """A version-9 file's metadata and state laid out as version 8 wrote them: the temperatures as head buffers and
+    metadata fields, the novelty weight in the metadata, no spec, the training settings in the report."""
     import json
 
-    from probe_ase.headfile import _checksum
+    meta, state = json.loads(payload["meta"]), dict(payload["state"])
+    calibration, spec = meta.pop("calibration"), meta.pop("spec")
+    meta |= {"temperature": calibration["temperature"], "novelty_weight": calibration["novelty_weight"]}
+    meta["report"]["train"] = {k: spec["options"][k] for k in ("epochs", "patience", "seed", "calibration", "folds")}
+    state["temperature"] = torch.tensor(calibration["temperature"], dtype=torch.float32)
+    state["atom_temperature"] = torch.tensor(calibration["atom_temperature"], dtype=torch.float32)
+    return meta, state
+
+
+def test_a_version_6_file_reads_as_one_head_on_scalars(probes, tmp_path):
+    """Version 7 added HeadConfig.members, version 8 HeadMeta.channels, version 9 the spec and the calibration: a
+    version-6 file (none of them) loads as a single head reading the scalar channels, with its calibration and fit
+    settings read back from its fields, and scores as before."""
+    import json
+
+    from probe_ase.model.headfile import _checksum
 
     path = tmp_path / "head.pt"
     probes("mace").save(path)
-    payload = torch.load(path, weights_only=True)
-    meta = json.loads(payload["meta"])
+    meta, state = _as_version_8(torch.load(path, weights_only=True))
     del meta["config"]["members"], meta["channels"]
     meta_json = json.dumps(meta, sort_keys=True)
     old = tmp_path / "v6.pt"
-    torch.save({**payload, "version": 6, "meta": meta_json, "sha256": _checksum(meta_json, payload["state"])}, old)
+    torch.save({"format": "probe-ase-head", "version": 6, "meta": meta_json, "state": state,
+                "sha256": _checksum(meta_json, state)}, old)
     loaded = Probe.load(old)
-    assert loaded.meta == probes("mace").meta and loaded.meta.config.members == 1
-    assert loaded.meta.channels == "scalars"
+    expected = probes("mace").meta
+    assert loaded.meta.config.members == 1 and loaded.meta.channels == "scalars"
+    # the temperatures went through float32 buffers in version 8 and earlier
+    assert loaded.meta.calibration.novelty_weight == expected.calibration.novelty_weight
+    assert loaded.meta.calibration.temperature == pytest.approx(expected.calibration.temperature, rel=1e-6)
+    spec = loaded.meta.spec  # the quantile, tolerances, options it was fitted with; what the tap and graph used
+    assert dataclasses.replace(spec, options=dataclasses.replace(spec.options, layers=None, channels=None,
+                                                                 cutoff=None)) == expected.spec
+    assert (spec.options.layers, spec.options.channels, spec.options.cutoff) == (
+        expected.layers, "scalars", expected.config.cutoff)
+    assert dataclasses.replace(loaded.meta, calibration=expected.calibration, spec=expected.spec) == expected
     for name, value in probes("mace").head.state_dict().items():
         assert torch.equal(loaded.head.state_dict()[name], value)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import probe_ase
-from probe_ase.labels import (
+from probe_ase.fitting.labels import (
     CRITERIA,
     UNITS,
     check_criterion,

@@ -10,9 +10,13 @@ from ase.geometry import get_distances
 from ase.io import read
 from ase.md.verlet import VelocityVerlet
 
-from probe_ase import (HeadConfig, InputError, MismatchError, Probe, ProbeCalculator, ReliabilityMonitor,
-                       TrainConfig, fit_probe, metrics)
-from probe_ase.regions import extract_regions
+from conftest import fit_with
+
+from probe_ase import FitOptions, InputError, MismatchError, Probe, ProbeCalculator, ReliabilityMonitor, fit_probe
+from probe_ase.model.head import HeadConfig
+
+from probe_ase.evaluation import metrics
+from probe_ase.al.regions import extract_regions
 from probe_ase.testing import assert_invariant, emt_frames, hot_spot_frames
 
 
@@ -21,7 +25,7 @@ def local_probe(backbones):
     """A head with a per-atom logit, fitted on thermal 108-atom cells and cells with one hot spot each."""
     pool = emt_frames(12, 300, size=3, seed=11) + hot_spot_frames(24, seed=12)
     return fit_probe(backbones("mace"), pool, criterion="force_rmse", quantile=0.7, atom_quantile=0.9,
-                     config=HeadConfig(hidden=32), train=TrainConfig(epochs=30, patience=10), progress=False,
+                     options=FitOptions(hidden=32, epochs=30, patience=10), progress=False,
                      cache_dir=False)
 
 
@@ -97,15 +101,18 @@ def test_active_learning_refit_keeps_the_heads_settings(local_probe, backbones):
     """The retraining step's head refit keeps the atom tolerance, certificate level and novelty options."""
     from dataclasses import replace
 
-    from probe_ase.novelty import NoveltyConfig
-    from probe_ase.retrain import refit_options
+    from probe_ase.al.retrain import refit_spec
 
-    meta = replace(local_probe.meta, delta=0.2, novelty=NoveltyConfig(support_quantile=0.95, weight_folds=0))
+    spec = local_probe.spec
+    spec = replace(spec, delta=0.2, options=replace(spec.options, support_quantile=0.95, weight_folds=0))
+    meta = replace(local_probe.meta, spec=spec)
     pool = emt_frames(8, 300, size=3, seed=13) + hot_spot_frames(16, seed=14)
-    refit = fit_probe(backbones("mace"), pool, threshold=meta.tau, **refit_options(meta, head_epochs=3, seed=0))
+    refit = fit_probe(backbones("mace"), pool, **refit_spec(meta, head_epochs=3, seed=0), cache_dir=False,
+                      progress=False)
     assert refit.meta.local and refit.meta.atom_tau == meta.atom_tau and refit.meta.tau == meta.tau
-    assert (refit.meta.delta, refit.meta.novelty, refit.meta.target_risk) == (0.2, meta.novelty, meta.target_risk)
-    assert refit.meta.report["train"]["epochs"] == 3 and refit.meta.config == meta.config
+    assert (refit.meta.delta, refit.meta.target_risk) == (0.2, meta.target_risk)
+    assert (refit.meta.novelty.support_quantile, refit.meta.novelty.weight_folds) == (0.95, 0)
+    assert refit.spec.options.epochs == 3 and refit.meta.config == meta.config
 
 
 def test_heads_without_atoms_say_so(backbones, probes, cu_data):
@@ -123,11 +130,12 @@ def test_heads_without_atoms_say_so(backbones, probes, cu_data):
 def test_bad_atom_options_are_input_errors(backbones, cu_data):
     options = dict(criterion="force_rmse", quantile=0.7, progress=False, cache_dir=False)
     with pytest.raises(InputError, match="needs per-atom labels"):
-        fit_probe(backbones("mace"), cu_data["pool"], config=HeadConfig(atom_logit=True), **options)
+        fit_with(backbones("mace"), cu_data["pool"], head=HeadConfig(atom_logit=True), criterion="force_rmse",
+                 quantile=0.7)
     with pytest.raises(InputError, match="quantile must lie strictly between 0 and 1"):
         fit_probe(backbones("mace"), cu_data["pool"], atom_quantile=1.5, **options)
-    with pytest.raises(InputError, match="exactly one"):
-        fit_probe(backbones("mace"), cu_data["pool"], atom_quantile=0.9, atom_threshold=0.1, **options)
+    with pytest.raises(InputError, match="atom_tolerance or atom_quantile, not both"):
+        fit_probe(backbones("mace"), cu_data["pool"], atom_quantile=0.9, atom_tolerance=0.1, **options)
 
 
 def test_atom_labels_need_reference_forces(backbones, cu_data):
@@ -137,7 +145,7 @@ def test_atom_labels_need_reference_forces(backbones, cu_data):
         copy.info["energy"] = frame.get_potential_energy()  # energy only: no reference forces
         frames.append(copy)
     with pytest.raises(Exception, match="per-atom labels need reference forces"):
-        fit_probe(backbones("mace"), frames, criterion="energy", quantile=0.7, atom_threshold=0.1, progress=False,
+        fit_probe(backbones("mace"), frames, criterion="energy", quantile=0.7, atom_tolerance=0.1, progress=False,
                   cache_dir=False)
 
 
@@ -210,7 +218,7 @@ def test_active_learning_labels_regions_not_cells(local_calc, local_probe, tmp_p
     from ase.calculators.emt import EMT
 
     from probe_ase import ActiveLearner
-    from probe_ase.retrain import mace_training_frames
+    from probe_ase.al.retrain import mace_training_frames
 
     start = hot_spot_frames(1, size=5, seed=18)[0]  # 500 atoms, one hot spot
     learner = ActiveLearner(local_calc, EMT, db=tmp_path / "al.db", region_buffer=3.0)
@@ -249,7 +257,7 @@ def test_evaluate_reports_atoms_and_the_cli_gates_on_them(local_probe, local_cal
     from ase.io import write
 
     from probe_ase.cli import main
-    from probe_ase.evaluate import evaluate
+    from probe_ase.evaluation.evaluate import evaluate
 
     frames = hot_spot_frames(6, seed=19)
     results = evaluate(local_probe, backbones("mace"), frames, tmp_path / "report")

@@ -10,8 +10,10 @@ from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import probe_ase
-from probe_ase import metrics
-from probe_ase.fit import TrainConfig, fit_temperature, split_indices
+from probe_ase.evaluation import metrics
+from probe_ase.fitting.train import TrainConfig
+from probe_ase.fitting.calibrate import fit_temperature
+from probe_ase.fitting.split import split_indices
 
 # Five structures, given out of order, with a tie at p = 0.7.
 P5 = np.array([0.4, 0.9, 0.2, 0.7, 0.7])
@@ -225,7 +227,7 @@ def test_split_indices_six_minority_is_enough():
 
 
 def test_oracle_aurc_on_five_points():
-    from probe_ase.metrics import oracle_aurc
+    from probe_ase.evaluation.metrics import oracle_aurc
 
     # the oracle accepts the three reliable structures first: risks 0, 0, 0, 1/4, 2/5 at coverage
     # 0.2 .. 1.0, each step 0.2 wide: AURC = 0.2 * (1/4 + 2/5) = 0.13
@@ -233,7 +235,7 @@ def test_oracle_aurc_on_five_points():
 
 
 def test_summary_is_consistent_with_the_single_metrics():
-    from probe_ase import metrics
+    from probe_ase.evaluation import metrics
 
     rng = np.random.default_rng(0)
     error = rng.exponential(size=200)
@@ -248,7 +250,7 @@ def test_summary_is_consistent_with_the_single_metrics():
 
 
 def test_bootstrap_interval_of_a_paired_auroc_difference():
-    from probe_ase import metrics
+    from probe_ase.evaluation import metrics
 
     rng = np.random.default_rng(1)
     unreliable = rng.random(600) < 0.3

@@ -10,12 +10,17 @@ import torch
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from probe_ase import HeadConfig, InputError, LabelError, Probe, ProbeCalculator, TrainConfig, featurize, find_tap, fit_probe
-from probe_ase.fit import out_of_fold_logits
-from probe_ase.graph import HeadGraph
-from probe_ase.headfile import save_head
-from probe_ase.metrics import auroc
-from probe_ase.novelty import NoveltyConfig, fit_logit_weight, fit_novelty, logit_penalty, structure_novelty
+from conftest import fit_with
+
+from probe_ase import FitOptions, InputError, LabelError, Probe, ProbeCalculator, featurize, find_tap, fit_probe
+from probe_ase.fitting.train import TrainConfig
+from probe_ase.model.head import HeadConfig
+from probe_ase.fitting.train import out_of_fold_logits
+from probe_ase.model.graph import HeadGraph
+from probe_ase.model.headfile import save_head
+from probe_ase.evaluation.metrics import auroc
+from probe_ase.model.novelty import NoveltyConfig, logit_penalty, structure_novelty
+from probe_ase.fitting.novelty import fit_logit_weight, fit_novelty
 from probe_ase.testing import assert_invariant, emt_frames
 
 
@@ -29,8 +34,8 @@ def labelled(atoms):
 def fit_cold(backbone, novelty: NoveltyConfig):
     """A head fitted on 300 K frames only: it has never seen a shift."""
     pool = emt_frames(120, 300, seed=50)
-    return fit_probe(backbone, pool, criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=32),
-                     train=TrainConfig(epochs=60, patience=10), novelty=novelty, cache_dir=False, progress=False)
+    return fit_with(backbone, pool, criterion="force_rmse", quantile=0.7, head=HeadConfig(hidden=32),
+                    train=TrainConfig(epochs=60, patience=10), novelty=novelty)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +84,12 @@ def test_unseen_shift_passes_the_probability_but_not_the_verdict(cold_probe, bac
 def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, backbones):
     """The default head learns a novelty weight on out-of-fold logits; the shift's probability then drops below p*."""
     weighted = fit_cold(backbones("mace"), NoveltyConfig())
-    assert cold_probe.meta.novelty_weight == 0.0 and weighted.meta.novelty_weight > 0
-    assert weighted.report["novelty_weight"] == weighted.meta.novelty_weight
+    w = weighted.meta.calibration.novelty_weight
+    assert cold_probe.meta.calibration.novelty_weight == 0.0 and w > 0 and weighted.report["novelty_weight"] == w
     assert weighted.report["novelty_weight_folds"] == 5 and cold_probe.report["novelty_weight_folds"] == 0
     # reliability = sigmoid((logit - w log(mean atom novelty)) / T), as documented: the same head at w = 0
-    unweighted = Probe(weighted.head, replace(weighted.meta, novelty_weight=0.0), weighted.novelty)
+    unweighted = Probe(weighted.head, replace(weighted.meta, calibration=replace(weighted.meta.calibration,
+                                                                                  novelty_weight=0.0)), weighted.novelty)
     atoms = shifted_frames()["compressed 3 %"][0]
     results = []
     for probe in (weighted, unweighted):
@@ -92,7 +98,7 @@ def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, ba
         atoms.get_forces()
         results.append(dict(calc.results))
         calc.close()
-    temperature, w = weighted.meta.temperature, weighted.meta.novelty_weight
+    temperature = weighted.meta.calibration.temperature
     logit = temperature * np.log(results[1]["reliability"] / (1 - results[1]["reliability"]))
     expected = 1 / (1 + np.exp(-(logit - w * np.log(results[0]["atom_novelty"].mean())) / temperature))
     assert results[0]["reliability"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
@@ -121,7 +127,8 @@ def test_batched_penalty_reads_each_structures_own_mean_novelty(cold_probe, back
     edges = graph.frames(frames)
     p = {}
     for penalty in ("mean", "max"):
-        meta = replace(cold_probe.meta, novelty_weight=2.0, novelty=replace(cold_probe.meta.novelty, penalty=penalty))
+        meta = replace(cold_probe.meta, calibration=replace(cold_probe.meta.calibration, novelty_weight=2.0,
+                                                            penalty=penalty))
         probe = Probe(cold_probe.head, meta, cold_probe.novelty)
         batch = probe.predict(fs.features, fs.numbers, fs.ptr, edges)
         for k in range(len(frames)):
@@ -278,8 +285,8 @@ def test_novelty_is_invariant_on_a_real_backbone(backbones, cold_probe):
 
 def test_reference_data_widens_the_support(backbones, cu_data):
     pool = emt_frames(60, 300, seed=54)
-    options = dict(criterion="force_rmse", quantile=0.7, config=HeadConfig(hidden=32),
-                   train=TrainConfig(epochs=5, patience=5), cache_dir=False, progress=False)
+    options = dict(criterion="force_rmse", quantile=0.7, options=FitOptions(hidden=32, epochs=5, patience=5),
+                   cache_dir=False, progress=False)
     hot = emt_frames(10, 900, seed=55)
     plain = fit_probe(backbones("mace"), pool, **options)
     widened = fit_probe(backbones("mace"), pool, reference_data=hot, **options)
@@ -314,7 +321,7 @@ def test_head_file_keeps_novelty_and_certificate(cold_probe, backbones, tmp_path
 
 
 def test_older_head_file_names_both_versions(cold_probe, tmp_path):
-    import probe_ase.headfile as headfile
+    import probe_ase.model.headfile as headfile
 
     path = tmp_path / "old.pt"
     save_head(cold_probe.head, cold_probe.novelty, cold_probe.meta, path)
@@ -322,5 +329,5 @@ def test_older_head_file_names_both_versions(cold_probe, tmp_path):
     payload["version"] = 1
     torch.save(payload, path)
     with pytest.raises(headfile.HeadFileError,
-                       match="version 1; this probe-ase reads versions 6, 7, 8 .*version 2 added the novelty"):
+                       match="version 1; this probe-ase reads versions 6, 7, 8, 9 .*version 2 added the novelty"):
         Probe.load(path)

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 import probe_ase
+from probe_ase.fitting.train import TrainConfig
+from probe_ase.model.head import HeadConfig
+from probe_ase.model.novelty import NoveltyConfig
 
 
 def test_import_loads_no_heavy_dependency():
@@ -38,7 +41,7 @@ def test_every_exception_is_in_the_tree():
 def test_errors_carry_the_offending_values(tmp_path):
     from ase import Atoms
 
-    from probe_ase.labels import make_labels
+    from probe_ase.fitting.labels import make_labels
     from probe_ase.validate import check_atoms
 
     with pytest.raises(probe_ase.UnknownElementError) as info:
@@ -61,7 +64,7 @@ def _bulk_cu():
 
 
 def _certify(target_risk, fallback="strictest"):
-    from probe_ase.certify import certify
+    from probe_ase.fitting.certify import certify
 
     return certify(np.zeros(10), np.zeros(10, dtype=bool), np.zeros(5), target_risk, 0.1, fallback=fallback)
 
@@ -81,25 +84,37 @@ def _active_learner(tmp_path, **kwargs):
 
 
 def _resolve_tolerance(**kwargs):
-    from probe_ase.labels import resolve_tolerance
+    from probe_ase.fitting.labels import resolve_tolerance
 
     return resolve_tolerance(np.linspace(0, 1, 5), **kwargs)
 
 
 #: (call given tmp_path, error class, offending values it must carry as attributes)
 DELIBERATE_ERRORS = {
-    "head-heads": (lambda tmp: probe_ase.HeadConfig(heads=0), probe_ase.InputError,
+    "fit-options-members": (lambda tmp: probe_ase.FitOptions(members=0), probe_ase.InputError, {"members": 0}),
+    "fit-options-crossfit": (lambda tmp: probe_ase.FitOptions(calibration="crossfit", members=2), probe_ase.InputError,
+                             {"members": 2, "folds": 5}),
+    "fit-options-channels": (lambda tmp: probe_ase.FitOptions(channels="vectors"), probe_ase.InputError,
+                             {"channels": "vectors"}),
+    "fit-spec-criterion": (lambda tmp: probe_ase.FitSpec(criterion="forces"), probe_ase.InputError,
+                           {"criterion": "forces"}),
+    "fit-spec-both": (lambda tmp: probe_ase.FitSpec(tolerance=0.1, quantile=0.5), probe_ase.InputError,
+                      {"tolerance": 0.1, "quantile": 0.5}),
+    "fit-spec-tolerance": (lambda tmp: probe_ase.FitSpec(tolerance=-1.0), probe_ase.InputError, {"tolerance": -1.0}),
+    "fit-spec-risk": (lambda tmp: probe_ase.FitSpec(target_risk=0.0), probe_ase.InputError,
+                      {"target_risk": 0.0, "delta": 0.1}),
+    "head-heads": (lambda tmp: HeadConfig(heads=0), probe_ase.InputError,
                    {"hidden": 64, "heads": 0, "blocks": 1}),
-    "head-divisible": (lambda tmp: probe_ase.HeadConfig(hidden=10, heads=4), probe_ase.InputError,
+    "head-divisible": (lambda tmp: HeadConfig(hidden=10, heads=4), probe_ase.InputError,
                        {"hidden": 10, "heads": 4}),
-    "head-cutoff": (lambda tmp: probe_ase.HeadConfig(cutoff=-1.0), probe_ase.InputError, {"cutoff": -1.0}),
-    "train-epochs": (lambda tmp: probe_ase.TrainConfig(epochs=0), probe_ase.InputError,
-                     {"epochs": 0, "patience": 25, "batch_size": 32}),
-    "train-fractions": (lambda tmp: probe_ase.TrainConfig(val_fraction=0.5, cal_fraction=0.6), probe_ase.InputError,
+    "head-cutoff": (lambda tmp: HeadConfig(cutoff=-1.0), probe_ase.InputError, {"cutoff": -1.0}),
+    "train-epochs": (lambda tmp: TrainConfig(epochs=0), probe_ase.InputError,
+                     {"epochs": 0, "patience": 20, "batch_size": 32}),
+    "train-fractions": (lambda tmp: TrainConfig(val_fraction=0.5, cal_fraction=0.6), probe_ase.InputError,
                         {"val_fraction": 0.5, "cal_fraction": 0.6}),
-    "novelty-folds": (lambda tmp: probe_ase.NoveltyConfig(folds=1), probe_ase.InputError,
+    "novelty-folds": (lambda tmp: NoveltyConfig(folds=1), probe_ase.InputError,
                       {"components": 2, "folds": 1}),
-    "novelty-quantile": (lambda tmp: probe_ase.NoveltyConfig(support_quantile=0.0), probe_ase.InputError,
+    "novelty-quantile": (lambda tmp: NoveltyConfig(support_quantile=0.0), probe_ase.InputError,
                          {"support_quantile": 0.0}),
     "md-temperature": (lambda tmp: _make_dynamics(temperature_K=-5.0), probe_ase.InputError, {"temperature_K": -5.0}),
     "md-npt-molecule": (lambda tmp: _make_dynamics(ensemble="npt", pbc=False), probe_ase.InputError,
@@ -108,7 +123,7 @@ DELIBERATE_ERRORS = {
                        {"buffer": 0.0}),
     "certify-risk": (lambda tmp: _certify(1.5), probe_ase.InputError, {"target_risk": 1.5, "delta": 0.1}),
     "certify-fallback": (lambda tmp: _certify(0.05, fallback="loosest"), probe_ase.InputError, {"fallback": "loosest"}),
-    "bootstrap-level": (lambda tmp: probe_ase.metrics.bootstrap(len, 10, level=95), probe_ase.InputError,
+    "bootstrap-level": (lambda tmp: probe_ase.evaluation.metrics.bootstrap(len, 10, level=95), probe_ase.InputError,
                         {"level": 95, "reps": 2000, "n": 10}),
     "labels-quantile": (lambda tmp: _resolve_tolerance(quantile=1.5), probe_ase.InputError, {"quantile": 1.5}),
     "read-frames": (lambda tmp: probe_ase.read_frames(tmp / "absent.xyz"), probe_ase.InputError,
@@ -136,6 +151,7 @@ def test_every_deliberate_error_names_its_values(case, tmp_path):
 NOT_PROBE_ERRORS = {
     ("__init__.py", "AttributeError"): "module __getattr__ protocol: an unknown public name",
     ("cli/md.py", "argparse.ArgumentTypeError"): "argparse's type-converter protocol",
+    ("fitting/spec.py", "KeyError"): "the Mapping protocol: a FitSpec unpacks as fit_probe's keywords",
     ("taps/base.py", "NotImplementedError"): "an optional adapter method; check_tap skips it on this error",
     ("testing/conformance.py", "AssertionError"): "check_tap is a test assertion for pytest",
     ("testing/invariance.py", "AssertionError"): "an invariance check is a test assertion for pytest",
@@ -174,8 +190,8 @@ def test_library_calls_leave_global_state_alone(backbones, cu_data, tmp_path):
     import matplotlib
     import torch
 
-    from probe_ase import TrainConfig, fit_probe
-    from probe_ase.report import plot_evaluation
+    from probe_ase import FitOptions, fit_probe
+    from probe_ase.evaluation.report import plot_evaluation
 
     base = backbones("mace")  # trained (and seeded) before the RNG is watched
     backend = matplotlib.get_backend()
@@ -183,8 +199,8 @@ def test_library_calls_leave_global_state_alone(backbones, cu_data, tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    probe = fit_probe(base, cu_data["pool"][:60], quantile=0.7, train=TrainConfig(epochs=3),
-                      cache_dir=False, progress=False)
+    probe = fit_probe(base, cu_data["pool"][:60], quantile=0.7, options=FitOptions(epochs=3), cache_dir=False,
+                      progress=False)
     assert torch.equal(torch.rand(3), expected)
     rng = np.random.default_rng(0)
     err = rng.uniform(0, 0.1, 40)

@@ -7,6 +7,7 @@ import json
 import os
 
 from probe_ase.cli import checks
+from probe_ase.exceptions import InputError
 from probe_ase.cli.options import (CALIBRATION, CHANNELS, CRITERIA, FALLBACKS, add_alias, add_backbone,
                                    add_batch_size, add_reference_keys)
 
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the backbone's own training structures (extxyz, ASE trajectory or ase.db; no labels "
                            "needed): structures like them count as inside the novelty support")
 
-    adv = parser.add_argument_group("advanced", "training and head settings (probe_ase.fitting.FitOptions); the "
+    adv = parser.add_argument_group("advanced", "training and head settings (probe_ase.FitOptions); the "
                                                 "defaults are what the published numbers were measured with")
     adv.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")
     adv.add_argument("--channels", choices=CHANNELS,
@@ -106,10 +107,10 @@ def check(args: argparse.Namespace) -> None:
     for layer in args.layers or ():
         checks.at_least(layer, "--layers", 0)
     if args.weight_folds < 0 or args.weight_folds == 1:
-        raise checks.InputError(f"--weight-folds must be 0 (the validation split) or >= 2, got {args.weight_folds}",
+        raise InputError(f"--weight-folds must be 0 (the validation split) or >= 2, got {args.weight_folds}",
                                 flag="--weight-folds", value=args.weight_folds)
     if args.calibration == "crossfit" and args.members not in (1, args.folds):
-        raise checks.InputError(f"--calibration crossfit deploys the mean of its {args.folds} fold heads: --members "
+        raise InputError(f"--calibration crossfit deploys the mean of its {args.folds} fold heads: --members "
                                 f"must be 1 or {args.folds}, got {args.members}", members=args.members,
                                 folds=args.folds)
     checks.device(args.device)
@@ -126,11 +127,8 @@ def check(args: argparse.Namespace) -> None:
 
 
 def options(args: argparse.Namespace):
-    """The advanced group as :class:`~probe_ase.fitting.FitOptions` (one field per option)."""
-    try:
-        from probe_ase.fitting import FitOptions
-    except ImportError:  # while the fitting package does not export it yet
-        from probe_ase.fitting.spec import FitOptions
+    """The advanced group as :class:`~probe_ase.fitting.spec.FitOptions` (one field per option)."""
+    from probe_ase.fitting.spec import FitOptions
 
     return FitOptions(layers=args.layers, channels=args.channels, cutoff=args.cutoff, hidden=args.hidden,
                       members=args.members, calibration=args.calibration, folds=args.folds, fallback=args.fallback,
@@ -162,5 +160,5 @@ def run(args: argparse.Namespace) -> int:
     if m.local:
         print(f"per-atom reliability: atom tolerance {m.atom_tau:.4g} eV/Å, atom p* = {m.atom_p_star:.3f} "
               f"(calibration atoms: AUROC {m.report['atoms']['auroc']:.3f})")
-    print(json.dumps({k: v for k, v in m.report.items() if k != "train"}, indent=2))
+    print(json.dumps(m.report, indent=2))
     return 0

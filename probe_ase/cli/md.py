@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from probe_ase.cli import checks
+from probe_ase.exceptions import InputError
 from probe_ase.cli.options import (ACTIONS, DYNAMICS, add_alias, add_backbone, add_probe, check_probe_and_backbone,
                                    load_probe_and_backbone)
 
@@ -97,7 +98,7 @@ def check(args: argparse.Namespace) -> None:
     checks.at_least(args.max_flagged, "--max-flagged", 0)
     checks.at_least(args.seed, "--seed", 0)
     if (args.structure is None) == (args.restart is None):
-        raise checks.InputError("give a starting STRUCTURE or --restart TRAJ (one of them)",
+        raise InputError("give a starting STRUCTURE or --restart TRAJ (one of them)",
                                 structure=args.structure, restart=args.restart)
     outputs = {"--trajectory": args.trajectory, "--log": args.log, "--flagged": args.flagged}
     for flag, path in outputs.items():
@@ -110,7 +111,7 @@ def check(args: argparse.Namespace) -> None:
     if args.restart is not None:
         start = checks.structures(args.restart, "--restart", index=-1)
         if not start.has("momenta"):
-            raise checks.InputError(f"--restart {args.restart}: its last frame has no momenta (velocities); start "
+            raise InputError(f"--restart {args.restart}: its last frame has no momenta (velocities); start "
                                     "from it as a STRUCTURE instead (velocities drawn at --temperature)",
                                     path=args.restart)
         for flag in ("--log", "--flagged"):
@@ -122,12 +123,12 @@ def check(args: argparse.Namespace) -> None:
         for flag, path in outputs.items():
             checks.distinct(args.structure, path, f"STRUCTURE and {flag}")
     if args.dynamics == "npt" and not start.pbc.all():
-        raise checks.InputError(f"--dynamics npt needs a periodic cell in all three directions; the start frame "
+        raise InputError(f"--dynamics npt needs a periodic cell in all three directions; the start frame "
                                 f"has pbc {start.pbc.tolist()}", pbc=start.pbc.tolist())
     args.start = start
     check_probe_and_backbone(args)
     if args.min_atom_reliability is not None and not args.head.meta.local:
-        raise checks.InputError(f"--min-atom-reliability needs a head with per-atom reliability; {args.probe} has "
+        raise InputError(f"--min-atom-reliability needs a head with per-atom reliability; {args.probe} has "
                                 "none (refit it with --atom-tolerance or --atom-quantile)", probe=args.probe)
 
 

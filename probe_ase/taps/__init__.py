@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from ase.calculators.calculator import BaseCalculator
 from ase.calculators.mixing import LinearCombinationCalculator
 
-from ..exceptions import BackboneError
-from .base import Prediction, Tap
-from .chgnet import CHGNetTap
-from .generic import ModuleTap
-from .mace import MaceTap
-from .schnetpack import PaiNNTap, SchNetTap
+from probe_ase.exceptions import BackboneError
+from probe_ase.taps.base import Prediction, Tap
+from probe_ase.taps.chgnet import CHGNetTap
+from probe_ase.taps.generic import ModuleTap
+from probe_ase.taps.mace import MaceTap
+from probe_ase.taps.schnetpack import PaiNNTap, SchNetTap
 
 #: every shipped adapter by ``kind``
 ADAPTERS: dict[str, type[Tap]] = {cls.kind: cls for cls in (MaceTap, SchNetTap, PaiNNTap, CHGNetTap)}

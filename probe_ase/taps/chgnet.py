@@ -26,8 +26,8 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from ..exceptions import BackboneError
-from .base import Tap
+from probe_ase.exceptions import BackboneError
+from probe_ase.taps.base import Tap
 
 #: probe-ase's name of each pretrained CHGNet -> CHGNet's ``model_name``
 PRETRAINED = {"chgnet-0.3.0": "0.3.0", "chgnet-0.2.0": "0.2.0", "chgnet-r2scan": "r2scan"}

@@ -17,8 +17,8 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from ..exceptions import BackboneError, InputError
-from .base import Prediction, Tap
+from probe_ase.exceptions import BackboneError, InputError
+from probe_ase.taps.base import Prediction, Tap
 
 Invariant = Callable[[int, object], torch.Tensor]
 

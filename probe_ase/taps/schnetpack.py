@@ -38,9 +38,9 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from ..exceptions import BackboneError
-from ..graph import radius_graph
-from .base import Tap
+from probe_ase.exceptions import BackboneError
+from probe_ase.model.graph import radius_graph
+from probe_ase.taps.base import Tap
 
 
 class _SchNetPackTap(Tap):
@@ -258,7 +258,7 @@ class MatscipyNeighbourList:
     Drop-in for ``schnetpack.transform.ASENeighborList`` in an
     ``AtomsConverter``: the same pairs (``_idx_i``, ``_idx_j``) and periodic
     offsets (``_offsets``, Å) within ``cutoff`` (Å), from
-    :func:`probe_ase.graph.radius_graph`.
+    :func:`probe_ase.model.graph.radius_graph`.
     """
 
     def __init__(self, cutoff: float) -> None:

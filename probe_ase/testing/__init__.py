@@ -9,9 +9,9 @@ in :mod:`probe_ase.testing.schnetpack` (needs the ``schnetpack`` extra).
 
 from __future__ import annotations
 
-from .conformance import check_tap
-from .data import emt_frames, hot_spot_frames
-from .invariance import assert_invariant
-from .mace import train_mace
+from probe_ase.testing.conformance import check_tap
+from probe_ase.testing.data import emt_frames, hot_spot_frames
+from probe_ase.testing.invariance import assert_invariant
+from probe_ase.testing.mace import train_mace
 
 __all__ = ["assert_invariant", "check_tap", "emt_frames", "hot_spot_frames", "train_mace"]

@@ -11,7 +11,7 @@ before trusting its features; every shipped adapter passes it in CI. It checks:
 * **batched**: a batched :meth:`~probe_ase.taps.base.Tap.predict` gives the
   calculator's energies (eV), forces (eV/Å) and features, structure by structure;
 * **neighbour graph**: the graph read from the backbone's own neighbour list
-  (when the adapter reads one) has :func:`probe_ase.graph.radius_graph`'s edges,
+  (when the adapter reads one) has :func:`probe_ase.model.graph.radius_graph`'s edges,
   at the backbone's cutoff and at a shorter radius;
 * **invariance**: features of a molecule and of a periodic cell do not change
   under rotation, translation (the cell's atoms wrapped back across its
@@ -30,10 +30,10 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from ..exceptions import BackboneError
-from ..graph import radius_graph
-from ..taps import Tap, find_tap
-from .invariance import moved_copies
+from probe_ase.exceptions import BackboneError
+from probe_ase.model.graph import radius_graph
+from probe_ase.taps import Tap, find_tap
+from probe_ase.testing.invariance import moved_copies
 
 Reference = Callable[[Atoms], dict[int, np.ndarray]]
 

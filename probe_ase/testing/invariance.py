@@ -7,9 +7,11 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from scipy.spatial.transform import Rotation
 
-#: per-structure results that must not change, and per-atom ones that must follow a permutation
+from probe_ase.verdict import ATOM_RESULTS
+
+#: per-structure results that must not change (per-atom ones, :data:`~probe_ase.verdict.ATOM_RESULTS`, must follow a
+#: permutation)
 STRUCTURE_RESULTS = ("reliability", "novelty", "force_error")
-ATOM_RESULTS = ("atom_importance", "atom_novelty", "atom_reliability", "atom_force_error")
 
 
 def _score(calc: Calculator, atoms: Atoms) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from ..exceptions import InputError
+from probe_ase.exceptions import InputError
 
 
 def train_schnetpack(
@@ -47,7 +47,7 @@ def train_schnetpack(
     """
     from schnetpack.interfaces import SpkCalculator
 
-    from ..taps.schnetpack import spk_calculator
+    from probe_ase.taps.schnetpack import spk_calculator
 
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):

@@ -43,9 +43,9 @@ from ase import Atoms
 from ase.db import connect
 from ase.db.core import Database
 
-from .exceptions import InputError, StoreError
+from probe_ase.exceptions import InputError, StoreError
 
-#: every status an active-learning row can have (see :mod:`probe_ase.active_learning`)
+#: every status an active-learning row can have (see :mod:`probe_ase.al.learner`)
 STATUSES = ("pending", "done", "failed", "rejected", "source")
 
 _NOW = {"postgresql": "EXTRACT(EPOCH FROM clock_timestamp())::double precision",

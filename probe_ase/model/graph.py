@@ -19,7 +19,7 @@ from matscipy.neighbours import neighbour_list
 if TYPE_CHECKING:
     import torch
 
-    from .taps.base import Tap
+    from probe_ase.taps.base import Tap
 
 
 def radius_graph(atoms: Atoms, cutoff: float, shifts: bool = False) -> np.ndarray:

@@ -21,18 +21,18 @@ Each round:
    ``min_atom_reliability`` or it lies outside the support), a step with any
    unreliable atom is a candidate even when the cell as a whole passes, and
    instead of the whole cell each selected frame stores, as ``pending`` rows,
-   the regions :func:`~probe_ase.regions.extract_regions` cuts around its
+   the regions :func:`~probe_ase.al.regions.extract_regions` cuts around its
    unreliable atoms (core plus buffer shell), so the reference labels a few
    hundred atoms, not the cell. The source frame is stored once (status
    ``source``); each region row carries ``source_id`` (that row's id) and, in
    ``data``, ``source_index`` (each atom's index in the source frame),
    ``core`` (True for the unreliable atoms) and ``mlip_forces`` (the MLIP's
    own forces on the region, eV/Å). Retraining uses the reference forces of
-   the core only (:func:`~probe_ase.retrain.mace_training_frames`).
+   the core only (:func:`~probe_ase.al.retrain.mace_training_frames`).
 2. :meth:`ActiveLearner.label` runs the reference calculator on every pending
    frame through a ``concurrent.futures.Executor`` (serial by default, a
    process pool, or Dask's ``Client.get_executor()``). Each frame is claimed
-   in a transaction first (:mod:`probe_ase.store`: owner and lease, renewed
+   in a transaction first (:mod:`probe_ase.al.store`: owner and lease, renewed
    while the driver lives), so several drivers can label one database and no
    frame is called twice. Each result is committed as soon as it arrives,
    with the claim dropped in the same transaction (status ``done``, the
@@ -46,7 +46,7 @@ Each round:
    interrupted round before starting a new one.
 3. :meth:`ActiveLearner.export` writes the labelled frames as extxyz, and
    :meth:`ActiveLearner.retrain` retrains the backbone (a user callback, or
-   :class:`probe_ase.retrain.MaceTrainer` with mace-torch's own trainer) and
+   :class:`probe_ase.al.retrain.MaceTrainer` with mace-torch's own trainer) and
    refits the head.
 
 The database is an ase.db: an SQLite file by default, or a PostgreSQL server
@@ -75,12 +75,12 @@ from ase.md.langevin import Langevin
 from ase.md.md import MolecularDynamics
 from tqdm.auto import tqdm
 
-from .calculator import ProbeCalculator
-from .exceptions import InputError
-from .fileio import atomic_write
-from .labels import mean_force_rmse
-from .regions import extract_regions
-from .store import STATUSES, ALStore, RoundRecord
+from probe_ase.al.regions import extract_regions
+from probe_ase.al.store import STATUSES, ALStore, RoundRecord
+from probe_ase.calculator import ProbeCalculator
+from probe_ase.exceptions import InputError
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.labels import mean_force_rmse
 
 ReferenceFactory = Callable[[], BaseCalculator]
 MDFactory = Callable[[Atoms], MolecularDynamics]
@@ -159,7 +159,7 @@ def label_pending(
 ) -> dict[str, int]:
     """Run the reference on every ``pending`` row of ``db_path``; commit each result as it arrives.
 
-    Each frame is claimed in a transaction before its call (:class:`~probe_ase.store.ALStore`),
+    Each frame is claimed in a transaction before its call (:class:`~probe_ase.al.store.ALStore`),
     so any number of drivers, in any processes, can label one database: no
     frame is called twice, and a frame whose driver died is taken over once
     its ``lease`` (seconds) lapses. With no executor the calls run here, one
@@ -439,8 +439,8 @@ class ActiveLearner:
         and head are saved there (``round{N}_backbone.model``,
         ``round{N}_head.pt``) and recorded with the round, so a restarted
         loop can continue from them (:meth:`ALStore.checkpoint
-        <probe_ase.store.ALStore.checkpoint>`). When the trainer holds frames
-        out (``trainer.held_out``, as :class:`~probe_ase.retrain.MaceTrainer`
+        <probe_ase.al.store.ALStore.checkpoint>`). When the trainer holds frames
+        out (``trainer.held_out``, as :class:`~probe_ase.al.retrain.MaceTrainer`
         does) the MLIP's force RMSE on them (eV/Å) is measured before and
         after; without one, before only, on all new frames.
         """
@@ -525,7 +525,7 @@ class ActiveLearner:
     def retrain(self, trainer: Callable[[list[Atoms], int, ProbeCalculator], ProbeCalculator]) -> ProbeCalculator:
         """Replace the MLIP: ``trainer(labelled_frames, round, current)`` returns a new ProbeCalculator.
 
-        :class:`probe_ase.retrain.MaceTrainer` is the built-in trainer
+        :class:`probe_ase.al.retrain.MaceTrainer` is the built-in trainer
         (mace-torch's own trainer, then a head refit); any callable with that
         signature can replace it.
         """

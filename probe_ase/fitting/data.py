@@ -21,11 +21,11 @@ from ase import Atoms
 from ase.io import iread, read
 from tqdm.auto import tqdm
 
-from .exceptions import InputError, MissingReferenceError
-from .fileio import atomic_write
-from .labels import CRITERIA, atom_errors, check_criterion, needs_forces, structure_error
-from .taps.base import Tap
-from .validate import check_atoms
+from probe_ase.exceptions import InputError, MissingReferenceError
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.labels import CRITERIA, atom_errors, check_criterion, needs_forces, structure_error
+from probe_ase.taps.base import Tap
+from probe_ase.validate import check_atoms
 
 Frames = str | os.PathLike | Sequence[Atoms]
 #: part of every cache file name: bumped when FeatureSet gains fields (2: per-atom force errors)

@@ -1,9 +1,9 @@
 """The fitted PROBE head as one object: prediction, verdicts and the backbone check.
 
 A :class:`Probe` holds the head, its novelty model and its metadata
-(:class:`~probe_ase.headfile.HeadMeta`); :func:`~probe_ase.fit_probe` returns
+(:class:`~probe_ase.model.headfile.HeadMeta`); :func:`~probe_ase.fit_probe` returns
 one, :meth:`Probe.load` reads one from a head file
-(:mod:`probe_ase.headfile`).
+(:mod:`probe_ase.model.headfile`).
 """
 
 from __future__ import annotations
@@ -19,21 +19,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .exceptions import MismatchError
-from .head import ProbeHead, batch_inputs
-from .headfile import HeadMeta, load_head, save_head
-from .novelty import NoveltyModel, logit_penalty
-from .stacked import StackedHead
+from probe_ase.exceptions import MismatchError
+from probe_ase.model.head import ProbeHead, batch_inputs
+from probe_ase.model.headfile import HeadMeta, load_head, save_head
+from probe_ase.model.novelty import NoveltyModel, per_structure
+from probe_ase.model.stacked import StackedHead
+from probe_ase.verdict import Verdict, judge
 
 if TYPE_CHECKING:
+    from probe_ase.fitting.spec import FitSpec
     from ase.calculators.calculator import Calculator
 
-    from .taps import Tap
-
-#: why a structure is not reliable (``results["reason"]``); "ok" when it is. The monitor adds
-#: "low_atom_reliability" when it judges atoms (:class:`~probe_ase.observers.ReliabilityMonitor`)
-REASONS = ("ok", "low_probability", "out_of_support")
-
+    from probe_ase.taps import Tap
 
 @dataclass(frozen=True)
 class Scores:
@@ -42,12 +39,12 @@ class Scores:
     Attributes:
         reliability: calibrated probability per structure (0-1).
         importance: attention importance per atom (sums to 1 per structure).
-        atom_novelty: per atom, on the scale of :mod:`probe_ase.novelty` (<= 1 inside the support).
+        atom_novelty: per atom, on the scale of :mod:`probe_ase.model.novelty` (<= 1 inside the support).
         novelty: per structure, the largest atom novelty.
         atom_reliability: per atom, calibrated P(|ΔF_i| <= atom tolerance)
             (0-1); empty when the head has no per-atom logit.
         atom_force_error: per atom, the head's predicted force-error norm
-            ``|ΔF_i|`` (eV/Å; median-like, see :class:`~probe_ase.head.HeadConfig`
+            ``|ΔF_i|`` (eV/Å; median-like, see :class:`~probe_ase.model.head.HeadConfig`
             ``atom_error``); empty when the head does not regress atom errors.
         force_error: per structure, the predicted force RMSE (eV/Å) as the
             ``force_rmse`` criterion defines it, over all force components:
@@ -61,14 +58,6 @@ class Scores:
     atom_reliability: np.ndarray
     atom_force_error: np.ndarray
     force_error: np.ndarray
-
-
-def per_structure(atom_values: torch.Tensor, owner: torch.Tensor, n_structures: int, reduce: str) -> torch.Tensor:
-    """``(n_structures,)`` largest (``reduce="max"``) or mean of per-atom values; ``owner`` gives each atom's structure."""
-    if n_structures == 1:
-        return (atom_values.max() if reduce == "max" else atom_values.mean()).reshape(1)
-    return atom_values.new_zeros(n_structures).scatter_reduce(
-        0, owner, atom_values, reduce="amax" if reduce == "max" else "mean", include_self=False)
 
 
 @dataclass
@@ -98,6 +87,11 @@ class Probe:
         return self.meta.report
 
     @property
+    def spec(self) -> FitSpec:
+        """The settings the head was fitted with: ``fit_probe(calc, data, **probe.spec)`` fits it again."""
+        return self.meta.spec
+
+    @property
     def p_star(self) -> float:
         """The operating threshold p* on reliability (``meta.p_star``)."""
         return self.meta.p_star
@@ -113,7 +107,7 @@ class Probe:
 
     def tap_for(self, calc: Calculator) -> Tap:
         """A tap on the backbone in ``calc`` reading what this head reads (its layers and channels); close it after."""
-        from .taps import find_tap
+        from probe_ase.taps import find_tap
 
         return find_tap(calc, self.meta.layers, self.meta.channels)
 
@@ -153,40 +147,28 @@ class Probe:
     ) -> Scores:
         """Reliability, novelty and predicted force RMSE per structure; the per-atom results (atoms concatenated).
 
-        reliability = sigmoid((logit - novelty_weight * log(penalty novelty)) / temperature), the
-        penalty novelty being the mean atom novelty (or the structure novelty, ``meta.novelty.penalty``).
+        The probabilities follow the head file's score formula (:class:`~probe_ase.model.calibration.Calibration`).
         """
         inputs = batch_inputs(features, numbers, ptr, edges, range(len(ptr) - 1))
         with self._lock, torch.inference_mode():
             logits, importance, atom_logits, atom_error = self._compiled()(*inputs)
             atom_novelty = self.novelty(inputs[0], inputs[1])
             novelty = per_structure(atom_novelty, inputs[3], inputs[4], "max")
-            penalty = novelty if self.meta.novelty.penalty == "max" else \
+            calibration = self.meta.calibration
+            penalty = novelty if calibration.penalty == "max" else \
                 per_structure(atom_novelty, inputs[3], inputs[4], "mean")
-            logits = logits - logit_penalty(penalty, self.meta.novelty_weight).to(logits.dtype)
-            p = torch.sigmoid(logits / self.head.temperature)
-            atom_p = torch.sigmoid(atom_logits / self.head.atom_temperature)
+            p = calibration.reliability(logits, penalty)
+            atom_p = calibration.atom_reliability(atom_logits)
             error = (per_structure(atom_error.square(), inputs[3], inputs[4], "mean") / 3).sqrt() \
                 if atom_error.numel() else atom_error  # the force_rmse criterion's RMS over components
         return Scores(*(t.cpu().numpy().astype(float)
                         for t in (p, importance, atom_novelty, novelty, atom_p, atom_error, error)))
 
-    def verdict(
-        self, reliability: np.ndarray, novelty: np.ndarray, threshold: float | None = None, max_novelty: float = 1.0
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``(reliable, reason)`` per structure: reliable iff reliability >= threshold and novelty <= max_novelty.
-
-        ``threshold`` defaults to the certified p*; ``max_novelty`` to the
-        support edge. The reason of an unreliable structure is
-        ``out_of_support`` when it lies outside the support (there the
-        probability itself is not trusted), else ``low_probability``; "ok" for
-        reliable ones.
-        """
-        threshold = self.meta.p_star if threshold is None else threshold
-        inside = np.asarray(novelty) <= max_novelty
-        confident = np.asarray(reliability) >= threshold
-        reason = np.where(~inside, REASONS[2], np.where(confident, REASONS[0], REASONS[1]))
-        return inside & confident, reason
+    def verdict(self, scores: Scores, threshold: float | None = None, max_novelty: float = 1.0) -> Verdict:
+        """The verdict on ``scores`` (:func:`~probe_ase.verdict.judge`) at ``threshold`` (0-1; default the certified
+        p*) and the support edge ``max_novelty`` (default 1)."""
+        return judge(scores.reliability, scores.novelty, self.meta.p_star if threshold is None else threshold,
+                     max_novelty)
 
     def atom_verdict(self, atom_reliability: np.ndarray, atom_novelty: np.ndarray, threshold: float | None = None,
                      max_novelty: float = 1.0) -> np.ndarray:
@@ -205,7 +187,7 @@ class Probe:
         """The head scripted and frozen for inference (fewer small-op dispatches per step).
 
         An averaged head (``members > 1``) runs its members batched
-        (:class:`~probe_ase.stacked.StackedHead`). Built on first use on the
+        (:class:`~probe_ase.model.stacked.StackedHead`). Built on first use on the
         head's current device; falls back to the eager head where TorchScript
         cannot compile it or its outputs differ.
         """

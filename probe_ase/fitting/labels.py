@@ -13,18 +13,23 @@ criterion           error                                     unit
 ==================  ========================================  =========
 
 An *atom* is reliable (atom label 1) when the norm of its force error,
-``|ΔF_i|`` in eV/Å, is at most the atom tolerance (``atom_threshold``). A
+``|ΔF_i|`` in eV/Å, is at most the atom tolerance (``atom_tolerance``). A
 structure is reliable under ``force_max`` at ``tau`` exactly when every atom
 is reliable at atom tolerance ``tau``.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
-from .exceptions import InputError, LabelError
+from probe_ase.exceptions import InputError, LabelError
+
+if TYPE_CHECKING:
+    from probe_ase.fitting.data import FeatureSet
+    from probe_ase.fitting.spec import FitSpec
 
 Criterion = Literal["force_rmse", "force_max", "energy_per_atom", "energy"]
 CRITERIA: tuple[str, ...] = get_args(Criterion)
@@ -106,3 +111,25 @@ def mean_force_rmse(calc, frames) -> float:
         mlip.calc = calc
         errors.append(structure_error("force_rmse", 0.0, None, mlip.get_forces(), atoms.get_forces()))
     return float(np.mean(errors)) if errors else float("nan")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The fit pool's labels: per-structure errors (criterion's unit), tolerance and 1 = reliable; per atom too
+    when the fit has an atom tolerance (``atom_tau`` in eV/Å, else None)."""
+
+    errors: np.ndarray
+    tau: float
+    y: np.ndarray
+    atom_tau: float | None = None
+    atom_y: np.ndarray | None = None
+
+
+def make_structure_labels(features: FeatureSet, spec: FitSpec) -> Labels:
+    """Label the featurised fit pool as ``spec`` asks (criterion, tolerance or quantile, atom tolerance)."""
+    errors = features.error(spec.criterion)
+    tau = resolve_tolerance(errors, spec.tolerance, spec.quantile)
+    if not spec.local:
+        return Labels(errors, tau, make_labels(errors, tau))
+    atom_tau = resolve_tolerance(features.atom_error(), spec.atom_tolerance, spec.atom_quantile)
+    return Labels(errors, tau, make_labels(errors, tau), atom_tau, make_labels(features.atom_errors, atom_tau, "atoms"))

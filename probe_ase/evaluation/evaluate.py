@@ -2,8 +2,8 @@
 
 :func:`evaluate` scores the frames in batches, compares PROBE's reliability
 with the true errors under the head's criterion, computes ranking and
-calibration metrics (see :func:`probe_ase.metrics.summary`), and writes a
-self-contained report folder (drawn and written by :mod:`probe_ase.report`): ``report.md`` with tables and figures,
+calibration metrics (see :func:`probe_ase.evaluation.metrics.summary`), and writes a
+self-contained report folder (drawn and written by :mod:`probe_ase.evaluation.report`): ``report.md`` with tables and figures,
 ``metrics.json``, ``roc.png``, ``risk_coverage.png``, ``scatter.png``,
 ``reliability_diagram.png`` and ``importance_*.png`` (the least reliable
 structures with atoms coloured by PROBE's importance).
@@ -40,14 +40,14 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import BaseCalculator
 
-from . import metrics
-from .dataset import Frames, read_frames, reference_energy, reference_forces
-from .exceptions import MissingReferenceError
-from .fileio import atomic_write
-from .probe import Probe
-from .labels import UNITS, atom_errors, needs_forces, structure_error
-from .scoring import score_frames
-from .report import atom_roc, importance_png, markdown, plot_evaluation
+from probe_ase.evaluation import metrics
+from probe_ase.evaluation.report import atom_roc, importance_png, markdown, plot_evaluation
+from probe_ase.exceptions import MissingReferenceError
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.data import Frames, read_frames, reference_energy, reference_forces
+from probe_ase.fitting.labels import UNITS, atom_errors, needs_forces, structure_error
+from probe_ase.model.probe import Probe
+from probe_ase.scoring import score_frames
 
 
 def ensemble_scores(committee: BaseCalculator, frames: list[Atoms]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -96,8 +96,7 @@ def evaluate(
     m = probe.meta
     results = {"criterion": criterion, "unit": UNITS[criterion], "tau": tau, "p_star": probe.p_star,
                "target_risk": m.target_risk, "certified_risk": m.certified_risk, "delta": m.delta,
-               "calibration": m.report.get("calibration", "split"),
-               "fallback": m.report.get("certificate", {}).get("fallback", "strictest"),
+               "calibration": m.spec.options.calibration, "fallback": m.spec.options.fallback,
                "probe": metrics.summary(p, reliable, error, probe.p_star)}
     results["probe"] |= {  # the verdict: p >= p* and inside the novelty support
         "verdict_coverage": float(verdict.mean()),

@@ -1,6 +1,6 @@
 """The head file: weights, novelty model, calibration and backbone identity in one file.
 
-This module only reads and writes head files; :class:`~probe_ase.probe.Probe`
+This module only reads and writes head files; :class:`~probe_ase.model.probe.Probe`
 is the object that uses them.
 
 The file is a ``torch.save`` archive holding only tensors and a JSON string,
@@ -20,26 +20,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .exceptions import HeadFileError
-from .fileio import atomic_write
-from .head import HeadConfig, ProbeHead
-from .novelty import NoveltyConfig, NoveltyModel
+from probe_ase.exceptions import HeadFileError
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.spec import FitOptions, FitSpec
+from probe_ase.model.calibration import Calibration
+from probe_ase.model.head import HeadConfig, ProbeHead
+from probe_ase.model.novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
-#: bumped on every schema change; 2 added the novelty model and the certified threshold, 3 the per-atom logit,
-#: 4 the novelty weight on the logit, 5 the logit's novelty penalty on the mean atom novelty, 6 the per-atom
-#: force-error regression blended into the logit, 7 averaged heads, 8 the tapped channel set
-VERSION = 8
+#: bumped on every schema change (:data:`CHANGES`)
+VERSION = 9
 #: versions this probe-ase reads: a version-6 file is a version-7 one with a single head (HeadConfig.members = 1),
-#: a version-7 file a version-8 one that read the scalar channels (HeadMeta.channels = "scalars")
-READABLE = (6, 7, 8)
+#: a version-7 file a version-8 one that read the scalar channels (HeadMeta.channels = "scalars"), a version-8 file
+#: a version-9 one whose calibration and fit settings are read back from its fields (:func:`_upgrade`)
+READABLE = (6, 7, 8, 9)
 #: what each version added, for the message when a file of another version is opened
 CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
            4: "novelty in the probability (the logit's novelty weight)",
            5: "the logit's novelty penalty read from the mean atom novelty (NoveltyConfig.penalty)",
            6: "the per-atom force-error regression blended into the logit (HeadConfig.atom_error)",
            7: "averaged heads (HeadConfig.members)",
-           8: "the tapped channel set (HeadMeta.channels: PaiNN's vector norms)"}
+           8: "the tapped channel set (HeadMeta.channels: PaiNN's vector norms)",
+           9: "the fit's settings (HeadMeta.spec) and the score formula in one place (HeadMeta.calibration)"}
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,9 @@ class HeadMeta:
             (``"scalars"``, or ``"scalars+norms"``: the scalars and the norm of
             each vector channel; see the adapter's ``channel_sets``).
         elements: atomic numbers in the fit data: the only ones the head scores.
-        criterion: error criterion (see :mod:`probe_ase.labels`).
+        criterion: error criterion (see :mod:`probe_ase.fitting.labels`).
         tau: tolerance in the criterion's units (eV/Å, eV/atom or eV).
         quantile: the quantile ``tau`` came from, if any.
-        temperature: calibration temperature applied to the logit.
-        novelty_weight: the logit is lowered by ``novelty_weight * log(n)``
-            before temperature scaling, ``n`` the mean atom novelty (or the
-            structure novelty, ``novelty.penalty``) (>= 0; see
-            :func:`probe_ase.novelty.fit_logit_weight`).
         p_star: operating threshold on the calibrated probability.
         target_risk: risk (fraction of accepted structures that are unreliable) p* aims for.
         coverage: fraction of calibration structures accepted by the verdict at p*.
@@ -80,6 +77,8 @@ class HeadMeta:
         atom_p_star: operating threshold on ``atom_reliability`` (empirical
             risk <= ``target_risk`` over the calibration atoms inside the
             support; not certified: atoms of one structure are not independent).
+        spec: the settings the head was fitted with (``fit_probe(calc, data, **meta.spec)`` refits it).
+        calibration: the score formula's fitted numbers (temperatures, novelty weight).
     """
 
     backbone: str
@@ -90,7 +89,6 @@ class HeadMeta:
     criterion: str
     tau: float
     quantile: float | None
-    temperature: float
     p_star: float
     target_risk: float
     coverage: float
@@ -103,8 +101,9 @@ class HeadMeta:
     atom_tau: float | None = None
     atom_quantile: float | None = None
     atom_p_star: float | None = None
-    novelty_weight: float = 0.0
     channels: str = "scalars"
+    spec: FitSpec | None = None
+    calibration: Calibration = Calibration()
 
     @property
     def local(self) -> bool:
@@ -118,7 +117,11 @@ class HeadMeta:
 
     def to_json(self) -> str:
         """The metadata as a JSON string (keys sorted), as stored in the head file."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d |= {"config": dataclasses.asdict(self.config), "novelty": dataclasses.asdict(self.novelty),
+              "calibration": dataclasses.asdict(self.calibration),
+              "spec": None if self.spec is None else self.spec.to_dict()}
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> HeadMeta:
@@ -127,7 +130,35 @@ class HeadMeta:
         d["config"] = HeadConfig(**{**d["config"], "aux_quantiles": tuple(d["config"]["aux_quantiles"])})
         d["novelty"] = NoveltyConfig(**d["novelty"])
         d["layers"], d["elements"] = tuple(d["layers"]), tuple(d["elements"])
+        d["calibration"] = Calibration(**d["calibration"])
+        d["spec"] = None if d["spec"] is None else FitSpec.from_dict(d["spec"])
         return cls(**d)
+
+
+def _upgrade(meta: dict, state: dict[str, torch.Tensor]) -> dict:
+    """A version 6-8 file's metadata and state as version 9 has them: the calibration out of the head's temperature
+    buffers and the metadata's ``temperature`` / ``novelty_weight``, the fit's settings out of its fields and report."""
+    atom_temperature = float(state["atom_temperature"])
+    for name in [k for k in state if k.rsplit(".", 1)[-1] in ("temperature", "atom_temperature")]:
+        del state[name]
+    meta["calibration"] = {"temperature": meta.pop("temperature"), "novelty_weight": meta.pop("novelty_weight", 0.0),
+                           "atom_temperature": atom_temperature, "penalty": meta["novelty"].get("penalty", "mean")}
+    report, config, novelty = meta.get("report", {}), meta["config"], meta["novelty"]
+    train, options = report.pop("train", {}), FitOptions()
+    meta["spec"] = FitSpec(
+        criterion=meta["criterion"], tolerance=None if meta["quantile"] is not None else meta["tau"],
+        quantile=meta["quantile"], atom_quantile=meta.get("atom_quantile"),
+        atom_tolerance=meta.get("atom_tau") if meta.get("atom_quantile") is None else None,
+        target_risk=meta["target_risk"], delta=meta.get("delta", 0.1), options=FitOptions(
+            layers=meta["layers"], channels=meta.get("channels", "scalars"), cutoff=config.get("cutoff"),
+            hidden=config.get("hidden", options.hidden), members=config.get("members", 1),
+            calibration=train.get("calibration", "split"), folds=train.get("folds", options.folds),
+            fallback=report.get("certificate", {}).get("fallback", "strictest"),
+            support_quantile=novelty.get("support_quantile", options.support_quantile),
+            weight_folds=novelty.get("weight_folds", options.weight_folds),
+            epochs=train.get("epochs", options.epochs), patience=train.get("patience", options.patience),
+            seed=train.get("seed", 0))).to_dict()
+    return meta
 
 
 def _checksum(meta_json: str, state: dict[str, torch.Tensor]) -> str:
@@ -172,6 +203,8 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyMode
     if _checksum(meta_json, state) != payload.get("sha256"):
         raise HeadFileError(f"{path} failed its checksum: the file was modified or damaged", path=str(path))
     try:  # a file of this version whose schema still differs (fields added without a version bump)
+        if payload["version"] < 9:
+            meta_json = json.dumps(_upgrade(json.loads(meta_json), state))
         meta = HeadMeta.from_json(meta_json)
         head = ProbeHead(meta.feature_dim, meta.elements, meta.config)
         head.load_state_dict({k: v for k, v in state.items() if not k.startswith("novelty.")})

@@ -17,7 +17,7 @@ Every region carries ``arrays["core"]`` (True for the core atoms) and
 ``arrays["source_index"]`` (each atom's index in the source frame). The
 buffer's forces are distorted by the cut surface, so they are not trained on:
 see :meth:`~probe_ase.ActiveLearner.export` and
-:func:`~probe_ase.retrain.mace_training_frames`. Choose ``buffer`` at least the
+:func:`~probe_ase.al.retrain.mace_training_frames`. Choose ``buffer`` at least the
 backbone's receptive field (cutoff x interactions) so core atoms see the same
 neighbourhood in the cluster as in the cell.
 """
@@ -33,7 +33,7 @@ from ase.geometry import get_distances
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .exceptions import InputError
+from probe_ase.exceptions import InputError
 
 #: positions (Å) reached along two paths must agree to this for a cluster cut
 UNWRAP_TOL = 1e-6

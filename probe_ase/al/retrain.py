@@ -8,7 +8,7 @@ since the trainer changes global torch and logging state) with
 head for the new backbone with the old head's criterion and tolerance (or,
 when the retrained backbone is within that tolerance on every fit frame, with
 tau at the old head's quantile, with a warning) and the rest of its settings
-(:func:`refit_options`).
+(:func:`refit_spec`).
 """
 
 from __future__ import annotations
@@ -19,45 +19,35 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 from ase.io import write
 
-from .calculator import ProbeCalculator
-from .dataset import Frames, read_frames, reference_energy, reference_forces
-from .exceptions import InputError, LabelError, TrainingError
-from .fit import TrainConfig, fit_probe
-from .headfile import HeadMeta
+from probe_ase.calculator import ProbeCalculator
+from probe_ase.exceptions import InputError, LabelError, TrainingError
+from probe_ase.fitting.data import Frames, read_frames, reference_energy, reference_forces
+from probe_ase.fitting.pipeline import fit_probe
+from probe_ase.fitting.spec import DEFAULT_QUANTILE, FitSpec
+from probe_ase.model.headfile import HeadMeta
 
 
-def refit_options(meta: HeadMeta, head_epochs: int, seed: int) -> dict:
-    """:func:`~probe_ase.fit.fit_probe` options that refit a head like the one ``meta`` describes.
-
-    Keeps its criterion, target risk, certificate level (``delta``) and fallback rule,
-    tapped layers and channels, head size, novelty options and, for a head
-    with a per-atom logit, its atom tolerance (eV/Å), and how it was
-    calibrated (split or cross-fitted, and the folds); the tolerance ``tau``
-    is the caller's.
-    """
-    fitted = meta.report.get("train", {})
-    train = TrainConfig(epochs=head_epochs, seed=seed, calibration=fitted.get("calibration", "split"),
-                        folds=fitted.get("folds", TrainConfig.folds))
-    options = dict(criterion=meta.criterion, target_risk=meta.target_risk, delta=meta.delta,
-                   fallback=meta.report.get("certificate", {}).get("fallback", "strictest"), layers=meta.layers,
-                   channels=meta.channels, config=meta.config, novelty=meta.novelty,
-                   train=train, cache_dir=False, progress=False)
-    if meta.atom_tau is not None:
-        options["atom_threshold"] = meta.atom_tau
-    return options
+def refit_spec(meta: HeadMeta, head_epochs: int, seed: int) -> FitSpec:
+    """The settings that refit a head like the one ``meta`` describes: its own (:attr:`HeadMeta.spec`), with the
+    training's most epochs and seed the caller's and the tolerances it resolved (``tau`` in the criterion's unit,
+    the atom tolerance in eV/Å) absolute."""
+    spec = replace(meta.spec, tolerance=meta.tau, quantile=None,
+                   options=replace(meta.spec.options, epochs=head_epochs, seed=seed))
+    return spec if meta.atom_tau is None else replace(spec, atom_tolerance=meta.atom_tau, atom_quantile=None)
 
 
 def mace_training_frames(frames: Sequence[Atoms]) -> list[Atoms]:
     """Copies carrying ``REF_energy`` / ``REF_forces``, the keys mace-torch reads.
 
     A region cut from a big cell (``arrays["core"]`` and ``arrays["mlip_forces"]``,
-    see :mod:`probe_ase.regions`) trains on the reference forces of its core
+    see :mod:`probe_ase.al.regions`) trains on the reference forces of its core
     only: mace-torch has no per-atom force weights, so each buffer atom's
     target is the MLIP's own force on it, whose loss is zero when retraining
     starts and which carries no reference information (the cut surface
@@ -139,7 +129,7 @@ class MaceTrainer:
         Holds out a share of ``labelled`` (kept in :attr:`held_out`), fine-tunes on the original training
         frames plus the rest, then refits the head on ``fit_data`` plus the held-out frames at the old
         tolerance (at a quantile of the errors when those labels are unusable) and the old head's other
-        settings (:func:`refit_options`). Files go to ``work_dir``.
+        settings (:func:`refit_spec`). Files go to ``work_dir``.
         """
         from mace.calculators import MACECalculator
 
@@ -157,13 +147,14 @@ class MaceTrainer:
                                self.epochs, self.seed, self.extra_args)
         base = MACECalculator(model_paths=str(model), device="cpu", default_dtype="float64")
         meta = current.probe.meta
-        options = refit_options(meta, self.head_epochs, self.seed)
+        spec = refit_spec(meta, self.head_epochs, self.seed)
         fit_frames = self.fit_frames + self.held_out
         try:  # keep the user's tolerance where the data still hold both classes under it
-            probe = fit_probe(base, fit_frames, threshold=meta.tau, **options)
+            probe = fit_probe(base, fit_frames, **spec, cache_dir=False, progress=False)
         except LabelError as err:
-            quantile = meta.quantile or 0.8
+            quantile = meta.quantile or DEFAULT_QUANTILE
             warnings.warn(f"{err}; refitting the head with tau at the {quantile:.0%} quantile instead", stacklevel=2)
-            probe = fit_probe(base, fit_frames, quantile=quantile, **options)
+            probe = fit_probe(base, fit_frames, **replace(spec, tolerance=None, quantile=quantile), cache_dir=False,
+                              progress=False)
         probe.save(self.work_dir / f"round{round}_probe.pt")
         return ProbeCalculator(base, probe)

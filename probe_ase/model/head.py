@@ -9,7 +9,7 @@ are the per-atom importance map (they sum to 1 within each structure). With
 the same encoding (is this atom's force error within tolerance?), in the same
 forward pass. ``HeadConfig(members=K)`` averages K such heads.
 
-The head knows nothing of ASE: it takes tensors. :mod:`probe_ase.headfile`
+The head knows nothing of ASE: it takes tensors. :mod:`probe_ase.model.headfile`
 stores it with its calibration and backbone fingerprint.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .exceptions import InputError
+from probe_ase.exceptions import InputError
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class HeadConfig:
             per-atom outputs are averaged: the head's own small ensemble.
             Costs ``members`` times the training; per calculator step on up
             to 64 atoms the members run batched
-            (:class:`~probe_ase.stacked.StackedHead`: five cost about twice
+            (:class:`~probe_ase.model.stacked.StackedHead`: five cost about twice
             one head's time, not the backbone's), on larger cells one after
             another. On the acac and ethanol MACE fit
             pools a mean of 5 heads ranked held-out frames better than one
@@ -137,7 +137,7 @@ class GraphAttention(nn.Module):
     grow linearly with the number of atoms (50 000 atoms on one core: 306 ms
     instead of 945 ms for one pass over all edges). Up to
     :data:`DENSE_MAX_ATOMS` atoms it runs as dense masked attention; graphs
-    must hold every atom's self loop (as :func:`~probe_ase.graph.radius_graph`
+    must hold every atom's self loop (as :func:`~probe_ase.model.graph.radius_graph`
     and the taps' graphs do).
     """
 
@@ -235,8 +235,9 @@ class ProbeHead(nn.Module):
 
     With ``config.members = K > 1`` the head is its own first member and holds
     the other ``K - 1`` (single-member heads of the same configuration) in
-    ``others``; its outputs are the members' means. Temperatures live on the
-    outer head only.
+    ``others``; its outputs are the members' means. Its logits are raw: the
+    head file's :class:`~probe_ase.model.calibration.Calibration` turns them
+    into probabilities.
 
     Args:
         feature_dim: width of the backbone features it reads.
@@ -256,8 +257,6 @@ class ProbeHead(nn.Module):
         rows = (len(self.elements),) if config.per_element_scaling else ()
         self.register_buffer("feature_mean", torch.zeros(*rows, self.feature_dim))
         self.register_buffer("feature_scale", torch.ones(*rows, self.feature_dim))
-        self.register_buffer("temperature", torch.ones(()))
-        self.register_buffer("atom_temperature", torch.ones(()))
         hidden = config.hidden
         self.embed = nn.Embedding(len(self.elements), hidden)
         self.encode = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -405,12 +404,6 @@ class ProbeHead(nn.Module):
         structure_error = log_rms_error(atom_errors, self.error_shift, self.error_scale, batch, n_structures)
         blended = logits - self.error_blend * (structure_error - self.error_centre).unsqueeze(-1)
         return blended, importance, atom_logits, atom_errors
-
-    @torch.inference_mode()
-    def reliability(self, *inputs: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Calibrated probabilities: per structure, importances ``(n_atoms,)``, per atom (empty without atom logits)."""
-        logits, importance, atom_logits, _ = self(*inputs)
-        return torch.sigmoid(logits / self.temperature), importance, torch.sigmoid(atom_logits / self.atom_temperature)
 
 
 class HeadMember(ProbeHead):

@@ -24,7 +24,7 @@ arXiv:2110.01052) and fixed-sequence testing:
 Guarantee: with probability at least ``1 - delta`` over the calibration
 draw, the returned threshold has risk <= alpha on structures exchangeable
 with the calibration ones. It says nothing about structures from elsewhere:
-that is what the novelty term (:mod:`probe_ase.novelty`) guards.
+that is what the novelty term (:mod:`probe_ase.model.novelty`) guards.
 
 What data can certify (alpha = delta = 0.05): 59 accepted with 0 errors,
 about 200 with 4, 1 000 with 38; :func:`frames_needed` estimates how many
@@ -34,19 +34,27 @@ calibration structures a target needs.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy.stats import binom
 
-from .exceptions import InputError
+from probe_ase.exceptions import InputError
+
+if TYPE_CHECKING:
+    from probe_ase.fitting.heldout import HeldOut
+    from probe_ase.fitting.spec import FitSpec
+    from probe_ase.model.calibration import Calibration
 
 #: grid points of the fixed sequence (quantiles of the validation scores)
 GRID_POINTS = 400
 #: the first threshold tested is expected to accept this many times :func:`min_accepted` structures
 START_MARGIN = 2
 #: which threshold of a fallback rung :func:`certify` returns
-FALLBACKS = ("strictest", "target")
+Fallback = Literal["strictest", "target"]
+FALLBACKS: tuple[Fallback, ...] = ("strictest", "target")
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class Certificate:
 
     Attributes:
         threshold: accept structures whose score is >= this (the score ``certify`` was given: in
-            :func:`~probe_ase.fit.fit_probe`, the head's novelty-penalised logit before temperature scaling).
+            :func:`~probe_ase.fitting.pipeline.fit_probe`, the head's novelty-penalised logit before temperature scaling).
         target_risk: the risk alpha the caller asked for (fraction 0-1).
         delta: allowed probability that the guarantee fails (0-1).
         certified: whether ``threshold`` is certified at ``target_risk``.
@@ -255,3 +263,41 @@ def check_fallback(fallback: str) -> None:
     """Raise :class:`InputError` unless ``fallback`` is one of :data:`FALLBACKS`."""
     if fallback not in FALLBACKS:
         raise InputError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}", fallback=fallback)
+
+
+def certify_threshold(z_cal: np.ndarray, z_grid: np.ndarray, y_cal: np.ndarray, held: HeldOut,
+                      calibration: Calibration, spec: FitSpec) -> tuple[Certificate, float]:
+    """Certify the verdict's threshold on held-out penalised logits; the certificate and p* (0-1).
+
+    ``z_cal`` calibrate (labels ``y_cal``, 1 = reliable), ``z_grid`` fix the
+    threshold grid; a structure is eligible inside the support (novelty <= 1).
+    Where nothing is certified p* is just above 1, so the verdict accepts
+    nothing; where the target cannot be certified, warns with what would.
+    """
+    fallback = spec.options.fallback
+    check = dict(cal_eligible=held.novelty_cal <= 1, val_eligible=held.novelty_grid <= 1)
+    cert = certify(z_cal, y_cal == 0, z_grid, spec.target_risk, spec.delta, fallback=fallback, **check)
+    p_star = float(np.nextafter(1.0, 2.0)) if not np.isfinite(cert.threshold) else \
+        float(calibration.probability(cert.threshold))
+    if cert.certified:
+        return cert, p_star
+    inside, n_cal = int((held.novelty_cal <= 1).sum()), len(z_cal)
+    if cert.frames_needed:
+        more = f"about {cert.frames_needed} calibration structures (now {n_cal}) would certify it"
+    elif inside < 10:
+        more = (f"only {inside} calibration structures lie inside the novelty support, too few to say how many "
+                "would certify it: fit on more structures")
+    else:
+        more = ("more data like this would not certify it (its empirical risk is never below the target): "
+                "improve the backbone or the head, or raise target_risk")
+    if fallback == "strictest" and np.isfinite(cert.threshold):
+        aim = certify(z_cal, y_cal == 0, z_grid, spec.target_risk, spec.delta, fallback="target", **check)
+        if aim.n_accepted > cert.n_accepted:
+            more += (f"; p* accepts {cert.n_accepted} calibration structures, fallback='target' would accept "
+                     f"{aim.n_accepted} at the same certified risk (calibration risk <= {spec.target_risk:.1%}, less "
+                     "margin under shift)")
+    warnings.warn(f"target risk {spec.target_risk:.1%} cannot be certified at delta {spec.delta} with {n_cal} "
+                  f"calibration structures; p* = {p_star:.3f} is certified at risk {cert.risk:.1%} instead (the "
+                  f"fallback risks share delta {spec.delta}, so this one too holds with probability >= "
+                  f"{1 - spec.delta:g}); {more}", stacklevel=4)
+    return cert, p_star

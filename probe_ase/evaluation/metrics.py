@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-from .exceptions import InputError
+from probe_ase.exceptions import InputError
 
 
 def auroc(unreliable: np.ndarray, score: np.ndarray) -> float:

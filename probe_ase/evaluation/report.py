@@ -1,5 +1,5 @@
 """The evaluation report: figures (ROC, risk-coverage, scatter, reliability diagram, importance maps,
-per-atom ROC) and ``report.md``, each written atomically. :mod:`probe_ase.evaluate` computes what they show.
+per-atom ROC) and ``report.md``, each written atomically. :mod:`probe_ase.evaluation.evaluate` computes what they show.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
-from . import metrics
-from .fileio import atomic_write
-from .labels import UNITS
+from probe_ase.evaluation import metrics
+from probe_ase.fileio import atomic_write
+from probe_ase.fitting.labels import UNITS
 
 
 def atom_roc(curves: dict[str, np.ndarray], unreliable: np.ndarray, atom_tau: float, out: Path) -> str:
@@ -97,8 +97,8 @@ def plot_evaluation(curves, p, error, reliable, tau, p_star, criterion, out: Pat
 
 def importance_png(frame: Atoms, index: int, out: Path) -> str:
     """The structure seen along z, atoms coloured by PROBE importance."""
-    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
     from ase.visualize.plot import plot_atoms
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
 
     importance = frame.arrays["atom_importance"]
     from matplotlib import cm, colormaps, colors

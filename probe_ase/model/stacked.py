@@ -1,14 +1,14 @@
 """An averaged head's members run as one batched pass: the per-step path of ``HeadConfig(members=K)``.
 
-A :class:`~probe_ase.head.ProbeHead` averaging K members runs them one after
+A :class:`~probe_ase.model.head.ProbeHead` averaging K members runs them one after
 another: K times the small operations, and on a molecule's few atoms the head
 is bound by their dispatch, not their arithmetic. :class:`StackedHead` holds
 the members' weights stacked along a leading axis and runs one structure of up
-to :data:`~probe_ase.head.DENSE_MAX_ATOMS` atoms (a calculator step on a
+to :data:`~probe_ase.model.head.DENSE_MAX_ATOMS` atoms (a calculator step on a
 molecule or a small cell) through batched matrix products: about one member's
 operations for all K. Anything else (several structures, larger cells, where
 the arithmetic dominates) goes through the head itself. Inference only: the
-weights are copied when it is built; :class:`~probe_ase.probe.Probe` builds it
+weights are copied when it is built; :class:`~probe_ase.model.probe.Probe` builds it
 when it compiles the head and checks it against the head's own outputs.
 """
 
@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .head import ProbeHead, SharedScore
+from probe_ase.model.head import ProbeHead, SharedScore
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -80,7 +80,7 @@ class StackedMLP(nn.Module):
 
 
 class StackedBlock(nn.Module):
-    """K pre-norm attention blocks (:class:`~probe_ase.head.AttentionBlock`), dense attention over one structure."""
+    """K pre-norm attention blocks (:class:`~probe_ase.model.head.AttentionBlock`), dense attention over one structure."""
 
     def __init__(self, blocks: list[nn.Module]) -> None:
         super().__init__()
@@ -101,7 +101,7 @@ class StackedBlock(nn.Module):
 
 
 class StackedHead(nn.Module):
-    """The members of an averaged :class:`~probe_ase.head.ProbeHead` as one batched pass (inference only).
+    """The members of an averaged :class:`~probe_ase.model.head.ProbeHead` as one batched pass (inference only).
 
     Same inputs and outputs as the head's ``forward``; one structure of at
     most ``DENSE_MAX_ATOMS`` atoms runs batched, anything else through the
@@ -141,7 +141,7 @@ class StackedHead(nn.Module):
         batch: torch.Tensor,
         n_structures: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What :meth:`ProbeHead.forward <probe_ase.head.ProbeHead.forward>` returns for the same inputs."""
+        """What :meth:`ProbeHead.forward <probe_ase.model.head.ProbeHead.forward>` returns for the same inputs."""
         n = features.shape[0]
         if n_structures != 1 or n > self.dense_max:
             return self.head(features, numbers, edges, batch, n_structures)

@@ -1,0 +1,1 @@
+"""Evaluation of a fitted head on labelled frames: metrics, report, plots."""

@@ -1,0 +1,1 @@
+"""Labelled frames to a fitted Probe: features, labels, splits, training, novelty, calibration, certificate."""

@@ -1,0 +1,157 @@
+"""Held-out scores for calibration: one split, or cross-fitted fold heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from probe_ase.exceptions import LabelError
+from probe_ase.fitting.data import FeatureSet
+from probe_ase.fitting.novelty import fit_novelty
+from probe_ase.fitting.split import split_indices
+from probe_ase.fitting.train import TrainConfig, out_of_fold_logits, train_head
+from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, structure_ptr, structure_rows
+from probe_ase.model.novelty import NoveltyConfig, NoveltyModel, structure_novelty
+
+
+@dataclass
+class HeldOut:
+    """What calibration sees: scores of structures the deployed head's training never used.
+
+    ``grid`` structures fix the certificate's threshold grid, ``cal``
+    structures calibrate and certify. ``z_*`` are logits before the novelty
+    penalty (``(n, 1 + n_aux)`` for the grid, the main logit first),
+    ``novelty_*`` the structure novelty (largest atom's) and ``penalty_*`` the
+    one the logit penalty reads; ``atom_novelty_cal``, ``importance_cal``
+    and ``z_atom_cal`` are per atom of the calibration structures.
+    ``weight_inputs`` are the held-out logits, penalty novelties and
+    structures the novelty weight is fitted on (None: not fitted);
+    ``fit_set`` the structures the density and the auxiliary levels see.
+    """
+
+    grid: np.ndarray
+    cal: np.ndarray
+    fit_set: np.ndarray
+    z_grid: np.ndarray
+    z_cal: np.ndarray
+    novelty_grid: np.ndarray
+    penalty_grid: np.ndarray
+    novelty_cal: np.ndarray
+    penalty_cal: np.ndarray
+    atom_novelty_cal: np.ndarray
+    importance_cal: np.ndarray
+    z_atom_cal: np.ndarray
+    weight_inputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    sizes: dict
+
+
+def head_outputs(head: ProbeHead, data: FeatureSet, edges: Sequence[np.ndarray], indices: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All logits ``(n, 1 + n_aux)`` (main first), importances and atom logits of structures ``indices``."""
+    with torch.no_grad():
+        outputs = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges, indices))[:3]
+    return tuple(t.numpy().astype(float) for t in outputs)
+
+
+def held_out_split(
+    data: FeatureSet, edges: Sequence[np.ndarray], labels: np.ndarray, errors: np.ndarray,
+    atom_labels: np.ndarray | None, elements: Sequence[int], config: HeadConfig, train: TrainConfig,
+    novelty: NoveltyConfig, reference: tuple[torch.Tensor, torch.Tensor] | None, progress: bool,
+) -> tuple[ProbeHead, int, NoveltyModel, HeldOut]:
+    """``calibration="split"``: one head on the train split; the validation split fixes the grid, the calibration
+    split calibrates; the density is fitted on train and validation, the novelty weight on fold heads' logits."""
+    splits = split_indices(labels, train)
+    head, epochs = train_head(data, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
+    tr, val, cal = splits
+    trval = np.concatenate([tr, val])  # the structures (and order) of held_out_atoms
+    density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, trval, elements,
+                                          novelty, reference, seed=train.seed)
+    # support edge: the largest atom novelty; logit penalty: novelty.penalty ("mean" or "max") of the atom novelties
+    held_novelty, held_penalty = (structure_novelty(held_out_atoms, structure_ptr(data.ptr, trval), reduce)
+                                  for reduce in ("max", novelty.penalty))
+    z_val = head_outputs(head, data, edges, val)[0]
+    z_cal, importance_cal, z_atom_cal = head_outputs(head, data, edges, cal)
+    cal_rows = structure_rows(data.ptr, cal)
+    with torch.no_grad():
+        atom_novelty = density(data.features[cal_rows], data.numbers[cal_rows]).numpy()
+    novelty_cal, penalty_cal = (structure_novelty(atom_novelty, structure_ptr(data.ptr, cal), reduce)
+                                for reduce in ("max", novelty.penalty))
+    # fold heads: as many as asked, at most one per minority structure (split_indices leaves >= 4 here)
+    weight_folds = min(novelty.weight_folds, int(labels[trval].sum()), int((labels[trval] == 0).sum()))
+    weight_inputs = None
+    if novelty.logit_weight and weight_folds:
+        z_oof = out_of_fold_logits(data, edges, labels, trval, elements, weight_folds, config, train,
+                                   progress, errors, atom_labels)
+        weight_inputs = (z_oof, held_penalty, trval)
+    elif novelty.logit_weight:
+        weight_inputs = (z_val, held_penalty[len(tr):], val)
+    sizes = {"n_train": len(tr), "n_val": len(val), "n_cal": len(cal), "n_grid": len(val),
+             "novelty_weight_folds": weight_folds if novelty.logit_weight else 0}
+    return head, epochs, density, HeldOut(
+        grid=val, cal=cal, fit_set=trval, z_grid=z_val, z_cal=z_cal,
+        novelty_grid=held_novelty[len(tr):], penalty_grid=held_penalty[len(tr):],  # out-of-fold, validation split
+        novelty_cal=novelty_cal, penalty_cal=penalty_cal, atom_novelty_cal=atom_novelty,
+        importance_cal=importance_cal, z_atom_cal=z_atom_cal, weight_inputs=weight_inputs, sizes=sizes)
+
+
+def held_out_crossfit(
+    data: FeatureSet, edges: Sequence[np.ndarray], labels: np.ndarray, errors: np.ndarray,
+    atom_labels: np.ndarray | None, elements: Sequence[int], config: HeadConfig, train: TrainConfig,
+    novelty: NoveltyConfig, reference: tuple[torch.Tensor, torch.Tensor] | None, progress: bool,
+) -> tuple[ProbeHead, int, NoveltyModel, HeldOut]:
+    """``calibration="crossfit"``: ``train.folds`` heads, each trained without one stratified fold, score it.
+
+    The returned head averages them. Every structure's scores come from the
+    head that never saw it (its novelty from a density fitted without it);
+    a stratified ``val_fraction`` of them fixes the grid, the rest calibrate;
+    the novelty weight is fitted on all of them.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    everything = np.arange(len(labels))
+    n_minor = int(min(labels.sum(), len(labels) - labels.sum()))
+    if n_minor < 2 * train.folds:
+        raise LabelError(f"only {n_minor} structures in the minority class; {train.folds} fold heads need at least "
+                         f"{2 * train.folds} (two per fold: one to train on, one to stop on)",
+                         n=len(labels), n_reliable=int(labels.sum()), n_minor=n_minor, folds=train.folds)
+    single = replace(config, members=1)
+    heads, epochs = [], 0
+    z_all = np.empty((len(labels), 1 + len(config.aux_quantiles)))
+    importance_all, z_atom_all = np.empty(len(data.numbers)), np.empty(len(data.numbers))
+    kfold = StratifiedKFold(train.folds, shuffle=True, random_state=train.seed)
+    for k, (rest, fold) in enumerate(tqdm(list(kfold.split(everything, labels)), desc="fold heads", unit="head",
+                                          disable=not progress)):
+        tr, val = train_test_split(rest, test_size=train.val_fraction * len(labels) / len(rest),
+                                   stratify=labels[rest], random_state=train.seed)
+        head, ran = train_head(data, edges, labels, (np.sort(tr), np.sort(val), fold[:0]), elements, single,
+                               replace(train, seed=train.seed + k), False, errors, atom_labels)
+        heads.append(head)
+        epochs = max(epochs, ran)
+        z_all[fold], importance, z_atom = head_outputs(head, data, edges, fold)
+        rows = structure_rows(data.ptr, fold).numpy()
+        importance_all[rows] = importance
+        if len(z_atom):
+            z_atom_all[rows] = z_atom
+    head = ProbeHead.from_members(heads, replace(config, members=train.folds))
+    density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, everything, elements,
+                                          novelty, reference, seed=train.seed)
+    held_novelty, held_penalty = (structure_novelty(held_out_atoms, structure_ptr(data.ptr, everything), reduce)
+                                  for reduce in ("max", novelty.penalty))
+    cal, grid = train_test_split(everything, test_size=train.val_fraction, stratify=labels, random_state=train.seed)
+    cal, grid = np.sort(cal), np.sort(grid)
+    cal_rows = structure_rows(data.ptr, cal).numpy()
+    sizes = {"n_train": len(tr), "n_val": len(val), "n_cal": len(cal), "n_grid": len(grid), "folds": train.folds,
+             "novelty_weight_folds": train.folds if novelty.logit_weight else 0}
+    return head, epochs, density, HeldOut(
+        grid=grid, cal=cal, fit_set=everything, z_grid=z_all[grid], z_cal=z_all[cal],
+        novelty_grid=held_novelty[grid], penalty_grid=held_penalty[grid],
+        novelty_cal=held_novelty[cal], penalty_cal=held_penalty[cal], atom_novelty_cal=held_out_atoms[cal_rows],
+        importance_cal=importance_all[cal_rows], z_atom_cal=z_atom_all[cal_rows] if config.atom_logit else
+        np.empty(0), weight_inputs=(z_all, held_penalty, everything) if novelty.logit_weight else None, sizes=sizes)
+
+

@@ -1,0 +1,235 @@
+"""Head training: class-weighted BCE with early stopping, and out-of-fold logits of fold heads."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from probe_ase.exceptions import InputError, LabelError
+from probe_ase.fitting.data import FeatureSet
+from probe_ase.fitting.spec import CALIBRATION, CalibrationMode
+from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, log_rms_error, structure_rows
+
+#: force-error norms below this (eV/Å) count as this in the log-scale atom-error targets (HeadConfig.atom_error)
+ATOM_ERROR_FLOOR = 1e-3
+#: what early stopping may watch (:attr:`TrainConfig.stop_on`)
+STOP_ON = ("main", "all")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options.
+
+    Attributes:
+        epochs: most passes over the training split.
+        patience: epochs without validation improvement before stopping.
+        batch_size: structures per optimiser step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        val_fraction: share of structures for early stopping.
+        cal_fraction: share of structures for calibration and p*.
+        seed: seeds the split, initialisation and shuffling.
+        stop_on: which validation loss early stopping watches: ``"main"``
+            (the main label's, plus the per-atom loss when there is one) or
+            ``"all"`` (also the auxiliary quantile labels': the whole training loss).
+        calibration: how calibration scores are held out. ``"split"``: one
+            head trained on the train split; temperature and p* on the
+            calibration split (``cal_fraction``), an exact Learn-then-Test
+            guarantee. ``"crossfit"``: ``folds`` heads, each trained without
+            one stratified fold (and early-stopped on ``val_fraction`` of the
+            structures, taken from the other folds); every structure is scored
+            by the head that never saw it, ``val_fraction`` of these held-out
+            scores fix the certificate's grid and all the others calibrate;
+            the deployed head averages the fold heads (``members = folds``).
+            More calibration structures (85 % of the data instead of 20 %),
+            hence a stricter certifiable risk from few structures; the
+            guarantee is then approximate (see README, "Cross-fitted
+            calibration").
+        folds: fold heads of ``calibration="crossfit"`` (>= 2).
+    """
+
+    epochs: int = 150
+    patience: int = 20
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.15
+    cal_fraction: float = 0.2
+    seed: int = 0
+    stop_on: str = "main"
+    calibration: CalibrationMode = "split"
+    folds: int = 5
+
+    def __post_init__(self) -> None:
+        if self.stop_on not in STOP_ON:
+            raise InputError(f"stop_on must be one of {STOP_ON}, got {self.stop_on!r}", stop_on=self.stop_on)
+        if self.calibration not in CALIBRATION:
+            raise InputError(f"calibration must be one of {CALIBRATION}, got {self.calibration!r}",
+                             calibration=self.calibration)
+        if self.folds < 2:
+            raise InputError(f"folds must be >= 2, got {self.folds}", folds=self.folds)
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise InputError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, "
+                             f"{self.batch_size}",
+                             epochs=self.epochs, patience=self.patience, batch_size=self.batch_size)
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise InputError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}",
+                             lr=self.lr, weight_decay=self.weight_decay)
+        if not (0 < self.val_fraction and 0 < self.cal_fraction and self.val_fraction + self.cal_fraction < 1):
+            raise InputError(f"val_fraction and cal_fraction must be > 0 with a sum < 1, got {self.val_fraction} "
+                             f"and {self.cal_fraction}", val_fraction=self.val_fraction, cal_fraction=self.cal_fraction)
+
+
+def train_head(
+    data: FeatureSet,
+    edges: Sequence[np.ndarray],
+    labels: np.ndarray,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    elements: Sequence[int],
+    config: HeadConfig = HeadConfig(),
+    train: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    errors: np.ndarray | None = None,
+    atom_labels: np.ndarray | None = None,
+) -> tuple[ProbeHead, int]:
+    """Train a head with class-weighted BCE and early stopping; return it and epochs run.
+
+    With ``config.aux_quantiles`` the per-structure ``errors`` (criterion
+    units) give the auxiliary targets ``error <= quantile_q(errors[train])``,
+    added to the loss with unit weight each (averaged). With
+    ``config.atom_logit`` the per-atom ``atom_labels`` (1 = the atom's force
+    error within tolerance; rows as in ``data``) add a class-weighted BCE over
+    atoms with unit weight. With ``config.atom_error`` the head also regresses
+    each atom's standardised ``log |ΔF_i|`` (mean squared error, unit weight;
+    ``data.atom_errors`` must be finite on the training structures), and after
+    training its predicted structure error is blended into the logits with
+    the validation split's spread (:meth:`ProbeHead.set_error_blend`). Early
+    stopping watches the main loss plus the atom and atom-error losses
+    (``train.stop_on="main"``) or the whole training loss (``"all"``).
+    With ``config.members = K > 1`` each of K single heads is trained so,
+    with seeds ``train.seed + k``, and the returned head averages them
+    (:meth:`ProbeHead.from_members`); the epochs are the most any member ran.
+    """
+    if config.members > 1:
+        single = replace(config, members=1)
+        trained = [train_head(data, edges, labels, splits, elements, single, replace(train, seed=train.seed + k),
+                              progress, errors, atom_labels) for k in range(config.members)]
+        return ProbeHead.from_members([head for head, _ in trained], config), max(epochs for _, epochs in trained)
+    tr, val, _ = splits
+    generator = torch.Generator().manual_seed(train.seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's global RNG alone
+        torch.manual_seed(train.seed)
+        head = ProbeHead(data.features.shape[1], elements, config)
+    rows = structure_rows(data.ptr, tr)
+    head.set_standardisation(data.features[rows], data.numbers[rows])
+    y = torch.as_tensor(labels, dtype=torch.float32)
+    n_pos = float(labels[tr].sum())
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(tr) - n_pos) / n_pos))
+    optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    if config.aux_quantiles:
+        if errors is None:
+            raise InputError("aux_quantiles need the per-structure errors", aux_quantiles=config.aux_quantiles)
+        levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
+        y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
+    if config.atom_error:
+        log_error = torch.as_tensor(np.log(np.maximum(data.atom_errors, ATOM_ERROR_FLOOR)), dtype=torch.float32)
+        if not torch.isfinite(log_error[rows]).all():
+            raise InputError("HeadConfig(atom_error=True) needs reference forces on every training structure",
+                             atom_error=True)
+        head.set_error_scale(log_error[rows])
+        y_error = (log_error - head.error_shift) / head.error_scale
+    if config.atom_logit:
+        if atom_labels is None:
+            raise InputError("atom_logit needs per-atom labels", atom_logit=config.atom_logit)
+        y_atom = torch.as_tensor(atom_labels, dtype=torch.float32)
+        n_good_atoms = float(y_atom[rows].sum())
+        atom_loss_fn = torch.nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor(max(len(rows) - n_good_atoms, 1.0) / max(n_good_atoms, 1.0)))
+
+    def loss_on(indices: Sequence[int], main_only: bool = False) -> torch.Tensor:
+        logits, _, atom_logits, atom_errors = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr,
+                                                                            edges, indices))
+        loss = loss_fn(logits[:, 0], y[list(indices)])
+        if config.aux_quantiles and not main_only:
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], y_aux[list(indices)])
+        if config.atom_error:  # part of the "main" loss: the blended logit ranks by it
+            loss = loss + torch.nn.functional.mse_loss(atom_errors, y_error[structure_rows(data.ptr, indices)])
+        if config.atom_logit:
+            loss = loss + atom_loss_fn(atom_logits, y_atom[structure_rows(data.ptr, indices)])
+        return loss
+
+    best, best_state, since, epoch = math.inf, copy.deepcopy(head.state_dict()), 0, 0
+    bar = tqdm(range(train.epochs), desc="fit head", unit="epoch", disable=not progress)
+    for epoch in bar:  # noqa: B007 - read after the loop: the epochs run
+        head.train()
+        order = tr[torch.randperm(len(tr), generator=generator).numpy()]
+        for start in range(0, len(order), train.batch_size):
+            optimiser.zero_grad()
+            loss_on(order[start : start + train.batch_size]).backward()
+            optimiser.step()
+        head.eval()
+        with torch.no_grad():
+            val_loss = float(loss_on(val, main_only=train.stop_on == "main"))
+        bar.set_postfix(val_loss=f"{val_loss:.4f}")
+        if val_loss < best - 1e-5:
+            best, best_state, since = val_loss, copy.deepcopy(head.state_dict()), 0
+        else:
+            since += 1
+            if since >= train.patience:
+                break
+    bar.close()
+    head.load_state_dict(best_state)
+    head.eval()
+    if config.atom_error:
+        with torch.no_grad():
+            inputs = batch_inputs(data.features, data.numbers, data.ptr, edges, val)
+            logits, _, _, atom_errors = head.all_logits(*inputs)
+            head.set_error_blend(logits, log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:]))
+    return head, epoch + 1
+
+
+def out_of_fold_logits(
+    data: FeatureSet,
+    edges: Sequence[np.ndarray],
+    labels: np.ndarray,
+    structures: np.ndarray,
+    elements: Sequence[int],
+    folds: int,
+    config: HeadConfig = HeadConfig(),
+    train: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    errors: np.ndarray | None = None,
+    atom_labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Logits of each of ``structures`` from a head trained without it.
+
+    ``folds`` stratified folds (at least 2, at most the minority class's
+    structures), seeded by ``train.seed``; each fold head trains on the other
+    folds with :func:`train_head` and early-stops on its own fold. Returns
+    ``(len(structures), 1 + n_aux)`` logits in the order of ``structures``:
+    the main logit first, then the auxiliary quantile logits.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    structures = np.asarray(structures)
+    y = labels[structures]
+    if not 2 <= folds <= min(y.sum(), len(y) - y.sum()):
+        raise LabelError(f"{folds} out-of-fold heads need 2 <= folds <= the structures of each class, got "
+                         f"{int(y.sum())} reliable of {len(y)}", folds=folds, n=len(y), n_reliable=int(y.sum()))
+    out = np.empty((len(structures), 1 + len(config.aux_quantiles)))
+    kfold = StratifiedKFold(folds, shuffle=True, random_state=train.seed)
+    for rest, held in tqdm(list(kfold.split(structures, y)), desc="fold heads", unit="head", disable=not progress):
+        splits = (structures[rest], structures[held], structures[held][:0])
+        head, _ = train_head(data, edges, labels, splits, elements, config, train, False, errors, atom_labels)
+        with torch.no_grad():
+            out[held] = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges,
+                                                      structures[held]))[0].numpy()
+    return out
+
+
