@@ -276,3 +276,25 @@ def test_active_learning_tutorial(tmp_path, monkeypatch):
     assert ns["report"].labelled > 0 and ns["report"].row() in printed
     assert check_database(tmp_path / "al-cli.db").ok                  # what `probe-ase al --check` checked
     assert re.search(r"^\s*1\s+\d+", printed, re.M)                   # the command line's table row of round 1
+
+
+def test_api_page_lists_every_public_name():
+    """docs/reference/api.md says everything under "Public names" is importable from probe_ase: keep it true."""
+    import probe_ase
+    import probe_ase.exceptions
+
+    page = (ROOT / "docs" / "reference" / "api.md").read_text()
+    public = page.split("## Public names", 1)[1].split("\n## ", 1)[0]
+    entries = re.findall(r"^::: probe_ase\.([\w.]+)", public, re.M)
+    names = {entry.rsplit(".", 1)[-1] for entry in entries if entry != "exceptions"}
+    exceptions = {name for name in vars(probe_ase.exceptions) if name[0].isupper()
+                  and isinstance(getattr(probe_ase.exceptions, name), type)
+                  and issubclass(getattr(probe_ase.exceptions, name), BaseException)
+                  and getattr(probe_ase.exceptions, name).__module__ == "probe_ase.exceptions"}
+    assert "exceptions" in entries
+    assert names <= set(probe_ase.__all__), f"not importable from probe_ase: {names - set(probe_ase.__all__)}"
+    assert set(probe_ase.__all__) <= names | exceptions, \
+        f"public names missing from the API page: {set(probe_ase.__all__) - names - exceptions}"
+    for entry in entries:
+        if entry != "exceptions":
+            assert getattr(probe_ase, entry.rsplit(".", 1)[-1]) is not None
