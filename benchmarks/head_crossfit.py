@@ -1,6 +1,6 @@
 """Compare head configurations, and averaging heads over seeds, by cross-fitting on the fit pool only.
 
-A finer instrument than ``head_variants.py`` (one calibration split per seed)
+A finer instrument than one calibration split per seed
 for gaps of a few thousandths of AUROC (DESIGN.md §5b). For member 0 of a
 trained ``uq_quality.py`` run, the whole fit pool is split into ``--folds``
 stratified folds (``--reps`` times, each with its own shuffle); for every

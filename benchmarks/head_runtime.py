@@ -1,6 +1,6 @@
 """How to run the head: eager, TorchScript (scripted and frozen) or torch.compile, paired, vs atom count.
 
-    python -m benchmarks.head_runtime [--sizes 15 128 1000 10000] [--modes eager script stacked compile] [--members K]
+    python -m benchmarks.head_runtime [--sizes 15 128 1000 10000] [--modes eager script compile] [--members K]
                                       [--out benchmarks/results/head-runtime-torch<version>.json]
 
 An untrained default head (64 wide, 4 heads, 1 block, the per-atom logit, 128
@@ -12,10 +12,7 @@ and each mode's ratio to eager. ``compile`` is ``torch.compile(dynamic=True)``
 (its first calls compile: warm-up, not timed; the warm-up time is reported).
 Run it once per torch version to compare (the result file names the version).
 ``--members K`` times a head averaging K heads (``HeadConfig(members=K)``;
-the file name gains ``-members<K>``); ``script`` then runs its members one
-after another, ``stacked`` (the default modes' fourth with K > 1) batched as
-one :class:`~probe_ase.model.stacked.StackedHead`, scripted and frozen: what
-``Probe`` runs per step.
+the file name gains ``-members<K>``), its members batched in one forward.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from benchmarks.environment import environment
 from benchmarks.common import write_json
 from probe_ase.model.graph import radius_graph
 from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs
-from probe_ase.model.stacked import StackedHead
 
 FEATURES, CUTOFF = 128, 5.0
 
@@ -48,8 +44,6 @@ def runners(head: ProbeHead, modes: list[str]) -> dict:
             out[mode] = head
         elif mode == "script":
             out[mode] = torch.jit.freeze(torch.jit.script(copy.deepcopy(head)))
-        elif mode == "stacked":
-            out[mode] = torch.jit.freeze(torch.jit.script(StackedHead(copy.deepcopy(head)).eval()))
         elif mode == "compile":
             out[mode] = torch.compile(copy.deepcopy(head), dynamic=True)
     return out
@@ -58,15 +52,13 @@ def runners(head: ProbeHead, modes: list[str]) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[15, 128, 1000, 10000], help="target atom counts")
-    ap.add_argument("--modes", nargs="+", default=None, choices=["eager", "script", "stacked", "compile"],
-                    help="default: eager script compile, and stacked with --members > 1")
+    ap.add_argument("--modes", nargs="+", default=["eager", "script", "compile"],
+                    choices=["eager", "script", "compile"])
     ap.add_argument("--repeats", type=int, default=30, help="timed rounds per size (a third above 5 000 atoms)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--members", type=int, default=1, help="heads averaged (HeadConfig.members)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.modes is None:
-        args.modes = ["eager", "script", "compile"] + (["stacked"] if args.members > 1 else [])
     torch.set_num_threads(args.threads)
     version = torch.__version__.split("+")[0]
     suffix = f"-members{args.members}" if args.members > 1 else ""

@@ -30,9 +30,8 @@ Steps (units: eV, eV/Å, Å; tables print meV/atom and meV/Å):
 
 3. **PROBE** (:func:`probe_ase.fit_probe` with its default ``FitOptions``:
    150 epochs, patience 20, seed 0; default head: auxiliary quantile
-   targets 0.3/0.5/0.7/0.9, chosen with ``head_variants.py`` on the fit pool's
-   own splits; ``--aux-quantiles`` / ``--max-pool`` / ``--shared-score`` /
-   ``--no-atom-error`` change it, fitted through
+   targets 0.3/0.5/0.7/0.9, chosen on the fit pool's own splits (design
+   decisions); ``--aux-quantiles`` / ``--no-atom-error`` change it, fitted through
    :func:`probe_ase.fitting.pipeline.fit_spec`) on member 0 over the fit pool, for
    two label regimes (absolute: force RMSE 0.1 eV/Å, |ΔE| 0.043 eV;
    quantile: top 20 % of the pool unreliable) and two criteria (``force_rmse``
@@ -246,8 +245,8 @@ def fit_heads(calc, pool, quick, cache, criteria_ok, head: dict, calibration: st
               fallback: str = "strictest"):
     """Fitted probes keyed by (regime, criterion); LabelError gives None with the reason.
 
-    ``head``: HeadConfig knobs beyond FitOptions (``max_pool``, ``aux_quantiles``, ``shared_score``,
-    ``atom_error``); at their defaults the fit is plain :func:`probe_ase.fit_probe`.
+    ``head``: HeadConfig knobs beyond FitOptions (``aux_quantiles``, ``atom_error``); at their defaults the fit is
+    plain :func:`probe_ase.fit_probe`.
     """
     options = probe_options(quick, calibration, fallback)
     probes = {}
@@ -608,12 +607,9 @@ def main(argv=None):
     ap.add_argument("--spk-rep", default="painn", choices=["painn", "schnet"])
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
-    ap.add_argument("--max-pool", action="store_true", help="PROBE head with max pooling beside attention pooling")
     ap.add_argument("--aux-quantiles", type=float, nargs="*", default=list(HeadConfig().aux_quantiles), metavar="Q",
                     help="auxiliary error-quantile targets of the head (default: HeadConfig's 0.3 0.5 0.7 0.9; "
                          "none: off)")
-    ap.add_argument("--shared-score", action="store_true",
-                    help="PROBE head with one shared score for the main and quantile logits (HeadConfig.shared_score)")
     ap.add_argument("--no-atom-error", action="store_true",
                     help="PROBE head without the per-atom force-error regression (HeadConfig.atom_error=False; the "
                          "default before commit e78e9a2, 2026-12-03) instead of the default (on for force criteria)")
@@ -647,8 +643,7 @@ def main(argv=None):
     width = 8 if args.quick else 32
 
     # HeadConfig knobs beyond FitOptions; at their defaults PROBE is plain fit_probe
-    head = {"max_pool": args.max_pool, "aux_quantiles": tuple(args.aux_quantiles), "shared_score": args.shared_score,
-            "atom_error": False if args.no_atom_error else None}
+    head = {"aux_quantiles": tuple(args.aux_quantiles), "atom_error": False if args.no_atom_error else None}
     name, train, pool, pool_in, evals, e0s = load_splits(data, args.quick)
     print(f"{name}: {len(train)} training frames, fit pool {len(pool)}, evaluation "
           + ", ".join(f"{k} {len(v)}" for k, v in evals.items()))

@@ -43,7 +43,7 @@ class ProbeCalculator(Calculator):
     * ``reason``: ``"ok"``, ``"low_probability"`` or ``"out_of_support"``
       (outside the support the probability is not trusted, whatever its value);
     * ``atom_importance``: per-atom attention importance, summing to 1;
-    * ``atom_reliability`` (heads fitted with ``atom_threshold`` only):
+    * ``atom_reliability`` (heads fitted with ``atom_tolerance`` or ``atom_quantile`` only):
       per atom, calibrated probability (0-1) that its force error norm
       ``|ΔF_i|`` is within the head's atom tolerance (eV/Å);
     * ``atom_force_error`` and ``force_error`` (heads that regress atom

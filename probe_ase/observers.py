@@ -6,7 +6,7 @@ A :class:`ReliabilityMonitor` is an ordinary ASE observer
 the current step (no extra backbone pass); a step is unreliable when the
 verdict says so: reliability below the threshold (reason
 ``low_probability``) or novelty beyond the support (``out_of_support``). With
-``min_atom_reliability`` (heads fitted with ``atom_threshold``) a step is also
+``min_atom_reliability`` (heads fitted with ``atom_tolerance``) a step is also
 unreliable when any atom's ``atom_reliability`` falls below it or any atom
 lies outside the support (reason ``low_atom_reliability``), so one bad region
 of a big cell counts even while the cell as a whole looks fine. It acts:
@@ -101,7 +101,7 @@ class ReliabilityMonitor:
         min_atom_reliability: also judge atoms: an atom is unreliable below
             this ``atom_reliability`` (0-1) or outside the support; ``"auto"``
             takes the head's ``atom_p_star``; None (default) judges the
-            structure only. Needs a head fitted with ``atom_threshold``.
+            structure only. Needs a head fitted with ``atom_tolerance`` or ``atom_quantile``.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class ReliabilityMonitor:
         meta = self.atoms.calc.probe.meta
         if min_atom_reliability is not None and not meta.local:
             raise InputError("min_atom_reliability needs a head with per-atom reliability: refit it with "
-                             "atom_threshold= (eV/Å) or atom_quantile=", min_atom_reliability=min_atom_reliability,
+                             "atom_tolerance= (eV/Å) or atom_quantile=", min_atom_reliability=min_atom_reliability,
                              local=False)
         if min_atom_reliability == "auto":
             min_atom_reliability = meta.atom_p_star

@@ -2,7 +2,7 @@
 
 The backbone parametrisation is the adapter registry, ``probe_ase.taps.ADAPTERS``:
 every shipped adapter is tested, and an adapter without a test backbone here
-fails the suite. Backbones are built once per session. Tests that need an
+fails the suite. Backbones are built once per test run. Tests that need an
 optional backbone library skip when it is missing on a developer machine but
 fail under CI (``CI`` set), so a missing optional backbone can never pass
 unnoticed. Each optional backbone's cases carry its extra's marker
@@ -160,7 +160,7 @@ def _missing(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A PostgreSQL server for the session: $PROBE_ASE_TEST_PG_URL, else a throwaway one on loopback."""
+    """A PostgreSQL server for the test run: $PROBE_ASE_TEST_PG_URL, else a throwaway one on loopback."""
     try:
         import ase_db_backends  # noqa: F401
         import psycopg2  # noqa: F401

@@ -18,7 +18,9 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from probe_ase import InputError, ProbeCalculator
-from probe_ase.al.learner import ActiveLearner, Candidate, label_pending
+from probe_ase.al.label import label_pending
+from probe_ase.al.learner import ActiveLearner
+from probe_ase.al.select import Candidate
 from probe_ase.fitting.labels import mean_force_rmse
 from probe_ase.testing.reference import CountingEMT, geometry_hash
 
@@ -140,7 +142,7 @@ def test_killed_labelling_resumes_without_repeats(explored, tmp_path):
     log = tmp_path / "calls.txt"
     script = (
         "import functools\n"
-        "from probe_ase.al.learner import label_pending\n"
+        "from probe_ase.al.label import label_pending\n"
         "from probe_ase.testing.reference import CountingEMT\n"
         f"label_pending({str(learner.db_path)!r}, functools.partial(CountingEMT, log={str(log)!r}, delay=0.4),"
         " progress=False, lease=1.0)\n"

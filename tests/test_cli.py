@@ -71,7 +71,7 @@ def test_fit_options_for_the_verdict_reach_the_head_file(files, cu_data):
                  "--channels", "scalars+norms", "-o", str(head)]) == 0
     meta = Probe.load(head).meta
     assert meta.channels == "scalars+norms" and Probe.load(files / "probe.pt").meta.channels == "scalars"
-    assert meta.config.members == 2 and len(Probe.load(head).head.others) == 1
+    assert meta.config.members == 2 and Probe.load(head).head.embed.shape[0] == 2
     assert (meta.delta, meta.novelty.support_quantile, meta.novelty.weight_folds) == (0.2, 0.95, 2)
     assert meta.report["certificate"]["delta"] == 0.2 and meta.report["novelty_weight_folds"] == 2
     assert meta.report["n_reference"] == sum(len(a) for a in cu_data["train"])  # atoms of the training frames

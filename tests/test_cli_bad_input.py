@@ -21,7 +21,7 @@ from probe_ase.cli import main
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, backbones, cu_data):
-    """The session's MACE as a model file (and TorchScript-compiled), a cheap head fitted by the CLI, data files."""
+    """The run's MACE as a model file (and TorchScript-compiled), a cheap head fitted by the CLI, data files."""
     root = tmp_path_factory.mktemp("cli-bad")
     model = backbones("mace").models[0]
     torch.save(model, root / "mace.model")

@@ -27,6 +27,28 @@ def test_md_gating_example(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_md_gating_example_on_your_own_files(monkeypatch, tmp_path, capsys):
+    """--model/--fit/--start: a user's model file, labelled frames and start structure; the head is written."""
+    import torch
+    from ase.io import write
+
+    from probe_ase import Probe
+    from probe_ase.testing import emt_frames, train_mace
+
+    base = train_mace(emt_frames(30, 300, seed=1), epochs=25)
+    torch.save(base.models[0], tmp_path / "my.model")
+    write(tmp_path / "dft.xyz", emt_frames(40, 300, seed=2) + emt_frames(30, 900, seed=3))
+    write(tmp_path / "start.xyz", emt_frames(1, 300, seed=5)[0])
+    out = tmp_path / "run"
+    ns = run_example("md_gating.py", monkeypatch, "--model", str(tmp_path / "my.model"), "--fit",
+                     str(tmp_path / "dft.xyz"), "--start", str(tmp_path / "start.xyz"), "--steps", "30", "--heat", "0",
+                     "--epochs", "20", "--out", str(out))
+    assert Probe.load(out / "probe.pt").meta.fingerprint == ns["probe"].meta.fingerprint
+    assert ns["dyn"].nsteps >= 3 and (out / "reliability.log").read_text().count("\n") >= 3
+    assert "after" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_optimisation_guard_example(monkeypatch, capsys):
     ns = run_example("optimisation_guard.py", monkeypatch)
     report = ns["report"]

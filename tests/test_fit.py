@@ -89,11 +89,11 @@ def test_force_criterion_needs_reference_forces(backbones, cu_data):
     assert probe.meta.criterion == "energy"
 
 
-def test_max_pool_aux_quantiles_and_shared_score_fit_learn_and_round_trip(backbones, cu_data, tmp_path):
+def test_other_aux_quantiles_fit_learn_and_round_trip(backbones, cu_data, tmp_path):
     from probe_ase import Probe, ProbeCalculator
 
     calc = backbones("mace")
-    config = HeadConfig(hidden=32, max_pool=True, aux_quantiles=(0.5, 0.9), shared_score=True)
+    config = HeadConfig(hidden=32, aux_quantiles=(0.5, 0.9))
     probe = fit_with(calc, cu_data["pool"], criterion="force_rmse", quantile=0.7, head=config,
                      train=TrainConfig(epochs=80, patience=15))
     assert probe.meta.config.cutoff == pytest.approx(float(calc.r_max))  # default: the backbone's own cutoff
@@ -134,18 +134,6 @@ def test_a_head_on_vector_norms_records_its_channels_and_is_checked_for_them(bac
             atoms = atoms.copy()
             atoms.calc = wrapped
             assert wrapped.get_property("reliability", atoms) == pytest.approx(expected, abs=1e-5)
-
-
-def test_early_stopping_can_watch_the_whole_training_loss(backbones, cu_data):
-    # without the atom-error regression: its loss, watched either way, picked the same epoch on this pool
-    kwargs = dict(criterion="force_rmse", quantile=0.7, head=HeadConfig(hidden=16, heads=2, atom_error=False))
-    main = fit_with(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5), **kwargs)
-    every = fit_with(backbones("mace"), cu_data["pool"], train=TrainConfig(epochs=60, patience=5, stop_on="all"),
-                     **kwargs)
-    # same seed, split and initialisation: only what early stopping watched differs, and it changes the head kept
-    assert (main.report["epochs"], main.report["auroc"]) != (every.report["epochs"], every.report["auroc"])
-    p, err = held_out_scores(backbones("mace"), every, cu_data["test_in"] + cu_data["test_out"])
-    assert auroc(err > every.meta.tau, 1 - p) >= 0.8
 
 
 def test_force_heads_regress_each_atoms_error_and_blend_it_into_the_logit(backbones, cu_data, tmp_path):
@@ -216,13 +204,13 @@ def test_averaged_heads_are_their_members_mean_and_round_trip(backbones, cu_data
     finally:
         torch.set_num_threads(threads)
     head = probe.head
-    assert probe.meta.config.members == 3 and len(head.others) == 2 and len(single.head.others) == 0
-    own = {k: v for k, v in head.state_dict().items() if not k.startswith("others.")}
-    assert own.keys() == single.head.state_dict().keys()
-    for name, value in single.head.state_dict().items():
-        torch.testing.assert_close(own[name], value, msg=name)
+    assert probe.meta.config.members == 3 and head.embed.shape[0] == 3 and single.head.embed.shape[0] == 1
+    assert head.state_dict().keys() == single.head.state_dict().keys()
+    for name, value in single.head.state_dict().items():  # member 0 is the single head of the same seed
+        torch.testing.assert_close(head.state_dict()[name][:1] if name != "element_index" else head.element_index,
+                                   value, msg=name)
     assert probe.meta.calibration != single.meta.calibration  # calibrated on the average, not on member 0
-    assert not torch.equal(head.others[0].readout[-1].weight, head.others[1].readout[-1].weight)
+    assert not torch.equal(head.readout[-1].weight[1], head.readout[-1].weight[2])
     frames = cu_data["test_in"] + cu_data["test_out"]
     with probe.tap_for(calc) as tap:
         fs = featurize(tap, frames, cache_dir=False, progress=False)
@@ -230,9 +218,9 @@ def test_averaged_heads_are_their_members_mean_and_round_trip(backbones, cu_data
                           range(len(frames)))
     with torch.no_grad():
         mean = head.all_logits(*inputs)
-        members = [head.member_logits(*inputs)] + [m.member_logits(*inputs) for m in head.others]
+        members = head.member_logits(*inputs)
     for i in range(4):  # logits, importances, atom logits, predicted atom errors: the members' means
-        torch.testing.assert_close(mean[i], sum(m[i] for m in members) / 3)
+        torch.testing.assert_close(mean[i], members[i].mean(0))
     p, err = held_out_scores(calc, probe, frames)
     assert auroc(err > probe.meta.tau, 1 - p) >= 0.8
     probe.save(tmp_path / "probe.pt")
@@ -247,7 +235,7 @@ def test_averaged_heads_are_their_members_mean_and_round_trip(backbones, cu_data
         assert wrapped.get_property("reliability", atoms) == pytest.approx(p[-1], abs=1e-5)
         moved.calc = wrapped
         assert wrapped.get_property("reliability", moved) == pytest.approx(p[-1], abs=1e-5)
-    assert loaded._compiled().original_name == "StackedHead"  # the steps ran the members batched, compiled
+    assert loaded._compiled().original_name == "ProbeHead"  # the steps ran the members batched, compiled
 
 
 def test_energy_heads_leave_atom_errors_out_and_refuse_them_without_forces(backbones, cu_data):
@@ -316,7 +304,7 @@ def test_crossfit_calibration_scores_every_structure_and_deploys_the_fold_heads_
     assert report["calibration"] == "crossfit" and report["folds"] == 3 and report["novelty_weight_folds"] == 3
     assert report["n_cal"] + report["n_grid"] == n and report["n_cal"] >= 4 * round(0.2 * n)
     assert report["certificate"]["n_accepted"] <= report["n_cal"]
-    assert probe.meta.config.members == 3 and len(probe.head.others) == 2
+    assert probe.meta.config.members == 3 and probe.head.embed.shape[0] == 3
     p, err = held_out_scores(calc, probe, cu_data["test_in"] + cu_data["test_out"])
     assert auroc(err > probe.meta.tau, 1 - p) >= 0.8
     probe.save(tmp_path / "probe.pt")

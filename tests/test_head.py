@@ -12,8 +12,8 @@ from ase.build import bulk, molecule
 
 from probe_ase import InputError
 from probe_ase.model.graph import radius_graph
-from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, segment_softmax
-from probe_ase.model.stacked import StackedHead
+from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs
+from probe_ase.model.layers import segment_softmax
 
 ELEMENTS = (1, 6, 8)
 
@@ -67,9 +67,8 @@ def _two_structures():
 
 VARIANTS = {
     "attention": {"aux_quantiles": ()},
-    "max_pool+aux+per_element": {"max_pool": True, "aux_quantiles": (0.5, 0.9), "per_element_scaling": True},
+    "aux": {"aux_quantiles": (0.5, 0.9)},
     "atom_logit": {"atom_logit": True},
-    "shared_score": {"shared_score": True, "aux_quantiles": (0.5, 0.9)},
     "atom_error": {"atom_error": True},
 }
 
@@ -82,12 +81,12 @@ def variant(request):
 def _head(**variant):
     torch.manual_seed(0)
     head = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, **variant))
-    head.set_standardisation(torch.randn(50, 8) * 2 + 1, torch.tensor(ELEMENTS).repeat(17)[:50])
+    head.set_standardisation(torch.randn(50, 8) * 2 + 1)
     return head.eval()
 
 
 def test_aux_logits_come_after_the_main_one():
-    head = _head(max_pool=True, aux_quantiles=(0.5, 0.9))
+    head = _head(aux_quantiles=(0.5, 0.9))
     features, numbers, ptr, edges = _two_structures()
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
     every = head.all_logits(*inputs)[0]
@@ -96,21 +95,6 @@ def test_aux_logits_come_after_the_main_one():
     torch.testing.assert_close(main, every[:, 0])
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         HeadConfig(aux_quantiles=(0.5, 1.0))
-
-
-def test_a_shared_score_gives_every_label_the_same_ranking():
-    features, numbers, ptr, edges = _two_structures()
-    inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
-    head = _head(aux_quantiles=(0.5, 0.9), shared_score=True)
-    with torch.no_grad():
-        head.readout[-1].offsets.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    shared = head.all_logits(*inputs)[0]
-    own = _head(aux_quantiles=(0.5, 0.9), shared_score=False).all_logits(*inputs)[0]
-    # one score plus a per-label offset: in every structure the columns differ by the offsets' differences
-    gaps = shared - shared[:, :1]
-    torch.testing.assert_close(gaps, torch.tensor([[0.0, -1.5, 1.5]] * 2))
-    assert shared[0, 0] != shared[1, 0]  # the score itself depends on the structure
-    assert not torch.allclose((own - own[:, :1])[0], (own - own[:, :1])[1], atol=1e-4)  # separate readouts do not
 
 
 def test_probe_head_importance_normalised():
@@ -212,30 +196,59 @@ def test_chunked_and_dense_attention_agree(variant):
 
 
 
-def test_stacked_members_give_the_averaged_heads_outputs(variant):
-    """StackedHead (members batched, eager and scripted) = the members' loop, on one structure and on two."""
-    torch.manual_seed(0)
-    head = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, members=3, **variant)).eval()
+def test_members_run_batched_and_give_the_mean_of_single_heads(variant):
+    """A head of 3 members (one batched pass, eager and scripted) = the mean of the 3 single heads it was built from,
+    on one structure (dense attention) and on two; the sparse path agrees too."""
     gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for member in (head, *head.others):  # members differ in every buffer the stacked pass reads
-            member.set_standardisation(torch.randn(50, 8, generator=gen) * 2 + 1, torch.tensor(ELEMENTS).repeat(17)[:50])
-            member.set_error_scale(torch.randn(40, generator=gen) - 2)
-            member.error_blend.copy_(torch.rand(member.error_blend.shape, generator=gen))
-            member.error_centre.fill_(float(torch.randn((), generator=gen)))
+    singles = []
+    for k in range(3):
+        torch.manual_seed(k)
+        single = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, **variant))
+        with torch.no_grad():  # members differ in every buffer the batched pass reads
+            single.set_standardisation(torch.randn(50, 8, generator=gen) * 2 + 1)
+            single.set_error_scale(torch.randn(40, generator=gen) - 2)
+            single.error_blend.copy_(torch.rand(single.error_blend.shape, generator=gen))
+            single.error_centre.fill_(float(torch.randn((), generator=gen)))
+        singles.append(single.eval())
+    head = ProbeHead.from_members(singles, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, members=3, **variant))
+    scripted = torch.jit.freeze(torch.jit.script(copy.deepcopy(head)))
     features, numbers, ptr, edges = _two_structures()
     edges = [torch.cat([e, e[:, -3:]], dim=1) for e in edges]  # edges listed twice (periodic images) count twice
-    stacked = StackedHead(copy.deepcopy(head)).eval()
-    scripted = torch.jit.freeze(torch.jit.script(StackedHead(copy.deepcopy(head)).eval()))
     with torch.inference_mode():
-        for indices in ([1], [0, 1]):  # one structure runs batched, two through the head
+        for indices in ([1], [0, 1]):
             inputs = batch_inputs(features, numbers, ptr, edges, indices)
-            expected = head(*inputs)
-            assert not torch.equal(head.member_logits(*inputs)[0], head.others[0].member_logits(*inputs)[0])
-            for module in (stacked, scripted):
-                for got, want in zip(module(*inputs), expected):
-                    assert got.shape == want.shape
-                    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            outputs = [s.all_logits(*inputs) for s in singles]
+            assert not torch.equal(outputs[0][0], outputs[1][0])
+            mean = [sum(o[i] for o in outputs) / 3 for i in range(4)]
+            for got, want in zip(head.all_logits(*inputs), mean):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            for got, want in zip(scripted(*inputs), head(*inputs)):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            for block in head.blocks:  # the edge-wise (sparse) path, in chunks of 2 edges per member
+                block.attention.dense_max, block.attention.chunk = 0, 6
+            for got, want in zip(head.all_logits(*inputs), mean):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            for block in head.blocks:
+                block.attention.dense_max, block.attention.chunk = 64, 4096
+    with pytest.raises(InputError, match="from_members needs 3 single-member heads"):
+        ProbeHead.from_members(singles[:2], head.config)
+
+
+def test_a_single_head_computes_what_torch_layers_compute():
+    """Members' layers at K = 1 are torch's Linear and LayerNorm, bit for bit, and initialise as they do."""
+    from probe_ase.model.layers import LayerNorm, Linear
+
+    torch.manual_seed(5)
+    reference = torch.nn.Linear(7, 3)
+    torch.manual_seed(5)
+    ours = Linear(1, 7, 3)
+    ours.reset(0)
+    assert torch.equal(ours.weight[0], reference.weight) and torch.equal(ours.bias[0], reference.bias)
+    x = torch.randn(1, 11, 7)
+    assert torch.equal(ours(x)[0], reference(x[0]))
+    norm = LayerNorm(1, 7)
+    assert torch.equal(norm(x)[0], torch.nn.LayerNorm(7)(x[0]))
 
 
 # --- HeadConfig -----------------------------------------------------------------------------
@@ -255,7 +268,7 @@ def test_head_config_validation():
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(weight_decay=-1.0),
-                                 dict(val_fraction=0.5, cal_fraction=0.5), dict(cal_fraction=0.0), dict(stop_on="aux")])
+                                 dict(val_fraction=0.5, cal_fraction=0.5), dict(cal_fraction=0.0)])
 def test_train_config_validation(bad):
     from probe_ase.fitting.train import TrainConfig
 
@@ -391,8 +404,8 @@ def test_the_error_blend_gives_the_predicted_error_the_logits_spread():
         before = head.all_logits(*inputs)[0]  # blend 0 until set: logits unchanged by the error readout
         head.set_error_blend(logits, error)
         after = head.all_logits(*inputs)[0]
-    torch.testing.assert_close(head.error_blend, logits.std(0) / error.std())
-    assert head.error_centre == pytest.approx(1.5)
+    torch.testing.assert_close(head.error_blend[0], logits.std(0) / error.std())
+    assert float(head.error_centre[0]) == pytest.approx(1.5)
     # the blend moves each column by its own spread per unit of predicted error, the same for both structures
     shift = after - before
     torch.testing.assert_close(shift[:, 1] / shift[:, 0], (logits.std(0)[1] / logits.std(0)[0]).expand(2))

@@ -102,10 +102,18 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
 
 def _as_version_8(payload: dict) -> tuple[dict, dict]:
     """A version-9 file's metadata and state laid out as version 8 wrote them: the temperatures as head buffers and
-    metadata fields, the novelty weight in the metadata, no spec, the training settings in the report."""
+    metadata fields, the novelty weight in the metadata, no spec, the training settings in the report, the members'
+    weights apart."""
     import json
 
-    meta, state = json.loads(payload["meta"]), dict(payload["state"])
+    meta, state = json.loads(payload["meta"]), {}
+    for name, value in payload["state"].items():  # member 0's weights at the top, member k under others.{k-1}.
+        if name.startswith("novelty.") or name == "element_index":
+            state[name] = value
+            continue
+        old = "embed.weight" if name == "embed" else name
+        for k, member in enumerate(value):
+            state[old if k == 0 else f"others.{k - 1}.{old}"] = member.clone()
     calibration, spec = meta.pop("calibration"), meta.pop("spec")
     meta |= {"temperature": calibration["temperature"], "novelty_weight": calibration["novelty_weight"]}
     meta["report"]["train"] = {k: spec["options"][k] for k in ("epochs", "patience", "seed", "calibration", "folds")}
@@ -144,3 +152,9 @@ def test_a_version_6_file_reads_as_one_head_on_scalars(probes, tmp_path):
     assert dataclasses.replace(loaded.meta, calibration=expected.calibration, spec=expected.spec) == expected
     for name, value in probes("mace").head.state_dict().items():
         assert torch.equal(loaded.head.state_dict()[name], value)
+    meta["config"]["max_pool"] = True  # an option a study tried and version 9 removed: refit, never misread
+    meta_json = json.dumps(meta, sort_keys=True)
+    torch.save({"format": "probe-ase-head", "version": 8, "meta": meta_json, "state": state,
+                "sha256": _checksum(meta_json, state)}, old)
+    with pytest.raises(HeadFileError, match="fitted with max_pool, which this probe-ase no longer has.*refit"):
+        Probe.load(old)

@@ -118,27 +118,27 @@ def test_novelty_in_the_probability_lowers_it_on_the_unseen_shift(cold_probe, ba
 
 
 def test_batched_penalty_reads_each_structures_own_mean_novelty(cold_probe, backbones):
-    """A batch of structures of different sizes scores as each structure alone; "mean" and "max" penalties differ."""
+    """A batch of structures of different sizes scores as each structure alone, its penalty on its own mean atom
+    novelty: the documented formula, structure by structure."""
     frames = shifted_frames()["compressed 3 %"][:2]
     frames = [frames[0], labelled(frames[1].repeat((2, 1, 1))), shifted_frames()["surface slab"][0]]
     with find_tap(backbones("mace")) as tap:
         fs = featurize(tap, frames, cache_dir=False, progress=False)
     graph = HeadGraph(cold_probe.meta.config.cutoff)
     edges = graph.frames(frames)
-    p = {}
-    for penalty in ("mean", "max"):
-        meta = replace(cold_probe.meta, calibration=replace(cold_probe.meta.calibration, novelty_weight=2.0,
-                                                            penalty=penalty))
-        probe = Probe(cold_probe.head, meta, cold_probe.novelty)
-        batch = probe.predict(fs.features, fs.numbers, fs.ptr, edges)
-        for k in range(len(frames)):
-            rows = slice(int(fs.ptr[k]), int(fs.ptr[k + 1]))
-            alone = probe.predict(fs.features[rows], fs.numbers[rows], np.array([0, rows.stop - rows.start]), [edges[k]])
-            assert alone.reliability[0] == pytest.approx(batch.reliability[k], abs=1e-6)
-            assert alone.novelty[0] == pytest.approx(batch.novelty[k]) == batch.atom_novelty[rows].max()
-        p[penalty] = batch.reliability
-    # the mean of a structure's atom novelties is below its largest, so the mean penalty takes less off
-    assert (p["mean"] > p["max"]).all(), p
+    calibration = replace(cold_probe.meta.calibration, novelty_weight=2.0)
+    probe = Probe(cold_probe.head, replace(cold_probe.meta, calibration=calibration), cold_probe.novelty)
+    plain = cold_probe.predict(fs.features, fs.numbers, fs.ptr, edges)  # weight 0: the head's own probability
+    batch = probe.predict(fs.features, fs.numbers, fs.ptr, edges)
+    for k in range(len(frames)):
+        rows = slice(int(fs.ptr[k]), int(fs.ptr[k + 1]))
+        alone = probe.predict(fs.features[rows], fs.numbers[rows], np.array([0, rows.stop - rows.start]), [edges[k]])
+        assert alone.reliability[0] == pytest.approx(batch.reliability[k], abs=1e-6)
+        assert alone.novelty[0] == pytest.approx(batch.novelty[k]) == batch.atom_novelty[rows].max()
+        # sigmoid((T logit(p0) - 2 log(mean atom novelty)) / T), p0 the probability at weight 0
+        t, p0 = calibration.temperature, plain.reliability[k]
+        z = t * np.log(p0 / (1 - p0)) - 2.0 * np.log(max(batch.atom_novelty[rows].mean(), 1e-3))
+        assert batch.reliability[k] == pytest.approx(1 / (1 + np.exp(-z / t)), rel=1e-4, abs=1e-7)
 
 
 def test_out_of_fold_logits_rank_structures_their_heads_never_saw(backbones, cu_data):
@@ -161,8 +161,6 @@ def test_out_of_fold_logits_rank_structures_their_heads_never_saw(backbones, cu_
                            errors=errors)
     with pytest.raises(InputError, match="weight_folds"):
         NoveltyConfig(weight_folds=1)
-    with pytest.raises(InputError, match="penalty must be one of"):
-        NoveltyConfig(penalty="median")
 
 
 def test_logit_weight_recovers_a_known_weight():

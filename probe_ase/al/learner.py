@@ -2,13 +2,11 @@
 
 Each round:
 
-1. :meth:`ActiveLearner.explore` runs MD from start structures on the
-   :class:`~probe_ase.ProbeCalculator` and sorts every step into three bands
-   (as DP-GEN does with force-deviation trust levels). Inside the novelty
-   support (``novelty <= 1``) the bands are by reliability ``p``: *reliable*
-   (``p >= p_hi``: keep exploring), *candidate* (``p_lo <= p < p_hi``: worth a
-   reference calculation) and *failed* (``p < p_lo``: too far off to be useful;
-   that trajectory stops and the frame is recorded with status ``rejected``).
+1. :meth:`ActiveLearner.explore` runs MD from start structures on the :class:`~probe_ase.ProbeCalculator`
+   and sorts every step into three bands (as DP-GEN does with force-deviation trust levels). Inside
+   the novelty support (``novelty <= 1``) the bands are by reliability ``p``: *reliable* (``p >= p_hi``:
+   keep exploring), *candidate* (``p_lo <= p < p_hi``: worth a reference calculation) and *failed*
+   (``p < p_lo``: too far off to be useful; that trajectory stops, the frame is stored ``rejected``).
    Outside the support ``p`` is not trusted, so the band is by novelty alone:
    *candidate* while ``novelty <= novelty_hi`` (new, yet near enough to be
    useful training data), *failed* beyond. At most ``max_new`` candidates,
@@ -17,72 +15,48 @@ Each round:
    near-identical ones, are stored as ``pending``.
 
    *Regions* (``region_buffer`` in Å; for big cells, DESIGN §9): atoms are
-   judged too (an atom is unreliable when its ``atom_reliability`` is below
-   ``min_atom_reliability`` or it lies outside the support), a step with any
-   unreliable atom is a candidate even when the cell as a whole passes, and
-   instead of the whole cell each selected frame stores, as ``pending`` rows,
-   the regions :func:`~probe_ase.al.regions.extract_regions` cuts around its
-   unreliable atoms (core plus buffer shell), so the reference labels a few
-   hundred atoms, not the cell. The source frame is stored once (status
-   ``source``); each region row carries ``source_id`` (that row's id) and, in
-   ``data``, ``source_index`` (each atom's index in the source frame),
-   ``core`` (True for the unreliable atoms) and ``mlip_forces`` (the MLIP's
-   own forces on the region, eV/Å). Retraining uses the reference forces of
-   the core only (:func:`~probe_ase.al.retrain.mace_training_frames`).
+   judged too, a step with any unreliable atom is a candidate, and each
+   selected frame stores the regions around its unreliable atoms as
+   ``pending`` rows instead of the whole cell (:mod:`probe_ase.al.regions`;
+   the source frame once, status ``source``).
 2. :meth:`ActiveLearner.label` runs the reference calculator on every pending
-   frame through a ``concurrent.futures.Executor`` (serial by default, a
-   process pool, or Dask's ``Client.get_executor()``). Each frame is claimed
-   in a transaction first (:mod:`probe_ase.al.store`: owner and lease, renewed
-   while the driver lives), so several drivers can label one database and no
-   frame is called twice. Each result is committed as soon as it arrives,
-   with the claim dropped in the same transaction (status ``done``, the
-   reference energy in eV and forces in eV/Å as the row's calculator
-   results); a failing reference call is retried, then recorded as
-   ``failed`` with its error. Killing a driver loses only its calls in
-   flight: their frames are taken over once the lease lapses, and
-   :meth:`resume` labels what is still pending and never repeats a finished
-   one. Each round is recorded in the database (``probe_rounds``: counts,
-   then the retrained model and head), so :meth:`run_round` finishes an
-   interrupted round before starting a new one.
+   frame (:mod:`probe_ase.al.label`: claims, leases, retries, any executor), and
+   :meth:`resume` finishes what an interrupted driver left. Each round is
+   recorded in the database (``probe_rounds``: counts, then the retrained model
+   and head), so :meth:`run_round` finishes an interrupted round before
+   starting a new one.
 3. :meth:`ActiveLearner.export` writes the labelled frames as extxyz, and
    :meth:`ActiveLearner.retrain` retrains the backbone (a user callback, or
    :class:`probe_ase.al.retrain.MaceTrainer` with mace-torch's own trainer) and
    refits the head.
 
-The database is an ase.db: an SQLite file by default, or a PostgreSQL server
-(a ``postgresql://user@host:port/name`` URL; ``pip install probe-ase[postgres]``)
-for drivers on several machines. Rows carry ``round``, ``status``, ``band``, ``reliability``,
-``novelty``, ``reason``, ``trajectory`` and ``step``; ``data`` holds the MLIP energy (eV), forces
-(eV/Å) and per-atom importances (and reliabilities, for heads with a per-atom logit) at selection time.
+The database is an ase.db (:mod:`probe_ase.al.store`): an SQLite file, or a PostgreSQL server
+(``postgresql://...``, ``pip install probe-ase[postgres]``) for drivers on several machines.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms, units
-from ase.calculators.calculator import BaseCalculator
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 from ase.md.langevin import Langevin
 from ase.md.md import MolecularDynamics
 from tqdm.auto import tqdm
 
+from probe_ase.al.label import ReferenceFactory, label_pending
 from probe_ase.al.regions import extract_regions
+from probe_ase.al.select import Candidate, select
 from probe_ase.al.store import STATUSES, ALStore, RoundRecord
 from probe_ase.calculator import ProbeCalculator
 from probe_ase.exceptions import InputError
 from probe_ase.fileio import atomic_write
 from probe_ase.fitting.labels import mean_force_rmse
 
-ReferenceFactory = Callable[[], BaseCalculator]
 MDFactory = Callable[[Atoms], MolecularDynamics]
 
 
@@ -114,108 +88,6 @@ class RoundReport:
                 f"{self.rejected:>9} {1000 * self.force_rmse_before:>14.1f} {1000 * self.force_rmse_after:>8.1f}")
 
 
-@dataclass
-class Candidate:
-    """One explored step worth (or not worth) a reference calculation."""
-
-    atoms: Atoms
-    reliability: float
-    novelty: float
-    band: str
-    trajectory: int
-    step: int
-    fingerprint: np.ndarray
-    unreliable_atoms: np.ndarray | None = None
-
-
-class SerialExecutor(Executor):
-    """Runs each call at submission, in this process (the default executor)."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        """Call ``fn(*args, **kwargs)`` now; return a done future holding its result or its exception."""
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as err:  # noqa: BLE001 - handed to the caller; Ctrl-C still stops the loop
-            future.set_exception(err)
-        return future
-
-
-def reference_calculation(factory: ReferenceFactory, atoms: Atoms) -> dict:
-    """Energy (eV) and forces (eV/Å) of ``atoms`` from a fresh reference calculator."""
-    atoms = atoms.copy()
-    atoms.calc = factory()
-    return {"energy": float(atoms.get_potential_energy()), "forces": np.asarray(atoms.get_forces(), dtype=float)}
-
-
-def label_pending(
-    db_path: str,
-    reference: ReferenceFactory,
-    executor: Executor | None = None,
-    retries: int = 1,
-    progress: bool = True,
-    lease: float = 60.0,
-    max_in_flight: int | None = None,
-) -> dict[str, int]:
-    """Run the reference on every ``pending`` row of ``db_path``; commit each result as it arrives.
-
-    Each frame is claimed in a transaction before its call (:class:`~probe_ase.al.store.ALStore`),
-    so any number of drivers, in any processes, can label one database: no
-    frame is called twice, and a frame whose driver died is taken over once
-    its ``lease`` (seconds) lapses. With no executor the calls run here, one
-    at a time; with an executor up to ``max_in_flight`` (default: all) are
-    claimed and submitted at once. Returns when no pending row is left (it
-    waits for frames other drivers hold), with counts ``{"done": n, "failed":
-    m}`` of the frames this call labelled.
-    """
-    store = ALStore(db_path, lease=lease)
-    serial = executor is None
-    executor = executor or SerialExecutor()
-    limit = 1 if serial else max_in_flight or sys.maxsize
-    counts = {"done": 0, "failed": 0}
-    attempts: dict[int, int] = {}
-    atoms_of: dict[int, Atoms] = {}
-    futures: dict[Future, int] = {}
-
-    def submit(row_id: int) -> None:
-        futures[executor.submit(reference_calculation, reference, atoms_of[row_id])] = row_id
-
-    bar = tqdm(total=store.pending(), desc="label", unit="frame", disable=not progress)
-    try:
-        with store.heartbeat():
-            while True:
-                for row_id, atoms in store.claim(limit - len(futures)):
-                    atoms_of[row_id], attempts[row_id] = atoms, 0
-                    submit(row_id)
-                if not futures:
-                    if not store.pending():
-                        break
-                    time.sleep(store.poll)  # other drivers hold the rest: wait for them, or for their leases
-                    continue
-                finished, _ = wait(futures, timeout=store.poll, return_when=FIRST_COMPLETED)
-                for done in finished:
-                    row_id = futures.pop(done)
-                    attempts[row_id] += 1
-                    error = done.exception()
-                    if error is None:
-                        labelled = atoms_of[row_id].copy()
-                        labelled.calc = SinglePointCalculator(labelled, **done.result())
-                        counts["done"] += store.finish(row_id, atoms=labelled, status="done",
-                                                       attempts=attempts[row_id])
-                    elif attempts[row_id] <= retries:
-                        submit(row_id)  # still claimed: retry
-                        continue
-                    else:
-                        message = "".join(traceback.format_exception_only(type(error), error)).strip()
-                        counts["failed"] += store.finish(row_id, status="failed", error=message[:500],
-                                                         attempts=attempts[row_id])
-                    bar.update(1)
-    finally:
-        bar.close()
-        store.release()  # frames still in flight go back to pending at once (a killed driver's wait a lease)
-    return counts
-
-
 class ActiveLearner:
     """Explore with a ProbeCalculator, label unreliable frames, retrain.
 
@@ -226,8 +98,8 @@ class ActiveLearner:
             ``functools.partial``, not a lambda).
         db: ase.db path or URL.
         executor: where reference calls run (default: serially, here).
-        p_lo, p_hi: band edges on reliability (0-1); default ``p_hi`` = the
-            head's p* and ``p_lo`` = p*/2.
+        p_lo: lower band edge on reliability (0-1); default p*/2.
+        p_hi: upper band edge on reliability (0-1); default the head's p*.
         novelty_hi: out-of-support frames (novelty above the calculator's
             ``max_novelty``) up to this novelty are candidates, beyond it failed.
         retries: extra attempts for a failing reference call before ``failed``.
@@ -280,7 +152,7 @@ class ActiveLearner:
                                  region_buffer=region_buffer)
             if probe_calc is None or not probe_calc.probe.meta.local:
                 raise InputError("region labelling needs a head with per-atom reliability: refit it with "
-                                 "atom_threshold= (eV/Å) or atom_quantile=", region_buffer=self.region_buffer,
+                                 "atom_tolerance= (eV/Å) or atom_quantile=", region_buffer=self.region_buffer,
                                  local=probe_calc is not None and probe_calc.probe.meta.local)
             auto = min_atom_reliability == "auto"
             self.min_atom_reliability = probe_calc.probe.meta.atom_p_star if auto else float(min_atom_reliability)
@@ -373,22 +245,10 @@ class ActiveLearner:
         return "candidate" if reliability >= self.p_lo else "failed"
 
     def select(self, candidates: Sequence[Candidate], max_new: int, min_separation: int) -> list[Candidate]:
-        """Out-of-support first, then least reliable, ``min_separation`` steps apart per trajectory, no near-duplicates."""
-        chosen: list[Candidate] = []
+        """:func:`~probe_ase.al.select.select`, against the frames already in the database."""
         known = [np.asarray(row.data["fingerprint"]) for row in self.db.select() if "fingerprint" in row.data]
         support = self.probe_calc.max_novelty if self.probe_calc is not None else 1.0
-        order = sorted(candidates, key=lambda c: (c.novelty <= support, c.reliability, c.trajectory, c.step))
-        for cand in order:
-            if len(chosen) >= max_new:
-                break
-            if any(c.trajectory == cand.trajectory and abs(c.step - cand.step) < min_separation for c in chosen):
-                continue
-            scale = np.linalg.norm(cand.fingerprint) + 1e-12
-            if any(np.linalg.norm(cand.fingerprint - f) < self.dedup_tol * scale
-                   for f in known + [c.fingerprint for c in chosen]):
-                continue
-            chosen.append(cand)
-        return chosen
+        return select(candidates, known, max_new, min_separation, support, self.dedup_tol)
 
     def _store(self, cand: Candidate, status: str) -> None:
         atoms = cand.atoms.copy()

@@ -20,6 +20,10 @@ see :meth:`~probe_ase.ActiveLearner.export` and
 :func:`~probe_ase.al.retrain.mace_training_frames`. Choose ``buffer`` at least the
 backbone's receptive field (cutoff x interactions) so core atoms see the same
 neighbourhood in the cluster as in the cell.
+
+In an active-learning database each region is a ``pending`` row carrying
+``source_id`` (the source frame's row) and, in ``data``, ``source_index``,
+``core`` and ``mlip_forces`` (the MLIP's own forces on the region, eV/Å).
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The active-learning database beside ase.db's own tables: claims, rounds, an integrity check.
 
+Its ase.db rows carry ``round``, ``status``, ``band``, ``reliability``, ``novelty``, ``reason``,
+``trajectory`` and ``step``; ``data`` holds the MLIP energy (eV), forces (eV/Å) and per-atom
+importances (and reliabilities, for heads with a per-atom logit) at selection time.
+
 ase.db has no row locking, so two drivers labelling one database would both
 call the reference on the same pending frame. :class:`ALStore` adds two tables
 to the same database (SQLite file or PostgreSQL) and touches them only in real

@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the backbone's own training structures (extxyz, ASE trajectory or ase.db; no labels "
                            "needed): structures like them count as inside the novelty support")
 
+    add_advanced(parser)
+
+
+def add_advanced(parser: argparse.ArgumentParser) -> None:
+    """The advanced group: one option per :class:`~probe_ase.fitting.spec.FitOptions` field, with its default."""
     adv = parser.add_argument_group("advanced", "training and head settings (probe_ase.FitOptions); the "
                                                 "defaults are what the published numbers were measured with")
     adv.add_argument("--layers", type=int, nargs="+", metavar="I", help="interaction layers to tap (default: all)")

@@ -104,14 +104,7 @@ def evaluate(
         "out_of_support": float(np.mean([s.info["reason"] == "out_of_support" for s in scored])),
     }
     curves = {"PROBE": 1 - p}
-    atom_std = None
-    if committee is not None:
-        structure_scores, atom_std = ensemble_scores(committee, frames)
-        for name, score in structure_scores.items():
-            curves[name] = score
-            ranking = 1 - score / (score.max() or 1.0)  # a monotone map to [0, 1]: only ranking metrics count
-            results[name] = {k: v for k, v in metrics.summary(ranking, reliable, error).items()
-                             if k not in ("ece", "brier")}
+    atom_std = None if committee is None else committee_rows(committee, frames, reliable, error, curves, results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_evaluation(curves, p, error, reliable, tau, probe.p_star, criterion, out)
@@ -131,6 +124,19 @@ def evaluate(
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(markdown(results, figures, len(frames))))
     return results
+
+
+def committee_rows(committee: BaseCalculator, frames: list[Atoms], reliable: np.ndarray, error: np.ndarray,
+                   curves: dict, results: dict) -> np.ndarray:
+    """Add the committee's scores to ``curves`` and their ranking metrics to ``results``; return its per-atom force
+    std (eV/Å)."""
+    structure_scores, atom_std = ensemble_scores(committee, frames)
+    for name, score in structure_scores.items():
+        curves[name] = score
+        ranking = 1 - score / (score.max() or 1.0)  # a monotone map to [0, 1]: only ranking metrics count
+        results[name] = {k: v for k, v in metrics.summary(ranking, reliable, error).items()
+                         if k not in ("ece", "brier")}
+    return atom_std
 
 
 def atom_metrics(probe: Probe, scored: list[Atoms], atom_error: np.ndarray, reliable: np.ndarray,

@@ -103,7 +103,7 @@ def calibrate(held: HeldOut, labels: Labels, config: HeadConfig, novelty: Novelt
         levels = np.quantile(labels.errors[held.fit_set], config.aux_quantiles)
         weight = fit_logit_weight(z_held, penalty_held, np.column_stack(
             [labels.y[structures] == 1, *(labels.errors[structures] <= level for level in levels)]))
-    calibration = Calibration(novelty_weight=weight, penalty=novelty.penalty)
+    calibration = Calibration(novelty_weight=weight)
     z_grid = calibration.logit(torch.from_numpy(held.z_grid[:, 0]), torch.from_numpy(held.penalty_grid)).numpy()
     z_cal = calibration.logit(torch.from_numpy(held.z_cal[:, 0]), torch.from_numpy(held.penalty_cal)).numpy()
     calibration = replace(calibration, temperature=fit_temperature(z_cal, labels.y[held.cal]))

@@ -204,7 +204,7 @@ def certify(
     delta: float = 0.1,
     cal_eligible: np.ndarray | None = None,
     val_eligible: np.ndarray | None = None,
-    fallback: str = "strictest",
+    fallback: Fallback = "strictest",
 ) -> Certificate:
     """Choose a threshold on a score (higher = more reliable) certified at ``target_risk``.
 
@@ -214,9 +214,8 @@ def certify(
         val_scores: validation scores, used only to fix the grid.
         target_risk: risk alpha to certify (0-1).
         delta: the guarantee may fail with probability at most this (0-1).
-        cal_eligible: calibration structures that may be accepted at all
-            (default all); the others count as rejected at every threshold.
-        val_eligible: the same for the validation structures (for the grid).
+        cal_eligible, val_eligible: structures that may be accepted at all (default
+            all); the others count as rejected at every threshold.
         fallback: which certified threshold a fallback returns (:data:`FALLBACKS`, below).
 
     When ``target_risk`` cannot be certified, the lowest risk on a ladder

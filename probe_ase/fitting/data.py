@@ -136,7 +136,7 @@ class FeatureSet:
         if missing:
             raise MissingReferenceError(
                 f"per-atom labels need reference forces, missing for {len(missing)} structures "
-                f"(first indices {missing[:5]}); drop atom_threshold or add reference forces",
+                f"(first indices {missing[:5]}); drop atom_tolerance / atom_quantile or add reference forces",
                 missing=missing,
             )
         return self.atom_errors

@@ -14,6 +14,7 @@ from probe_ase.exceptions import LabelError
 from probe_ase.fitting.data import FeatureSet
 from probe_ase.fitting.novelty import fit_novelty
 from probe_ase.fitting.split import split_indices
+from probe_ase.fitting.timing import timed
 from probe_ase.fitting.train import TrainConfig, out_of_fold_logits, train_head
 from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, structure_ptr, structure_rows
 from probe_ase.model.novelty import NoveltyConfig, NoveltyModel, structure_novelty
@@ -48,6 +49,7 @@ class HeldOut:
     z_atom_cal: np.ndarray
     weight_inputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     sizes: dict
+    seconds: dict[str, float]
 
 
 def head_outputs(head: ProbeHead, data: FeatureSet, edges: Sequence[np.ndarray], indices: np.ndarray
@@ -65,28 +67,31 @@ def held_out_split(
 ) -> tuple[ProbeHead, int, NoveltyModel, HeldOut]:
     """``calibration="split"``: one head on the train split; the validation split fixes the grid, the calibration
     split calibrates; the density is fitted on train and validation, the novelty weight on fold heads' logits."""
-    splits = split_indices(labels, train)
-    head, epochs = train_head(data, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
+    splits, seconds = split_indices(labels, train), {}
+    with timed(seconds, "train"):
+        head, epochs = train_head(data, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
     tr, val, cal = splits
     trval = np.concatenate([tr, val])  # the structures (and order) of held_out_atoms
-    density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, trval, elements,
-                                          novelty, reference, seed=train.seed)
-    # support edge: the largest atom novelty; logit penalty: novelty.penalty ("mean" or "max") of the atom novelties
+    with timed(seconds, "novelty"):
+        density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, trval, elements,
+                                              novelty, reference, seed=train.seed)
+    # support edge: the largest atom novelty; logit penalty: the mean atom novelty
     held_novelty, held_penalty = (structure_novelty(held_out_atoms, structure_ptr(data.ptr, trval), reduce)
-                                  for reduce in ("max", novelty.penalty))
+                                  for reduce in ("max", "mean"))
     z_val = head_outputs(head, data, edges, val)[0]
     z_cal, importance_cal, z_atom_cal = head_outputs(head, data, edges, cal)
     cal_rows = structure_rows(data.ptr, cal)
     with torch.no_grad():
         atom_novelty = density(data.features[cal_rows], data.numbers[cal_rows]).numpy()
     novelty_cal, penalty_cal = (structure_novelty(atom_novelty, structure_ptr(data.ptr, cal), reduce)
-                                for reduce in ("max", novelty.penalty))
+                                for reduce in ("max", "mean"))
     # fold heads: as many as asked, at most one per minority structure (split_indices leaves >= 4 here)
     weight_folds = min(novelty.weight_folds, int(labels[trval].sum()), int((labels[trval] == 0).sum()))
     weight_inputs = None
     if novelty.logit_weight and weight_folds:
-        z_oof = out_of_fold_logits(data, edges, labels, trval, elements, weight_folds, config, train,
-                                   progress, errors, atom_labels)
+        with timed(seconds, "fold_heads"):
+            z_oof = out_of_fold_logits(data, edges, labels, trval, elements, weight_folds, config, train,
+                                       progress, errors, atom_labels)
         weight_inputs = (z_oof, held_penalty, trval)
     elif novelty.logit_weight:
         weight_inputs = (z_val, held_penalty[len(tr):], val)
@@ -96,7 +101,8 @@ def held_out_split(
         grid=val, cal=cal, fit_set=trval, z_grid=z_val, z_cal=z_cal,
         novelty_grid=held_novelty[len(tr):], penalty_grid=held_penalty[len(tr):],  # out-of-fold, validation split
         novelty_cal=novelty_cal, penalty_cal=penalty_cal, atom_novelty_cal=atom_novelty,
-        importance_cal=importance_cal, z_atom_cal=z_atom_cal, weight_inputs=weight_inputs, sizes=sizes)
+        importance_cal=importance_cal, z_atom_cal=z_atom_cal, weight_inputs=weight_inputs, sizes=sizes,
+        seconds=seconds)
 
 
 def held_out_crossfit(
@@ -111,16 +117,45 @@ def held_out_crossfit(
     a stratified ``val_fraction`` of them fixes the grid, the rest calibrate;
     the novelty weight is fitted on all of them.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     everything = np.arange(len(labels))
     n_minor = int(min(labels.sum(), len(labels) - labels.sum()))
     if n_minor < 2 * train.folds:
         raise LabelError(f"only {n_minor} structures in the minority class; {train.folds} fold heads need at least "
                          f"{2 * train.folds} (two per fold: one to train on, one to stop on)",
                          n=len(labels), n_reliable=int(labels.sum()), n_minor=n_minor, folds=train.folds)
-    single = replace(config, members=1)
-    heads, epochs = [], 0
+    seconds: dict[str, float] = {}
+    with timed(seconds, "train"):
+        head, epochs, z_all, importance_all, z_atom_all, (tr, val) = _fold_heads(
+            data, edges, labels, errors, atom_labels, elements, config, train, progress)
+    with timed(seconds, "novelty"):
+        density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, everything, elements,
+                                              novelty, reference, seed=train.seed)
+    held_novelty, held_penalty = (structure_novelty(held_out_atoms, structure_ptr(data.ptr, everything), reduce)
+                                  for reduce in ("max", "mean"))
+    cal, grid = train_test_split(everything, test_size=train.val_fraction, stratify=labels, random_state=train.seed)
+    cal, grid = np.sort(cal), np.sort(grid)
+    cal_rows = structure_rows(data.ptr, cal).numpy()
+    sizes = {"n_train": len(tr), "n_val": len(val), "n_cal": len(cal), "n_grid": len(grid), "folds": train.folds,
+             "novelty_weight_folds": train.folds if novelty.logit_weight else 0}
+    return head, epochs, density, HeldOut(
+        grid=grid, cal=cal, fit_set=everything, z_grid=z_all[grid], z_cal=z_all[cal],
+        novelty_grid=held_novelty[grid], penalty_grid=held_penalty[grid],
+        novelty_cal=held_novelty[cal], penalty_cal=held_penalty[cal], atom_novelty_cal=held_out_atoms[cal_rows],
+        importance_cal=importance_all[cal_rows], z_atom_cal=z_atom_all[cal_rows] if config.atom_logit else
+        np.empty(0), weight_inputs=(z_all, held_penalty, everything) if novelty.logit_weight else None, sizes=sizes,
+        seconds=seconds)
+
+
+def _fold_heads(
+    data: FeatureSet, edges: Sequence[np.ndarray], labels: np.ndarray, errors: np.ndarray,
+    atom_labels: np.ndarray | None, elements: Sequence[int], config: HeadConfig, train: TrainConfig, progress: bool,
+) -> tuple[ProbeHead, int, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """``train.folds`` heads, each trained without one stratified fold and scoring it; their mean head, the most
+    epochs any ran, every structure's held-out logits, importances and atom logits, and the last fold's train and
+    validation structures."""
+    from sklearn.model_selection import StratifiedKFold
+
+    everything, single, heads, epochs = np.arange(len(labels)), replace(config, members=1), [], 0
     z_all = np.empty((len(labels), 1 + len(config.aux_quantiles)))
     importance_all, z_atom_all = np.empty(len(data.numbers)), np.empty(len(data.numbers))
     kfold = StratifiedKFold(train.folds, shuffle=True, random_state=train.seed)
@@ -138,20 +173,6 @@ def held_out_crossfit(
         if len(z_atom):
             z_atom_all[rows] = z_atom
     head = ProbeHead.from_members(heads, replace(config, members=train.folds))
-    density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, everything, elements,
-                                          novelty, reference, seed=train.seed)
-    held_novelty, held_penalty = (structure_novelty(held_out_atoms, structure_ptr(data.ptr, everything), reduce)
-                                  for reduce in ("max", novelty.penalty))
-    cal, grid = train_test_split(everything, test_size=train.val_fraction, stratify=labels, random_state=train.seed)
-    cal, grid = np.sort(cal), np.sort(grid)
-    cal_rows = structure_rows(data.ptr, cal).numpy()
-    sizes = {"n_train": len(tr), "n_val": len(val), "n_cal": len(cal), "n_grid": len(grid), "folds": train.folds,
-             "novelty_weight_folds": train.folds if novelty.logit_weight else 0}
-    return head, epochs, density, HeldOut(
-        grid=grid, cal=cal, fit_set=everything, z_grid=z_all[grid], z_cal=z_all[cal],
-        novelty_grid=held_novelty[grid], penalty_grid=held_penalty[grid],
-        novelty_cal=held_novelty[cal], penalty_cal=held_penalty[cal], atom_novelty_cal=held_out_atoms[cal_rows],
-        importance_cal=importance_all[cal_rows], z_atom_cal=z_atom_all[cal_rows] if config.atom_logit else
-        np.empty(0), weight_inputs=(z_all, held_penalty, everything) if novelty.logit_weight else None, sizes=sizes)
+    return head, epochs, z_all, importance_all, z_atom_all, (tr, val)
 
 

@@ -31,18 +31,16 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
     auxiliary quantile logits and labels "error <= q-quantile"), each column
     gets its own ``a`` and ``b`` and all share one ``lam``: the auxiliary
     labels hold many more unreliable structures than a strict main label, so
-    the shared ``lam`` is fitted more steadily; the weight is ``lam / a`` of
-    the main column. (Simulated with 2 % unreliable under the main label and
-    a true weight of 1.5: mean absolute miss 0.41-0.57 against 0.55-1.02 for
-    the main label alone over five simulation seeds, medians 1.36-1.52;
-    tested.) Columns with one class only, or a constant logit, are left out.
+    the shared ``lam`` is fitted more steadily (tested on simulated data);
+    the weight is ``lam / a`` of the main column. Columns with one class only,
+    or a constant logit, are left out.
 
     Args:
         logits: raw logits ``(n,)`` or ``(n, k)`` of structures the head(s)
             that scored them did not train on (out-of-fold, or the validation
             split).
         novelty: their out-of-fold per-structure novelty ``(n,)`` (documented
-            scale; the mean or largest atom novelty, as the penalty reads it);
+            scale; each structure's mean atom novelty, as the penalty reads it);
             structures with infinite novelty are left out.
         reliable: their labels, shaped like ``logits`` (True: within tolerance).
     """
@@ -124,8 +122,7 @@ def fit_novelty(
         features, numbers, ptr: concatenated per-atom features, atomic numbers,
             and structure offsets (structure ``k`` owns rows ``ptr[k]:ptr[k+1]``).
         fit_structures: structures the density is fitted on (never the
-            calibration split: the calibration frames must be scored as
-            deployment frames are).
+            calibration split: it must be scored as deployment frames are).
         elements: atomic numbers the model scores.
         config: mixture components, folds and support quantile.
         reference: extra ``(features, numbers)`` atoms (the backbone's own
@@ -134,73 +131,86 @@ def fit_novelty(
         max_atoms: most atoms per element per mixture fit (subsampled above).
 
     Returns:
-        the fitted model and the out-of-fold atom novelty of the fit
-        structures' atoms (documented scale; concatenated in the order of
-        ``fit_structures``): :func:`structure_novelty` of it is <= 1 for the
-        share ``support_quantile`` of them.
+        the fitted model and the out-of-fold novelty of the fit structures'
+        atoms (in the order of ``fit_structures``; the largest per structure
+        is <= 1 for the share ``support_quantile`` of them).
     """
-    components, folds = config.components, config.folds
-    fit_structures = np.asarray(fit_structures)
+    components, folds, fit_structures = config.components, config.folds, np.asarray(fit_structures)
     if len(fit_structures) < folds:
         raise InputError(f"novelty needs at least {folds} fit structures, got {len(fit_structures)}",
                          folds=folds, n_fit=len(fit_structures))
     model = NoveltyModel(features.shape[1], elements, components)
-    lookup = model.element_index.numpy()
-    x_all = features.detach().cpu().double().numpy()
-    e_all = lookup[numbers.cpu().numpy()]
+    x_all, e_all = features.detach().cpu().double().numpy(), model.element_index.numpy()[numbers.cpu().numpy()]
     rows_of = [np.arange(ptr[k], ptr[k + 1]) for k in fit_structures]
-    ref_x = ref_e = None
-    if reference is not None:
-        ref_x, ref_e = reference[0].detach().cpu().double().numpy(), lookup[reference[1].cpu().numpy()]
-        if (ref_e < 0).any():
-            raise InputError("the reference frames hold elements the head was not fitted on",
-                             unknown=sorted(set(reference[1].cpu().numpy()[ref_e < 0].tolist())),
-                             known=list(model.elements))
-    n_el = len(model.elements)
+    ref_x, ref_e = _reference_atoms(reference, model)
 
-    def with_reference(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fit_on(rows: np.ndarray) -> None:  # the density of these rows' atoms and the reference atoms
         x, e = x_all[rows], e_all[rows]
-        return (x, e) if ref_x is None else (np.concatenate([x, ref_x]), np.concatenate([e, ref_e]))
+        x, e = (x, e) if ref_x is None else (np.concatenate([x, ref_x]), np.concatenate([e, ref_e]))
+        _load(model, *_fit_mixtures(x, e, len(model.elements), components, seed, max_atoms))
 
     # out-of-fold distances: each fit structure scored by a density fitted without it
     fold_of = np.random.default_rng(seed).permutation(len(fit_structures)) % folds
     oof = np.empty(len(x_all))
     for f in range(folds):
-        train_rows = np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of != f)])
+        fit_on(np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of != f)]))
         test_rows = np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of == f)])
-        _load(model, *_fit_mixtures(*with_reference(train_rows), n_el, components, seed, max_atoms))
         oof[test_rows] = model.distances(torch.from_numpy(x_all[test_rows]), numbers[test_rows]).numpy()
     all_rows = np.concatenate(rows_of)
-    unit, rare = np.ones(n_el), []
-    for e in range(n_el):
-        held = oof[all_rows][e_all[all_rows] == e]
-        held = held[np.isfinite(held)]  # inf: no fold without this atom's structure held this element
-        if len(held):
-            unit[e] = max(float(np.median(held)), 1e-12)
-        elif (e_all[all_rows] == e).any():  # no held-out scale at all: fail safe, its atoms are never in support
-            unit[e] = 0.0  # distance / 0 = inf
-            rare.append(model.elements[e])
-    if rare:
-        warnings.warn(f"novelty: element(s) {rare} occur in too few fit structures to be scored out of fold "
-                      f"({folds} folds); every structure holding them will be out of support: add fit structures "
-                      "with them", stacklevel=3)
+    unit = _element_units(oof[all_rows], e_all[all_rows], model.elements, folds)
     with np.errstate(divide="ignore"):
         scaled = oof / unit[np.clip(e_all, 0, None)]
-    per_structure = np.array([scaled[r].max() for r in rows_of])
-    if np.isfinite(per_structure).all():
-        radius = float(np.quantile(per_structure, config.support_quantile))
-    else:  # an observed value: interpolating towards inf would give an infinite radius and switch the edge off
-        radius = float(np.quantile(per_structure, config.support_quantile, method="inverted_cdf"))
-    if not np.isfinite(radius):
-        raise InputError(f"novelty: {int((~np.isfinite(per_structure)).sum())} of {len(per_structure)} fit structures "
-                         "hold atoms no out-of-fold density could score (elements in too few fit structures), more "
-                         f"than the {1 - config.support_quantile:.0%} the support may leave out: add fit structures "
-                         "with those elements", n_unscored=int((~np.isfinite(per_structure)).sum()),
-                         n_fit=len(per_structure))
-    _load(model, *_fit_mixtures(*with_reference(all_rows), n_el, components, seed, max_atoms))
+    radius = _support_radius(np.array([scaled[r].max() for r in rows_of]), config.support_quantile)
+    fit_on(all_rows)
     model.unit.copy_(torch.from_numpy(unit))
     model.radius.fill_(radius)
     return model, scaled[all_rows] / radius
+
+
+def _reference_atoms(reference: tuple[torch.Tensor, torch.Tensor] | None, model: NoveltyModel
+                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The reference atoms' features and element indices (None, None without reference frames)."""
+    if reference is None:
+        return None, None
+    ref_x, ref_e = reference[0].detach().cpu().double().numpy(), model.element_index.numpy()[reference[1].cpu().numpy()]
+    if (ref_e < 0).any():
+        raise InputError("the reference frames hold elements the head was not fitted on",
+                         unknown=sorted(set(reference[1].cpu().numpy()[ref_e < 0].tolist())), known=list(model.elements))
+    return ref_x, ref_e
+
+
+def _element_units(distances: np.ndarray, element: np.ndarray, elements: Sequence[int], folds: int) -> np.ndarray:
+    """Each element's unit: the median of its atoms' out-of-fold distances (0, so never in support, for an element
+    no fold could score, with a warning)."""
+    unit, rare = np.ones(len(elements)), []
+    for e in range(len(elements)):
+        held = distances[element == e]
+        held = held[np.isfinite(held)]  # inf: no fold without this atom's structure held this element
+        if len(held):
+            unit[e] = max(float(np.median(held)), 1e-12)
+        elif (element == e).any():  # no held-out scale at all: fail safe, its atoms are never in support
+            unit[e] = 0.0  # distance / 0 = inf
+            rare.append(elements[e])
+    if rare:
+        warnings.warn(f"novelty: element(s) {rare} occur in too few fit structures to be scored out of fold "
+                      f"({folds} folds); every structure holding them will be out of support: add fit structures "
+                      "with them", stacklevel=4)
+    return unit
+
+
+def _support_radius(per_structure: np.ndarray, support_quantile: float) -> float:
+    """The ``support_quantile`` of the fit structures' out-of-fold novelty (in element units)."""
+    if np.isfinite(per_structure).all():
+        radius = float(np.quantile(per_structure, support_quantile))
+    else:  # an observed value: interpolating towards inf would give an infinite radius and switch the edge off
+        radius = float(np.quantile(per_structure, support_quantile, method="inverted_cdf"))
+    if not np.isfinite(radius):
+        raise InputError(f"novelty: {int((~np.isfinite(per_structure)).sum())} of {len(per_structure)} fit structures "
+                         "hold atoms no out-of-fold density could score (elements in too few fit structures), more "
+                         f"than the {1 - support_quantile:.0%} the support may leave out: add fit structures "
+                         "with those elements", n_unscored=int((~np.isfinite(per_structure)).sum()),
+                         n_fit=len(per_structure))
+    return radius
 
 
 def _load(model: NoveltyModel, centres: np.ndarray, whiteners: np.ndarray, active: np.ndarray) -> None:

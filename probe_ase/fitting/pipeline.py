@@ -33,6 +33,7 @@ from probe_ase.fitting.data import FeatureSet, Frames, featurize, features_only,
 from probe_ase.fitting.heldout import HeldOut, held_out_crossfit, held_out_split
 from probe_ase.fitting.labels import Criterion, make_structure_labels, needs_forces
 from probe_ase.fitting.spec import FitOptions, FitSpec
+from probe_ase.fitting.timing import timed
 from probe_ase.fitting.train import TrainConfig
 from probe_ase.model.calibration import Calibration
 from probe_ase.model.graph import HeadGraph
@@ -111,23 +112,27 @@ def fit_spec(
     ``configs`` replaces the head, training and novelty configurations the
     spec's options give (the studies in ``benchmarks/`` vary them).
     """
-    frames = read_frames(data)
+    frames, seconds = read_frames(data), {}
     configs = internal_configs(spec) if configs is None else configs
-    features, reference, backbone = tap_features(calc, frames, spec, reference_data, cache_dir, progress)
+    with timed(seconds, "featurise"):
+        features, reference, backbone = tap_features(calc, frames, spec, reference_data, cache_dir, progress)
     labels = make_structure_labels(features, spec)
     config = complete_config(configs.head, backbone, features, spec)
     edges = HeadGraph(config.cutoff).frames(frames)
     held_out = held_out_crossfit if configs.train.calibration == "crossfit" else held_out_split
     head, epochs, density, held = held_out(features, edges, labels.y, labels.errors, labels.atom_y, backbone.elements,
                                            config, configs.train, configs.novelty, reference, progress)
-    calibration, z_grid, z_cal = calibrate(held, labels, head.config, configs.novelty, features.ptr)
+    with timed(seconds, "calibrate"):
+        calibration, z_grid, z_cal = calibrate(held, labels, head.config, configs.novelty, features.ptr)
     y_cal = labels.y[held.cal]
-    cert, p_star = certify_threshold(z_cal, z_grid, y_cal, held, calibration, spec)
+    with timed(seconds, "certify"):
+        cert, p_star = certify_threshold(z_cal, z_grid, y_cal, held, calibration, spec)
     p = calibration.probability(z_cal)
     accepted = (z_cal >= cert.threshold) & (held.novelty_cal <= 1)
     report = fit_report(p, y_cal, labels.errors[held.cal], accepted, held, calibration, cert, spec)
     report |= {"calibration": configs.train.calibration, "fraction_reliable": float(labels.y.mean()),
-               "epochs": epochs, "n_reference": 0 if reference is None else int(reference[0].shape[0])}
+               "epochs": epochs, "n_reference": 0 if reference is None else int(reference[0].shape[0]),
+               "seconds": seconds | held.seconds}
     atom_p_star = None
     if spec.local:
         cal_rows = structure_rows(features.ptr, held.cal)

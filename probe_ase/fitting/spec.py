@@ -13,6 +13,8 @@ from typing import Literal
 from probe_ase.exceptions import InputError
 from probe_ase.fitting.certify import FALLBACKS, Fallback
 from probe_ase.fitting.labels import CRITERIA, Criterion
+from probe_ase.model.head import HeadConfig
+from probe_ase.model.novelty import NoveltyConfig
 
 #: tau's quantile of the fit pool's errors when neither a tolerance nor a quantile is given
 DEFAULT_QUANTILE = 0.8
@@ -91,14 +93,9 @@ class FitOptions:
         if self.calibration == "crossfit" and self.members not in (1, self.folds):
             raise InputError(f"calibration='crossfit' deploys the mean of its {self.folds} fold heads: members must be "
                              f"1 or {self.folds}, got {self.members}", members=self.members, folds=self.folds)
-        if self.weight_folds == 1 or self.weight_folds < 0:
-            raise InputError(f"weight_folds must be 0 (validation split) or >= 2, got {self.weight_folds}",
-                             weight_folds=self.weight_folds)
-        if not 0 < self.support_quantile <= 1:
-            raise InputError(f"support_quantile must lie in (0, 1], got {self.support_quantile}",
-                             support_quantile=self.support_quantile)
-        if self.cutoff is not None and not self.cutoff > 0:
-            raise InputError(f"cutoff must be positive (Å), got {self.cutoff}", cutoff=self.cutoff)
+        # the novelty and head settings are checked where they are used, by the same rules
+        NoveltyConfig(support_quantile=self.support_quantile, weight_folds=self.weight_folds)
+        HeadConfig(hidden=self.hidden, cutoff=self.cutoff, members=self.members)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,6 @@ from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, log_rms_er
 
 #: force-error norms below this (eV/Å) count as this in the log-scale atom-error targets (HeadConfig.atom_error)
 ATOM_ERROR_FLOOR = 1e-3
-#: what early stopping may watch (:attr:`TrainConfig.stop_on`)
-STOP_ON = ("main", "all")
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,6 @@ class TrainConfig:
         val_fraction: share of structures for early stopping.
         cal_fraction: share of structures for calibration and p*.
         seed: seeds the split, initialisation and shuffling.
-        stop_on: which validation loss early stopping watches: ``"main"``
-            (the main label's, plus the per-atom loss when there is one) or
-            ``"all"`` (also the auxiliary quantile labels': the whole training loss).
         calibration: how calibration scores are held out. ``"split"``: one
             head trained on the train split; temperature and p* on the
             calibration split (``cal_fraction``), an exact Learn-then-Test
@@ -62,13 +57,10 @@ class TrainConfig:
     val_fraction: float = 0.15
     cal_fraction: float = 0.2
     seed: int = 0
-    stop_on: str = "main"
     calibration: CalibrationMode = "split"
     folds: int = 5
 
     def __post_init__(self) -> None:
-        if self.stop_on not in STOP_ON:
-            raise InputError(f"stop_on must be one of {STOP_ON}, got {self.stop_on!r}", stop_on=self.stop_on)
         if self.calibration not in CALIBRATION:
             raise InputError(f"calibration must be one of {CALIBRATION}, got {self.calibration!r}",
                              calibration=self.calibration)
@@ -110,8 +102,7 @@ def train_head(
     ``data.atom_errors`` must be finite on the training structures), and after
     training its predicted structure error is blended into the logits with
     the validation split's spread (:meth:`ProbeHead.set_error_blend`). Early
-    stopping watches the main loss plus the atom and atom-error losses
-    (``train.stop_on="main"``) or the whole training loss (``"all"``).
+    stopping watches the main loss plus the atom and atom-error losses (not the auxiliary labels').
     With ``config.members = K > 1`` each of K single heads is trained so,
     with seeds ``train.seed + k``, and the returned head averages them
     (:meth:`ProbeHead.from_members`); the epochs are the most any member ran.
@@ -122,48 +113,77 @@ def train_head(
                               progress, errors, atom_labels) for k in range(config.members)]
         return ProbeHead.from_members([head for head, _ in trained], config), max(epochs for _, epochs in trained)
     tr, val, _ = splits
-    generator = torch.Generator().manual_seed(train.seed)
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's global RNG alone
         torch.manual_seed(train.seed)
         head = ProbeHead(data.features.shape[1], elements, config)
-    rows = structure_rows(data.ptr, tr)
-    head.set_standardisation(data.features[rows], data.numbers[rows])
-    y = torch.as_tensor(labels, dtype=torch.float32)
-    n_pos = float(labels[tr].sum())
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(tr) - n_pos) / n_pos))
-    optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    if config.aux_quantiles:
-        if errors is None:
-            raise InputError("aux_quantiles need the per-structure errors", aux_quantiles=config.aux_quantiles)
-        levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
-        y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
+    head.set_standardisation(data.features[structure_rows(data.ptr, tr)])
+    loss = HeadLoss(head, data, edges, labels, tr, errors, atom_labels)
+    epochs = early_stopping(head, loss, tr, val, train, progress)
     if config.atom_error:
-        log_error = torch.as_tensor(np.log(np.maximum(data.atom_errors, ATOM_ERROR_FLOOR)), dtype=torch.float32)
-        if not torch.isfinite(log_error[rows]).all():
-            raise InputError("HeadConfig(atom_error=True) needs reference forces on every training structure",
-                             atom_error=True)
-        head.set_error_scale(log_error[rows])
-        y_error = (log_error - head.error_shift) / head.error_scale
-    if config.atom_logit:
-        if atom_labels is None:
-            raise InputError("atom_logit needs per-atom labels", atom_logit=config.atom_logit)
-        y_atom = torch.as_tensor(atom_labels, dtype=torch.float32)
-        n_good_atoms = float(y_atom[rows].sum())
-        atom_loss_fn = torch.nn.BCEWithLogitsLoss(
-            pos_weight=torch.tensor(max(len(rows) - n_good_atoms, 1.0) / max(n_good_atoms, 1.0)))
+        with torch.no_grad():
+            inputs = batch_inputs(data.features, data.numbers, data.ptr, edges, val)
+            logits, _, _, atom_errors = head.member_logits(*inputs)  # the one member's
+            structure_error = log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:])
+            head.set_error_blend(logits[0], structure_error[0])
+    return head, epochs
 
-    def loss_on(indices: Sequence[int], main_only: bool = False) -> torch.Tensor:
-        logits, _, atom_logits, atom_errors = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr,
-                                                                            edges, indices))
-        loss = loss_fn(logits[:, 0], y[list(indices)])
-        if config.aux_quantiles and not main_only:
-            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], y_aux[list(indices)])
-        if config.atom_error:  # part of the "main" loss: the blended logit ranks by it
-            loss = loss + torch.nn.functional.mse_loss(atom_errors, y_error[structure_rows(data.ptr, indices)])
+
+class HeadLoss:
+    """The training loss of a single head on structures ``indices`` (see :func:`train_head`).
+
+    Built from the training structures ``tr``: the class weights, the auxiliary
+    quantile levels and the atom-error scale (which it sets on ``head``).
+    """
+
+    def __init__(self, head: ProbeHead, data: FeatureSet, edges: Sequence[np.ndarray], labels: np.ndarray,
+                 tr: np.ndarray, errors: np.ndarray | None, atom_labels: np.ndarray | None) -> None:
+        config, rows = head.config, structure_rows(data.ptr, tr)
+        self.head, self.data, self.edges, self.config = head, data, edges, config
+        self.y = torch.as_tensor(labels, dtype=torch.float32)
+        n_pos = float(labels[tr].sum())
+        self.structure_loss = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(tr) - n_pos) / n_pos))
+        if config.aux_quantiles:
+            if errors is None:
+                raise InputError("aux_quantiles need the per-structure errors", aux_quantiles=config.aux_quantiles)
+            levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
+            self.y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
+        if config.atom_error:
+            log_error = torch.as_tensor(np.log(np.maximum(data.atom_errors, ATOM_ERROR_FLOOR)), dtype=torch.float32)
+            if not torch.isfinite(log_error[rows]).all():
+                raise InputError("HeadConfig(atom_error=True) needs reference forces on every training structure",
+                                 atom_error=True)
+            head.set_error_scale(log_error[rows])
+            self.y_error = (log_error - head.error_shift) / head.error_scale
         if config.atom_logit:
-            loss = loss + atom_loss_fn(atom_logits, y_atom[structure_rows(data.ptr, indices)])
+            if atom_labels is None:
+                raise InputError("atom_logit needs per-atom labels", atom_logit=config.atom_logit)
+            self.y_atom = torch.as_tensor(atom_labels, dtype=torch.float32)
+            n_good_atoms = float(self.y_atom[rows].sum())
+            self.atom_loss = torch.nn.BCEWithLogitsLoss(
+                pos_weight=torch.tensor(max(len(rows) - n_good_atoms, 1.0) / max(n_good_atoms, 1.0)))
+
+    def __call__(self, indices: Sequence[int], main_only: bool = False) -> torch.Tensor:
+        """The loss on structures ``indices``; ``main_only`` leaves the auxiliary labels' out (what early stopping
+        watches)."""
+        data, config = self.data, self.config
+        logits, _, atom_logits, atom_errors = self.head.all_logits(*batch_inputs(data.features, data.numbers,
+                                                                                 data.ptr, self.edges, indices))
+        loss = self.structure_loss(logits[:, 0], self.y[list(indices)])
+        if config.aux_quantiles and not main_only:
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], self.y_aux[list(indices)])
+        if config.atom_error:  # part of the "main" loss: the blended logit ranks by it
+            loss = loss + torch.nn.functional.mse_loss(atom_errors, self.y_error[structure_rows(data.ptr, indices)])
+        if config.atom_logit:
+            loss = loss + self.atom_loss(atom_logits, self.y_atom[structure_rows(data.ptr, indices)])
         return loss
 
+
+def early_stopping(head: ProbeHead, loss: HeadLoss, tr: np.ndarray, val: np.ndarray, train: TrainConfig,
+                   progress: bool) -> int:
+    """AdamW over shuffled batches of ``tr`` until the validation loss stalls ``train.patience`` epochs; leaves the
+    best state in ``head`` (in eval mode) and returns the epochs run."""
+    generator = torch.Generator().manual_seed(train.seed)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     best, best_state, since, epoch = math.inf, copy.deepcopy(head.state_dict()), 0, 0
     bar = tqdm(range(train.epochs), desc="fit head", unit="epoch", disable=not progress)
     for epoch in bar:  # noqa: B007 - read after the loop: the epochs run
@@ -171,11 +191,11 @@ def train_head(
         order = tr[torch.randperm(len(tr), generator=generator).numpy()]
         for start in range(0, len(order), train.batch_size):
             optimiser.zero_grad()
-            loss_on(order[start : start + train.batch_size]).backward()
+            loss(order[start : start + train.batch_size]).backward()
             optimiser.step()
         head.eval()
         with torch.no_grad():
-            val_loss = float(loss_on(val, main_only=train.stop_on == "main"))
+            val_loss = float(loss(val, main_only=True))
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best - 1e-5:
             best, best_state, since = val_loss, copy.deepcopy(head.state_dict()), 0
@@ -186,12 +206,7 @@ def train_head(
     bar.close()
     head.load_state_dict(best_state)
     head.eval()
-    if config.atom_error:
-        with torch.no_grad():
-            inputs = batch_inputs(data.features, data.numbers, data.ptr, edges, val)
-            logits, _, _, atom_errors = head.all_logits(*inputs)
-            head.set_error_blend(logits, log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:]))
-    return head, epoch + 1
+    return epoch + 1
 
 
 def out_of_fold_logits(

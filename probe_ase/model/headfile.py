@@ -135,14 +135,28 @@ class HeadMeta:
         return cls(**d)
 
 
-def _upgrade(meta: dict, state: dict[str, torch.Tensor]) -> dict:
-    """A version 6-8 file's metadata and state as version 9 has them: the calibration out of the head's temperature
-    buffers and the metadata's ``temperature`` / ``novelty_weight``, the fit's settings out of its fields and report."""
+#: head options a study tried and version 9 removed (design decisions): a head fitted with one of them on must be refit
+REMOVED_OPTIONS = ("max_pool", "per_element_scaling", "shared_score")
+
+
+def _upgrade(meta: dict, state: dict[str, torch.Tensor], path: str | os.PathLike) -> dict:
+    """A version 6-8 file's metadata and state as version 9 has them (``state`` is changed in place): the calibration
+    out of the head's temperature buffers and the metadata's ``temperature`` / ``novelty_weight``, the fit's settings
+    out of its fields and report, every member's weights stacked along a leading axis."""
+    removed = [name for name in REMOVED_OPTIONS if meta["config"].pop(name, False)]
+    if removed or meta["novelty"].get("penalty", "mean") != "mean":
+        raise HeadFileError(f"{path} was fitted with {', '.join(removed) or 'the max novelty penalty'}, which this "
+                            "probe-ase no longer has (design decisions): refit the head", path=str(path),
+                            removed=removed)
     atom_temperature = float(state["atom_temperature"])
-    for name in [k for k in state if k.rsplit(".", 1)[-1] in ("temperature", "atom_temperature")]:
-        del state[name]
+    members = meta["config"].get("members", 1)
+    stacked = _stack_members({k: v for k, v in state.items()
+                              if k.rsplit(".", 1)[-1] not in ("temperature", "atom_temperature")}, members)
+    state.clear()
+    state.update(stacked)
     meta["calibration"] = {"temperature": meta.pop("temperature"), "novelty_weight": meta.pop("novelty_weight", 0.0),
-                           "atom_temperature": atom_temperature, "penalty": meta["novelty"].get("penalty", "mean")}
+                           "atom_temperature": atom_temperature}
+    meta["novelty"].pop("penalty", None)
     report, config, novelty = meta.get("report", {}), meta["config"], meta["novelty"]
     train, options = report.pop("train", {}), FitOptions()
     meta["spec"] = FitSpec(
@@ -159,6 +173,21 @@ def _upgrade(meta: dict, state: dict[str, torch.Tensor]) -> dict:
             epochs=train.get("epochs", options.epochs), patience=train.get("patience", options.patience),
             seed=train.get("seed", 0))).to_dict()
     return meta
+
+
+def _stack_members(state: dict[str, torch.Tensor], members: int) -> dict[str, torch.Tensor]:
+    """Version 6-8 heads kept member 0's weights at the top and member ``k`` under ``others.{k-1}.``; version 9 has
+    each weight once, with a leading axis of members (the novelty model's tensors are left as they are)."""
+    out = {}
+    for name, value in state.items():
+        if name.startswith("others."):
+            continue
+        if name.startswith("novelty.") or name == "element_index":
+            out[name] = value
+            continue
+        values = [value] + [state[f"others.{m}.{name}"] for m in range(members - 1)]
+        out["embed" if name == "embed.weight" else name] = torch.stack(values)
+    return out
 
 
 def _checksum(meta_json: str, state: dict[str, torch.Tensor]) -> str:
@@ -204,7 +233,8 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyMode
         raise HeadFileError(f"{path} failed its checksum: the file was modified or damaged", path=str(path))
     try:  # a file of this version whose schema still differs (fields added without a version bump)
         if payload["version"] < 9:
-            meta_json = json.dumps(_upgrade(json.loads(meta_json), state))
+            state = dict(state)
+            meta_json = json.dumps(_upgrade(json.loads(meta_json), state, path))
         meta = HeadMeta.from_json(meta_json)
         head = ProbeHead(meta.feature_dim, meta.elements, meta.config)
         head.load_state_dict({k: v for k, v in state.items() if not k.startswith("novelty.")})

@@ -20,8 +20,7 @@ Scale (documented, used everywhere in probe-ase):
 
 Novelty also enters the probability (``NoveltyConfig(logit_weight=True)``):
 the head's logit is lowered by ``w * log(mean atom novelty)`` before
-temperature scaling (``NoveltyConfig(penalty="max")``: by the structure
-novelty instead), with ``w >= 0`` fitted (:func:`fit_logit_weight`) on
+temperature scaling, with ``w >= 0`` fitted (:func:`fit_logit_weight`) on
 cross-fitted out-of-fold logits of every train and validation structure
 (``weight_folds`` fold heads; the validation split alone held too few
 unreliable structures to fit it stably).
@@ -57,9 +56,8 @@ from torch import nn
 
 from probe_ase.exceptions import InputError
 
-#: how atom novelties become the per-structure novelty that lowers the logit (NoveltyConfig.penalty)
-Penalty = Literal["mean", "max"]
-PENALTIES: tuple[Penalty, ...] = ("mean", "max")
+#: how atom values become one per structure (:func:`per_structure`)
+Reduce = Literal["mean", "max"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ class NoveltyConfig:
             held-out fit structures' novelty; 1.0 takes the largest (default
             0.9: on acac's pool split, 1.0 let 600 K frames through at 38 %
             risk, 0.9 at 9 %).
-        logit_weight: lower the head's logit by ``w * log(n)`` (``n``: see ``penalty``), ``w >= 0``
+        logit_weight: lower the head's logit by ``w * log(n)`` (``n``: the mean atom novelty), ``w >= 0``
             (:func:`fit_logit_weight`); False keeps the head's logit as it is
             (``w = 0``).
         weight_folds: ``w`` is fitted on the out-of-fold logits of this many
@@ -85,9 +83,6 @@ class NoveltyConfig:
             one of them); 0 fits ``w`` on the validation split's logits alone
             (cheaper: no extra heads, but unstable with few unreliable
             validation structures).
-        penalty: which per-structure novelty lowers the logit: ``"mean"``
-            (the mean atom novelty; default) or ``"max"`` (the structure
-            novelty, as the support edge uses).
     """
 
     components: int = 2
@@ -95,11 +90,8 @@ class NoveltyConfig:
     support_quantile: float = 0.9
     logit_weight: bool = True
     weight_folds: int = 5
-    penalty: Penalty = "mean"
 
     def __post_init__(self) -> None:
-        if self.penalty not in PENALTIES:
-            raise InputError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}", penalty=self.penalty)
         if self.components < 1 or self.folds < 2:
             raise InputError(f"need components >= 1 and folds >= 2, got {self.components} and {self.folds}",
                              components=self.components, folds=self.folds)
@@ -154,7 +146,7 @@ class NoveltyModel(nn.Module):
         return self.distances(features, numbers) / self.unit[element] / self.radius
 
 
-def per_structure(atom_values: torch.Tensor, owner: torch.Tensor, n_structures: int, reduce: Penalty) -> torch.Tensor:
+def per_structure(atom_values: torch.Tensor, owner: torch.Tensor, n_structures: int, reduce: Reduce) -> torch.Tensor:
     """``(n_structures,)`` largest (``reduce="max"``) or mean of per-atom values; ``owner`` gives each atom's structure."""
     if n_structures == 1:
         return (atom_values.max() if reduce == "max" else atom_values.mean()).reshape(1)
@@ -162,7 +154,7 @@ def per_structure(atom_values: torch.Tensor, owner: torch.Tensor, n_structures: 
         0, owner, atom_values, reduce="amax" if reduce == "max" else "mean", include_self=False)
 
 
-def structure_novelty(atom_novelty: np.ndarray | torch.Tensor, ptr: Sequence[int], reduce: Penalty = "max"
+def structure_novelty(atom_novelty: np.ndarray | torch.Tensor, ptr: Sequence[int], reduce: Reduce = "max"
                       ) -> np.ndarray:
     """Per-structure novelty of atoms ``ptr[k]:ptr[k+1]`` (:func:`per_structure` of concatenated atoms)."""
     values = torch.as_tensor(np.asarray(atom_novelty.cpu() if isinstance(atom_novelty, torch.Tensor) else atom_novelty,
@@ -182,8 +174,7 @@ MIN_SLOPE = 0.1
 def logit_penalty(novelty: torch.Tensor, weight: float) -> torch.Tensor:
     """What novelty takes off the head's logit: ``weight * log(novelty)`` per structure.
 
-    ``novelty`` is the per-structure novelty the head's ``NoveltyConfig.penalty``
-    names (mean or largest atom novelty, documented scale).
+    ``novelty`` is each structure's mean atom novelty (documented scale).
 
     Zero when ``weight`` is 0, even for infinite novelty (an element the
     density has no component for), so the probability stays defined there.

@@ -23,7 +23,6 @@ from probe_ase.exceptions import MismatchError
 from probe_ase.model.head import ProbeHead, batch_inputs
 from probe_ase.model.headfile import HeadMeta, load_head, save_head
 from probe_ase.model.novelty import NoveltyModel, per_structure
-from probe_ase.model.stacked import StackedHead
 from probe_ase.verdict import Verdict, judge
 
 if TYPE_CHECKING:
@@ -155,9 +154,7 @@ class Probe:
             atom_novelty = self.novelty(inputs[0], inputs[1])
             novelty = per_structure(atom_novelty, inputs[3], inputs[4], "max")
             calibration = self.meta.calibration
-            penalty = novelty if calibration.penalty == "max" else \
-                per_structure(atom_novelty, inputs[3], inputs[4], "mean")
-            p = calibration.reliability(logits, penalty)
+            p = calibration.reliability(logits, per_structure(atom_novelty, inputs[3], inputs[4], "mean"))
             atom_p = calibration.atom_reliability(atom_logits)
             error = (per_structure(atom_error.square(), inputs[3], inputs[4], "mean") / 3).sqrt() \
                 if atom_error.numel() else atom_error  # the force_rmse criterion's RMS over components
@@ -178,7 +175,7 @@ class Probe:
         per-atom logit raises :class:`MismatchError`.
         """
         if not self.meta.local:
-            raise MismatchError("this head has no per-atom logit: refit it with atom_threshold= or atom_quantile=",
+            raise MismatchError("this head has no per-atom logit: refit it with atom_tolerance= or atom_quantile=",
                                 expected="per-atom logit", found=None)
         threshold = self.meta.atom_p_star if threshold is None else threshold
         return (np.asarray(atom_reliability) >= threshold) & (np.asarray(atom_novelty) <= max_novelty)
@@ -186,17 +183,14 @@ class Probe:
     def _compiled(self) -> torch.nn.Module:
         """The head scripted and frozen for inference (fewer small-op dispatches per step).
 
-        An averaged head (``members > 1``) runs its members batched
-        (:class:`~probe_ase.model.stacked.StackedHead`). Built on first use on the
-        head's current device; falls back to the eager head where TorchScript
+        Built on first use on the head's current device; falls back to the eager head where TorchScript
         cannot compile it or its outputs differ.
         """
         device = self.head.feature_mean.device
         if self._frozen is None or self._frozen[0] != device:
             try:
                 head = copy.deepcopy(self.head).eval()
-                module = StackedHead(head) if len(head.others) else head
-                frozen = torch.jit.freeze(torch.jit.script(module.eval()))
+                frozen = torch.jit.freeze(torch.jit.script(head))
                 self._check_compiled(frozen)
             except Exception as err:  # noqa: BLE001 - an optimisation only; the eager head is exact
                 warnings.warn(f"TorchScript could not compile the head ({err}); running it eagerly", stacklevel=3)

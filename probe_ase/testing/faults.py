@@ -26,13 +26,13 @@ from pathlib import Path
 from ase.build import bulk
 from ase.db import connect
 
-from probe_ase.al.learner import label_pending
+from probe_ase.al.label import label_pending
 from probe_ase.al.store import check_database
 from probe_ase.testing.reference import CountingEMT, geometry_hash
 
 _DRIVER = """
 import functools, os, sys, time
-from probe_ase.al.learner import label_pending
+from probe_ase.al.label import label_pending
 from probe_ase.testing.reference import CountingEMT
 url, log, start_log, delay, lease, ready, go = sys.argv[1:]
 open(ready, "w").close()  # imported: ready to label

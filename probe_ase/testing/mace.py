@@ -55,14 +55,7 @@ def train_mace(
                 MLP_irreps=o3.Irreps("16x0e"), gate=torch.nn.functional.silu, atomic_energies=e0,
                 avg_num_neighbors=_avg_neighbours(frames, r_max), atomic_numbers=zs, correlation=correlation,
             )
-            keyspec = mace_data.KeySpecification(info_keys={}, arrays_keys={})
-            graphs = []
-            for atoms in frames:
-                config = mace_data.config_from_atoms(atoms, key_specification=keyspec)
-                graph = mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=r_max)
-                graph.energy_ref = torch.tensor([atoms.get_potential_energy()], dtype=getattr(torch, dtype))
-                graph.forces_ref = torch.as_tensor(atoms.get_forces(), dtype=getattr(torch, dtype))
-                graphs.append(graph)
+            graphs = _graphs(frames, z_table, r_max, getattr(torch, dtype))
         finally:
             torch.set_default_dtype(previous)
     loader = torch_geometric.dataloader.DataLoader(
@@ -82,6 +75,19 @@ def train_mace(
         schedule.step()
     model.eval()
     return MACECalculator(models=model, device="cpu", default_dtype=dtype)
+
+
+def _graphs(frames: Sequence[Atoms], z_table, r_max: float, dtype: torch.dtype) -> list:
+    """mace-torch's graphs of ``frames`` carrying their reference energy (eV) and forces (eV/Å)."""
+    keyspec = mace_data.KeySpecification(info_keys={}, arrays_keys={})
+    graphs = []
+    for atoms in frames:
+        config = mace_data.config_from_atoms(atoms, key_specification=keyspec)
+        graph = mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=r_max)
+        graph.energy_ref = torch.tensor([atoms.get_potential_energy()], dtype=dtype)
+        graph.forces_ref = torch.as_tensor(atoms.get_forces(), dtype=dtype)
+        graphs.append(graph)
+    return graphs
 
 
 def foundation_shaped_mace(

@@ -1,0 +1,106 @@
+"""What fitting a head costs against the backbone's own pass over the same frames, per stage, 400 -> 4 000 frames.
+
+    python -m benchmarks.fit_cost --data ../shared/data/acac [--frames 400 1000 2000 4000] [--threads 1]
+                                  [--out benchmarks/results/fit-cost.json]
+
+A 16-channel MACE (``probe_ase.testing.train_mace``, 2 interactions, L = 1)
+is trained on 200 frames of ``train_300K.xyz``; the fit pool is the data set's
+other labelled frames (``train_600K``, ``test_MD_300K``, ``test_MD_600K``),
+repeated in order where more frames are asked for than it holds (a cost
+measurement: the labels' mix stays that of the pool). For each size, in a
+fresh process (so the peak memory is that fit's):
+
+* ``backbone``: one plain pass of the tapped backbone over the frames
+  (``featurize`` with the cache off): what featurising costs;
+* ``fit_probe`` with the default ``FitOptions`` on those frames, its features
+  already cached, so every second of it is the head's: the stages of
+  ``probe.report["seconds"]`` (featurise = reading the cache, train, novelty,
+  fold heads, calibrate, certify) and the whole call;
+* the peak resident memory of the process (MiB).
+
+Printed as a table; written as JSON with the environment. The target
+(issue: fitting at the cost of the data) is fit / backbone <= 2 at 400 and
+4 000 frames, linear in the frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from ase.io import read
+
+from benchmarks.common import write_json
+from benchmarks.environment import environment
+
+STAGES = ("featurise", "train", "novelty", "fold_heads", "calibrate", "certify")
+
+
+def pool_frames(data: Path, n: int) -> list:
+    """``n`` labelled frames of the fit pool, in order, repeated where the pool holds fewer."""
+    pool = [a for name in ("train_600K.xyz", "test_MD_300K.xyz", "test_MD_600K.xyz") for a in read(data / name, ":")]
+    return [pool[k % len(pool)] for k in range(n)]
+
+
+def one_size(model: str, data: str, n: int, threads: int, cache: str) -> dict:
+    """Backbone pass and fit of ``n`` frames, in this (fresh) process; seconds and peak MiB."""
+    torch.set_num_threads(threads)
+    from mace.calculators import MACECalculator
+
+    from probe_ase import fit_probe, find_tap
+    from probe_ase.fitting.data import featurize
+
+    frames = pool_frames(Path(data), n)
+    calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float32")
+    with find_tap(calc) as tap:
+        start = time.perf_counter()
+        featurize(tap, frames, cache_dir=False, progress=False)  # the backbone's own pass
+        backbone = time.perf_counter() - start
+        featurize(tap, frames, cache_dir=cache, progress=False)  # fills the cache the fit reads
+    start = time.perf_counter()
+    probe = fit_probe(calc, frames, cache_dir=cache, progress=False)
+    total = time.perf_counter() - start
+    seconds = probe.report["seconds"]
+    return {"frames": n, "atoms": sum(len(a) for a in frames), "backbone_s": backbone, "fit_s": total,
+            **{f"{k}_s": seconds.get(k, 0.0) for k in STAGES}, "epochs": probe.report["epochs"],
+            "fit/backbone": total / backbone, "peak_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the backbone, time every size in its own process, print and write the table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="the acac data set (../shared/data/acac)")
+    ap.add_argument("--frames", type=int, nargs="+", default=[400, 1000, 2000, 4000], help="fit pool sizes")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fit-cost.json"))
+    args = ap.parse_args(argv)
+    from probe_ase.testing import train_mace
+
+    train = read(args.data / "train_300K.xyz", ":200")
+    with tempfile.TemporaryDirectory() as work:
+        torch.set_num_threads(args.threads)
+        calc = train_mace(train, channels=16, r_max=5.0, epochs=40, seed=0)
+        model = str(Path(work) / "mace.model")
+        torch.save(calc.models[0], model)
+        rows = []
+        context = multiprocessing.get_context("spawn")
+        for n in args.frames:
+            with context.Pool(1) as pool:
+                row = pool.apply(one_size, (model, str(args.data), n, args.threads, str(Path(work) / "cache")))
+            rows.append(row)
+            print(f"{n:>5} frames: backbone {row['backbone_s']:7.1f} s, fit {row['fit_s']:7.1f} s "
+                  f"({row['fit/backbone']:.1f}x): " + ", ".join(f"{k} {row[f'{k}_s']:.1f}" for k in STAGES)
+                  + f"; {row['epochs']} epochs; peak {row['peak_MiB']:.0f} MiB", flush=True)
+    write_json(args.out, {"command": "python -m benchmarks.fit_cost " + " ".join(sys.argv[1:] if argv is None else argv),
+                          "environment": environment(), "threads": args.threads, "rows": rows}, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
