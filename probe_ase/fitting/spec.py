@@ -7,7 +7,7 @@ spec, so a refit is ``fit_probe(calc, data, **probe.spec)``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 from probe_ase.exceptions import InputError
@@ -165,11 +165,8 @@ class FitSpec(Mapping):
         return tuple(f.name for f in fields(cls))
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (as stored in the head file)."""
-        return {name: (vars(self.options) | {"layers": None if self.options.layers is None else
-                                              list(self.options.layers)} if name == "options" else
-                       list(self.label_keys) if name == "label_keys" else getattr(self, name))
-                for name in self._names()}
+        """A JSON-ready dict (as stored in the head file; tuples become lists)."""
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> FitSpec:

@@ -178,14 +178,8 @@ class ProbeHead(nn.Module):
         self.error_blend.copy_((logits.std(0) / spread).expand_as(self.error_blend))
         self.error_centre.fill_(float(structure_error.mean()))
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        numbers: torch.Tensor,
-        edges: torch.Tensor,
-        batch: torch.Tensor,
-        n_structures: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, numbers: torch.Tensor, edges: torch.Tensor, batch: torch.Tensor,
+                n_structures: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Uncalibrated logits ``(n_structures,)``, importances, atom logits and predicted ``|ΔF_i|`` (eV/Å) per atom.
 
         ``edges`` is ``(2, n_edges)`` (destination, source) over the atoms of all
@@ -200,14 +194,8 @@ class ProbeHead(nn.Module):
             atom_errors = torch.exp(self.error_shift[0] + self.error_scale[0] * atom_errors)
         return logits[:, 0], importance, atom_logits, atom_errors
 
-    def all_logits(
-        self,
-        features: torch.Tensor,
-        numbers: torch.Tensor,
-        edges: torch.Tensor,
-        batch: torch.Tensor,
-        n_structures: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def all_logits(self, features: torch.Tensor, numbers: torch.Tensor, edges: torch.Tensor, batch: torch.Tensor,
+                   n_structures: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The members' mean logits ``(n_structures, 1 + n_aux)`` (main first, then the auxiliary quantiles),
         importances, atom logits and standardised predicted ``log |ΔF_i|`` per atom (empty tensors without
         ``atom_logit`` / ``atom_error``)."""
@@ -216,14 +204,8 @@ class ProbeHead(nn.Module):
             return logits[0], importance[0], atom_logits[0], atom_errors[0]
         return logits.mean(0), importance.mean(0), atom_logits.mean(0), atom_errors.mean(0)
 
-    def member_logits(
-        self,
-        features: torch.Tensor,
-        numbers: torch.Tensor,
-        edges: torch.Tensor,
-        batch: torch.Tensor,
-        n_structures: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def member_logits(self, features: torch.Tensor, numbers: torch.Tensor, edges: torch.Tensor, batch: torch.Tensor,
+                      n_structures: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`all_logits` of each member, along a leading axis of K (atom outputs ``(K, 0)`` when absent)."""
         element = self.element_index[numbers]
         x = (features.to(self.feature_mean).unsqueeze(0) - self.feature_mean.unsqueeze(1)) \
