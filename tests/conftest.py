@@ -73,7 +73,7 @@ def require_backbone(kind: str):
         pytest.skip(f"{cls.extra} extra not installed (pip install -e '.[{cls.extra}]')")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cu_data():
     """EMT copper: backbone training set, head fit pool, held-out test frames."""
     return {
@@ -90,7 +90,7 @@ def _train_schnetpack(representation: str, frames):
     return train_schnetpack(frames, representation=representation, seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def backbones(cu_data):
     """Lazily trained backbone calculators by name."""
     cache: dict = {}
@@ -104,7 +104,7 @@ def backbones(cu_data):
     return get
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def probes(backbones, cu_data, tmp_path_factory):
     """Lazily fitted heads by backbone name (top 30 % force RMSE unreliable).
 
@@ -158,7 +158,7 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def postgres_url():
     """A PostgreSQL server for the test run: $PROBE_ASE_TEST_PG_URL, else a throwaway one on loopback."""
     try:
