@@ -171,7 +171,8 @@ def test_probe_head_permutation_invariant(variant):
 
 
 def test_chunked_and_dense_attention_agree(variant):
-    """Edge chunks of 5, one pass over all edges and the dense (n, n) form give the same outputs and gradients.
+    """Edge chunks of 5, one pass over all edges, the dense (n, n) form and the padded form (one (7, 7) matrix per
+    structure, of 5 and 7 atoms) give the same outputs and gradients.
 
     Some edges are listed twice, as periodic images of one neighbour are: each copy must count.
     """
@@ -180,7 +181,7 @@ def test_chunked_and_dense_attention_agree(variant):
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
     assert inputs[2].shape[1] > 20  # many chunks of 5
     results = []
-    for chunk, dense_max in ((5, 0), (10**9, 0), (5, 10**9)):
+    for chunk, dense_max in ((5, 0), (10**9, 0), (5, 10**9), (5, 7)):
         head = _head(**variant).train()
         for block in head.blocks:
             block.attention.chunk, block.attention.dense_max = chunk, dense_max
@@ -188,9 +189,10 @@ def test_chunked_and_dense_attention_agree(variant):
         (logits.sum() + atom_logits.sum()).backward()
         results.append((logits.detach(), importance.detach(), atom_logits.detach(),
                         head.blocks[0].attention.qkv.weight.grad))
-    for chunked, whole, dense in zip(*results):
+    for chunked, whole, dense, padded in zip(*results):
         torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(dense, whole, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(padded, whole, atol=1e-6, rtol=1e-5)
     single = batch_inputs(features, numbers, ptr, edges, [1])  # one structure: plain softmax pooling
     torch.testing.assert_close(head(*single)[0], results[2][0][1:], atol=1e-6, rtol=1e-5)
 
@@ -225,9 +227,12 @@ def test_members_run_batched_and_give_the_mean_of_single_heads(variant):
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
             for got, want in zip(scripted(*inputs), head(*inputs)):
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-            for block in head.blocks:  # the edge-wise (sparse) path, in chunks of 2 edges per member
-                block.attention.dense_max, block.attention.chunk = 0, 6
-            for got, want in zip(head.all_logits(*inputs), mean):
+            for dense_max in (0, 7):  # the edge-wise (sparse) path in chunks of 2 edges per member; the padded one
+                for block in head.blocks:
+                    block.attention.dense_max, block.attention.chunk = dense_max, 6
+                for got, want in zip(head.all_logits(*inputs), mean):
+                    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            for got, want in zip(torch.jit.script(copy.deepcopy(head))(*inputs), head(*inputs)):  # padded, scripted
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
             for block in head.blocks:
                 block.attention.dense_max, block.attention.chunk = 64, 4096

@@ -212,7 +212,7 @@ class ProbeHead(nn.Module):
             / self.feature_scale.unsqueeze(1)
         h = self.encode(x) + self.embed[:, element]
         for block in self.blocks:
-            h = block(h, edges)
+            h = block(h, edges, batch, n_structures)
         pooled, importance = self.pool(h, batch, n_structures)
         logits = self.readout(pooled)  # (K, n_structures, labels)
         empty = h.new_zeros((h.shape[0], 0))
