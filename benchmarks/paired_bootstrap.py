@@ -40,6 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks.common import write_json
+from benchmarks.stats import bootstrap
 from probe_ase.evaluation import metrics
 from probe_ase.fileio import atomic_write
 from benchmarks.readme_tables import (BACKBONES, COVERAGE_SHARE, CRITERIA, ENSEMBLE, MIN_ACCEPTED, OPERATING, RISK_CAP, num,
@@ -95,7 +96,7 @@ def ranking_rows(name: str, res: dict, arrays: dict, reps: int, seed: int) -> li
                         stats["spearman"] = lambda i: metrics.spearman(probe[i], err[i]) - metrics.spearman(other[i],
                                                                                                              err[i])
                     for metric, stat in stats.items():
-                        iv = metrics.bootstrap(stat, len(idx), strata=file_of[idx], reps=reps, seed=seed)
+                        iv = bootstrap(stat, len(idx), strata=file_of[idx], reps=reps, seed=seed)
                         summary = r["pooled" if part == "pooled" else "ood_pooled"]
                         row[f"{part}_{metric}"] = {
                             "probe": summary["PROBE"][metric], "ensemble": summary[ens][metric],
@@ -140,7 +141,7 @@ def shift_rows(name: str, res: dict, arrays: dict, reps: int, seed: int) -> list
                        "frames": len(idx), "verdict_accepted": methods[VERDICT]["accepted"],
                        "reliable_frames": int(good.sum())}
                 for metric, stat in stats.items():
-                    iv = metrics.bootstrap(stat, len(idx), strata=file_of[idx], reps=reps, seed=seed)
+                    iv = bootstrap(stat, len(idx), strata=file_of[idx], reps=reps, seed=seed)
                     row[metric] = {"estimate": iv.estimate, "low": iv.low, "high": iv.high,
                                    "share_below_zero": iv.share_below_zero}
                     if metric in MEETS:  # how often a resample meets the target

@@ -248,29 +248,3 @@ def test_summary_is_consistent_with_the_single_metrics():
     assert s["coverage_at_p_star"] == pytest.approx(np.mean(p >= 0.7))
     assert s["risk_at_p_star"] == pytest.approx(np.mean(~reliable[p >= 0.7]))
 
-
-def test_bootstrap_interval_of_a_paired_auroc_difference():
-    from probe_ase.evaluation import metrics
-
-    rng = np.random.default_rng(1)
-    unreliable = rng.random(600) < 0.3
-    noise = rng.normal(size=600)
-    sharp, blunt = unreliable * 2.0 + noise, unreliable * 0.5 + noise  # same noise: a paired comparison
-    diff = lambda idx: metrics.auroc(unreliable[idx], sharp[idx]) - metrics.auroc(unreliable[idx], blunt[idx])  # noqa: E731
-    iv = metrics.bootstrap(diff, 600, reps=300)
-    assert iv.estimate == pytest.approx(diff(np.arange(600)))
-    assert 0 < iv.low < iv.estimate < iv.high and iv.share_below_zero == 0
-    # the same score twice: every resample differs by exactly 0
-    same = metrics.bootstrap(lambda idx: metrics.auroc(unreliable[idx], sharp[idx]) * 0, 600, reps=50)
-    assert same.low == same.high == 0
-    # strata keep each file's size: a statistic reading the mix sees no variation
-    strata = np.repeat([0, 1, 2], 200)
-    share = metrics.bootstrap(lambda idx: np.mean(strata[idx] == 2), 600, strata=strata, reps=50)
-    assert share.low == share.high == pytest.approx(1 / 3)
-    free = metrics.bootstrap(lambda idx: np.mean(strata[idx] == 2), 600, reps=50)
-    assert free.high - free.low > 0.01
-    # resamples with one class only (NaN) are dropped, not propagated
-    rare = np.zeros(600, bool)
-    rare[0] = True
-    kept = metrics.bootstrap(lambda idx: metrics.auroc(rare[idx], sharp[idx]), 600, reps=50).replicates
-    assert np.isfinite(kept).all() and 0 < len(kept) < 50  # about 37 % of resamples miss the one positive

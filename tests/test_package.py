@@ -123,8 +123,6 @@ DELIBERATE_ERRORS = {
                        {"buffer": 0.0}),
     "certify-risk": (lambda tmp: _certify(1.5), probe_ase.InputError, {"target_risk": 1.5, "delta": 0.1}),
     "certify-fallback": (lambda tmp: _certify(0.05, fallback="loosest"), probe_ase.InputError, {"fallback": "loosest"}),
-    "bootstrap-level": (lambda tmp: probe_ase.evaluation.metrics.bootstrap(len, 10, level=95), probe_ase.InputError,
-                        {"level": 95, "reps": 2000, "n": 10}),
     "labels-quantile": (lambda tmp: _resolve_tolerance(quantile=1.5), probe_ase.InputError, {"quantile": 1.5}),
     "read-frames": (lambda tmp: probe_ase.read_frames(tmp / "absent.xyz"), probe_ase.InputError,
                     {"path": "{tmp}/absent.xyz"}),

@@ -1,0 +1,58 @@
+"""The benchmarks' statistics (``benchmarks/stats.py``): paired, stratified percentile bootstrap intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.stats import bootstrap
+from probe_ase.evaluation import metrics
+
+
+def test_bootstrap_interval_of_a_paired_auroc_difference():
+    rng = np.random.default_rng(1)
+    unreliable = rng.random(600) < 0.3
+    noise = rng.normal(size=600)
+    sharp, blunt = unreliable * 2.0 + noise, unreliable * 0.5 + noise  # same noise: a paired comparison
+    diff = lambda idx: metrics.auroc(unreliable[idx], sharp[idx]) - metrics.auroc(unreliable[idx], blunt[idx])  # noqa: E731
+    iv = bootstrap(diff, 600, reps=300)
+    assert iv.estimate == pytest.approx(diff(np.arange(600)))
+    assert 0 < iv.low < iv.estimate < iv.high and iv.share_below_zero == 0
+    # the same score twice: every resample differs by exactly 0
+    same = bootstrap(lambda idx: metrics.auroc(unreliable[idx], sharp[idx]) * 0, 600, reps=50)
+    assert same.low == same.high == 0
+    # strata keep each file's size: a statistic reading the mix sees no variation
+    strata = np.repeat([0, 1, 2], 200)
+    share = bootstrap(lambda idx: np.mean(strata[idx] == 2), 600, strata=strata, reps=50)
+    assert share.low == share.high == pytest.approx(1 / 3)
+    free = bootstrap(lambda idx: np.mean(strata[idx] == 2), 600, reps=50)
+    assert free.high - free.low > 0.01
+    # resamples with one class only (NaN) are dropped, not propagated
+    rare = np.zeros(600, bool)
+    rare[0] = True
+    kept = bootstrap(lambda idx: metrics.auroc(rare[idx], sharp[idx]), 600, reps=50).replicates
+    assert np.isfinite(kept).all() and 0 < len(kept) < 50  # about 37 % of resamples miss the one positive
+
+
+def test_bootstrap_interval_hand_case_and_share_below_zero():
+    """A statistic that is the resample's mean of [-1, 1]: the interval and the share below zero follow the
+    resamples exactly; the same seed gives the same resamples."""
+    values = np.array([-1.0, 1.0])
+    iv = bootstrap(lambda idx: values[idx].mean(), 2, reps=400, level=0.5, seed=3)
+    # two draws from {-1, 1}: mean -1, 0 or 1 with probability 1/4, 1/2, 1/4
+    assert iv.estimate == 0.0 and iv.level == 0.5 and len(iv.replicates) == 400
+    assert set(np.unique(iv.replicates)) == {-1.0, 0.0, 1.0}
+    assert iv.share_below_zero == pytest.approx(np.mean(iv.replicates < 0)) == pytest.approx(0.25, abs=0.06)
+    assert (iv.low, iv.high) == tuple(np.quantile(iv.replicates, [0.25, 0.75]))
+    again = bootstrap(lambda idx: values[idx].mean(), 2, reps=400, level=0.5, seed=3)
+    np.testing.assert_array_equal(again.replicates, iv.replicates)
+    # nothing finite: the interval and the share are NaN, not an error
+    empty = bootstrap(lambda idx: float("nan"), 5, reps=10)
+    assert len(empty.replicates) == 0 and np.isnan([empty.low, empty.high, empty.share_below_zero]).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(level=95), dict(level=0.0), dict(reps=0), dict(n=0)])
+def test_bootstrap_refuses_bad_settings_naming_them(kwargs):
+    call = dict(n=10, reps=2000, level=0.95) | kwargs
+    with pytest.raises(ValueError, match=rf"got {call['level']}, {call['reps']}, {call['n']}\)"):
+        bootstrap(len, **call)
