@@ -26,6 +26,7 @@ from ase.build import bulk
 
 from benchmarks.environment import environment
 from benchmarks.common import write_json
+from probe_ase.fitting.spec import FitSpec
 from probe_ase.model.calibration import Calibration
 from probe_ase.model.graph import radius_graph
 from probe_ase.model.head import HeadConfig, ProbeHead
@@ -42,9 +43,10 @@ def probe_with(atom_logit: bool) -> Probe:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         head = ProbeHead(FEATURES, (29,), config).eval()
+    spec = FitSpec(tolerance=0.1, atom_tolerance=0.15 if atom_logit else None)
     meta = HeadMeta(backbone="mace", fingerprint="0" * 64, layers=(0, 1), feature_dim=FEATURES, elements=(29,),
-                    criterion="force_rmse", tau=0.1, quantile=None, p_star=0.5, target_risk=0.05,
-                    coverage=1.0, config=config, novelty=NoveltyConfig(), calibration=Calibration(),
+                    tau=0.1, p_star=0.5, coverage=1.0, spec=spec, config=config, novelty=NoveltyConfig(),
+                    calibration=Calibration(),
                     atom_tau=0.15 if atom_logit else None, atom_p_star=0.5 if atom_logit else None)
     return Probe(head, meta, NoveltyModel(FEATURES, (29,), NoveltyConfig().components))
 

@@ -175,7 +175,8 @@ def test_uncertified_head_warns_when_its_p_star_is_the_threshold(backbones, prob
     probe = probes("mace")
 
     def wrap(certified_risk: float, **kwargs) -> ProbeCalculator:
-        meta = dataclasses.replace(probe.meta, target_risk=0.05, certified_risk=certified_risk)
+        meta = dataclasses.replace(probe.meta, spec=dataclasses.replace(probe.spec, target_risk=0.05),
+                                   certified_risk=certified_risk)
         return ProbeCalculator(backbones("mace"), Probe(probe.head, meta, probe.novelty), **kwargs)
 
     with pytest.warns(UserWarning, match=r"certified at risk 23\.8% only, not its target 5\.0%"):

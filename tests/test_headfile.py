@@ -90,7 +90,7 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
     payload = torch.load(path, weights_only=True)
     for version in (min(READABLE) - 1, VERSION + 1):
         torch.save({**payload, "version": version}, tmp_path / "v.pt")
-        with pytest.raises(HeadFileError, match=f"version {version}.*reads versions 6, 7, 8"):
+        with pytest.raises(HeadFileError, match=f"version {version}.*reads versions 6, 7, 8, 9, 10"):
             Probe.load(tmp_path / "v.pt")
     meta = json.loads(payload["meta"])
     meta["config"]["a_field_from_the_future"] = 1  # a schema change without a version bump
@@ -100,13 +100,42 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
         Probe.load(tmp_path / "s.pt")
 
 
-def _as_version_8(payload: dict) -> tuple[dict, dict]:
-    """A version-9 file's metadata and state laid out as version 8 wrote them: the temperatures as head buffers and
-    metadata fields, the novelty weight in the metadata, no spec, the training settings in the report, the members'
-    weights apart."""
+def _as_version_9(payload: dict) -> dict:
+    """A version-10 file's metadata as version 9 wrote it: the spec's criterion, quantiles, target risk and delta
+    repeated as fields of their own."""
     import json
 
-    meta, state = json.loads(payload["meta"]), {}
+    from probe_ase.model.headfile import SPEC_FIELDS
+
+    meta = json.loads(payload["meta"])
+    return meta | {name: meta["spec"][name] for name in SPEC_FIELDS}
+
+
+def test_a_version_9_file_reads_as_version_10(probes, tmp_path):
+    """Version 10 stores each fit setting once: a version-9 file (the spec's settings repeated) loads to the same
+    metadata, and the settings read from the spec."""
+    import json
+
+    from probe_ase.model.headfile import _checksum
+
+    path = tmp_path / "head.pt"
+    probe = probes("mace")
+    probe.save(path)
+    payload = torch.load(path, weights_only=True)
+    meta_json = json.dumps(_as_version_9(payload), sort_keys=True)
+    torch.save({**payload, "version": 9, "meta": meta_json, "sha256": _checksum(meta_json, payload["state"])},
+               tmp_path / "v9.pt")
+    loaded = Probe.load(tmp_path / "v9.pt")
+    assert loaded.meta == probe.meta
+    assert (loaded.meta.criterion, loaded.meta.quantile, loaded.meta.target_risk, loaded.meta.delta) == (
+        probe.spec.criterion, probe.spec.quantile, probe.spec.target_risk, probe.spec.delta)
+
+
+def _as_version_8(payload: dict) -> tuple[dict, dict]:
+    """A version-10 file's metadata and state laid out as version 8 wrote them: the temperatures as head buffers and
+    metadata fields, the novelty weight in the metadata, no spec (its settings as fields and in the report), the
+    members' weights apart."""
+    meta, state = _as_version_9(payload), {}
     for name, value in payload["state"].items():  # member 0's weights at the top, member k under others.{k-1}.
         if name.startswith("novelty.") or name == "element_index":
             state[name] = value

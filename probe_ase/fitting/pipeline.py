@@ -143,11 +143,9 @@ def fit_spec(
         report["atoms"]["temperature"] = calibration.atom_temperature
     meta = HeadMeta(
         backbone=backbone.kind, fingerprint=backbone.fingerprint, layers=backbone.layers, channels=backbone.channels,
-        feature_dim=features.features.shape[1], elements=backbone.elements, criterion=spec.criterion, tau=labels.tau,
-        quantile=spec.quantile, p_star=p_star, target_risk=spec.target_risk, coverage=float(accepted.mean()),
-        config=head.config, report=report, delta=spec.delta, certified_risk=cert.risk, novelty=configs.novelty,
-        atom_tau=labels.atom_tau, atom_quantile=spec.atom_quantile, atom_p_star=atom_p_star, spec=spec,
-        calibration=calibration)
+        feature_dim=features.features.shape[1], elements=backbone.elements, tau=labels.tau, p_star=p_star,
+        coverage=float(accepted.mean()), spec=spec, config=head.config, report=report, certified_risk=cert.risk,
+        novelty=configs.novelty, atom_tau=labels.atom_tau, atom_p_star=atom_p_star, calibration=calibration)
     return Probe(head, meta, density)
 
 

@@ -29,11 +29,12 @@ from probe_ase.model.novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
 #: bumped on every schema change (:data:`CHANGES`)
-VERSION = 9
+VERSION = 10
 #: versions this probe-ase reads: a version-6 file is a version-7 one with a single head (HeadConfig.members = 1),
 #: a version-7 file a version-8 one that read the scalar channels (HeadMeta.channels = "scalars"), a version-8 file
-#: a version-9 one whose calibration and fit settings are read back from its fields (:func:`_upgrade`)
-READABLE = (6, 7, 8, 9)
+#: a version-9 one whose calibration and fit settings are read back from its fields (:func:`_upgrade`), a version-9
+#: file a version-10 one less the fields its spec repeats
+READABLE = (6, 7, 8, 9, 10)
 #: what each version added, for the message when a file of another version is opened
 CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
            4: "novelty in the probability (the logit's novelty weight)",
@@ -41,7 +42,10 @@ CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reli
            6: "the per-atom force-error regression blended into the logit (HeadConfig.atom_error)",
            7: "averaged heads (HeadConfig.members)",
            8: "the tapped channel set (HeadMeta.channels: PaiNN's vector norms)",
-           9: "the fit's settings (HeadMeta.spec) and the score formula in one place (HeadMeta.calibration)"}
+           9: "the fit's settings (HeadMeta.spec) and the score formula in one place (HeadMeta.calibration)",
+           10: "each fit setting stored once, in HeadMeta.spec"}
+#: version-9 fields that repeat the spec's (version 10 reads them from HeadMeta.spec)
+SPEC_FIELDS = ("criterion", "quantile", "target_risk", "delta", "atom_quantile")
 
 
 @dataclass(frozen=True)
@@ -57,27 +61,24 @@ class HeadMeta:
             (``"scalars"``, or ``"scalars+norms"``: the scalars and the norm of
             each vector channel; see the adapter's ``channel_sets``).
         elements: atomic numbers in the fit data: the only ones the head scores.
-        criterion: error criterion (see :mod:`probe_ase.fitting.labels`).
-        tau: tolerance in the criterion's units (eV/Å, eV/atom or eV).
-        quantile: the quantile ``tau`` came from, if any.
+        tau: tolerance in the criterion's units (eV/Å, eV/atom or eV): the
+            spec's tolerance, or its quantile of the fit data's errors.
         p_star: operating threshold on the calibrated probability.
-        target_risk: risk (fraction of accepted structures that are unreliable) p* aims for.
         coverage: fraction of calibration structures accepted by the verdict at p*.
+        spec: the settings the head was fitted with (``fit_probe(calc, data, **meta.spec)`` refits it);
+            ``criterion``, ``quantile``, ``target_risk``, ``delta`` and ``atom_quantile`` read from it.
         config: head sizes.
         report: fitting summary (metrics on the calibration split, the certificate).
         backbone_path: the backbone file the head was fitted with, when known.
-        delta: the certificate may fail with at most this probability (0-1).
         certified_risk: the risk p* is certified at with probability >= 1 - delta
             (``target_risk`` when the data certify it; larger when they cannot;
             1.0 when nothing is certified and p* accepts nothing).
         novelty: how the novelty model was fitted.
         atom_tau: per-atom tolerance on ``|ΔF_i|`` (eV/Å) when the head has a
             per-atom logit, else None.
-        atom_quantile: the quantile ``atom_tau`` came from, if any.
         atom_p_star: operating threshold on ``atom_reliability`` (empirical
             risk <= ``target_risk`` over the calibration atoms inside the
             support; not certified: atoms of one structure are not independent).
-        spec: the settings the head was fitted with (``fit_probe(calc, data, **meta.spec)`` refits it).
         calibration: the score formula's fitted numbers (temperatures, novelty weight).
     """
 
@@ -86,24 +87,44 @@ class HeadMeta:
     layers: tuple[int, ...]
     feature_dim: int
     elements: tuple[int, ...]
-    criterion: str
     tau: float
-    quantile: float | None
     p_star: float
-    target_risk: float
     coverage: float
+    spec: FitSpec
     config: HeadConfig = HeadConfig()
     report: dict = field(default_factory=dict)
     backbone_path: str | None = None
-    delta: float = 0.1
     certified_risk: float = 1.0
     novelty: NoveltyConfig = NoveltyConfig()
     atom_tau: float | None = None
-    atom_quantile: float | None = None
     atom_p_star: float | None = None
     channels: str = "scalars"
-    spec: FitSpec | None = None
     calibration: Calibration = Calibration()
+
+    @property
+    def criterion(self) -> str:
+        """The error criterion (:mod:`probe_ase.fitting.labels`)."""
+        return self.spec.criterion
+
+    @property
+    def quantile(self) -> float | None:
+        """The quantile (0-1) of the fit data's errors ``tau`` came from, if any."""
+        return self.spec.quantile
+
+    @property
+    def target_risk(self) -> float:
+        """The risk (fraction of accepted structures that are unreliable) p* aims for."""
+        return self.spec.target_risk
+
+    @property
+    def delta(self) -> float:
+        """The certificate may fail with at most this probability (0-1)."""
+        return self.spec.delta
+
+    @property
+    def atom_quantile(self) -> float | None:
+        """The quantile (0-1) of all atoms' force errors ``atom_tau`` came from, if any."""
+        return self.spec.atom_quantile
 
     @property
     def local(self) -> bool:
@@ -119,8 +140,7 @@ class HeadMeta:
         """The metadata as a JSON string (keys sorted), as stored in the head file."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d |= {"config": dataclasses.asdict(self.config), "novelty": dataclasses.asdict(self.novelty),
-              "calibration": dataclasses.asdict(self.calibration),
-              "spec": None if self.spec is None else self.spec.to_dict()}
+              "calibration": dataclasses.asdict(self.calibration), "spec": self.spec.to_dict()}
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -131,7 +151,7 @@ class HeadMeta:
         d["novelty"] = NoveltyConfig(**d["novelty"])
         d["layers"], d["elements"] = tuple(d["layers"]), tuple(d["elements"])
         d["calibration"] = Calibration(**d["calibration"])
-        d["spec"] = None if d["spec"] is None else FitSpec.from_dict(d["spec"])
+        d["spec"] = FitSpec.from_dict(d["spec"])
         return cls(**d)
 
 
@@ -172,6 +192,13 @@ def _upgrade(meta: dict, state: dict[str, torch.Tensor], path: str | os.PathLike
             weight_folds=novelty.get("weight_folds", options.weight_folds),
             epochs=train.get("epochs", options.epochs), patience=train.get("patience", options.patience),
             seed=train.get("seed", 0))).to_dict()
+    return _drop_spec_fields(meta)
+
+
+def _drop_spec_fields(meta: dict) -> dict:
+    """A version-9 file's metadata less the fields its spec repeats (version 10 keeps each setting once)."""
+    for name in SPEC_FIELDS:
+        meta.pop(name, None)
     return meta
 
 
@@ -235,6 +262,8 @@ def load_head(path: str | os.PathLike) -> tuple[ProbeHead, HeadMeta, NoveltyMode
         if payload["version"] < 9:
             state = dict(state)
             meta_json = json.dumps(_upgrade(json.loads(meta_json), state, path))
+        elif payload["version"] == 9:
+            meta_json = json.dumps(_drop_spec_fields(json.loads(meta_json)))
         meta = HeadMeta.from_json(meta_json)
         head = ProbeHead(meta.feature_dim, meta.elements, meta.config)
         head.load_state_dict({k: v for k, v in state.items() if not k.startswith("novelty.")})
