@@ -1,10 +1,12 @@
 """What fitting a head costs against the backbone's own pass over the same frames, per stage, 400 -> 4 000 frames.
 
     python -m benchmarks.fit_cost --data ../shared/data/acac [--frames 400 1000 2000 4000] [--threads 1]
-                                  [--out benchmarks/results/fit-cost.json]
+                                  [--backbone chgnet-0.3.0] [--out benchmarks/results/fit-cost.json]
 
-A 16-channel MACE (``probe_ase.testing.train_mace``, 2 interactions, L = 1)
-is trained on 200 frames of ``train_300K.xyz``; the fit pool is the data set's
+The backbone: a 16-channel MACE (``probe_ase.testing.train_mace``, 2
+interactions, L = 1) trained on 200 frames of ``train_300K.xyz``, or with
+``--backbone NAME`` a pretrained universal potential (e.g. ``chgnet-0.3.0``,
+which ships with its library: the size of model users run). The fit pool is the data set's
 other labelled frames (``train_600K``, ``test_MD_300K``, ``test_MD_600K``),
 repeated in order where more frames are asked for than it holds (a cost
 measurement: the labels' mix stays that of the pool). For each size, in a
@@ -49,15 +51,20 @@ def pool_frames(data: Path, n: int) -> list:
 
 
 def one_size(model: str, data: str, n: int, threads: int, cache: str) -> dict:
-    """Backbone pass and fit of ``n`` frames, in this (fresh) process; seconds and peak MiB."""
+    """Backbone pass and fit of ``n`` frames, in this (fresh) process; seconds and peak MiB. ``model``: a MACE
+    model file or a pretrained name."""
     torch.set_num_threads(threads)
-    from mace.calculators import MACECalculator
-
     from probe_ase import fit_probe, find_tap
+    from probe_ase.backbones import load_backbone
     from probe_ase.fitting.data import featurize
 
     frames = pool_frames(Path(data), n)
-    calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float32")
+    if Path(model).exists():
+        from mace.calculators import MACECalculator
+
+        calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float32")
+    else:
+        calc = load_backbone(model)
     with find_tap(calc) as tap:
         start = time.perf_counter()
         featurize(tap, frames, cache_dir=False, progress=False)  # the backbone's own pass
@@ -78,16 +85,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, required=True, help="the acac data set (../shared/data/acac)")
     ap.add_argument("--frames", type=int, nargs="+", default=[400, 1000, 2000, 4000], help="fit pool sizes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ap.add_argument("--backbone", default=None,
+                    help="a pretrained backbone name (e.g. chgnet-0.3.0) instead of the 16-channel MACE trained here")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fit-cost.json"))
     args = ap.parse_args(argv)
-    from probe_ase.testing import train_mace
-
-    train = read(args.data / "train_300K.xyz", ":200")
     with tempfile.TemporaryDirectory() as work:
         torch.set_num_threads(args.threads)
-        calc = train_mace(train, channels=16, r_max=5.0, epochs=40, seed=0)
-        model = str(Path(work) / "mace.model")
-        torch.save(calc.models[0], model)
+        model = args.backbone or str(Path(work) / "mace.model")
+        if args.backbone is None:
+            from probe_ase.testing import train_mace
+
+            calc = train_mace(read(args.data / "train_300K.xyz", ":200"), channels=16, r_max=5.0, epochs=40, seed=0)
+            torch.save(calc.models[0], model)
         rows = []
         context = multiprocessing.get_context("spawn")
         for n in args.frames:
@@ -98,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"({row['fit/backbone']:.1f}x): " + ", ".join(f"{k} {row[f'{k}_s']:.1f}" for k in STAGES)
                   + f"; {row['epochs']} epochs; peak {row['peak_MiB']:.0f} MiB", flush=True)
     write_json(args.out, {"command": "python -m benchmarks.fit_cost " + " ".join(sys.argv[1:] if argv is None else argv),
-                          "environment": environment(), "threads": args.threads, "rows": rows}, indent=2)
+                          "environment": environment(), "threads": args.threads,
+                          "backbone": args.backbone or "MACE, 16 channels, trained here", "rows": rows}, indent=2)
     print(f"wrote {args.out}")
 
 
