@@ -106,6 +106,20 @@ def test_bands_follow_the_documented_rule(probe_calc, tmp_path):
         ActiveLearner(probe_calc, CountingEMT, db=tmp_path / "bad.db", novelty_hi=0.5)
 
 
+def test_run_round_passes_the_explore_keywords_through(probe_calc, cu_data, tmp_path):
+    learner = ActiveLearner(probe_calc, CountingEMT, db=tmp_path / "round.db", p_lo=0.0, p_hi=1.0)  # all candidates
+    with pytest.raises(TypeError, match="stepz"):
+        learner.run_round(cu_data["test_in"][:2], stepz=6)
+    assert learner.store.rounds() == [] and learner.db.count() == 0  # refused before exploring
+    report = learner.run_round(cu_data["test_in"][:2], steps=6, max_new=3, min_separation=3, progress=False)
+    assert (report.round, report.explored) == (1, 2 * 7) and 1 <= report.selected <= 3
+    rows = list(learner.db.select(round=1))
+    assert len(rows) == report.selected and {r.status for r in rows} == {"done"}
+    for traj in {r.trajectory for r in rows}:
+        steps = sorted(r.step for r in rows if r.trajectory == traj)
+        assert all(b - a >= 3 for a, b in zip(steps, steps[1:]))
+
+
 def test_labelling_fills_the_db(explored, tmp_path):
     learner, counts = explored
     result = learner.label(progress=False)

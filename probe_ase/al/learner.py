@@ -36,6 +36,7 @@ The database is an ase.db (:mod:`probe_ase.al.store`): an SQLite file, or a Post
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -178,8 +179,9 @@ class ActiveLearner:
     ) -> dict[str, int]:
         """Run MD from each start structure and store this round's selected candidates as ``pending``.
 
-        Returns counts: frames explored, candidates seen, selected, rejected
-        (trajectories stopped in the failed band).
+        ``steps``: MD steps per start structure; at most ``max_new`` frames are kept, at least
+        ``min_separation`` steps apart within a trajectory (module docstring). Returns counts: frames
+        explored, candidates seen, selected, rejected (trajectories stopped in the failed band).
         """
         if self.probe_calc is None:
             raise InputError("explore needs a ProbeCalculator", probe_calc=None)
@@ -280,34 +282,31 @@ class ActiveLearner:
         self,
         start_structures: Iterable[Atoms],
         md: MDFactory = default_md,
-        steps: int = 1000,
-        max_new: int = 50,
-        min_separation: int = 10,
+        *,
         trainer: Callable[[list[Atoms], int, ProbeCalculator], ProbeCalculator] | None = None,
         export: str | os.PathLike | None = None,
         progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
+        **explore: int,
     ) -> RoundReport:
         """Explore, label, optionally export and retrain: one round of the loop.
 
-        A round left unfinished (the process died after exploring) is
-        finished first, without exploring again: its pending frames are
-        labelled and the model retrained. ``export`` is an extxyz path for
-        this round's labelled frames, where ``{round}`` is replaced by the
-        round number. With a ``trainer`` (at least two new frames) the
-        backbone is retrained and, with ``checkpoint_dir``, the new backbone
-        and head are saved there (``round{N}_backbone.model``,
-        ``round{N}_head.pt``) and recorded with the round, so a restarted
-        loop can continue from them (:meth:`ALStore.checkpoint
-        <probe_ase.al.store.ALStore.checkpoint>`). When the trainer holds frames
-        out (``trainer.held_out``, as :class:`~probe_ase.al.retrain.MaceTrainer`
-        does) the MLIP's force RMSE on them (eV/Å) is measured before and
-        after; without one, before only, on all new frames.
+        ``start_structures``, ``md`` and the ``explore`` keywords (``steps``, ``max_new``,
+        ``min_separation``) go to :meth:`explore`; a keyword it does not take fails at once (``TypeError``).
+        A round left unfinished (the process died after exploring) is finished first, without exploring
+        again: its pending frames are labelled and the model retrained. ``export`` is an extxyz path for
+        this round's labelled frames, where ``{round}`` is replaced by the round number. With a ``trainer``
+        (at least two new frames) the backbone is retrained and, with ``checkpoint_dir``, the new backbone
+        and head are saved there (``round{N}_backbone.model``, ``round{N}_head.pt``) and recorded with the
+        round, so a restarted loop can continue from them (:meth:`ALStore.checkpoint
+        <probe_ase.al.store.ALStore.checkpoint>`). When the trainer holds frames out (``trainer.held_out``,
+        as :class:`~probe_ase.al.retrain.MaceTrainer` does) the MLIP's force RMSE on them (eV/Å) is
+        measured before and after; without one, before only, on all new frames.
         """
+        inspect.signature(self.explore).bind(start_structures, md, **explore)  # a wrong keyword fails even on resume
         record = next((r for r in self.store.rounds() if r.round == self.round), None)
         if record is None or record.finished is not None:
-            self.explore(start_structures, md=md, steps=steps, max_new=max_new, min_separation=min_separation,
-                         progress=progress)
+            self.explore(start_structures, md, progress=progress, **explore)
             record = next(r for r in self.store.rounds() if r.round == self.round)
         self.label(progress=progress)
         new = self.labelled(self.round)
