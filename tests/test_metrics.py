@@ -1,4 +1,4 @@
-"""Reliability metrics and the calibration helpers of probe_ase.fit."""
+"""Reliability metrics (:mod:`probe_ase.evaluation.metrics`) on hand-computed cases and against scikit-learn and SciPy."""
 
 from __future__ import annotations
 
@@ -9,11 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-import probe_ase
 from probe_ase.evaluation import metrics
-from probe_ase.fitting.train import TrainConfig
-from probe_ase.fitting.calibrate import fit_temperature
-from probe_ase.fitting.split import split_indices
 
 # Five structures, given out of order, with a tie at p = 0.7.
 P5 = np.array([0.4, 0.9, 0.2, 0.7, 0.7])
@@ -146,86 +142,6 @@ def test_brier_hand_case():
     assert metrics.brier(np.array([0.0, 1.0]), np.array([1, 0])) == pytest.approx(1.0)
 
 
-# --- probe_ase.fit helpers ---------------------------------------------------------------
-
-
-def _logistic_data(seed: int, n: int = 4000):
-    rng = np.random.default_rng(seed)
-    z = rng.normal(0.0, 2.0, size=n)
-    reliable = rng.random(n) < 1 / (1 + np.exp(-z))  # z are calibrated logits
-    return z, reliable
-
-
-def test_fit_temperature_over_confident():
-    z, reliable = _logistic_data(0)
-    t = fit_temperature(3.0 * z, reliable)  # logits 3x too large -> T near 3
-    assert 2.5 < t < 3.5
-
-
-def test_fit_temperature_under_confident_and_calibrated():
-    z, reliable = _logistic_data(1)
-    assert 0.4 < fit_temperature(0.5 * z, reliable) < 0.6
-    assert 0.85 < fit_temperature(z, reliable) < 1.15
-
-
-def test_fit_temperature_leaves_out_infinitely_novel_structures():
-    """A -inf logit (an element the novelty density never saw) must not drag the temperature to its bound."""
-    z, reliable = _logistic_data(2, n=400)
-    t = fit_temperature(z, reliable)
-    assert fit_temperature(np.append(z, -np.inf), np.append(reliable, True)) == pytest.approx(t)
-
-
-def test_fit_temperature_finite_on_separable_data():
-    logits = np.array([-5.0, -4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 5.0])
-    t = fit_temperature(logits, logits > 0)
-    assert math.isfinite(t)
-    # an interior optimum, well away from the search bounds exp(-4)..exp(4)
-    assert math.exp(-4) * 2 < t < math.exp(4) / 2
-    # Platt targets 6/7 and 1/7: the calibrated extremes are confident but not certain
-    p = 1 / (1 + np.exp(-logits / t))
-    assert 0.857 < p.max() < 0.99 and 0.01 < p.min() < 0.143
-
-
-def _labels(n: int, n_pos: int) -> np.ndarray:
-    labels = np.zeros(n, dtype=np.int64)
-    labels[np.random.default_rng(n).permutation(n)[:n_pos]] = 1
-    return labels
-
-
-@pytest.mark.parametrize("n, n_pos", [(100, 30), (100, 70), (200, 20), (12, 6)])
-def test_split_indices_disjoint_covering_stratified(n, n_pos):
-    labels = _labels(n, n_pos)
-    train = TrainConfig()
-    tr, val, cal = split_indices(labels, train)
-    everything = np.concatenate([tr, val, cal])
-    assert len(everything) == n
-    np.testing.assert_array_equal(np.sort(everything), np.arange(n))  # covering and disjoint
-    for part in (tr, val, cal):
-        np.testing.assert_array_equal(part, np.sort(part))
-        assert 0 < labels[part].sum() < len(part)  # both classes in every split
-    if n == 100:
-        # sizes: cal 0.2*100 = 20; val 0.15/0.8 of the remaining 80 = 15; train 65
-        assert (len(tr), len(val), len(cal)) == (65, 15, 20)
-    frac = n_pos / n
-    for part in (tr, val, cal):
-        assert abs(labels[part].mean() - frac) <= 1.0 / len(part) + 1e-12
-    # deterministic for a seed
-    again = split_indices(labels, train)
-    for a, b in zip((tr, val, cal), again):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("n_pos", [5, 95, 0])
-def test_split_indices_too_few_minority(n_pos):
-    with pytest.raises(probe_ase.LabelError, match=f"only {min(n_pos, 100 - n_pos)} structures"):
-        split_indices(_labels(100, n_pos), TrainConfig())
-
-
-def test_split_indices_six_minority_is_enough():
-    tr, val, cal = split_indices(_labels(100, 6), TrainConfig())
-    assert len(tr) + len(val) + len(cal) == 100
-
-
 def test_oracle_aurc_on_five_points():
     from probe_ase.evaluation.metrics import oracle_aurc
 
@@ -247,4 +163,3 @@ def test_summary_is_consistent_with_the_single_metrics():
     assert s["excess_aurc"] > 0
     assert s["coverage_at_p_star"] == pytest.approx(np.mean(p >= 0.7))
     assert s["risk_at_p_star"] == pytest.approx(np.mean(~reliable[p >= 0.7]))
-

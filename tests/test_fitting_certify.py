@@ -1,8 +1,10 @@
-"""Certified thresholds: the Learn-then-Test guarantee, checked by simulation, and its edge cases."""
+"""Certified thresholds (:mod:`probe_ase.fitting.certify`): the Learn-then-Test guarantee, checked by simulation, its
+edge cases, and the fallback rules of a fit whose data cannot certify the target."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from scipy.stats import binom
 
 from probe_ase.fitting.certify import (certify, fallback_ladder, fixed_sequence, frames_needed, min_accepted, p_value,
                                threshold_grid)
+from probe_ase import FitOptions, fit_probe
 from probe_ase.exceptions import InputError
 
 
@@ -188,3 +191,25 @@ def test_the_evaluation_report_says_how_a_fallback_p_star_was_chosen():
     assert "loosest threshold certified at 15.3% whose calibration risk is at most" in \
         fallback_note(base | {"fallback": "target"})
     assert fallback_note(base | {"certified_risk": 0.05, "fallback": "target"}) == ""
+
+
+def test_fallback_target_spends_the_certified_risk_on_coverage(backbones, cu_data):
+    """Where 5 % cannot be certified, fallback="target" keeps the head and the certified risk but lowers p* to the
+    loosest threshold whose calibration risk is <= 5 %; the default's warning says what that would accept; refit
+    keeps the rule."""
+    from probe_ase.al.retrain import refit_spec
+
+    # ~100 calibration structures: room between the two rules
+    options = FitOptions(hidden=16, epochs=20, patience=5, calibration="crossfit", folds=2, weight_folds=0)
+    kwargs = dict(criterion="force_rmse", quantile=0.7, cache_dir=False, progress=False)
+    with pytest.warns(UserWarning, match="fallback='target' would accept") as caught:
+        strict = fit_probe(backbones("mace"), cu_data["pool"], options=options, **kwargs)
+    assert any("cannot be certified" in str(w.message) for w in caught)
+    aim = fit_probe(backbones("mace"), cu_data["pool"], options=replace(options, fallback="target"), **kwargs)
+    s, a = strict.report["certificate"], aim.report["certificate"]
+    assert not s["certified"] and (s["fallback"], a["fallback"]) == ("strictest", "target")
+    assert a["risk"] == s["risk"] and strict.meta.calibration == aim.meta.calibration
+    assert aim.p_star < strict.p_star and a["n_accepted"] > s["n_accepted"]
+    assert a["n_errors"] <= 0.05 * a["n_accepted"]
+    assert refit_spec(aim.meta, head_epochs=5, seed=1).options.fallback == "target"
+    assert refit_spec(strict.meta, head_epochs=5, seed=1).options.fallback == "strictest"

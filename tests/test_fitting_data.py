@@ -1,4 +1,5 @@
-"""Labelled data from extxyz, lists and ase.db; batched featurisation and its cache."""
+"""Features (:mod:`probe_ase.fitting.data`): labelled data from extxyz, lists and ase.db; batched featurisation and
+its cache."""
 
 from __future__ import annotations
 
@@ -53,7 +54,11 @@ def test_custom_reference_keys(backbones, cu_data):
                          cache_dir=False, progress=False)
         with pytest.raises(MissingReferenceError, match="no reference energy under key 'energy'"):
             featurize(tap, frames, cache_dir=False, progress=False)
-    assert np.isfinite(data.error("force_rmse")).all()
+        plain = featurize(tap, cu_data["pool"][:6], cache_dir=False, progress=False)  # the same values, default keys
+    for criterion in ("force_rmse", "force_max", "energy", "energy_per_atom"):
+        np.testing.assert_allclose(data.error(criterion), plain.error(criterion), rtol=1e-6, err_msg=criterion)
+    np.testing.assert_allclose(data.atom_errors, plain.atom_errors, rtol=1e-6)
+    assert (data.error("force_rmse") > 0).all()
 
 
 def test_cache_skips_the_backbone(backbones, cu_data, tmp_path):
