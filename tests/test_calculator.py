@@ -7,6 +7,7 @@ import torch
 import pytest
 from ase import Atoms, units
 from ase.calculators.lj import LennardJones
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.calculators.mixing import SumCalculator
 from ase.io import read, write
 from ase.md.verlet import VelocityVerlet
@@ -19,7 +20,9 @@ from probe_ase import (
     ProbeCalculator,
     UnknownElementError,
     annotate,
+    featurize,
 )
+from probe_ase.model.graph import HeadGraph
 from probe_ase.testing import assert_invariant, train_mace
 
 from conftest import SLOW_BACKBONES
@@ -32,23 +35,51 @@ def probe_calc(backbone_name, backbones, probes):
     calc.close()
 
 
+def batched_scores(probe, tap, frame):
+    """What ``Probe.predict`` gives ``frame`` from one batched backbone pass and a fresh neighbour graph: the path
+    of fitting and ``score_frames``, not the calculator's per-step one."""
+    fs = featurize(tap, [frame], cache_dir=False, progress=False)
+    return probe.predict(fs.features, fs.numbers, fs.ptr, HeadGraph(probe.meta.config.cutoff).frames([frame]))
+
+
+def tolerance(calc) -> dict:
+    """float32 backbones (CHGNet) give features a batched pass rounds differently; float64 ones agree to ~1e-7."""
+    float32 = next(calc.tap.module.parameters()).dtype == torch.float32
+    return dict(rtol=1e-3, atol=1e-4) if float32 else dict(rtol=1e-5, atol=1e-6)
+
+
 def test_results_pass_through_and_add_reliability(probe_calc, cu_data):
-    atoms = cu_data["test_in"][0].copy()
+    frame = cu_data["test_in"][0]
+    atoms = frame.copy()
     atoms.calc = probe_calc
     energy = atoms.get_potential_energy()
     results = probe_calc.results
     assert energy == pytest.approx(probe_calc.base.results["energy"])
     np.testing.assert_allclose(results["forces"], probe_calc.base.results["forces"])
-    assert 0.0 <= results["reliability"] <= 1.0
+    assert results["forces"].shape == (len(atoms), 3)
+    assert type(results["reliability"]) is float and 0.0 <= results["reliability"] <= 1.0
+    assert type(results["reliable"]) is bool and type(results["novelty"]) is float
     assert results["reliable"] == (results["reliability"] >= probe_calc.threshold and results["novelty"] <= 1)
     assert results["reason"] == ("ok" if results["reliable"] else
                                  "out_of_support" if results["novelty"] > 1 else "low_probability")
     assert results["atom_novelty"].shape == (len(atoms),) and results["atom_novelty"].max() == results["novelty"]
-    assert results["atom_importance"].shape == (len(atoms),)
+    assert results["atom_novelty"].dtype == results["atom_importance"].dtype == np.float64
+    assert results["atom_importance"].shape == (len(atoms),) and (results["atom_importance"] >= 0).all()
     assert results["atom_importance"].sum() == pytest.approx(1.0, abs=1e-5)
+    # a force head regresses each atom's |ΔF_i| (eV/Å); the structure's estimate is their RMS over components
+    assert probe_calc.probe.head.atom_error and "atom_reliability" not in results
+    assert results["atom_force_error"].shape == (len(atoms),) and (results["atom_force_error"] > 0).all()
+    assert results["force_error"] == pytest.approx(np.sqrt(np.mean(results["atom_force_error"] ** 2) / 3), rel=1e-5)
     assert probe_calc.get_property("reliability", atoms) == results["reliability"]
     assert "reliability" in probe_calc.implemented_properties
     assert "reliability" not in type(probe_calc).implemented_properties
+    # the per-step results are Probe.predict's scores on these atoms, key by key
+    expected = batched_scores(probe_calc.probe, probe_calc.tap, frame)
+    tol = tolerance(probe_calc)
+    for key, value in (("reliability", expected.reliability[0]), ("novelty", expected.novelty[0]),
+                       ("force_error", expected.force_error[0]), ("atom_novelty", expected.atom_novelty),
+                       ("atom_importance", expected.importance), ("atom_force_error", expected.atom_force_error)):
+        np.testing.assert_allclose(results[key], value, **tol, err_msg=key)
 
 
 def test_reliability_is_invariant(probe_calc, cu_data):
@@ -79,8 +110,12 @@ def test_backbone_cache_does_not_starve_the_head(backbones, probes, cu_data):
     atoms.get_forces()
     with ProbeCalculator(base, probes("mace")) as calc:
         atoms.calc = calc
+        runs = calc.tap.n_forward
         atoms.get_forces()
-        assert "reliability" in calc.results
+        assert calc.tap.n_forward == runs + 1  # the backbone ran again, so the hooks saw these atoms
+        expected = batched_scores(calc.probe, calc.tap, cu_data["test_in"][3])
+        assert calc.results["reliability"] == pytest.approx(expected.reliability[0], rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(calc.results["atom_novelty"], expected.atom_novelty, rtol=1e-5, atol=1e-6)
 
 
 def test_md_and_optimiser_run_with_reliability(backbones, probes, cu_data):
@@ -92,10 +127,16 @@ def test_md_and_optimiser_run_with_reliability(backbones, probes, cu_data):
         dyn.attach(lambda: seen.append(calc.results["reliability"]), interval=1)
         dyn.run(5)
         assert len(seen) == 6 and all(0 <= p <= 1 for p in seen)
+        assert len(set(seen)) == 6  # a fresh score every step, not the first one repeated
         assert calc.tap.n_forward == 6  # one backbone pass per MD step, nothing extra
         opt = BFGS(atoms, logfile=None)
         opt.run(fmax=0.5, steps=5)
-        assert 0 <= calc.results["reliability"] <= 1
+        assert opt.nsteps >= 1 and calc.tap.n_forward > 6
+        # what the calculator holds after the optimiser is the score of where it left the atoms
+        final = atoms.copy()
+        final.calc = SinglePointCalculator(final, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        expected = batched_scores(calc.probe, calc.tap, final)
+        assert calc.results["reliability"] == pytest.approx(expected.reliability[0], rel=1e-5, abs=1e-6)
 
 
 def test_wraps_a_sum_calculator(backbones, probes, cu_data):

@@ -148,9 +148,13 @@ def test_handover_finishes_on_the_reference(mace_probe_calc, cu_data):
     atoms.calc = mace_probe_calc
     report = guarded_optimize(atoms, reference=EMT(), optimizer=BFGS, fmax=0.05, steps=200)
     assert report.handover_step is not None and report.converged
-    assert report.reference_steps > 0
+    assert report.reference_steps > 0 and report.mlip_steps > 0
     names = [name for _, name in report.calculator_by_step]
     assert names == sorted(names)  # all mlip steps, then all reference steps
+    # the reference takes over at the step the guard reports, where the MLIP's last step left the atoms
+    mlip = [step for step, name in report.calculator_by_step if name == "mlip"]
+    reference = [step for step, name in report.calculator_by_step if name == "reference"]
+    assert reference[0] == report.handover_step == mlip[-1] and report.final_fmax < 0.05
     emt = atoms.copy()
     emt.calc = EMT()
     assert np.linalg.norm(emt.get_forces(), axis=1).max() < 0.05

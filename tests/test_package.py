@@ -24,7 +24,12 @@ def test_import_loads_no_heavy_dependency():
 
 @pytest.mark.parametrize("name", probe_ase.__all__)
 def test_every_public_name_resolves(name):
-    assert getattr(probe_ase, name) is not None
+    import importlib
+
+    value = getattr(probe_ase, name)
+    home = importlib.import_module(f"probe_ase.{probe_ase._LAZY.get(name, 'exceptions')}")
+    assert getattr(home, name) is value  # the defining module's own object, under its own name
+    assert isinstance(value, dict) or value.__name__ == name
     assert name in dir(probe_ase)
 
 
