@@ -116,7 +116,7 @@ class Rule:
         return dict(value) if self.kind is dict else value
 
 
-def _key(rule: Rule, default: object = MISSING, factory: Callable[[], object] | Any = MISSING) -> Any:
+def _key(rule: Rule, default: object = MISSING, factory: Any = MISSING) -> Any:
     """A dataclass field checked by ``rule``; without ``default`` or ``factory`` it is required."""
     return field(default=default, default_factory=factory, metadata={"rule": rule})
 

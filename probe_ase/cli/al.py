@@ -3,7 +3,7 @@
 The file is read into a typed, frozen :class:`~probe_ase.al.config.AlConfig`
 (the keys, their defaults and units are documented there): unknown keys,
 missing ones, wrong types and out-of-range numbers are errors before any work.
-Example config (units: K, fs, 1/fs, Å, s; commented keys show their default)::
+Example config (units: K, fs, 1/fs, Å, s; a value shown is the default unless its comment names another)::
 
     backbone = "model.model"      # MACE model file
     probe = "probe.pt"            # head file
@@ -25,7 +25,7 @@ Example config (units: K, fs, 1/fs, Å, s; commented keys show their default)::
     min_separation = 10           # steps between two selected frames of a trajectory
     # seed = 0                    round N draws velocities with seed + N
     # p_lo = 0.1, p_hi = 0.5      reliability band edges in [0, 1] (default: p*/2 and p*)
-    # region_buffer = 6.0         big cells: label regions (unreliable atoms + this buffer, Å), not whole cells
+    # region_buffer = 6.0         big cells: label regions (unreliable atoms + this buffer, Å); default: whole cells
     # min_atom_reliability = "auto"   in [0, 1]; needs a head fitted with --atom-tolerance; "auto": the head's atom p*
 
     [label]
