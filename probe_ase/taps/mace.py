@@ -28,6 +28,7 @@ from ase.calculators.calculator import Calculator
 
 from probe_ase.exceptions import BackboneError
 from probe_ase.taps.base import Tap, quiet_import
+from probe_ase.taps.irreps import invariants, n_norms, scalar_channels
 
 
 class MaceTap(Tap):
@@ -41,7 +42,7 @@ class MaceTap(Tap):
     def __init__(self, calc: Calculator, layers: Sequence[int] | None = None, channels: str | None = None) -> None:
         _refuse_untappable(calc)
         self._irreps = [product.linear.irreps_out for product in calc.models[0].products]
-        self._scalar_index = [_scalar_channels(irreps) for irreps in self._irreps]
+        self._scalar_index = [scalar_channels(irreps) for irreps in self._irreps]
         super().__init__(calc, layers, channels)
 
     @classmethod
@@ -95,18 +96,12 @@ class MaceTap(Tap):
     def layer_width(self, layer: int) -> int:
         """Scalar (``0e``) channels in the output of ``products[layer]``, plus its other channels with norms."""
         scalars = len(self._scalar_index[layer])
-        return scalars if self.channels == "scalars" else scalars + _n_norms(self._irreps[layer])
+        return scalars if self.channels == "scalars" else scalars + n_norms(self._irreps[layer])
 
     def invariant(self, layer: int, output: object) -> torch.Tensor:
         """The scalar (``0e``) channels ``(n_atoms, width)`` of a product block's output (a view when contiguous),
         then, with ``"scalars+norms"``, the norm of each other channel over its components."""
-        index = self._scalar_index[layer]
-        scalars = output[:, index[0] : index[-1] + 1] if _contiguous(index) else output[:, index]
-        if self.channels == "scalars":
-            return scalars
-        norms = [torch.linalg.vector_norm(output[:, part].reshape(-1, mul, ir.dim), dim=-1)
-                 for (mul, ir), part in zip(self._irreps[layer], self._irreps[layer].slices()) if not _scalar(ir)]
-        return torch.cat([scalars, *norms], dim=-1)
+        return invariants(output, self._irreps[layer], self._scalar_index[layer], self.channels != "scalars")
 
     def fingerprint(self) -> str:
         """The parameters' digest; for a multi-head model also the selected head, whose energies the head judges."""
@@ -180,25 +175,3 @@ def _refuse_untappable(calc: Calculator) -> None:
                             enable_cueq=getattr(calc, "_enable_cueq", None),
                             enable_oeq=getattr(calc, "_enable_oeq", None))
 
-
-def _scalar(ir: object) -> bool:
-    """Whether an e3nn ``Irrep`` is a true scalar, ``0e``."""
-    return ir.l == 0 and ir.p == 1
-
-
-def _scalar_channels(irreps: object) -> list[int]:
-    """Column indices of the ``0e`` channels of an e3nn ``Irreps``."""
-    index: list[int] = []
-    for (_mul, ir), sl in zip(irreps, irreps.slices()):
-        if _scalar(ir):
-            index.extend(range(sl.start, sl.stop))
-    return index
-
-
-def _n_norms(irreps: object) -> int:
-    """How many channels of an e3nn ``Irreps`` are not ``0e`` (one norm each)."""
-    return sum(mul for mul, ir in irreps if not _scalar(ir))
-
-
-def _contiguous(index: list[int]) -> bool:
-    return index == list(range(index[0], index[-1] + 1))
