@@ -1,9 +1,12 @@
 """Load a backbone calculator from a model file or a pretrained name (for the command line).
 
 Every adapter in :data:`probe_ase.taps.ADAPTERS` says which files are its
-(:meth:`~probe_ase.taps.base.Tap.owns`) and how to load them. Model files of
-MACE and SchNetPack are whole pickled torch modules, so loading one runs code
-from it: only load files you trust (the libraries themselves do the same).
+(:meth:`~probe_ase.taps.base.Tap.owns`) and how to load them. Every backbone
+library is a pip extra of probe-ase: where the one a name or file needs is
+missing, the error is a :class:`~probe_ase.exceptions.BackboneError` naming it
+(``pip install "probe-ase[chgnet]"``). Model files of MACE and SchNetPack are
+whole pickled torch modules, so loading one runs code from it: only load files
+you trust (the libraries themselves do the same).
 """
 
 from __future__ import annotations
@@ -47,14 +50,11 @@ def _torch_load(name: str, device: str):
                                 ".model, a SchNetPack or CHGNet model file", path=name) from None
         raise
     except ModuleNotFoundError as err:
-        raise BackboneError(f"{name} holds a model of the {err.name} package, which is not installed here",
-                            path=name, missing=err.name) from None
-
-
-def _require(cls) -> None:
-    if not cls.available():
-        extra = f'pip install "probe-ase[{cls.extra}]"' if cls.extra else f"pip install {cls.library}"
-        raise BackboneError(f"the {cls.kind} backbone needs the {cls.library} package: {extra}", kind=cls.kind)
+        top = (err.name or "").split(".")[0]
+        extra = next((cls.extra for cls in ADAPTERS.values() if cls.library == top and cls.extra), None)
+        fix = f': pip install "probe-ase[{extra}]"' if extra else ""
+        raise BackboneError(f"{name} holds a model of the {err.name} package, which is not installed here{fix}",
+                            path=name, missing=err.name, extra=extra) from None
 
 
 def load_backbone(path: str | os.PathLike, kind: str = "auto", device: str = "cpu") -> Calculator:
@@ -62,12 +62,13 @@ def load_backbone(path: str | os.PathLike, kind: str = "auto", device: str = "cp
 
     ``path`` is a model file, or a name an adapter ships weights for (e.g.
     ``chgnet-0.3.0``). ``kind`` is an adapter's kind, or ``auto`` to ask each
-    adapter whether the file is its.
+    adapter whether the file is its. A missing backbone library is a
+    :class:`BackboneError` naming the extra that installs it.
     """
     name = os.fspath(path)
     for cls in ADAPTERS.values():
         if name in cls.pretrained and kind in ("auto", cls.kind):
-            _require(cls)
+            cls.require()
             return cls.load(name, device)
     if not os.path.exists(name):
         raise InputError(f"no such backbone file: {name} (pretrained names: {', '.join(pretrained_names())})",
@@ -76,7 +77,7 @@ def load_backbone(path: str | os.PathLike, kind: str = "auto", device: str = "cp
         raise InputError(f"backbone {name} is a folder; pass a model file or a pretrained name", path=name)
     wanted = None if kind == "auto" else adapter(kind)
     if wanted is not None:
-        _require(wanted)
+        wanted.require()
     if ADAPTERS["mace"].available():
         # import e3nn (through mace) before unpickling: e3nn loads its constants with
         # torch.load at import, and a torch.load nested in another one fails
@@ -85,11 +86,12 @@ def load_backbone(path: str | os.PathLike, kind: str = "auto", device: str = "cp
     if isinstance(model, torch.jit.ScriptModule):
         raise BackboneError(f"{name} is a TorchScript model (e.g. a MACE *_compiled.model); forward hooks cannot tap "
                             "it: load the uncompiled model file instead", path=name, found=type(model).__name__)
-    owner = next((cls for cls in ADAPTERS.values() if cls.available() and cls.owns(model)), None)
+    owner = next((cls for cls in ADAPTERS.values() if cls.owns(model)), None)  # needs only what unpickling imported
     if wanted is not None and owner is not wanted:
         found = owner.kind if owner else f"{type(model).__module__}.{type(model).__name__}"
         raise BackboneError(f"{name} holds a {found} model, not {kind}", path=name, expected=kind, found=found)
     if owner is not None:
+        owner.require()
         return owner.load(name, device, model=model)
     what = f"{type(model).__module__}.{type(model).__name__}"
     raise BackboneError(f"{name} holds a {what}, which no adapter ({', '.join(ADAPTERS)}) owns; "

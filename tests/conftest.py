@@ -2,10 +2,11 @@
 
 The backbone parametrisation is the adapter registry, ``probe_ase.taps.ADAPTERS``:
 every shipped adapter is tested, and an adapter without a test backbone here
-fails the suite. Backbones are built once per test run. Tests that need an
-optional backbone library skip when it is missing on a developer machine but
-fail under CI (``CI`` set), so a missing optional backbone can never pass
-unnoticed. Each optional backbone's cases carry its extra's marker
+fails the suite. Backbones are built once per test run. Every backbone library
+is an extra; tests that need one skip when it is missing on a developer machine
+but fail under CI (``CI`` set), so a missing backbone can never pass unnoticed.
+MACE is the suite's default backbone: most tests use it, unmarked, and need the
+``mace`` extra. Each other backbone's cases carry its extra's marker
 (``schnetpack`` for SchNet and PaiNN, ``chgnet``), so a MACE-only install (CI's
 current-torch leg) leaves them out explicitly with
 ``python -m pytest -m "not schnetpack and not chgnet"``.
@@ -53,8 +54,15 @@ TEST_BACKBONES = {
 #: backbones that cost ~10 ms per atom on one core: long runs take fewer steps on them
 SLOW_BACKBONES = {"chgnet"}
 assert set(TEST_BACKBONES) == set(ADAPTERS), f"adapters without a test backbone: {set(ADAPTERS) - set(TEST_BACKBONES)}"
-BACKBONES = [pytest.param(kind, marks=[getattr(pytest.mark, cls.extra)] if cls.extra else [])
-             for kind, cls in ADAPTERS.items()]
+
+
+def backbone_marks(kind: str) -> list:
+    """The marker of the ``kind`` backbone's cases: its extra's, none for MACE (the suite's unmarked default)."""
+    extra = ADAPTERS[kind].extra
+    return [getattr(pytest.mark, extra)] if extra and kind != "mace" else []
+
+
+BACKBONES = [pytest.param(kind, marks=backbone_marks(kind)) for kind in ADAPTERS]
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from probe_ase import BackboneError, InputError, find_tap
 from probe_ase.taps import ADAPTERS, MaceTap, ModuleTap
 from probe_ase.testing import check_tap
 
-from conftest import require_backbone
+from conftest import backbone_marks, require_backbone
 
 
 def test_every_adapter_passes_check_tap(backbone_name, backbones, cu_data):
@@ -22,7 +22,7 @@ def test_every_adapter_passes_check_tap(backbone_name, backbones, cu_data):
 
 
 #: every adapter's channel sets besides its default (the default passes check_tap above)
-OTHER_CHANNELS = [pytest.param(kind, channels, marks=[getattr(pytest.mark, cls.extra)] if cls.extra else [])
+OTHER_CHANNELS = [pytest.param(kind, channels, marks=backbone_marks(kind))
                   for kind, cls in ADAPTERS.items() for channels in cls.channel_sets if channels != cls.default_channels]
 
 

@@ -10,7 +10,8 @@ An adapter (a :class:`Tap` subclass) says:
 
 * what it is: ``kind`` (its name in :data:`probe_ase.taps.ADAPTERS`, the CLI's
   ``--backbone-type`` and head files), ``library`` and the pip ``extra`` that
-  installs it;
+  installs it (every backbone library is an extra: :meth:`Tap.require` names it
+  when the library is missing);
 * which calculators and model files are its: :meth:`Tap.accepts`,
   :meth:`Tap.owns`, :meth:`Tap.load` (a file, or a name in ``pretrained``);
 * where its features are: :meth:`Tap.feature_modules`, :meth:`Tap.layer_width`,
@@ -203,6 +204,14 @@ class Tap(ABC):
         except Exception:  # absent, or broken against this torch
             return False
         return True
+
+    @classmethod
+    def require(cls) -> None:
+        """Raise a :class:`BackboneError` naming the pip extra to install when the backbone library does not import."""
+        if not cls.available():
+            fix = f'pip install "probe-ase[{cls.extra}]"' if cls.extra else f"pip install {cls.library}"
+            raise BackboneError(f"the {cls.kind} backbone needs the {cls.library} package, which does not import here: "
+                                f"{fix}", kind=cls.kind, library=cls.library, extra=cls.extra)
 
     @classmethod
     def owns(cls, model: object) -> bool:

@@ -59,6 +59,7 @@ class CHGNetTap(Tap):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", model: object = None) -> Calculator:
         """A ``CHGNetCalculator`` for a pretrained name in :data:`PRETRAINED` or a saved CHGNet file."""
+        cls.require()
         from chgnet.model import CHGNet
         from chgnet.model.dynamics import CHGNetCalculator
 

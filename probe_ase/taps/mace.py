@@ -36,6 +36,7 @@ class MaceTap(Tap):
 
     kind = "mace"
     library = "mace"
+    extra = "mace"
     pair_keys = ("edge_index", "positions", "shifts")
     channel_sets = ("scalars", "scalars+norms")
 
@@ -50,7 +51,7 @@ class MaceTap(Tap):
         """Whether ``calc`` is a mace-torch ``MACECalculator``."""
         try:
             MACECalculator = quiet_import("mace.calculators").MACECalculator
-        except ImportError:  # pragma: no cover - mace-torch is a core dependency
+        except Exception:  # mace-torch absent (the mace extra), or broken against this torch or e3nn
             return False
         return isinstance(calc, MACECalculator)
 
@@ -62,6 +63,7 @@ class MaceTap(Tap):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", model: object = None) -> Calculator:
         """A ``MACECalculator`` for the ``.model`` file ``path`` (a pickled module: only load files you trust)."""
+        cls.require()
         MACECalculator = quiet_import("mace.calculators").MACECalculator
         if model is None:
             quiet_import("mace.modules")  # e3nn's own torch.load must not run nested in ours

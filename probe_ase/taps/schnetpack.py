@@ -84,6 +84,7 @@ class _SchNetPackTap(Tap):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", model: object = None) -> Calculator:
         """An ``SpkCalculator`` for the saved model ``path`` (trained in eV and Å; see :func:`spk_calculator`)."""
+        cls.require()
         return spk_calculator(path, device=device)
 
     @property
