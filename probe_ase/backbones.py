@@ -4,7 +4,7 @@ Every adapter in :data:`probe_ase.taps.ADAPTERS` says which files are its
 (:meth:`~probe_ase.taps.base.Tap.owns`) and how to load them. Every backbone
 library is a pip extra of probe-ase: where the one a name or file needs is
 missing, the error is a :class:`~probe_ase.exceptions.BackboneError` naming it
-(``pip install "probe-ase[chgnet]"``). Model files of MACE and SchNetPack are
+(``pip install "probe-ase[sevenn]"``). Model files of MACE and SchNetPack are
 whole pickled torch modules, so loading one runs code from it: only load files
 you trust (the libraries themselves do the same).
 """
@@ -43,11 +43,13 @@ def _torch_load(name: str, device: str):
             return torch.load(name, map_location=device, weights_only=False)
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as err:
         raise BackboneError(f"{name} is not a torch model file ({type(err).__name__}); pass a MACE .model, a "
-                            "SchNetPack or CHGNet model file, or a pretrained name", path=name) from None
+                            "SchNetPack or CHGNet model file, a SevenNet checkpoint, or a pretrained name",
+                            path=name) from None
     except RuntimeError as err:
         if "PytorchStreamReader" in str(err) or "zip archive" in str(err) or "invalid load key" in str(err):
             raise BackboneError(f"{name} is not a torch model file (a damaged or truncated archive?); pass a MACE "
-                                ".model, a SchNetPack or CHGNet model file", path=name) from None
+                                ".model, a SchNetPack or CHGNet model file or a SevenNet checkpoint",
+                                path=name) from None
         raise
     except ModuleNotFoundError as err:
         top = (err.name or "").split(".")[0]
@@ -61,8 +63,8 @@ def load_backbone(path: str | os.PathLike, kind: str = "auto", device: str = "cp
     """An ASE calculator (energies in eV, forces in eV/Å) for a model file or pretrained name.
 
     ``path`` is a model file, or a name an adapter ships weights for (e.g.
-    ``chgnet-0.3.0``). ``kind`` is an adapter's kind, or ``auto`` to ask each
-    adapter whether the file is its. A missing backbone library is a
+    ``chgnet-0.3.0``, ``7net-0``). ``kind`` is an adapter's kind, or ``auto`` to
+    ask each adapter whether the file is its. A missing backbone library is a
     :class:`BackboneError` naming the extra that installs it.
     """
     name = os.fspath(path)

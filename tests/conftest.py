@@ -1,4 +1,4 @@
-"""Shared fixtures: real backbones (tiny ones trained on EMT copper, pretrained CHGNet), fitted heads.
+"""Shared fixtures: real backbones (tiny ones trained on EMT copper, pretrained CHGNet and SevenNet), fitted heads.
 
 The backbone parametrisation is the adapter registry, ``probe_ase.taps.ADAPTERS``:
 every shipped adapter is tested, and an adapter without a test backbone here
@@ -7,9 +7,11 @@ is an extra; tests that need one skip when it is missing on a developer machine
 but fail under CI (``CI`` set), so a missing backbone can never pass unnoticed.
 MACE is the suite's default backbone: most tests use it, unmarked, and need the
 ``mace`` extra. Each other backbone's cases carry its extra's marker
-(``schnetpack`` for SchNet and PaiNN, ``chgnet``), so a MACE-only install (CI's
-current-torch leg) leaves them out explicitly with
-``python -m pytest -m "not schnetpack and not chgnet"``.
+(``schnetpack`` for SchNet and PaiNN, ``chgnet``, ``sevenn``), so a MACE-only
+install (CI's current-torch leg) leaves them out explicitly with
+``python -m pytest -m "not schnetpack and not chgnet and not sevenn"``, and a
+SevenNet install (no mace: their e3nn pins clash) selects its own with
+``-m sevenn``.
 PostgreSQL is treated the same way: the ``db_url`` fixture runs each
 active-learning test on an SQLite file and on a fresh database of a
 PostgreSQL server, the one at ``$PROBE_ASE_TEST_PG_URL`` (what ``.ci/run``
@@ -50,9 +52,10 @@ TEST_BACKBONES = {
     "schnet": lambda frames: _train_schnetpack("schnet", frames),
     "painn": lambda frames: _train_schnetpack("painn", frames),
     "chgnet": lambda frames: ADAPTERS["chgnet"].load("chgnet-0.3.0"),  # pretrained, from the wheel: no training
+    "sevenn": lambda frames: ADAPTERS["sevenn"].load("7net-0"),  # pretrained, from the wheel: no training
 }
 #: backbones that cost ~10 ms per atom on one core: long runs take fewer steps on them
-SLOW_BACKBONES = {"chgnet"}
+SLOW_BACKBONES = {"chgnet", "sevenn"}
 assert set(TEST_BACKBONES) == set(ADAPTERS), f"adapters without a test backbone: {set(ADAPTERS) - set(TEST_BACKBONES)}"
 
 

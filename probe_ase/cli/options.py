@@ -12,9 +12,10 @@ import argparse
 import sys
 
 #: ``--backbone-type``: ``auto`` and every adapter's kind (:data:`probe_ase.taps.ADAPTERS`)
-BACKBONE_TYPES = ("auto", "mace", "schnet", "painn", "chgnet")
+BACKBONE_TYPES = ("auto", "mace", "schnet", "painn", "chgnet", "sevenn")
 #: names an adapter loads instead of a file (``Tap.pretrained`` of each adapter)
-PRETRAINED = ("chgnet-0.3.0", "chgnet-0.2.0", "chgnet-r2scan")
+PRETRAINED = ("chgnet-0.3.0", "chgnet-0.2.0", "chgnet-r2scan",
+              "7net-0", "7net-0_22may2024", "7net-l3i5", "7net-mf-0-pbe", "7net-mf-0-r2scan")
 #: :data:`probe_ase.fitting.labels.CRITERIA`
 CRITERIA = ("force_rmse", "force_max", "energy_per_atom", "energy")
 #: :data:`probe_ase.fitting.certify.FALLBACKS`
@@ -53,7 +54,7 @@ def add_backbone(group, required: bool = True) -> None:
     """``--backbone PATH``, ``--backbone-type`` and ``--device``."""
     default = "" if required else " (default: the file the head was fitted with)"
     group.add_argument("--backbone", required=required, metavar="PATH",
-                       help="model file (MACE .model, SchNetPack, CHGNet) or a pretrained name: "
+                       help="model file (MACE .model, SchNetPack, CHGNet, SevenNet checkpoint) or a pretrained name: "
                             + ", ".join(PRETRAINED) + default)
     group.add_argument("--backbone-type", choices=BACKBONE_TYPES, default="auto",
                        help="backbone adapter (default: detected from the file)")

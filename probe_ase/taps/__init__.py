@@ -24,9 +24,10 @@ from probe_ase.taps.chgnet import CHGNetTap
 from probe_ase.taps.generic import ModuleTap
 from probe_ase.taps.mace import MaceTap
 from probe_ase.taps.schnetpack import PaiNNTap, SchNetTap
+from probe_ase.taps.sevenn import SevenNetTap
 
-#: every shipped adapter by ``kind``
-ADAPTERS: dict[str, type[Tap]] = {cls.kind: cls for cls in (MaceTap, SchNetTap, PaiNNTap, CHGNetTap)}
+#: every shipped adapter by ``kind`` (each backbone library is a pip extra, imported only when used)
+ADAPTERS: dict[str, type[Tap]] = {cls.kind: cls for cls in (MaceTap, SchNetTap, PaiNNTap, CHGNetTap, SevenNetTap)}
 
 
 def adapter(kind: str) -> type[Tap]:
@@ -68,5 +69,5 @@ def find_tap(calc: BaseCalculator, layers: Sequence[int] | None = None, channels
     return tap_cls(backbone, layers, channels)
 
 
-__all__ = ["ADAPTERS", "CHGNetTap", "MaceTap", "ModuleTap", "PaiNNTap", "Prediction", "SchNetTap", "Tap", "adapter",
-           "backbone_calculators", "find_tap"]
+__all__ = ["ADAPTERS", "CHGNetTap", "MaceTap", "ModuleTap", "PaiNNTap", "Prediction", "SchNetTap", "SevenNetTap", "Tap",
+           "adapter", "backbone_calculators", "find_tap"]
