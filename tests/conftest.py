@@ -84,6 +84,19 @@ def require_backbone(kind: str):
         pytest.skip(f"{cls.extra} extra not installed (pip install -e '.[{cls.extra}]')")
 
 
+@pytest.fixture(autouse=True)
+def _pyscf_required(request):
+    """Tests marked ``pyscf`` need PySCF (the pyscf extra): skip when it is missing, fail under CI."""
+    if request.node.get_closest_marker("pyscf") is None:
+        return
+    try:
+        import pyscf  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("pyscf (the pyscf extra) is required in CI but cannot be imported")
+        pytest.skip("pyscf extra not installed (pip install -e '.[pyscf]')")
+
+
 @pytest.fixture(scope="package")
 def cu_data():
     """EMT copper: backbone training set, head fit pool, held-out test frames."""

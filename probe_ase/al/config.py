@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, Self, get_args
 
 from ase import Atoms
 from ase.calculators.calculator import Calculator
+from ase.data import chemical_symbols
 from ase.md.md import MolecularDynamics
 
 from probe_ase.exceptions import InputError
@@ -153,30 +154,95 @@ class Section:
 
 
 @dataclass(frozen=True)
+class PySCFConfig(Section):
+    """``[reference] pyscf = {...}``: DFT for molecules with PySCF (:mod:`probe_ase.al.dft`); a reference factory.
+
+    Attributes:
+        xc: functional as PySCF (libxc) names it: ``"PBE"``, ``"B3LYP"``; ``"HF"``: Hartree-Fock.
+        basis: basis set as PySCF names it: ``"def2-SVP"``, ``"sto-3g"``.
+        charge: total charge (elementary charges).
+        multiplicity: spin multiplicity 2S + 1; None: 1 for an even electron count, 2 for an odd one.
+            Closed shells run restricted (RKS), others unrestricted (UKS).
+        conv_tol: SCF energy convergence in Hartree (PySCF's own setting and unit; 1e-9 Hartree = 2.7e-8 eV).
+        max_cycle: SCF iterations at most; a frame whose SCF has not converged by then is ``failed``.
+        threads: OpenMP threads of each reference call.
+        energy_offsets: eV per atom of each element, added to PySCF's energy so its labels share the
+            training data's energy zero (:func:`probe_ase.al.dft.fit_energy_offsets`); {}: none.
+    """
+
+    NAME: ClassVar[str] = "reference.pyscf"
+
+    xc: str = _key(Rule(str), "PBE")
+    basis: str = _key(Rule(str), "def2-SVP")
+    charge: int = _key(Rule(int), 0)
+    multiplicity: int | None = _key(Rule(int, 1), None)
+    conv_tol: float = _key(Rule(float, 0, positive=True, unit="Hartree"), 1e-9)
+    max_cycle: int = _key(Rule(int, 1), 50)
+    threads: int = _key(Rule(int, 1), 1)
+    energy_offsets: dict[str, float] = _key(Rule(dict, what="a table of element = eV per atom"), factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        offsets = {}
+        for symbol, value in self.energy_offsets.items():
+            key = f"{self.NAME}.energy_offsets.{symbol}"
+            if symbol not in chemical_symbols[1:]:
+                raise InputError(f"{key} in {_source()}: {symbol!r} is not an element symbol", path=_PATH.get(),
+                                 key=key)
+            offsets[symbol] = Rule(float, unit="eV per atom").check(key, value)
+        object.__setattr__(self, "energy_offsets", offsets)
+
+    def __call__(self) -> Calculator:
+        """A fresh :class:`~probe_ase.al.dft.PySCFCalculator` with these settings (energies eV, forces eV/Å)."""
+        from probe_ase.al.dft import PySCFCalculator
+
+        return PySCFCalculator(self)
+
+
+@dataclass(frozen=True)
 class ReferenceConfig(Section):
-    """``[reference]``: the reference calculator that labels the selected frames.
+    """``[reference]``: the reference calculator that labels the selected frames; exactly one of two forms.
 
     Attributes:
         calculator: ``"module:attribute"`` of a calculator class or factory
             returning energies in eV and forces in eV/Å (e.g.
             ``"ase.calculators.emt:EMT"``).
         options: keyword arguments for it.
+        pyscf: PySCF's DFT instead (:class:`PySCFConfig`), e.g.
+            ``pyscf = {xc = "PBE", basis = "def2-SVP", threads = 1}``.
     """
 
     NAME: ClassVar[str] = "reference"
 
-    calculator: str = _key(Rule(str, what='a string "module:attribute" (e.g. "ase.calculators.emt:EMT")'))
+    calculator: str | None = _key(Rule(str, what='a string "module:attribute" (e.g. "ase.calculators.emt:EMT")'),
+                                  None)
     options: dict[str, Any] = _key(Rule(dict, what="a table of keyword arguments"), factory=dict)
+    pyscf: PySCFConfig | None = _key(Rule(PySCFConfig), None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.calculator is None and self.pyscf is None:
+            raise InputError(f"[reference] of {_source()} lacks ['calculator']", path=_PATH.get(), section=self.NAME,
+                             missing=["calculator"])
+        if self.pyscf is not None and (self.calculator is not None or self.options):
+            raise InputError(f"[reference] of {_source()} takes calculator (with options) or pyscf (a table of PySCF "
+                             "settings), not both", path=_PATH.get(), section=self.NAME)
 
     def factory(self) -> Callable[[], Calculator]:
-        """A picklable factory of fresh reference calculators (``functools.partial`` of the imported attribute).
+        """A picklable factory of fresh reference calculators (``functools.partial`` of the imported attribute,
+        or the :class:`PySCFConfig`).
 
         Raises:
-            InputError: the module or the attribute cannot be imported.
+            InputError: the module or the attribute cannot be imported; PySCF
+                is missing or knows no such functional or basis.
         """
         import functools
         import importlib
 
+        if self.pyscf is not None:
+            from probe_ase.al.dft import check_settings
+
+            return check_settings(self.pyscf)
         module_name, _, attribute = self.calculator.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attribute)

@@ -9,7 +9,8 @@ frame is called twice. Each result is committed as soon as it arrives,
 with the claim dropped in the same transaction (status ``done``, the
 reference energy in eV and forces in eV/Å as the row's calculator
 results); a failing reference call is retried, then recorded as
-``failed`` with its error. Killing a driver loses only its calls in
+``failed`` with its error (an error whose class sets ``retry = False``,
+such as an SCF that did not converge, at once). Killing a driver loses only its calls in
 flight: their frames are taken over once the lease lapses, and
 a later call labels what is still pending and never repeats a finished
 one.
@@ -48,10 +49,14 @@ class SerialExecutor(Executor):
 
 
 def reference_calculation(factory: ReferenceFactory, atoms: Atoms) -> dict:
-    """Energy (eV) and forces (eV/Å) of ``atoms`` from a fresh reference calculator."""
+    """Energy (eV) and forces (eV/Å) of ``atoms`` from a fresh reference calculator, and the energy offset (eV)
+    it added, if it reports one (``results["energy_offset"]``, as :class:`~probe_ase.al.dft.PySCFCalculator`)."""
     atoms = atoms.copy()
     atoms.calc = factory()
-    return {"energy": float(atoms.get_potential_energy()), "forces": np.asarray(atoms.get_forces(), dtype=float)}
+    result = {"energy": float(atoms.get_potential_energy()), "forces": np.asarray(atoms.get_forces(), dtype=float)}
+    if "energy_offset" in atoms.calc.results:
+        result["energy_offset"] = float(atoms.calc.results["energy_offset"])
+    return result
 
 
 def label_pending(
@@ -102,7 +107,8 @@ def label_pending(
                 for done in finished:
                     row_id = futures.pop(done)
                     attempts[row_id] += 1
-                    if done.exception() is not None and attempts[row_id] <= retries:
+                    error = done.exception()
+                    if error is not None and attempts[row_id] <= retries and getattr(error, "retry", True):
                         submit(row_id)  # still claimed: retry
                         continue
                     status, committed = _record(store, row_id, atoms_of[row_id], done, attempts[row_id])
@@ -116,12 +122,14 @@ def label_pending(
 
 def _record(store: ALStore, row_id: int, atoms: Atoms, done: Future, attempts: int) -> tuple[str, bool]:
     """Commit a finished reference call on claimed row ``row_id``: ``"done"`` with the reference energy (eV) and
-    forces (eV/Å), or ``"failed"`` with its error; returns the status and whether it was committed (only while this
-    driver still held the claim)."""
+    forces (eV/Å) (and ``energy_offset``, eV, when the reference added one), or ``"failed"`` with its error;
+    returns the status and whether it was committed (only while this driver still held the claim)."""
     error = done.exception()
     if error is None:
+        result = dict(done.result())
+        offset = {"energy_offset": result.pop("energy_offset")} if "energy_offset" in result else {}
         labelled = atoms.copy()
-        labelled.calc = SinglePointCalculator(labelled, **done.result())
-        return "done", store.finish(row_id, atoms=labelled, status="done", attempts=attempts)
+        labelled.calc = SinglePointCalculator(labelled, **result)
+        return "done", store.finish(row_id, atoms=labelled, status="done", attempts=attempts, **offset)
     message = "".join(traceback.format_exception_only(type(error), error)).strip()
     return "failed", store.finish(row_id, status="failed", error=message[:500], attempts=attempts)
