@@ -225,7 +225,9 @@ def test_gate_md_tutorial(tmp_path, monkeypatch):
                  "md2.traj"):
         assert (tmp_path / file).stat().st_size > 0, file
     assert ns["monitor"].halted and ns["monitor"].summary()["halted"]
-    assert ns["safe"] is not None
+    safe, atoms = ns["safe"], ns["monitor"].atoms  # a detached copy of the last reliable step, before the halt
+    assert safe is not atoms and safe.calc is None and len(safe) == len(atoms)
+    assert np.abs(safe.get_momenta()).sum() > 0 and not np.allclose(safe.positions, atoms.positions)
     assert all(_in_unit_interval(frame.info["reliability"]) for frame in ns["frames"])
 
 
@@ -275,7 +277,14 @@ def test_active_learning_tutorial(tmp_path, monkeypatch):
     assert len(ns["done"]) > 0                                         # labelled rows read back from al.db
     labelled = read(tmp_path / "round1.xyz", ":")
     assert labelled and all(frame.get_forces().shape == (len(frame), 3) for frame in labelled)
-    assert isinstance(ns["new_calc"], ProbeCalculator)
+    new_calc, probe = ns["new_calc"], ns["probe"]
+    assert isinstance(new_calc, ProbeCalculator) and new_calc.base is not ns["base"]
+    # a retrained backbone gets a refitted head, with the old head's settings: its atom tolerance (eV/Å) absolute
+    refit = new_calc.probe
+    assert refit.meta.fingerprint != probe.meta.fingerprint and refit.meta.local
+    assert refit.spec.atom_tolerance == pytest.approx(probe.meta.atom_tau) == refit.meta.atom_tau
+    assert (refit.spec.criterion, refit.spec.target_risk, refit.spec.delta) == \
+        (probe.spec.criterion, probe.spec.target_risk, probe.spec.delta)
     assert ns["report"].labelled > 0 and ns["report"].row() in printed
     assert check_database(tmp_path / "al-cli.db").ok                  # what `probe-ase al --check` checked
     assert re.search(r"^\s*1\s+\d+", printed, re.M)                   # the command line's table row of round 1
