@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import Calculator
 from ase.io import write
 
 from probe_ase.calculator import ProbeCalculator
@@ -41,6 +42,37 @@ def refit_spec(meta: HeadMeta, head_epochs: int, seed: int) -> FitSpec:
     spec = replace(meta.spec, tolerance=meta.tau, quantile=None,
                    options=replace(meta.spec.options, epochs=head_epochs, seed=seed))
     return spec if meta.atom_tau is None else replace(spec, atom_tolerance=meta.atom_tau, atom_quantile=None)
+
+
+def hold_out(labelled: Sequence[Atoms], share: float, seed: int) -> tuple[list[Atoms], list[Atoms]]:
+    """Split ``labelled`` at random into (held out, to train on): ``share`` (0-1) of the frames, at least one, held
+    out. Needs at least 2 frames (energies in eV, forces in eV/Å)."""
+    if len(labelled) < 2:
+        raise InputError(f"retraining needs at least 2 labelled frames, got {len(labelled)}",
+                         n_labelled=len(labelled))
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    n_hold = max(1, int(share * len(labelled)))
+    return [labelled[k] for k in order[:n_hold]], [labelled[k] for k in order[n_hold:]]
+
+
+def refit_head(base: Calculator, meta: HeadMeta, fit_frames: Sequence[Atoms], head_epochs: int, seed: int,
+               path: str | os.PathLike) -> ProbeCalculator:
+    """Refit a head like the one ``meta`` describes on the new backbone ``base``, save it to ``path``.
+
+    The old head's tolerance (``tau``, force criteria in eV/Å) is kept where ``fit_frames`` (energies eV,
+    forces eV/Å) still hold both classes under it; otherwise tau is taken at the old head's quantile, with a
+    warning. Never reuses the old head: its backbone fingerprint no longer matches.
+    """
+    spec = refit_spec(meta, head_epochs, seed)
+    try:
+        probe = fit_probe(base, list(fit_frames), **spec, cache_dir=False, progress=False)
+    except LabelError as err:
+        quantile = meta.quantile or DEFAULT_QUANTILE
+        warnings.warn(f"{err}; refitting the head with tau at the {quantile:.0%} quantile instead", stacklevel=3)
+        probe = fit_probe(base, list(fit_frames), **replace(spec, tolerance=None, quantile=quantile),
+                          cache_dir=False, progress=False)
+    probe.save(path)
+    return ProbeCalculator(base, probe)
 
 
 def mace_training_frames(frames: Sequence[Atoms]) -> list[Atoms]:
@@ -133,28 +165,12 @@ class MaceTrainer:
         """
         from mace.calculators import MACECalculator
 
-        if len(labelled) < 2:
-            raise InputError(f"retraining needs at least 2 labelled frames, got {len(labelled)}",
-                             n_labelled=len(labelled))
-        order = np.random.default_rng(self.seed + round).permutation(len(labelled))
-        n_hold = max(1, int(self.holdout * len(labelled)))
-        self.held_out = [labelled[k] for k in order[:n_hold]]
-        new_training = [labelled[k] for k in order[n_hold:]]
+        self.held_out, new_training = hold_out(labelled, self.holdout, self.seed + round)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         foundation = self.work_dir / f"round{round}_start.model"
         current.tap.save_backbone(foundation)
         model = run_mace_train(self.train_frames + new_training, foundation, self.work_dir, f"round{round}",
                                self.epochs, self.seed, self.extra_args)
         base = MACECalculator(model_paths=str(model), device="cpu", default_dtype="float64")
-        meta = current.probe.meta
-        spec = refit_spec(meta, self.head_epochs, self.seed)
-        fit_frames = self.fit_frames + self.held_out
-        try:  # keep the user's tolerance where the data still hold both classes under it
-            probe = fit_probe(base, fit_frames, **spec, cache_dir=False, progress=False)
-        except LabelError as err:
-            quantile = meta.quantile or DEFAULT_QUANTILE
-            warnings.warn(f"{err}; refitting the head with tau at the {quantile:.0%} quantile instead", stacklevel=2)
-            probe = fit_probe(base, fit_frames, **replace(spec, tolerance=None, quantile=quantile), cache_dir=False,
-                              progress=False)
-        probe.save(self.work_dir / f"round{round}_probe.pt")
-        return ProbeCalculator(base, probe)
+        return refit_head(base, current.probe.meta, self.fit_frames + self.held_out, self.head_epochs, self.seed,
+                          self.work_dir / f"round{round}_probe.pt")
