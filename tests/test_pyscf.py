@@ -97,6 +97,10 @@ def test_an_unconverged_scf_fails_its_frame_once_and_the_round_goes_on(tmp_path)
     assert connect(db).get(id=good_id).status == "done"
     assert connect(db).get(id=done_id).energy == kept  # nothing already labelled is touched
     assert check_database(db).ok
+    connect(db).update(bad_id, status="pending")  # the how-to's remedy: back to pending, label with new settings
+    assert label_pending(db, pyscf_reference(**SETTINGS), progress=False) == {"done": 1, "failed": 0}
+    assert connect(db).get(id=bad_id).energy == pytest.approx(direct(water(3))[0], abs=1e-8)
+    assert check_database(db).ok
 
 
 def test_energy_offsets_are_added_and_recorded(tmp_path):

@@ -1,7 +1,7 @@
 """The active-learning configuration (``probe-ase al``'s TOML file) as typed, frozen dataclasses.
 
 :class:`AlConfig` holds the top level of the file and one dataclass per table:
-:class:`ReferenceConfig` (``[reference]``), :class:`ExploreConfig`
+:class:`ReferenceConfig` (``[reference]``; its ``pyscf`` table a :class:`PySCFConfig`), :class:`ExploreConfig`
 (``[explore]``), :class:`LabelConfig` (``[label]``) and :class:`RetrainConfig`
 (``[retrain]``, optional). :meth:`AlConfig.from_toml` reads a file and
 :meth:`AlConfig.from_mapping` a dict; each dataclass can also be built directly

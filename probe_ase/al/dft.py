@@ -1,7 +1,7 @@
 """PySCF as the active-learning reference: DFT for molecules through PySCF's own ASE calculator.
 
 :func:`pyscf_reference` returns a picklable factory (a :class:`~probe_ase.al.config.PySCFConfig`, the same
-object as ``[reference] pyscf = {...}`` in ``probe-ase al``'s TOML) of :class:`PySCFCalculator`\\ s. Each builds
+object as ``[reference] pyscf = {...}`` in ``probe-ase al``'s TOML) of :class:`PySCFCalculator`. Each builds
 PySCF's ASE calculator (``pyscf.pbc.tools.pyscf_ase.PySCF``) on an RKS method (UKS for an open shell) for the
 frame's molecule and computes the energy and forces in one SCF and one analytic gradient. PySCF works in
 Hartree and Bohr; its ASE calculator converts to eV and eV/Å, the only units that leave this module. On the

@@ -14,6 +14,8 @@ Example config (units: K, fs, 1/fs, Å, s; a value shown is the default unless i
     [reference]
     calculator = "ase.calculators.emt:EMT"   # module:attribute of a calculator class or factory
     options = {}                             # keyword arguments for it
+    # or, instead of both, DFT for molecules with PySCF (the pyscf extra; every key: the PySCF how-to):
+    # pyscf = {xc = "PBE", basis = "def2-SVP", charge = 0, threads = 1}
 
     [explore]
     ensemble = "nvt"              # nve, nvt or npt
