@@ -80,9 +80,14 @@ def test_chgnet_round_refits_the_head_on_the_fine_tuned_backbone(tmp_path):
     old = ProbeCalculator(base, fit_probe(base, pool, quantile=0.7, cache_dir=False, progress=False, options=HEAD))
     labelled = emt_frames(8, 900, size=1, interval=20, seed=4)
     trainer = FineTuner(pool, work_dir=tmp_path, epochs=5, head_epochs=40, holdout=0.25)
+    start = time.perf_counter()
     new = trainer(labelled, 1, old)
+    seconds = time.perf_counter() - start
     assert len(trainer.held_out) == 2
-    assert mean_force_rmse(new.base, trainer.held_out) < mean_force_rmse(base, trainer.held_out)
+    before, after = mean_force_rmse(base, trainer.held_out), mean_force_rmse(new.base, trainer.held_out)
+    print(f"CHGNet fine-tuned on 6 hot Cu cells: force RMSE on 2 held out {before:.3f} -> {after:.3f} eV/Å, "
+          f"round {seconds:.1f} s")
+    assert after < 0.6 * before
     assert trainer.model == tmp_path / "round1.chgnet"
     reloaded = load_backbone(trainer.model)
     assert fingerprint(reloaded) == new.probe.meta.fingerprint != old.probe.meta.fingerprint
