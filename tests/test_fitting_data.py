@@ -88,3 +88,24 @@ def test_bad_sources(tmp_path):
         read_frames(tmp_path / "absent.xyz")
     with pytest.raises(InputError, match="no structures"):
         read_frames([])
+
+
+def test_a_subset_is_the_featurisation_of_those_frames(backbones, cu_data):
+    """``FeatureSet.subset`` of a pass over many frames = a pass over the chosen frames (features, errors, the
+    backbone's own forces in eV/Å), in the order asked for."""
+    frames, chosen = cu_data["pool"][:10], [7, 2, 5]
+    calc = backbones("mace")
+    with find_tap(calc) as tap:
+        whole = featurize(tap, frames, cache_dir=False, progress=False)
+        direct = featurize(tap, [frames[k] for k in chosen], cache_dir=False, progress=False)
+    part = whole.subset(chosen)
+    assert len(part) == 3 and part.ptr.tolist() == direct.ptr.tolist()
+    np.testing.assert_allclose(part.features.numpy(), direct.features.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(part.forces, direct.forces, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(part.atom_errors, direct.atom_errors, rtol=1e-5, atol=1e-6)
+    for criterion, values in direct.errors.items():
+        np.testing.assert_allclose(part.errors[criterion], values, rtol=1e-5, err_msg=criterion)
+    assert part.numbers.tolist() == direct.numbers.tolist()
+    atoms = frames[2].copy()
+    atoms.calc = calc
+    np.testing.assert_allclose(part.forces[part.ptr[1]:part.ptr[2]], atoms.get_forces(), rtol=1e-4, atol=1e-5)

@@ -28,8 +28,8 @@ from probe_ase.taps.base import Tap
 from probe_ase.validate import check_atoms
 
 Frames = str | os.PathLike | Sequence[Atoms]
-#: part of every cache file name: bumped when FeatureSet gains fields (2: per-atom force errors)
-CACHE_SCHEMA = "s2"
+#: part of every cache file name: bumped when FeatureSet gains fields (2: per-atom force errors, 3: predicted forces)
+CACHE_SCHEMA = "s3"
 
 
 def default_cache_dir() -> Path:
@@ -105,7 +105,9 @@ class FeatureSet:
     structures; structure ``k`` owns rows ``ptr[k]:ptr[k+1]``. ``errors`` maps
     each criterion to per-structure errors (NaN where a reference is missing);
     ``atom_errors`` (n_atoms_total,) holds each atom's force-error norm
-    ``|ΔF_i|`` in eV/Å (NaN where reference forces are missing).
+    ``|ΔF_i|`` in eV/Å (NaN where reference forces are missing);
+    ``forces`` (n_atoms_total, 3) the backbone's own forces in eV/Å (None
+    where not recorded).
     """
 
     features: torch.Tensor
@@ -113,9 +115,20 @@ class FeatureSet:
     ptr: np.ndarray
     errors: dict[str, np.ndarray]
     atom_errors: np.ndarray
+    forces: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ptr) - 1
+
+    def subset(self, indices: Sequence[int]) -> FeatureSet:
+        """The structures ``indices`` (in that order) as a feature set of their own."""
+        indices = np.asarray(indices, dtype=int)
+        rows = np.concatenate([np.arange(self.ptr[k], self.ptr[k + 1]) for k in indices]) if len(indices) else \
+            np.empty(0, dtype=int)
+        return FeatureSet(self.features[torch.from_numpy(rows)], self.numbers[torch.from_numpy(rows)],
+                          np.cumsum([0, *(self.ptr[indices + 1] - self.ptr[indices])]),
+                          {k: v[indices] for k, v in self.errors.items()}, self.atom_errors[rows],
+                          None if self.forces is None else self.forces[rows])
 
     def error(self, criterion: str) -> np.ndarray:
         """Per-structure errors under ``criterion``; every structure must have them."""
@@ -145,6 +158,8 @@ class FeatureSet:
         """Flat tensor dict for ``torch.save`` (``weights_only`` loadable); errors go under ``error_<criterion>``."""
         out = {"features": self.features, "numbers": self.numbers, "ptr": torch.from_numpy(self.ptr),
                "atom_errors": torch.from_numpy(self.atom_errors)}
+        if self.forces is not None:
+            out["forces"] = torch.from_numpy(self.forces)
         out.update({f"error_{k}": torch.from_numpy(v) for k, v in self.errors.items()})
         return out
 
@@ -152,7 +167,8 @@ class FeatureSet:
     def from_dict(cls, d: dict[str, torch.Tensor]) -> FeatureSet:
         """Rebuild a feature set from :meth:`to_dict`'s output."""
         errors = {k[6:]: v.numpy() for k, v in d.items() if k.startswith("error_")}
-        return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors, d["atom_errors"].numpy())
+        forces = d["forces"].numpy() if "forces" in d else None
+        return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors, d["atom_errors"].numpy(), forces)
 
 
 def data_hash(frames: Sequence[Atoms], energy_key: str, forces_key: str) -> str:
@@ -203,10 +219,11 @@ def featurize(
                 return FeatureSet.from_dict(torch.load(cache, weights_only=True))
             except Exception:  # corrupt cache: recompute and overwrite
                 pass
-    feats, errors, atom_errs = [], {c: [] for c in CRITERIA}, []
+    feats, errors, atom_errs, forces = [], {c: [] for c in CRITERIA}, [], []
     predictions = tap.predict(frames, batch_size=batch_size)
     for atoms, pred in tqdm(zip(frames, predictions), total=len(frames), desc="featurize", unit="frame", disable=not progress):
         feats.append(pred.features)
+        forces.append(np.asarray(pred.forces, dtype=float))
         ref_e, ref_f = reference_energy(atoms, energy_key), reference_forces(atoms, forces_key)
         for c in CRITERIA:
             if needs_forces(c) and ref_f is None:
@@ -220,6 +237,7 @@ def featurize(
         ptr=np.cumsum([0] + [len(a) for a in frames]),
         errors={c: np.asarray(v, dtype=float) for c, v in errors.items()},
         atom_errors=np.concatenate(atom_errs),
+        forces=np.concatenate(forces),
     )
     if cache is not None:
         atomic_write(cache, lambda tmp: torch.save(result.to_dict(), tmp))

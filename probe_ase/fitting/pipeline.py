@@ -106,16 +106,21 @@ def fit_probe(
 def fit_spec(
     calc: Calculator | Tap, data: Frames, spec: FitSpec, *, reference_data: Frames | None = None,
     cache_dir: str | os.PathLike | None | bool = None, progress: bool = True, configs: Configs | None = None,
+    features: FeatureSet | None = None,
 ) -> Probe:
     """The stages of :func:`fit_probe` for a validated ``spec`` (module docstring).
 
     ``configs`` replaces the head, training and novelty configurations the
     spec's options give (the studies in ``benchmarks/`` vary them).
+    ``features``: what :func:`~probe_ase.fitting.data.featurize` gave for
+    ``data`` with this backbone (e.g. :meth:`FeatureSet.subset` of a larger
+    pass), so the backbone does not run again.
     """
     frames, seconds = read_frames(data), {}
     configs = internal_configs(spec) if configs is None else configs
     with timed(seconds, "featurise"):
-        features, reference, backbone = tap_features(calc, frames, spec, reference_data, cache_dir, progress)
+        features, reference, backbone = tap_features(calc, frames, spec, reference_data, cache_dir, progress,
+                                                     features)
     labels = make_structure_labels(features, spec)
     config = complete_config(configs.head, backbone, features, spec)
     edges = HeadGraph(config.cutoff).frames(frames)
@@ -181,10 +186,10 @@ def complete_config(config: HeadConfig, backbone: Backbone, features: FeatureSet
 
 def tap_features(
     calc: Calculator | Tap, frames: list, spec: FitSpec, reference_data: Frames | None,
-    cache_dir: str | os.PathLike | None | bool, progress: bool,
+    cache_dir: str | os.PathLike | None | bool, progress: bool, features: FeatureSet | None = None,
 ) -> tuple[FeatureSet, tuple[torch.Tensor, torch.Tensor] | None, Backbone]:
-    """Features and errors of ``frames``, features of the reference frames, and what the head records of the
-    backbone; a tap passed as ``calc`` stays open (it is yours)."""
+    """Features and errors of ``frames`` (``features`` when given), features of the reference frames, and what the
+    head records of the backbone; a tap passed as ``calc`` stays open (it is yours)."""
     o = spec.options
     if isinstance(calc, Tap):
         for name, asked, tapped in (("layers", o.layers, calc.layers), ("channels", o.channels, calc.channels)):
@@ -193,7 +198,13 @@ def tap_features(
                                  **{name: asked, f"tap_{name}": tapped})
     with nullcontext(calc) if isinstance(calc, Tap) else find_tap(calc, o.layers, o.channels) as tap:
         energy_key, forces_key = spec.label_keys
-        features = featurize(tap, frames, energy_key, forces_key, o.batch_size, cache_dir, progress)
+        if features is None:
+            features = featurize(tap, frames, energy_key, forces_key, o.batch_size, cache_dir, progress)
+        elif len(features) != len(frames) or features.features.shape[1] != tap.feature_dim or not np.array_equal(
+                features.numbers.numpy(), np.concatenate([a.numbers for a in frames])):
+            raise InputError(f"the features given are not those of these {len(frames)} frames with this tap "
+                             f"({len(features)} structures of width {features.features.shape[1]})",
+                             n_frames=len(frames), n_features=len(features))
         reference = None if reference_data is None else features_only(tap, read_frames(reference_data), o.batch_size)
         # the head knows only elements it saw: others would get an untrained embedding
         backbone = Backbone(tap.kind, tap.fingerprint(), tuple(tap.layers), tap.channels, tap.cutoff,
