@@ -5,7 +5,7 @@ threshold tested at the lowest fallback risk the data certify (the first of
 that rung's fixed sequence, expected to accept about ``START_MARGIN x
 min_accepted(rung, delta / rungs)`` calibration structures: a count, not a
 share). This measures what that costs, on the score model of
-``tests/test_certify.py`` (scores uniform on (0, 1), P(unreliable | s) =
+``tests/test_fitting_certify.py`` (scores uniform on (0, 1), P(unreliable | s) =
 floor + (1 - s)^2 / 2, so the true risk and coverage of every threshold are
 known), against the opt-in ``fallback="target"``: the loosest threshold of
 the same certified prefix whose calibration risk is at most the target
