@@ -17,7 +17,8 @@ from ase.db import connect
 
 from probe_ase import InputError, check_database
 from probe_ase.al.config import AlConfig, PySCFConfig, ReferenceConfig
-from probe_ase.al.dft import PySCFCalculator, SCFNotConvergedError, fit_energy_offsets, pyscf_reference
+from probe_ase.al.dft import (PySCFCalculator, SCFNotConvergedError, fit_energy_offsets, measure_energy_offsets,
+                              pyscf_reference)
 from probe_ase.al.label import label_pending
 
 pytestmark = pytest.mark.pyscf
@@ -131,6 +132,20 @@ def test_a_process_pool_labels_through_the_pickled_factory(tmp_path):
         assert connect(db).get(id=row_id).energy == pytest.approx(direct(atoms)[0], abs=1e-8)
 
 
+@pytest.mark.slow  # a Dask cluster's start: ~15 s on 2 loaded cores
+def test_dask_workers_label_with_pyscf(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    db = str(tmp_path / "al.db")
+    frames = [water(8), water(9)]
+    ids = pending(db, frames)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        counts = label_pending(db, pyscf_reference(**SETTINGS), executor=client.get_executor(), progress=False)
+    assert counts == {"done": 2, "failed": 0}
+    for row_id, atoms in zip(ids, frames):
+        assert connect(db).get(id=row_id).energy == pytest.approx(direct(atoms)[0], abs=1e-8)
+
+
 def test_one_calculator_handles_an_open_shell_and_a_new_molecule():
     hydrogen = Atoms("H")
     hydrogen.calc = calc = PySCFCalculator(pyscf_reference(xc="HF", basis="sto-3g"))
@@ -201,3 +216,23 @@ def test_per_element_offsets_by_least_squares():
     assert 2 * offsets["C"] + 6 * offsets["H"] + offsets["O"] == pytest.approx(0.9)
     with pytest.raises(InputError, match="one computed and one stored energy per frame"):
         fit_energy_offsets(frames, computed, computed[:3])
+
+
+def test_measured_offsets_align_pyscf_with_stored_energies():
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for seed in (10, 11):
+        atoms = water(seed)
+        energy, forces = direct(atoms)
+        atoms.calc = SinglePointCalculator(atoms, energy=energy + 0.3, forces=forces)  # another code's zero: +0.3 eV
+        frames.append(atoms)
+    offsets = measure_energy_offsets(frames, pyscf_reference(**SETTINGS))
+    assert 2 * offsets["H"] + offsets["O"] == pytest.approx(0.3, abs=1e-8)
+    aligned = frames[0].copy()
+    aligned.calc = pyscf_reference(**SETTINGS, energy_offsets=offsets)()
+    assert aligned.get_potential_energy() == pytest.approx(frames[0].get_potential_energy(), abs=1e-8)
+    with pytest.raises(InputError, match="adds none"):
+        measure_energy_offsets(frames, aligned.calc.settings)
+    with pytest.raises(InputError, match="frame 0 has no stored energy"):
+        measure_energy_offsets([water(12)], pyscf_reference(**SETTINGS))

@@ -13,14 +13,15 @@ the frame as ``failed`` with its message and does not retry it (the same start f
 
 Energy zero: two codes (or two settings of one) that agree on forces can still differ in energy by a
 constant per atom of each element. :func:`fit_energy_offsets` fits those offsets (eV per atom) by least
-squares on composition from frames labelled by both; given as ``energy_offsets``, they are added to every
-PySCF energy, and their sum is recorded on each labelled row as ``energy_offset`` (eV).
+squares on composition from frames labelled by both (:func:`measure_energy_offsets` runs the reference on
+stored frames and fits); given as ``energy_offsets``, they are added to every PySCF energy, and their sum is
+recorded on each labelled row as ``energy_offset`` (eV).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -196,3 +197,26 @@ def fit_energy_offsets(frames: Sequence[Atoms], computed: Sequence[float], store
     difference = np.asarray(stored, dtype=float) - np.asarray(computed, dtype=float)
     offsets = np.linalg.lstsq(counts, difference, rcond=None)[0]
     return {symbol: float(value) for symbol, value in zip(symbols, offsets)}
+
+
+def measure_energy_offsets(frames: Sequence[Atoms], reference: Callable[[], Calculator]) -> dict[str, float]:
+    """Per-element offsets (eV per atom) that put ``reference``'s energies on the stored energies of ``frames`` (eV).
+
+    Runs a fresh calculator of ``reference`` on every frame (e.g. ten frames of the training set, with the
+    energies of the code it was labelled with) and fits :func:`fit_energy_offsets`; give the result to
+    :func:`pyscf_reference` as ``energy_offsets``.
+
+    Raises:
+        InputError: a frame has no stored energy, or ``reference`` already adds offsets.
+    """
+    if getattr(reference, "energy_offsets", None):
+        raise InputError("measure the offsets with a reference that adds none (energy_offsets={})")
+    stored, computed = [], []
+    for index, atoms in enumerate(frames):
+        if atoms.calc is None or "energy" not in atoms.calc.results:
+            raise InputError(f"frame {index} has no stored energy to align with", frame=index)
+        stored.append(atoms.get_potential_energy())
+        copy = atoms.copy()
+        copy.calc = reference()
+        computed.append(copy.get_potential_energy())
+    return fit_energy_offsets(frames, computed, stored)
