@@ -60,15 +60,17 @@ def fine_tune(tap: Tap, frames: Sequence[Atoms], work_dir: str | os.PathLike, na
     if tap.kind == "chgnet":
         if extra_args:
             raise InputError("extra_args are mace_run_train flags; CHGNet takes none", extra_args=list(extra_args))
+        device = next(tap.module.parameters()).device.type  # train where the model lives
         return fine_tune_chgnet(tap.module, frames, work / f"{name}.chgnet", epochs=epochs,
-                                learning_rate=learning_rate or 1e-3, seed=seed)
+                                learning_rate=learning_rate or 1e-3, seed=seed, device=device)
     raise BackboneError(f"no fine-tuning route for a {tap.kind} backbone (routes: {', '.join(FINE_TUNABLE)}); "
                         "retrain it with its own library and pass your own trainer callable",
                         kind=tap.kind, routes=FINE_TUNABLE)
 
 
 def fine_tune_chgnet(model: torch.nn.Module, frames: Sequence[Atoms], path: str | os.PathLike, *, epochs: int = 5,
-                     learning_rate: float = 1e-3, batch_size: int = 4, freeze: bool = True, seed: int = 0) -> Path:
+                     learning_rate: float = 1e-3, batch_size: int = 4, freeze: bool = True, seed: int = 0,
+                     device: str = "cpu") -> Path:
     """Fine-tune a copy of the CHGNet ``model`` on periodic ``frames`` (energies eV, forces eV/Å) with
     ``chgnet.trainer.Trainer``; save it to ``path`` in CHGNet's file format (``{"model": CHGNet.as_dict()}``,
     which :func:`~probe_ase.backbones.load_backbone` reads) and return ``path``.
@@ -77,12 +79,13 @@ def fine_tune_chgnet(model: torch.nn.Module, frames: Sequence[Atoms], path: str 
     frames' energy offsets (eV/atom), so a reference code with other zero energies does not pull on the
     network. Then ``epochs`` epochs of Adam at ``learning_rate`` on the energy per atom (CHGNet's target) and
     forces, with the embeddings and all but the last atom convolution frozen when ``freeze`` (CHGNet's own
-    fine-tuning recipe). The trainer's log goes to ``path`` + ``.log``.
+    fine-tuning recipe), on ``device``. CHGNet's trainer validates after each epoch: here on the training
+    frames, for its log (``path`` + ``.log``) only. ``seed`` seeds the batches and torch's global generator.
     """
     from chgnet.data.dataset import StructureData, collate_graphs
     from chgnet.trainer import Trainer
 
-    net = _clean_copy(model)
+    net = _clean_copy(model).to(device)
     structures, energies, forces = _chgnet_data(frames)
     _align_references(net, structures, energies)
     if freeze:
@@ -96,7 +99,7 @@ def fine_tune_chgnet(model: torch.nn.Module, frames: Sequence[Atoms], path: str 
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate_graphs,
                                              generator=torch.Generator().manual_seed(seed))
         trainer = Trainer(model=net, targets="ef", optimizer="Adam", scheduler="CosLR", criterion="MSE",
-                          epochs=epochs, learning_rate=learning_rate, use_device="cpu", torch_seed=seed,
+                          epochs=epochs, learning_rate=learning_rate, use_device=device, torch_seed=seed,
                           print_freq=max(1, len(loader)))
         trainer.train(loader, loader, save_dir="")  # "": no per-epoch checkpoint files
     saved = net.as_dict()
@@ -138,12 +141,15 @@ def _align_references(net: torch.nn.Module, structures: list, energies: list[flo
     between ``energies`` and its predictions on ``structures``, over the elements they hold."""
     net.eval()
     with torch.no_grad():
-        predicted = net([net.graph_converter(s) for s in structures], task="e")["e"].double().numpy()
+        device = next(net.parameters()).device
+        graphs = [net.graph_converter(s).to(device) for s in structures]
+        predicted = net(graphs, task="e")["e"].double().cpu().numpy()
     zs = sorted({site.specie.Z for s in structures for site in s})
     fractions = np.array([[sum(site.specie.Z == z for site in s) / len(s) for z in zs] for s in structures])
     shift = np.linalg.lstsq(fractions, np.asarray(energies) - predicted, rcond=None)[0]
     with torch.no_grad():
-        net.composition_model.fc.weight[0, [z - 1 for z in zs]] += torch.as_tensor(shift, dtype=torch.float32)
+        weight = net.composition_model.fc.weight
+        weight[0, [z - 1 for z in zs]] += torch.as_tensor(shift, dtype=weight.dtype, device=weight.device)
 
 
 class FineTuner:
