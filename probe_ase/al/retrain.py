@@ -8,7 +8,8 @@ since the trainer changes global torch and logging state) with
 head for the new backbone with the old head's criterion and tolerance (or,
 when the retrained backbone is within that tolerance on every fit frame, with
 tau at the old head's quantile, with a warning) and the rest of its settings
-(:func:`refit_spec`).
+(:func:`refit_spec`, :func:`refit_head`). :class:`probe_ase.al.finetune.FineTuner`
+does the same for CHGNet too, through each library's own fine-tuning.
 """
 
 from __future__ import annotations
