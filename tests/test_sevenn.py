@@ -118,13 +118,15 @@ def test_one_backbone_pass_per_step(seven, fitted):
 
 @needs_sevenn
 def test_batched_features_equal_single_steps(seven):
-    """Tap.predict over cells and molecules of mixed sizes, in chunks, gives each step's energy (eV), forces (eV/Å)
-    and features, and leaves the shared model in the calculator's single-structure mode."""
+    """Tap.predict over cells and molecules of mixed sizes gives each step's energy (eV), forces (eV/Å) and features,
+    in passes of at most batch_size structures and 128 atoms, and leaves the shared model in the calculator's
+    single-structure mode."""
     frames = [_silicon(seed=1), molecule("CH4"), emt_frames(1, 900, size=1, seed=5)[0], _silicon(seed=2, repeat=2),
-              molecule("H2O")]
+              molecule("H2O"), _silicon(seed=3, repeat=2), _silicon(seed=4, repeat=2)]
     with find_tap(seven, channels="scalars+norms") as tap:
-        batched = list(tap.predict(frames, batch_size=3))
-        assert not seven.model.is_batch_data
+        before = tap.n_forward
+        batched = list(tap.predict(frames, batch_size=3))  # passes: 8 + 5 + 4 atoms, 64 + 3 (+ 64 > 128), 64 + 64
+        assert tap.n_forward - before == 3 and not seven.model.is_batch_data
         for atoms, pred in zip(frames, batched):
             forces = _step(atoms, seven)
             assert pred.energy == pytest.approx(seven.results["energy"], abs=1e-4)
