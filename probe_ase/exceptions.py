@@ -14,6 +14,7 @@ Every error the package raises on purpose derives from :class:`ProbeError`, so
     ├── MismatchError         head file and backbone disagree (fingerprint, width)
     ├── HeadFileError         a head file that is missing, truncated or tampered
     ├── TrainingError         the backbone's trainer (mace_run_train) failed
+    ├── SCFNotConvergedError  a PySCF reference call whose SCF did not converge (not retried)
     ├── StoreError            the active-learning database used out of order (a nested transaction)
     └── ReliabilityHalt       a monitor with raise_on_halt=True stopped a run
 
@@ -77,6 +78,13 @@ class HeadFileError(ProbeError, OSError):
 
 class TrainingError(ProbeError, RuntimeError):
     """The backbone's trainer failed (``returncode`` and the tail of its ``stderr`` as attributes)."""
+
+
+class SCFNotConvergedError(ProbeError, RuntimeError):
+    """A reference SCF (PySCF) did not converge within ``max_cycle`` iterations; the loop does not retry it."""
+
+    #: read by :func:`~probe_ase.al.label.label_pending`: the same start gives the same failure
+    retry = False
 
 
 class StoreError(ProbeError, RuntimeError):

@@ -28,14 +28,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from probe_ase.al.config import PySCFConfig
-from probe_ase.exceptions import InputError, ProbeError
-
-
-class SCFNotConvergedError(ProbeError, RuntimeError):
-    """A reference SCF did not converge within ``max_cycle`` iterations; the loop does not retry it."""
-
-    #: read by :func:`~probe_ase.al.label.label_pending`: the same start gives the same failure
-    retry = False
+from probe_ase.exceptions import InputError, SCFNotConvergedError
 
 
 def pyscf_reference(
@@ -131,10 +124,7 @@ class PySCFCalculator(Calculator):
             scanner = calc.method_scan
             if scanner is None or scanner.converged:
                 raise
-            # a ProbeError with its details, defined here rather than in probe_ase.exceptions (whose tree
-            # test_package's static check reads), hence built first and then raised
-            error = SCFNotConvergedError(self._not_converged(scanner.e_tot), energy=scanner.e_tot)
-            raise error from err
+            raise SCFNotConvergedError(self._not_converged(scanner.e_tot), energy=scanner.e_tot) from err
         finally:
             lib.num_threads(threads)
         self.results = {"energy": float(calc.results["energy"]) + offset,
