@@ -149,6 +149,22 @@ def test_fingerprints_tell_checkpoints_and_fidelities_apart(seven):
 
     with pytest.raises(BackboneError, match="7net-mf-0 is multi-fidelity: name a fidelity, 7net-mf-0-pbe or"):
         SevenNetTap.load("7net-mf-0")
+    with pytest.raises(BackboneError, match="no SevenNet checkpoint file 7net-omni; probe-ase never downloads"):
+        SevenNetTap.load("7net-omni")  # a name sevenn would download
+
+
+@needs_sevenn
+def test_accelerated_tensor_products_are_refused_up_front(seven):
+    """A model whose convolutions run another library's tensor product (what enable_cueq, enable_flash and enable_oeq
+    build; none runs on this CPU) is refused before any hook, naming the fix."""
+    import copy
+
+    accelerated = copy.copy(seven)
+    accelerated.model = copy.deepcopy(seven.model)
+    accelerated.model.get_submodule("2_convolution").convolution = torch.nn.Identity()  # a stand-in, not e3nn's
+    with pytest.raises(BackboneError, match="accelerated tensor products \\(2_convolution.*enable_cueq=False"):
+        find_tap(accelerated)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in accelerated.model.modules())
 
 
 @needs_sevenn

@@ -19,9 +19,11 @@ A multi-fidelity model runs one fidelity, chosen when its calculator is built
 (``SevenNetCalculator(..., modal="PBE")``); the fingerprint includes it, so a
 head fitted on one fidelity's errors is refused for another. Batched passes
 use the model's batch mode (as sevenn's own inference does), switched on for
-the pass under the tap's lock and then restored. Accelerated tensor products
-(cuEquivariance, FlashTP, OpenEquivariance) are refused up front: their
-modules differ from the e3nn ones probe-ase taps.
+the pass under the tap's lock and then restored, in passes of at most
+:data:`PASS_ATOMS` atoms. Accelerated tensor products (cuEquivariance,
+FlashTP, OpenEquivariance) replace the convolutions' e3nn modules; probe-ase
+has not verified its taps on them (they need a GPU), so they are refused up
+front.
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class SevenNetTap(Tap):
                 raise BackboneError(f"the installed sevenn wheel lacks the {path} checkpoint ({name or constant}); "
                                     'probe-ase never downloads weights: pip install "probe-ase[sevenn]"',
                                     path=os.fspath(path), checkpoint=name or constant)
+        elif not os.path.isfile(name):  # sevenn itself would try to download a name it knows (7net-omni, ...)
+            raise BackboneError(f"no SevenNet checkpoint file {name}; probe-ase never downloads weights "
+                                f"(pretrained names: {', '.join(PRETRAINED)})", path=name)
         calculator = quiet_import("sevenn.calculator").SevenNetCalculator
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_QUIET)
@@ -248,12 +253,11 @@ def _refuse_untappable(calc: Calculator) -> None:
     if isinstance(calc.model, torch.jit.ScriptModule):
         raise BackboneError("this SevenNet model is TorchScript (a deployed model); forward hooks cannot tap it: "
                             "load its checkpoint instead", model=type(calc.model).__name__)
-    config = getattr(calc, "sevennet_config", None) or {}
-    cueq = config.get("cuequivariance_config", {})
-    accelerated = [flag for flag, on in (("enable_cueq", isinstance(cueq, dict) and cueq.get("use")),
-                                         ("enable_flash", config.get("use_flash_tp")),
-                                         ("enable_oeq", config.get("use_oeq"))) if on]
+    # the model itself says what it runs (a checkpoint's config may name a backend the calculator converted away)
+    accelerated = [name for name, module in calc.model.named_children() if name.endswith("_convolution")
+                   and not type(getattr(module, "convolution", None)).__module__.startswith("e3nn")]
     if accelerated:
-        raise BackboneError(f"this SevenNet calculator runs accelerated tensor products ({', '.join(accelerated)}), "
-                            "whose modules differ from the e3nn ones probe-ase taps: create it with "
-                            f"{', '.join(f + '=False' for f in accelerated)}", accelerated=accelerated)
+        raise BackboneError(f"this SevenNet model runs accelerated tensor products ({', '.join(accelerated)}: "
+                            "cuEquivariance, FlashTP or OpenEquivariance), which probe-ase has not verified its taps "
+                            "on: create the calculator with enable_cueq=False, enable_flash=False, enable_oeq=False "
+                            "(and no SEVENNET_ENABLE_* variable set)", accelerated=accelerated)
