@@ -52,6 +52,29 @@ def test_pretrained_names_and_files_load_offline():
         load_backbone(wheel_file, "mace")
 
 
+def test_a_saved_backbone_loads_back_as_the_same_model(tmp_path):
+    """``save_backbone`` (what an active-learning checkpoint writes) gives a file ``load_backbone`` reads back to the
+    same weights and energies (eV), also when its model_args record ``mlp_out_bias`` (files CHGNet's trainer
+    writes)."""
+    require_backbone("chgnet")
+    import torch
+
+    from probe_ase.taps import CHGNetTap
+
+    atoms = emt_frames(1, 600, size=1, seed=3)[0]
+    with CHGNetTap(load_backbone("chgnet-0.3.0")) as tap:
+        tap.save_backbone(tmp_path / "saved.chgnet")
+        saved = torch.load(tmp_path / "saved.chgnet", weights_only=False)
+        saved["model"]["model_args"]["mlp_out_bias"] = any(k.endswith("mlp_out.layers.1.bias")
+                                                           for k in saved["model"]["state_dict"])
+        torch.save(saved, tmp_path / "trainer.chgnet")
+        expected, energy = tap.fingerprint(), tap.calc.get_potential_energy(atoms.copy())
+    for name in ("saved.chgnet", "trainer.chgnet"):
+        with CHGNetTap(load_backbone(tmp_path / name)) as loaded:
+            assert loaded.fingerprint() == expected
+            assert loaded.calc.get_potential_energy(atoms.copy()) == pytest.approx(energy, abs=1e-6)
+
+
 def test_fit_score_and_gated_md_from_the_command_line(fitted, capsys):
     from probe_ase import Probe
 

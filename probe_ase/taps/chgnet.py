@@ -69,11 +69,17 @@ class CHGNetTap(Tap):
         else:
             saved = model if model is not None else torch.load(name, map_location="cpu", weights_only=False)
             state = saved["model"]["state_dict"]
-            # files saved by CHGNet 0.2.0 carry biases on the conv layers' output MLPs, which
-            # their model_args do not record (CHGNet.load passes mlp_out_bias for that version)
-            out_bias = any(k.endswith("mlp_out.layers.1.bias") for k in state)
-            net = CHGNet.from_dict(saved["model"], mlp_out_bias=out_bias)
+            # files saved by CHGNet 0.2.0 carry biases on the conv layers' output MLPs, which their model_args do
+            # not record (CHGNet.load passes mlp_out_bias for that version); newer files (CHGNet's trainer) do
+            kwargs = {} if "mlp_out_bias" in saved["model"]["model_args"] else {
+                "mlp_out_bias": any(k.endswith("mlp_out.layers.1.bias") for k in state)}
+            net = CHGNet.from_dict(saved["model"], **kwargs)
         return CHGNetCalculator(model=net, use_device=device)
+
+    def save_backbone(self, path: str | os.PathLike) -> None:
+        """Write the model in CHGNet's own format (``{"model": CHGNet.as_dict()}``, what :meth:`load` reads back;
+        a pickled module would not load)."""
+        torch.save({"model": self.module.as_dict()}, path)
 
     @property
     def module(self) -> torch.nn.Module:
