@@ -10,8 +10,7 @@ An adapter (a :class:`Tap` subclass) says:
 
 * what it is: ``kind`` (its name in :data:`probe_ase.taps.ADAPTERS`, the CLI's
   ``--backbone-type`` and head files), ``library`` and the pip ``extra`` that
-  installs it (every backbone library is an extra: :meth:`Tap.require` names it
-  when the library is missing);
+  installs it (:meth:`Tap.require` names it when the library is missing);
 * which calculators and model files are its: :meth:`Tap.accepts`,
   :meth:`Tap.owns`, :meth:`Tap.load` (a file, or a name in ``pretrained``);
 * where its features are: :meth:`Tap.feature_modules`, :meth:`Tap.layer_width`,
@@ -21,13 +20,10 @@ An adapter (a :class:`Tap` subclass) says:
   scalars beside the norm of each non-scalar channel);
 * how to read the backbone's own neighbour list from its input:
   :meth:`Tap.read_inputs`, ``_pairs`` and ``_vectors``;
-* a batched backbone pass: ``_predict_batch``;
+* a batched backbone pass, ``_predict_batch``, behind :meth:`Tap.predict` (energies in eV, forces in eV/Å and
+  features of many structures together: training data, scored trajectories);
 * optionally, :meth:`Tap.reference_features`: the tapped layers computed without
   hooks, against which :func:`probe_ase.testing.check_tap` checks the hooks.
-
-Taps also offer :meth:`Tap.predict`, a batched backbone pass over many
-structures (energies, forces and features together) used to build training
-data and to score trajectories.
 
 One set of hooks per backbone module and :meth:`Tap.hook_key` (the adapter;
 for a ModuleTap also its modules and invariant): every such tap on the same
@@ -59,13 +55,11 @@ from ase.calculators.calculator import Calculator
 from probe_ase.exceptions import BackboneError, InputError
 
 
-
 def quiet_import(module: str):
     """Import ``module`` with the notices backbone libraries give at import silenced, during that import only.
 
-    e3nn's ``torch.load`` warnings (a FutureWarning, or a UserWarning about the
-    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` mace-torch sets) and mace-torch's
-    "cuequivariance ... is not available" print: noise to a probe-ase user.
+    e3nn's ``torch.load`` warnings (a FutureWarning, or a UserWarning about the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    mace-torch sets) and mace-torch's "cuequivariance ... is not available" print: noise to a probe-ase user.
     Warnings and prints of anything after the import are untouched.
     """
     import contextlib
