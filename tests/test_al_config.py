@@ -100,7 +100,7 @@ def test_full_config_round_trips_to_the_same_frozen_object(tmp_path):
         backbone="model.model", probe="probe.pt", start="start.xyz", db="postgresql://user@host:5432/al", rounds=3,
         reference=ReferenceConfig("ase.calculators.emt:EMT", {"asap_cutoff": True}),
         explore=ExploreConfig("npt", 600.0, 2.0, 0.02, 7, 40, 5, 3, 0.1, 0.6, 6.0, 0.4),
-        label=LabelConfig(2, 0, 30.0), retrain=RetrainConfig("train.xyz", "pool.xyz", 4, "work"))
+        label=LabelConfig(2, 0, 30.0), retrain=RetrainConfig("pool.xyz", "train", "train.xyz", 4, None, "work"))
     assert config == expected
     assert type(config.explore.temperature) is float and type(config.label.lease) is float  # TOML ints converted
     assert AlConfig.from_mapping(tomllib.loads(FULL)) == config
@@ -164,6 +164,7 @@ OUT_OF_RANGE = {
     "label.retries": (-1, "a whole number >= 0"),
     "label.lease": (-5.0, "a positive number (s)"),
     "retrain.epochs": (0, "a whole number >= 1"),
+    "retrain.learning_rate": (0, "a positive number"),
 }
 
 
@@ -196,6 +197,33 @@ def test_lowest_and_highest_allowed_numbers_pass():
 def test_missing_required_key(key, message, missing):
     err = _error(_with(**{key: None}))
     assert str(err) == message and err.missing == missing
+
+
+def test_retrain_methods(tmp_path):
+    """``method = "train"`` trains MACE from its training frames (required); ``"fine-tune"`` fine-tunes the current
+    backbone with its own library's trainer, its training frames optional; each builds its own trainer."""
+    from ase.io import write
+
+    from probe_ase.al.finetune import FineTuner
+    from probe_ase.al.retrain import MaceTrainer
+    from probe_ase.testing import emt_frames
+
+    err = _error(_with(**{"retrain.train_data": None}))
+    assert str(err) == "[retrain] of config al.toml lacks ['train_data'] (method \"train\" trains on them)"
+    assert err.missing == ["train_data"]
+    err = _error(_with(**{"retrain.method": "finetune"}))
+    assert str(err) == "retrain.method in config al.toml must be one of train, fine-tune, got 'finetune'"
+    write(tmp_path / "pool.xyz", emt_frames(4, 300, size=1, seed=1), format="extxyz")
+    fine = AlConfig.from_mapping(_with(**{"retrain.method": "fine-tune", "retrain.train_data": None,
+                                          "retrain.learning_rate": 1e-3, "retrain.fit_data": str(tmp_path / "pool.xyz"),
+                                          "retrain.work_dir": str(tmp_path / "work")})).retrain
+    assert (fine.method, fine.train_data, fine.learning_rate) == ("fine-tune", None, 1e-3)
+    tuner = fine.trainer()
+    assert isinstance(tuner, FineTuner) and (tuner.epochs, tuner.learning_rate, len(tuner.fit_frames)) == (20, 1e-3, 4)
+    train = AlConfig.from_mapping(_with(**{"retrain.fit_data": str(tmp_path / "pool.xyz"),
+                                           "retrain.train_data": str(tmp_path / "pool.xyz"),
+                                           "retrain.work_dir": str(tmp_path / "work")})).retrain
+    assert train.method == "train" and isinstance(train.trainer(), MaceTrainer)
 
 
 def test_band_edges_in_order():

@@ -14,144 +14,20 @@ key is one new field with its rule.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
-from dataclasses import MISSING, dataclass, field
-from typing import Any, ClassVar, Literal, Self, get_args
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.data import chemical_symbols
 from ase.md.md import MolecularDynamics
 
+from probe_ase.al.rules import PATH, Rule, Section, rule_field, source
 from probe_ase.exceptions import InputError
 from probe_ase.md import Ensemble, make_dynamics
-
-#: the config file being read (None: a mapping or a dataclass built in Python), named in errors
-_PATH: ContextVar[str | None] = ContextVar("probe_ase_al_config_path", default=None)
-
-
-def _source() -> str:
-    path = _PATH.get()
-    return "the config" if path is None else f"config {path}"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """The values one config key takes.
-
-    Args:
-        kind: ``int`` (a whole number), ``float`` (any number), ``str``,
-            ``dict`` (a table) or a :class:`Section` class (a nested table).
-        low: lowest allowed number (inclusive; exclusive with ``positive``).
-        high: highest allowed number (inclusive); None: no upper bound.
-        positive: numbers must exceed ``low`` rather than reach it.
-        unit: the number's unit, named in errors (K, fs, 1/fs, Å, s, steps).
-        choices: the strings allowed, instead of or besides a number.
-        what: the allowed values in words, replacing the generated text.
-    """
-
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    positive: bool = False
-    unit: str = ""
-    choices: tuple[str, ...] = ()
-    what: str = ""
-
-    def describe(self) -> str:
-        """The allowed values in words, e.g. ``a whole number >= 1`` or ``a positive number (fs)``."""
-        if self.what:
-            return self.what
-        if self.kind not in (int, float):
-            if self.choices:
-                return f"one of {', '.join(self.choices)}"
-            return "a string" if self.kind is str else "a table"
-        text = "a whole number" if self.kind is int else "a number"
-        if self.positive:
-            text = text.replace("a ", "a positive ", 1)
-        elif self.high is not None:
-            text += f" in [{self.low:g}, {self.high:g}]"
-        elif self.low is not None:
-            text += f" >= {self.low:g}"
-        text += f" ({self.unit})" if self.unit else ""
-        return " or ".join([*(f'"{choice}"' for choice in self.choices), text])
-
-    def accepts(self, value: object) -> bool:
-        """Whether ``value`` is allowed (a bool is not a number; NaN and inf are not allowed)."""
-        if isinstance(value, str) and value in self.choices:
-            return True
-        if self.kind is str:
-            return not self.choices and isinstance(value, (str, os.PathLike))
-        if self.kind not in (int, float):
-            return isinstance(value, Mapping if self.kind is dict else self.kind)
-        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
-            return False
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        above = self.low is None or (value > self.low if self.positive else value >= self.low)
-        return above and (self.high is None or value <= self.high)
-
-    def check(self, key: str, value: object) -> Any:
-        """``value`` for the dotted ``key``, converted (a number to float, a path to str, a table to its section).
-
-        Raises:
-            InputError: ``value`` is not allowed; the message names ``key``,
-                the file, the allowed values and the unit.
-        """
-        if isinstance(self.kind, type) and issubclass(self.kind, Section) and isinstance(value, Mapping):
-            return self.kind.from_table(value)
-        if not self.accepts(value):
-            raise InputError(f"{key} in {_source()} must be {self.describe()}, got {value!r}", path=_PATH.get(),
-                             key=key, value=value)
-        if isinstance(value, str) and value in self.choices:
-            return value
-        if self.kind is float:
-            return float(value)
-        if self.kind is str:
-            return os.fspath(value)
-        return dict(value) if self.kind is dict else value
-
-
-def _key(rule: Rule, default: object = MISSING, factory: Any = MISSING) -> Any:
-    """A dataclass field checked by ``rule``; without ``default`` or ``factory`` it is required."""
-    return field(default=default, default_factory=factory, metadata={"rule": rule})
-
-
-class Section:
-    """Base of the config's dataclasses: checks (and converts) every field against its :class:`Rule`."""
-
-    #: the TOML table ("" for the top level)
-    NAME: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if value is None and item.default is None:
-                continue  # an optional key left unset
-            key = f"{self.NAME}.{item.name}" if self.NAME else item.name
-            object.__setattr__(self, item.name, item.metadata["rule"].check(key, value))
-
-    @classmethod
-    def from_table(cls, table: Mapping[str, object]) -> Self:
-        """The section from its table; unknown keys and missing required ones are errors, None means the default."""
-        where = f"[{cls.NAME}]" if cls.NAME else "the top level"
-        allowed = sorted(item.name for item in dataclasses.fields(cls))
-        unknown = sorted(set(table) - set(allowed))
-        if unknown:
-            raise InputError(f"unknown keys {unknown} in {where} of {_source()}; allowed: {allowed}",
-                             path=_PATH.get(), section=cls.NAME, unknown=unknown, allowed=allowed)
-        missing = [item.name for item in dataclasses.fields(cls) if item.default is MISSING
-                   and item.default_factory is MISSING and table.get(item.name) is None]
-        if missing:
-            place = f"[{cls.NAME}] of {_source()}" if cls.NAME else _source()
-            raise InputError(f"{place} lacks {missing}", path=_PATH.get(), section=cls.NAME, missing=missing)
-        return cls(**{key: value for key, value in table.items() if value is not None})
-
 
 @dataclass(frozen=True)
 class PySCFConfig(Section):
@@ -172,14 +48,14 @@ class PySCFConfig(Section):
 
     NAME: ClassVar[str] = "reference.pyscf"
 
-    xc: str = _key(Rule(str), "PBE")
-    basis: str = _key(Rule(str), "def2-SVP")
-    charge: int = _key(Rule(int), 0)
-    multiplicity: int | None = _key(Rule(int, 1), None)
-    conv_tol: float = _key(Rule(float, 0, positive=True, unit="Hartree"), 1e-9)
-    max_cycle: int = _key(Rule(int, 1), 50)
-    threads: int = _key(Rule(int, 1), 1)
-    energy_offsets: dict[str, float] = _key(Rule(dict, what="a table of element = eV per atom"), factory=dict)
+    xc: str = rule_field(Rule(str), "PBE")
+    basis: str = rule_field(Rule(str), "def2-SVP")
+    charge: int = rule_field(Rule(int), 0)
+    multiplicity: int | None = rule_field(Rule(int, 1), None)
+    conv_tol: float = rule_field(Rule(float, 0, positive=True, unit="Hartree"), 1e-9)
+    max_cycle: int = rule_field(Rule(int, 1), 50)
+    threads: int = rule_field(Rule(int, 1), 1)
+    energy_offsets: dict[str, float] = rule_field(Rule(dict, what="a table of element = eV per atom"), factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -187,7 +63,7 @@ class PySCFConfig(Section):
         for symbol, value in self.energy_offsets.items():
             key = f"{self.NAME}.energy_offsets.{symbol}"
             if symbol not in chemical_symbols[1:]:
-                raise InputError(f"{key} in {_source()}: {symbol!r} is not an element symbol", path=_PATH.get(),
+                raise InputError(f"{key} in {source()}: {symbol!r} is not an element symbol", path=PATH.get(),
                                  key=key)
             offsets[symbol] = Rule(float, unit="eV per atom").check(key, value)
         object.__setattr__(self, "energy_offsets", offsets)
@@ -214,19 +90,19 @@ class ReferenceConfig(Section):
 
     NAME: ClassVar[str] = "reference"
 
-    calculator: str | None = _key(Rule(str, what='a string "module:attribute" (e.g. "ase.calculators.emt:EMT")'),
+    calculator: str | None = rule_field(Rule(str, what='a string "module:attribute" (e.g. "ase.calculators.emt:EMT")'),
                                   None)
-    options: dict[str, Any] = _key(Rule(dict, what="a table of keyword arguments"), factory=dict)
-    pyscf: PySCFConfig | None = _key(Rule(PySCFConfig), None)
+    options: dict[str, Any] = rule_field(Rule(dict, what="a table of keyword arguments"), factory=dict)
+    pyscf: PySCFConfig | None = rule_field(Rule(PySCFConfig), None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.calculator is None and self.pyscf is None:
-            raise InputError(f"[reference] of {_source()} lacks ['calculator']", path=_PATH.get(), section=self.NAME,
+            raise InputError(f"[reference] of {source()} lacks ['calculator']", path=PATH.get(), section=self.NAME,
                              missing=["calculator"])
         if self.pyscf is not None and (self.calculator is not None or self.options):
-            raise InputError(f"[reference] of {_source()} takes calculator (with options) or pyscf (a table of PySCF "
-                             "settings), not both", path=_PATH.get(), section=self.NAME)
+            raise InputError(f"[reference] of {source()} takes calculator (with options) or pyscf (a table of PySCF "
+                             "settings), not both", path=PATH.get(), section=self.NAME)
 
     def factory(self) -> Callable[[], Calculator]:
         """A picklable factory of fresh reference calculators (``functools.partial`` of the imported attribute,
@@ -275,24 +151,24 @@ class ExploreConfig(Section):
 
     NAME: ClassVar[str] = "explore"
 
-    ensemble: Ensemble = _key(Rule(str, choices=get_args(Ensemble)), "nvt")
-    temperature: float = _key(Rule(float, 0, unit="K"), 300.0)
-    timestep: float = _key(Rule(float, 0, positive=True, unit="fs"), 1.0)
-    friction: float = _key(Rule(float, 0, positive=True, unit="1/fs"), 0.01)
-    seed: int = _key(Rule(int, 0), 0)
-    steps: int = _key(Rule(int, 1), 500)
-    max_new: int = _key(Rule(int, 1), 20)
-    min_separation: int = _key(Rule(int, 1, unit="steps"), 10)
-    p_lo: float | None = _key(Rule(float, 0, 1), None)
-    p_hi: float | None = _key(Rule(float, 0, 1), None)
-    region_buffer: float | None = _key(Rule(float, 0, positive=True, unit="Å"), None)
-    min_atom_reliability: float | Literal["auto"] = _key(Rule(float, 0, 1, choices=("auto",)), "auto")
+    ensemble: Ensemble = rule_field(Rule(str, choices=get_args(Ensemble)), "nvt")
+    temperature: float = rule_field(Rule(float, 0, unit="K"), 300.0)
+    timestep: float = rule_field(Rule(float, 0, positive=True, unit="fs"), 1.0)
+    friction: float = rule_field(Rule(float, 0, positive=True, unit="1/fs"), 0.01)
+    seed: int = rule_field(Rule(int, 0), 0)
+    steps: int = rule_field(Rule(int, 1), 500)
+    max_new: int = rule_field(Rule(int, 1), 20)
+    min_separation: int = rule_field(Rule(int, 1, unit="steps"), 10)
+    p_lo: float | None = rule_field(Rule(float, 0, 1), None)
+    p_hi: float | None = rule_field(Rule(float, 0, 1), None)
+    region_buffer: float | None = rule_field(Rule(float, 0, positive=True, unit="Å"), None)
+    min_atom_reliability: float | Literal["auto"] = rule_field(Rule(float, 0, 1, choices=("auto",)), "auto")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.p_lo is not None and self.p_hi is not None and self.p_lo > self.p_hi:
-            raise InputError(f"explore.p_lo in {_source()} must be <= explore.p_hi, got p_lo={self.p_lo}, "
-                             f"p_hi={self.p_hi}", path=_PATH.get(), p_lo=self.p_lo, p_hi=self.p_hi)
+            raise InputError(f"explore.p_lo in {source()} must be <= explore.p_hi, got p_lo={self.p_lo}, "
+                             f"p_hi={self.p_hi}", path=PATH.get(), p_lo=self.p_lo, p_hi=self.p_hi)
 
     def dynamics(self, atoms: Atoms, round: int) -> MolecularDynamics:
         """ASE dynamics for ``atoms`` in exploration round ``round`` (velocities drawn with seed ``seed + round``)."""
@@ -312,28 +188,51 @@ class LabelConfig(Section):
 
     NAME: ClassVar[str] = "label"
 
-    workers: int = _key(Rule(int, 1), 1)
-    retries: int = _key(Rule(int, 0), 1)
-    lease: float = _key(Rule(float, 0, positive=True, unit="s"), 60.0)
+    workers: int = rule_field(Rule(int, 1), 1)
+    retries: int = rule_field(Rule(int, 0), 1)
+    lease: float = rule_field(Rule(float, 0, positive=True, unit="s"), 60.0)
 
 
 @dataclass(frozen=True)
 class RetrainConfig(Section):
-    """``[retrain]``: fine-tuning the MACE backbone and refitting the head after each round.
+    """``[retrain]``: retraining the backbone and refitting the head after each round.
 
     Attributes:
-        train_data: the backbone's own training frames (a structure file).
+        method: ``"train"``: MACE trained by ``mace_run_train`` on ``train_data`` and the new frames
+            (:class:`~probe_ase.al.retrain.MaceTrainer`); ``"fine-tune"``: the current backbone (MACE or
+            CHGNet) fine-tuned by its own library's trainer on the new frames (and ``train_data`` when
+            given; :class:`~probe_ase.al.finetune.FineTuner`).
+        train_data: the backbone's own training frames (a structure file); ``"train"`` needs them.
         fit_data: frames the head is refitted on, with the new ones (a structure file).
-        epochs: fine-tuning epochs per round.
+        epochs: training or fine-tuning epochs per round.
+        learning_rate: the fine-tuning trainer's initial learning rate; None: its default.
         work_dir: folder for training files and each round's model and head.
     """
 
     NAME: ClassVar[str] = "retrain"
 
-    train_data: str = _key(Rule(str))
-    fit_data: str = _key(Rule(str))
-    epochs: int = _key(Rule(int, 1), 20)
-    work_dir: str = _key(Rule(str), "al-retrain")
+    fit_data: str = rule_field(Rule(str))
+    method: Literal["train", "fine-tune"] = rule_field(Rule(str, choices=("train", "fine-tune")), "train")
+    train_data: str | None = rule_field(Rule(str), None)
+    epochs: int = rule_field(Rule(int, 1), 20)
+    learning_rate: float | None = rule_field(Rule(float, 0, positive=True), None)
+    work_dir: str = rule_field(Rule(str), "al-retrain")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method == "train" and self.train_data is None:
+            raise InputError(f"[retrain] of {source()} lacks ['train_data'] (method \"train\" trains on them)",
+                             path=PATH.get(), section=self.NAME, missing=["train_data"])
+
+    def trainer(self) -> Callable[..., object]:
+        """The round's retraining step for :meth:`ActiveLearner.run_round <probe_ase.al.learner.ActiveLearner.run_round>`."""
+        if self.method == "fine-tune":
+            from probe_ase.al.finetune import FineTuner
+
+            return FineTuner(self.fit_data, self.train_data, self.work_dir, self.epochs, self.learning_rate)
+        from probe_ase.al.retrain import MaceTrainer
+
+        return MaceTrainer(self.train_data, self.fit_data, self.work_dir, self.epochs)
 
 
 @dataclass(frozen=True)
@@ -341,7 +240,7 @@ class AlConfig(Section):
     """A whole active-learning configuration: the TOML file's top level and its tables.
 
     Attributes:
-        backbone: the MACE model file explored with.
+        backbone: the backbone explored with: a model file or a pretrained name (``chgnet-0.3.0``).
         probe: the head file.
         start: structure file of the start structures (every frame).
         reference: ``[reference]``.
@@ -352,15 +251,15 @@ class AlConfig(Section):
         retrain: ``[retrain]``; None: only explore and label.
     """
 
-    backbone: str = _key(Rule(str))
-    probe: str = _key(Rule(str))
-    start: str = _key(Rule(str))
-    reference: ReferenceConfig = _key(Rule(ReferenceConfig))
-    db: str = _key(Rule(str), "al.db")
-    rounds: int = _key(Rule(int, 1), 1)
-    explore: ExploreConfig = _key(Rule(ExploreConfig), factory=ExploreConfig)
-    label: LabelConfig = _key(Rule(LabelConfig), factory=LabelConfig)
-    retrain: RetrainConfig | None = _key(Rule(RetrainConfig), None)
+    backbone: str = rule_field(Rule(str))
+    probe: str = rule_field(Rule(str))
+    start: str = rule_field(Rule(str))
+    reference: ReferenceConfig = rule_field(Rule(ReferenceConfig))
+    db: str = rule_field(Rule(str), "al.db")
+    rounds: int = rule_field(Rule(int, 1), 1)
+    explore: ExploreConfig = rule_field(Rule(ExploreConfig), factory=ExploreConfig)
+    label: LabelConfig = rule_field(Rule(LabelConfig), factory=LabelConfig)
+    retrain: RetrainConfig | None = rule_field(Rule(RetrainConfig), None)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, object], path: str | os.PathLike | None = None) -> AlConfig:
@@ -372,13 +271,13 @@ class AlConfig(Section):
             InputError: an unknown or missing key, or a value of the wrong
                 type or out of range.
         """
-        token = _PATH.set(None if path is None else os.fspath(path))
+        token = PATH.set(None if path is None else os.fspath(path))
         try:
             if not isinstance(mapping, Mapping):
-                raise InputError(f"{_source()} must be a table of keys, got {mapping!r}", path=_PATH.get())
+                raise InputError(f"{source()} must be a table of keys, got {mapping!r}", path=PATH.get())
             return cls.from_table(mapping)
         finally:
-            _PATH.reset(token)
+            PATH.reset(token)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> AlConfig:

@@ -36,9 +36,11 @@ Example config (units: K, fs, 1/fs, Å, s; a value shown is the default unless i
     lease = 60.0                  # s: a dead driver's frames are taken over after this (live ones renew it)
 
     [retrain]                     # optional: omit to only explore and label
-    train_data = "train.xyz"      # the backbone's own training frames
+    method = "train"              # "train": MACE by mace_run_train; "fine-tune": MACE or CHGNet by its own trainer
+    train_data = "train.xyz"      # the backbone's own training frames ("train" needs them; optional to fine-tune)
     fit_data = "pool.xyz"         # frames the head is refitted on (with the new ones)
     epochs = 20
+    # learning_rate = 1e-3        fine-tune only: the trainer's initial learning rate (default: its own)
     work_dir = "al-retrain"       # training files; each round's model and head (resumed from after a crash)
 
 A run killed at any point resumes where it stopped when started again: the
@@ -88,8 +90,9 @@ def check(args: argparse.Namespace) -> None:
     checks.backbone_source(config.backbone, f"backbone {where}")
     checks.head_file(config.probe, f"probe {where}")
     checks.structures(config.start, f"start {where}")
-    if config.retrain is not None:
+    if config.retrain is not None and config.retrain.train_data is not None:
         checks.structures(config.retrain.train_data, f"retrain.train_data {where}")
+    if config.retrain is not None:
         checks.structures(config.retrain.fit_data, f"retrain.fit_data {where}")
         checks.output_folder(config.retrain.work_dir, f"retrain.work_dir {where}")
     config.reference.factory()  # importable
@@ -100,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
     from probe_ase.al.config import AlConfig
+    from probe_ase.al.finetune import FINE_TUNABLE
+    from probe_ase.exceptions import BackboneError
     from probe_ase.al.learner import ActiveLearner, RoundReport
-    from probe_ase.al.retrain import MaceTrainer
     from probe_ase.al.store import ALStore, check_database
     from probe_ase.backbones import load_backbone
     from probe_ase.calculator import ProbeCalculator
@@ -118,13 +122,17 @@ def run(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         print(f"resuming after round {checkpoint.round}: backbone {backbone}, head {head}")
     probe_calc = ProbeCalculator(load_backbone(backbone, device=args.device), head)
+    if retrain is not None and retrain.method == "fine-tune" and probe_calc.tap.kind not in FINE_TUNABLE:
+        raise BackboneError(f"[retrain] method = \"fine-tune\" in {args.config}: no fine-tuning route for a "
+                            f"{probe_calc.tap.kind} backbone (routes: {', '.join(FINE_TUNABLE)})",
+                            kind=probe_calc.tap.kind)
     executor = ProcessPoolExecutor(label.workers) if label.workers > 1 else None
     learner = ActiveLearner(probe_calc, config.reference.factory(), db=config.db, executor=executor,
                             p_lo=explore.p_lo, p_hi=explore.p_hi, retries=label.retries,
                             region_buffer=explore.region_buffer, min_atom_reliability=explore.min_atom_reliability,
                             lease=label.lease)
     work_dir = None if retrain is None else retrain.work_dir
-    trainer = None if retrain is None else MaceTrainer(retrain.train_data, retrain.fit_data, work_dir, retrain.epochs)
+    trainer = None if retrain is None else retrain.trainer()
     starts = read_frames(config.start)
     learner.resume(progress=not args.quiet)  # frames an interrupted run left pending, whatever their round
     rows = [RoundReport.HEADER]
