@@ -13,7 +13,7 @@ from ase import units
 from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 
-from probe_ase import ActiveLearner, ProbeCalculator, fit_probe
+from probe_ase import ActiveLearner, ALStore, ProbeCalculator, fit_probe
 from probe_ase.al.finetune import FineTuner, fine_tune, fine_tune_chgnet
 from probe_ase.backbones import load_backbone
 from probe_ase.exceptions import BackboneError, InputError, MismatchError
@@ -90,7 +90,7 @@ def test_a_chgnet_round_fine_tunes_it_and_refits_the_head(tmp_path):
     trainer = FineTuner(pool, work_dir=tmp_path, epochs=5, head_epochs=40)
     start = time.perf_counter()
     report = learner.run_round(emt_frames(2, 300, size=1, seed=5), md=hot_md, steps=100, max_new=8,
-                               min_separation=5, trainer=trainer, progress=False)
+                               min_separation=5, trainer=trainer, progress=False, checkpoint_dir=tmp_path / "ckpt")
     seconds = time.perf_counter() - start
     print(f"CHGNet round: {report.labelled} labelled, force RMSE on {len(trainer.held_out)} held out "
           f"{report.force_rmse_before:.3f} -> {report.force_rmse_after:.3f} eV/Å, {seconds:.1f} s")
@@ -99,6 +99,8 @@ def test_a_chgnet_round_fine_tunes_it_and_refits_the_head(tmp_path):
     assert trainer.model == tmp_path / "round1.chgnet"
     reloaded = load_backbone(trainer.model)
     assert fingerprint(reloaded) == learner.probe_calc.probe.meta.fingerprint != old.probe.meta.fingerprint
+    checkpoint = ALStore(tmp_path / "al.db").checkpoint()  # what a restarted loop loads: CHGNet's own format
+    assert checkpoint.round == 1 and fingerprint(load_backbone(checkpoint.model)) == fingerprint(reloaded)
     with pytest.raises(MismatchError, match="refit the head"):
         ProbeCalculator(reloaded, old.probe)
     atoms = trainer.held_out[0].copy()
