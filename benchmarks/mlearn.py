@@ -40,7 +40,9 @@ element) of PROBE's AUROC and ρ minus each method's. Per atom: AUROC of PROBE's
 atom reliability and of each companion's per-atom disagreement.
 
 Writes ``OUT/results.json``, ``OUT/results.md`` (every row) and
-``OUT/auroc.png``.
+``OUT/auroc.png``; the fitted heads are kept under ``OUT/heads`` (a rerun
+reuses them; ``--fit-only`` fits them without evaluating, e.g. one backbone
+per process while other models still run).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from probe_ase.fitting.data import FeatureSet, featurize
 from probe_ase.fitting.pipeline import fit_spec
 from probe_ase.fitting.spec import FitSpec
 from probe_ase.model.graph import HeadGraph
+from probe_ase.model.probe import Probe
 
 FILES = {"Si": ("train", "test"), "Li": ("train", "test"), "Cu": ("test",), "Ni": ("test",)}
 FIT_TYPES, SHIFT_TYPES = ("AIMD-NVT", "Elastic"), ("Vacancy", "Surface")
@@ -194,6 +197,18 @@ def evaluate(backbone: str, passes: dict, cells: list, element: np.ndarray, fit:
             "atoms_fraction_unreliable": float(np.mean(atom_err > atom_tau))}
 
 
+def fit_head(backbone: str, frames: list, features: FeatureSet, spec: FitSpec, path: Path) -> Probe:
+    """The head ``fit_spec`` fits on these frames' share of the backbone's pass (kept at ``path``.pt)."""
+    path = path.with_suffix(".pt")
+    if path.exists():
+        return Probe.load(path)
+    with find_tap(load_backbone(backbone)) as tap:
+        probe = fit_spec(tap, frames, spec, progress=False, features=features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe.save(path)
+    return probe
+
+
 def markdown(res: dict) -> str:
     """Every row: per protocol, regime and backbone, each method's pooled and per-element numbers."""
     lines = ["# PROBE on pretrained universal potentials (mlearn crystals, VASP PBE)\n",
@@ -259,26 +274,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--every", type=int, default=None, help="every n-th cell of each file only (a quick check)")
+    ap.add_argument("--fit-only", action="store_true",
+                    help="only run the models and fit the heads (kept under OUT/heads); evaluate in a later run")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mlearn"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cells, element, kind = load_cells(args.data, args.every)
-    passes = {name: model_pass(name, cells, args.out / "cache") for name in [*args.backbones, *args.companions]}
+    names = args.backbones if args.fit_only else [*args.backbones, *args.companions]
+    passes = {name: model_pass(name, cells, args.out / "cache") for name in names}
     rows = {}
     for protocol, (fit, ev) in protocols(element, kind).items():
         for regime, labels in (("absolute", {"tolerance": ABSOLUTE, "atom_tolerance": ABSOLUTE}),
                                ("quantile", {"quantile": QUANTILE, "atom_quantile": QUANTILE})):
             for backbone in args.backbones:
-                spec = FitSpec(target_risk=args.target_risk, **labels)
-                with find_tap(load_backbone(backbone)) as tap:
-                    probe = fit_spec(tap, [cells[k] for k in fit], spec, progress=False,
-                                     features=passes[backbone].subset(fit))
                 key = f"{protocol}/{regime}/{backbone}"
+                probe = fit_head(backbone, [cells[k] for k in fit], passes[backbone].subset(fit),
+                                 FitSpec(target_risk=args.target_risk, **labels), args.out / "heads" / key)
+                if args.fit_only:
+                    continue
                 rows[key] = evaluate(backbone, passes, cells, element, fit, ev, probe, args.target_risk, args.reps)
                 best = max((m for m in rows[key]["methods"] if m != "PROBE"),
                            key=lambda m: rows[key]["methods"][m]["pooled"]["auroc"])
                 print(f"{key}: PROBE AUROC {rows[key]['methods']['PROBE']['pooled']['auroc']:.3f}, best other "
                       f"{best} {rows[key]['methods'][best]['pooled']['auroc']:.3f}", flush=True)
+    if args.fit_only:
+        return
     res = {"command": "python -m benchmarks.mlearn " + " ".join(sys.argv[1:] if argv is None else argv),
            "environment": environment(), "target_risk": args.target_risk, "reps": args.reps,
            "model_force_rmse_median": {k: {z: float(np.median(v.errors["force_rmse"][element == z])) for z in FILES}
