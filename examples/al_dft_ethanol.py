@@ -122,8 +122,8 @@ def risk(accepted: int, wrong: int) -> str:
 print(f"labelling {n_hot} fixed hot frames ({TEMPERATURE_K:.0f} K MD on the starting MACE) with PySCF ...")
 fixed = hot_frames(n_hot, seed=99)
 learner = ActiveLearner(ProbeCalculator(base, probe), reference, db=out / "al.db")
-trainer = FineTuner(fit_frames, train_data=train, work_dir=out / "finetune", epochs=10 if args.quick else 15,
-                    head_epochs=100, holdout=0.25)
+trainer = FineTuner(fit_frames, train_data=train, work_dir=out / "finetune", epochs=30, learning_rate=1e-3,
+                    head_epochs=100, holdout=0.25)  # mace-torch's default lr, 0.01, first undoes the model
 seeds = iter(range(1000, 10**6))  # a fresh, reproducible seed for every trajectory
 starts = train[:: max(1, n_train // 2)][:2]
 header = (f"{'round':>5} {'labelled':>9} {'failed':>6} {'hot F RMSE (meV/Å)':>19} {'accepted':>8} "
