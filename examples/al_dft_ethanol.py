@@ -3,8 +3,8 @@
 1. A small MACE is trained on a few hundred frames of the ethanol set's ``train.xyz``
    (PBE/def2-SVP, computed with ORCA) and a PROBE head fitted on held-out labelled frames
    (``test_MD.xyz``, never training frames).
-2. Hot Langevin MD (1000 K) on the MLIP gives a fixed set of hot frames, labelled once with PySCF
-   at the data set's level: the yardstick of every round.
+2. Short hot Langevin MD runs (1000 K, 30 fs) on the MLIP give a fixed set of hot frames, labelled once
+   with PySCF at the data set's level: the yardstick of every round.
 3. Each round explores hot MD on the ProbeCalculator, sends the frames PROBE distrusts to PySCF,
    fine-tunes the MACE with mace-torch's own trainer (``FineTuner``: the training frames plus the new
    ones) and refits the head.
@@ -35,13 +35,16 @@ import torch  # noqa: E402
 from ase import Atoms, units  # noqa: E402
 from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
 from ase.io import read  # noqa: E402
+from ase.neighborlist import NeighborList, natural_cutoffs  # noqa: E402
 from ase.md.langevin import Langevin  # noqa: E402
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution  # noqa: E402
+from scipy.sparse.csgraph import connected_components  # noqa: E402
 
 from probe_ase import FitOptions, ProbeCalculator, fit_probe  # noqa: E402
 from probe_ase.al.dft import pyscf_reference  # noqa: E402
 from probe_ase.al.finetune import FineTuner  # noqa: E402
 from probe_ase.al.learner import ActiveLearner  # noqa: E402
+from probe_ase.exceptions import SCFNotConvergedError  # noqa: E402
 from probe_ase.testing import train_mace  # noqa: E402
 
 #: eV per atom added to PySCF's energies: measured on ten frames of the set (docs/how-to/pyscf-reference.md)
@@ -85,19 +88,35 @@ def hot_md(atoms: Atoms, seed: int) -> Langevin:
 
 
 def hot_frames(n: int, seed: int) -> list:
-    """``n`` frames of the starting MACE's 1000 K MD, 20 steps (10 fs) apart after 40 steps, labelled by PySCF."""
-    atoms = train[0].copy()
-    atoms.calc = base
-    dyn = hot_md(atoms, seed)
-    dyn.run(40)
-    frames = []
-    for _ in range(n):
-        dyn.run(20)
+    """``n`` hot frames labelled by PySCF: each the end of a short (60 steps, 30 fs) 1000 K MD on the starting
+    MACE from its own training frame; a frame whose molecule broke apart or whose SCF failed is replaced."""
+    frames, skipped = [], 0
+    for k in range(seed, seed + 10 * n):
+        atoms = train_all[k].copy()
+        atoms.calc = base
+        hot_md(atoms, k).run(60)
         frame = atoms.copy()
         frame.calc = reference()
-        frame.calc = SinglePointCalculator(frame, energy=frame.get_potential_energy(), forces=frame.get_forces())
+        if not in_one_piece(frame):
+            skipped += 1
+            continue
+        try:
+            frame.calc = SinglePointCalculator(frame, energy=frame.get_potential_energy(), forces=frame.get_forces())
+        except SCFNotConvergedError:
+            skipped += 1
+            continue
         frames.append(frame)
+        if len(frames) == n:
+            break
+    print(f"{len(frames)} fixed hot frames labelled, {skipped} skipped (broken molecule or SCF not converged)")
     return frames
+
+
+def in_one_piece(atoms: Atoms) -> bool:
+    """Whether the covalent bonds (natural cutoffs) join all atoms into one molecule."""
+    nl = NeighborList(natural_cutoffs(atoms), self_interaction=False, bothways=True)
+    nl.update(atoms)
+    return connected_components(nl.get_connectivity_matrix(sparse=True), directed=False)[0] == 1
 
 
 def evaluate(calc: ProbeCalculator, frames: list) -> tuple[float, int, int]:
@@ -120,7 +139,7 @@ def risk(accepted: int, wrong: int) -> str:
 
 
 print(f"labelling {n_hot} fixed hot frames ({TEMPERATURE_K:.0f} K MD on the starting MACE) with PySCF ...")
-fixed = hot_frames(n_hot, seed=99)
+fixed = hot_frames(n_hot, seed=500)
 learner = ActiveLearner(ProbeCalculator(base, probe), reference, db=out / "al.db")
 trainer = FineTuner(fit_frames, train_data=train, work_dir=out / "finetune", epochs=30, learning_rate=1e-3,
                     head_epochs=100, holdout=0.25)  # mace-torch's default lr, 0.01, first undoes the model
