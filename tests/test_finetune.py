@@ -50,9 +50,9 @@ def energy_error(calc, frames) -> float:
 
 def test_a_backbone_without_a_route_is_refused(tmp_path):
     frames = emt_frames(2, 300, size=1, seed=0)
-    with pytest.raises(BackboneError, match="no fine-tuning route for a sevenn backbone"):
-        fine_tune(SimpleNamespace(kind="sevenn"), frames, tmp_path, "r1")
-    with pytest.raises(InputError, match="CHGNet takes none"):
+    with pytest.raises(BackboneError, match="no fine-tuning route for a schnet backbone"):
+        fine_tune(SimpleNamespace(kind="schnet"), frames, tmp_path, "r1")
+    with pytest.raises(InputError, match="chgnet takes none"):
         fine_tune(SimpleNamespace(kind="chgnet"), frames, tmp_path, "r1", extra_args=["--lr=0.1"])
     with pytest.raises(InputError, match="holdout"):
         FineTuner(frames, holdout=1.0)
@@ -106,6 +106,34 @@ def test_a_chgnet_round_fine_tunes_it_and_refits_the_head(tmp_path):
     atoms = trainer.held_out[0].copy()
     atoms.calc = ProbeCalculator(reloaded, tmp_path / "round1_probe.pt")
     assert 0 <= atoms.calc.get_property("reliability", atoms) <= 1
+
+
+@pytest.mark.sevenn
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:target risk")  # a head on 24 frames: here only its fingerprint matters
+def test_sevenn_fine_tune_lowers_its_force_error_and_the_old_head_is_refused(tmp_path):
+    require_backbone("sevenn")
+    base = load_backbone("7net-0")
+    frames = emt_frames(6, 600, size=1, seed=3)  # six 4-atom Cu cells; EMT's zero of energy is not 7net-0's
+    old = fit_probe(base, emt_frames(16, 300, size=1, seed=1) + emt_frames(8, 900, size=1, seed=2), quantile=0.7,
+                    cache_dir=False, progress=False, options=HEAD)
+    before, offset = mean_force_rmse(base, frames), energy_error(base, frames)
+    start = time.perf_counter()
+    with find_tap(base) as tap:
+        path = fine_tune(tap, frames, tmp_path, "cu", epochs=5)  # sevenn's Trainer, lr 1e-4
+    seconds = time.perf_counter() - start
+    tuned = load_backbone(path)
+    after = mean_force_rmse(tuned, frames)
+    print(f"7net-0 on 6 EMT Cu cells: force RMSE {before:.3f} -> {after:.3f} eV/Å, energy error "
+          f"{offset:.3f} -> {energy_error(tuned, frames):.4f} eV/atom, {seconds:.1f} s")
+    assert path == tmp_path / "cu.pth"
+    assert after < 0.6 * before
+    assert offset > 1.0 and energy_error(tuned, frames) < 0.02  # the per-element shift is aligned
+    assert mean_force_rmse(base, frames) == before  # the pretrained model is left as it was
+    assert fingerprint(tuned) != fingerprint(base) == old.meta.fingerprint
+    assert (tmp_path / "cu.pth.log").read_text().count("epoch 5/5") == 1  # sevenn's Trainer ran 5 epochs
+    with pytest.raises(MismatchError, match="refit the head"):
+        ProbeCalculator(tuned, old)
 
 
 @pytest.mark.slow

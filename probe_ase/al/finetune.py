@@ -6,9 +6,11 @@
   :func:`~probe_ase.al.retrain.run_mace_train`) with the current model saved to FILE, its atomic reference
   energies kept (``--E0s=foundation``) and single-head fine-tuning (``--multiheads_finetuning=False``: the
   replay of a foundation model's pretraining data needs that data, which a local model does not come with);
-- ``chgnet``: ``chgnet.trainer.Trainer`` on a copy of the current CHGNet (:func:`fine_tune_chgnet`).
+- ``chgnet``: ``chgnet.trainer.Trainer`` on a copy of the current CHGNet (:func:`fine_tune_chgnet`);
+- ``sevenn``: ``sevenn.train.trainer.Trainer`` on a copy of the current SevenNet, saved as a SevenNet checkpoint
+  (:func:`fine_tune_sevenn`).
 
-Any other backbone (SevenNet, SchNet, PaiNN) raises a :class:`~probe_ase.exceptions.BackboneError`: retrain
+Any other backbone (SchNet, PaiNN) raises a :class:`~probe_ase.exceptions.BackboneError`: retrain
 it with its own tools and pass a trainer callable of your own. :class:`FineTuner` is the trainer callable for
 :meth:`ActiveLearner.run_round <probe_ase.al.learner.ActiveLearner.run_round>`: it holds out a share of the
 labelled frames, fine-tunes on the rest, and refits the head on the new backbone
@@ -35,7 +37,7 @@ from probe_ase.fitting.data import Frames, read_frames
 from probe_ase.taps.base import Tap
 
 #: backbone kinds :func:`fine_tune` has a route for
-FINE_TUNABLE = ("mace", "chgnet")
+FINE_TUNABLE = ("mace", "chgnet", "sevenn")
 
 
 def fine_tune(tap: Tap, frames: Sequence[Atoms], work_dir: str | os.PathLike, name: str, *, epochs: int = 5,
@@ -44,7 +46,7 @@ def fine_tune(tap: Tap, frames: Sequence[Atoms], work_dir: str | os.PathLike, na
     trainer; return the new model file (in ``work_dir``), which :func:`~probe_ase.backbones.load_backbone` reads.
 
     The backbone itself is left as it was. ``learning_rate`` is the trainer's initial one (None: the library's
-    default for MACE, 0.01, and 1e-3 for CHGNet); ``extra_args`` are
+    default for MACE, 0.01, 1e-3 for CHGNet and 1e-4 for SevenNet); ``extra_args`` are
     further ``mace_run_train`` flags (MACE only). A backbone without a route here (:data:`FINE_TUNABLE`) is a
     :class:`BackboneError`.
     """
@@ -57,15 +59,18 @@ def fine_tune(tap: Tap, frames: Sequence[Atoms], work_dir: str | os.PathLike, na
         flags = ["--E0s=foundation", "--multiheads_finetuning=False", f"--batch_size={batch}",
                  f"--valid_batch_size={batch}", *([f"--lr={learning_rate}"] if learning_rate else []), *extra_args]
         return run_mace_train(frames, foundation, work, name, epochs, seed, flags)
+    if tap.kind not in FINE_TUNABLE:
+        raise BackboneError(f"no fine-tuning route for a {tap.kind} backbone (routes: {', '.join(FINE_TUNABLE)}); "
+                            "retrain it with its own library and pass your own trainer callable",
+                            kind=tap.kind, routes=FINE_TUNABLE)
+    if extra_args:
+        raise InputError(f"extra_args are mace_run_train flags; {tap.kind} takes none", extra_args=list(extra_args))
+    device = next(tap.module.parameters()).device.type  # train where the model lives
     if tap.kind == "chgnet":
-        if extra_args:
-            raise InputError("extra_args are mace_run_train flags; CHGNet takes none", extra_args=list(extra_args))
-        device = next(tap.module.parameters()).device.type  # train where the model lives
         return fine_tune_chgnet(tap.module, frames, work / f"{name}.chgnet", epochs=epochs,
                                 learning_rate=learning_rate or 1e-3, seed=seed, device=device)
-    raise BackboneError(f"no fine-tuning route for a {tap.kind} backbone (routes: {', '.join(FINE_TUNABLE)}); "
-                        "retrain it with its own library and pass your own trainer callable",
-                        kind=tap.kind, routes=FINE_TUNABLE)
+    return fine_tune_sevenn(tap.calc, frames, work / f"{name}.pth", epochs=epochs,
+                            learning_rate=learning_rate or 1e-4, seed=seed, device=device)
 
 
 def fine_tune_chgnet(model: torch.nn.Module, frames: Sequence[Atoms], path: str | os.PathLike, *, epochs: int = 5,
@@ -152,6 +157,89 @@ def _align_references(net: torch.nn.Module, structures: list, energies: list[flo
         weight[0, [z - 1 for z in zs]] += torch.as_tensor(shift, dtype=weight.dtype, device=weight.device)
 
 
+def fine_tune_sevenn(calc: object, frames: Sequence[Atoms], path: str | os.PathLike, *, epochs: int = 5,
+                     learning_rate: float = 1e-4, batch_size: int = 2, force_weight: float = 1.0, seed: int = 0,
+                     device: str = "cpu") -> Path:
+    """Fine-tune a copy of the model of the single-fidelity ``SevenNetCalculator`` ``calc`` on ``frames``
+    (energies eV, forces eV/Å) with ``sevenn.train.trainer.Trainer``; save it to ``path`` as a SevenNet
+    checkpoint (what sevenn's own training writes, which :func:`~probe_ase.backbones.load_backbone` reads) and
+    return ``path``.
+
+    First the per-element energy shifts (``rescale_atomic_energy.shift``, eV/atom) are moved by a least-squares
+    fit to the frames' energy offsets, so a reference code with other zero energies does not pull on the
+    network. Then ``epochs`` epochs of Adam at ``learning_rate``, decayed over them by a cosine, on the model's
+    own loss (7net-0: Huber) of the energy per atom (weight 1) and forces (``force_weight``), no stress, shift and
+    scale frozen (sevenn's default), on ``device``; each epoch's training errors go to ``path`` + ``.log``.
+    ``seed`` seeds the batches. A model without its checkpoint's config, or a multi-fidelity one, is refused.
+    """
+    from sevenn import __version__
+    from sevenn.error_recorder import ErrorRecorder
+    from sevenn.model_build import build_E3_equivariant_model
+    from sevenn.train.trainer import Trainer
+    from torch_geometric.loader import DataLoader
+
+    if not isinstance(getattr(calc, "sevennet_config", None), dict):
+        raise BackboneError("this SevenNetCalculator carries no checkpoint config to train from: load the model "
+                            "from its checkpoint (load_backbone)", model=type(calc.model).__name__)
+    if getattr(calc, "modal", None):
+        raise BackboneError("fine-tuning a multi-fidelity SevenNet is not supported: start from a single-fidelity "
+                            "model (7net-0, 7net-l3i5)", modal=calc.modal)
+    config = copy.deepcopy(calc.sevennet_config)
+    config.update(is_train_stress=False, force_loss_weight=float(force_weight), optimizer="adam",
+                  optim_param={"lr": learning_rate}, scheduler="cosineannealinglr", scheduler_param={"T_max": epochs},
+                  epoch=int(epochs), device=device, is_ddp=False, version=__version__)  # the state dict is this sevenn's
+    net = build_E3_equivariant_model(config)  # as sevenn builds a checkpoint's model, then the current weights
+    net.load_state_dict(calc.model.state_dict())
+    net.to(device)
+    graphs = _sevenn_graphs(frames, float(calc.cutoff))
+    _align_shifts(net, graphs, calc.type_map, device)
+    config["shift"] = net.rescale_atomic_energy.shift.detach().cpu().tolist()
+    torch.manual_seed(seed)
+    loader = DataLoader(graphs, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    trainer = Trainer.from_config(net, config)
+    recorder = ErrorRecorder.from_config(config, trainer.loss_functions)
+    with open(f"{os.fspath(path)}.log", "w") as log:
+        for epoch in range(1, epochs + 1):
+            lr = trainer.get_lr()
+            trainer.run_one_epoch(loader, is_train=True, error_recorder=recorder)
+            errors = ", ".join(f"{k} {v:.5f}" for k, v in recorder.epoch_forward().items())
+            print(f"epoch {epoch}/{epochs} lr {lr:.2e}: {errors}", file=log)
+            trainer.scheduler_step()
+    trainer.write_checkpoint(os.fspath(path), config=config, epoch=epochs)
+    return Path(path)
+
+
+def _sevenn_graphs(frames: Sequence[Atoms], cutoff: float) -> list:
+    """sevenn's labelled graphs (``AtomGraphData``: energy eV, forces eV/Å) of ``frames`` at ``cutoff`` (Å)."""
+    from sevenn.atom_graph_data import AtomGraphData
+    from sevenn.train.dataload import atoms_to_graph
+
+    graphs = []
+    for atoms in mace_training_frames(frames):
+        atoms.info = {"y_energy": atoms.info["REF_energy"]}
+        atoms.arrays["y_force"] = atoms.arrays.pop("REF_forces")
+        graphs.append(AtomGraphData.from_numpy_dict(atoms_to_graph(atoms, cutoff, transfer_info=False)))
+    return graphs
+
+
+def _align_shifts(net: torch.nn.Module, graphs: list, type_map: dict, device: str) -> None:
+    """Move ``net``'s per-element energy shifts by the least-squares fit of the energy offsets (eV/atom) between
+    the labels of ``graphs`` and its predictions, over the elements they hold (``type_map``: Z to shift index)."""
+    from torch_geometric.data import Batch
+
+    net.set_is_batch_data(True)
+    batch = Batch.from_data_list([g.clone() for g in graphs]).to(device)
+    predicted = net(batch)["inferred_total_energy"].detach().double().cpu().numpy().reshape(-1)
+    numbers = [g["atomic_numbers"].cpu().numpy() for g in graphs]
+    zs = sorted({int(z) for n in numbers for z in n})
+    fractions = np.array([[np.mean(n == z) for z in zs] for n in numbers])
+    offsets = np.array([(float(g["total_energy"]) - e) / len(n) for g, e, n in zip(graphs, predicted, numbers)])
+    shift = np.linalg.lstsq(fractions, offsets, rcond=None)[0]
+    with torch.no_grad():
+        weights = net.rescale_atomic_energy.shift
+        weights[[type_map[z] for z in zs]] += torch.as_tensor(shift, dtype=weights.dtype, device=weights.device)
+
+
 class FineTuner:
     """A retraining step for :meth:`ActiveLearner.run_round <probe_ase.al.learner.ActiveLearner.run_round>`:
     fine-tune the current backbone with its library's trainer (:func:`fine_tune`), then refit the head.
@@ -159,12 +247,14 @@ class FineTuner:
     Each call holds out ``holdout`` of the labelled frames (at least one; :attr:`held_out`, for the error
     before and after), fine-tunes on ``train_data`` plus the rest, and refits the head on ``fit_data`` plus
     the held-out frames with the old head's settings (:func:`~probe_ase.al.retrain.refit_head`). The new model
-    (:attr:`model`: ``round{N}_model/round{N}.model`` for MACE, ``round{N}.chgnet`` for CHGNet) and head
+    (:attr:`model`: ``round{N}_model/round{N}.model`` for MACE, ``round{N}.chgnet`` for CHGNet, ``round{N}.pth``
+    for SevenNet) and head
     (``round{N}_probe.pt``) go to ``work_dir``.
 
     Args:
         fit_data: labelled frames the head is refitted on (energies eV, forces eV/Å; never training frames).
-        train_data: frames the backbone trains on besides the new ones (eV, eV/Å; a pretrained CHGNet: none).
+        train_data: frames the backbone trains on besides the new ones (eV, eV/Å; a pretrained CHGNet or SevenNet:
+            none).
         work_dir: folder for training files, logs and models.
         epochs: fine-tuning epochs per round.
         learning_rate: the trainer's initial learning rate (None: :func:`fine_tune`'s default).
