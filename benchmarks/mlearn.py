@@ -209,12 +209,30 @@ def fit_head(backbone: str, frames: list, features: FeatureSet, spec: FitSpec, p
     return probe
 
 
+def summary(res: dict) -> list[str]:
+    """One line per protocol, regime and backbone: PROBE against the best other model's disagreement."""
+    lines = ["| protocol / labels / backbone | unreliable | PROBE AUROC / ρ | best disagreement: AUROC / ρ | "
+             "PROBE − it, AUROC [95 %] | latent AUROC | novelty AUROC | PROBE verdict risk / coverage | "
+             "disagreement risk / coverage |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, entry in res["rows"].items():
+        methods = entry["methods"]
+        best = max((m for m in methods if m.startswith("vs ")), key=lambda m: methods[m]["pooled"]["auroc"])
+        p, b = methods["PROBE"]["pooled"], methods[best]["pooled"]
+        d = methods[best]["probe_minus_auroc"]
+        lines.append(f"| {key} | {p['fraction_unreliable']:.0%} of {p['n']} | {fmt(p['auroc'])} / {fmt(p['spearman'])} | "
+                     f"{best[3:]}: {fmt(b['auroc'])} / {fmt(b['spearman'])} | {d['difference']:+.3f} "
+                     f"[{d['low']:+.3f}, {d['high']:+.3f}] | {fmt(methods['latent distance']['pooled']['auroc'])} | "
+                     f"{fmt(methods['novelty']['pooled']['auroc'])} | {fmt(p['risk'])} / {fmt(p['coverage'])} | "
+                     f"{fmt(b['risk'])} / {fmt(b['coverage'])} |")
+    return lines
+
+
 def markdown(res: dict) -> str:
-    """Every row: per protocol, regime and backbone, each method's pooled and per-element numbers."""
+    """Every row: the summary, then per protocol, regime and backbone each method's pooled and per-element numbers."""
     lines = ["# PROBE on pretrained universal potentials (mlearn crystals, VASP PBE)\n",
              f"`{res['command']}`; commit {res['environment'].get('git_commit')}; target risk "
              f"{res['target_risk']}; unreliable: force RMSE above tau (eV/Å). Intervals: paired bootstrap "
-             f"({res['reps']} resamples, stratified by element) of PROBE minus the method.\n"]
+             f"({res['reps']} resamples, stratified by element) of PROBE minus the method.\n", *summary(res)]
     for key, entry in res["rows"].items():
         protocol, regime, backbone = key.split("/")
         pooled = next(iter(entry["methods"].values()))["pooled"]
