@@ -10,8 +10,9 @@
    ones) and refits the head.
 
 Per round it prints the model's force RMSE (meV/Å) against PySCF on the fixed hot frames, how many
-frames were labelled, and the verdict's risk: the share of the frames the verdict accepts whose force
-RMSE lies above the head's tolerance tau. PySCF's energies sit 7.05 meV per molecule above the stored
+frames were labelled, and, on the fixed frames and on the round's labelled ones, how many the verdict of
+the round's model and head accepts and its risk: the share of those whose force RMSE lies above the
+head's tolerance tau (meV/Å). PySCF's energies sit 7.05 meV per molecule above the stored
 ones (docs/how-to/pyscf-reference.md): the per-element offsets measured there are applied, so new
 labels and training frames share one energy zero.
 
@@ -145,26 +146,31 @@ trainer = FineTuner(fit_frames, train_data=train, work_dir=out / "finetune", epo
                     head_epochs=100, holdout=0.25)  # mace-torch's default lr, 0.01, first undoes the model
 seeds = iter(range(1000, 10**6))  # a fresh, reproducible seed for every trajectory
 starts = train[:: max(1, n_train // 2)][:2]
-header = (f"{'round':>5} {'labelled':>9} {'failed':>6} {'hot F RMSE (meV/Å)':>19} {'accepted':>8} "
-          f"{'hot risk':>8} {'labelled risk':>14} {'tau (meV/Å)':>11} {'wall s':>7}")
+header = (f"{'round':>5} {'labelled':>9} {'failed':>6} {'hot F RMSE (meV/Å)':>19} {'hot accepted':>12} "
+          f"{'hot risk':>8} {'labelled accepted':>17} {'labelled risk':>13} {'tau (meV/Å)':>11} {'wall s':>7}")
 
 
-def row(round_: int, labelled: str, failed: str, new_risk: str) -> str:
-    """One line of the table: the current model and head on the fixed hot frames, wall time in s."""
+def row(round_: int, new: list) -> str:
+    """One line of the table: the current model and head on the fixed hot frames and on ``new``, this round's
+    labelled frames; wall time in s."""
     error, accepted, wrong = evaluate(learner.probe_calc, fixed)
-    return (f"{round_:>5} {labelled:>9} {failed:>6} {error:>19.0f} {f'{accepted}/{n_hot}':>8} "
-            f"{risk(accepted, wrong):>8} {new_risk:>14} {learner.probe_calc.probe.meta.tau * 1000:>11.0f} "
-            f"{time.perf_counter() - clock:>7.0f}")
+    new_accepted, new_risk = "-", "-"
+    if new:
+        _, n_accepted, n_wrong = evaluate(learner.probe_calc, new)
+        new_accepted, new_risk = f"{n_accepted}/{len(new)}", risk(n_accepted, n_wrong)
+    labelled, failed = (str(len(new)), str(learner.db.count(status="failed", round=round_))) if round_ else ("-", "-")
+    return (f"{round_:>5} {labelled:>9} {failed:>6} {error:>19.0f} {f'{accepted}/{n_hot}':>12} "
+            f"{risk(accepted, wrong):>8} {new_accepted:>17} {new_risk:>13} "
+            f"{learner.probe_calc.probe.meta.tau * 1000:>11.0f} {time.perf_counter() - clock:>7.0f}")
 
 
 print(header)
-rows = [row(0, "-", "-", "-")]
+rows = [row(0, [])]
 print(rows[-1])
 for _ in range(args.rounds):
     report = learner.run_round(starts, md=lambda atoms: hot_md(atoms, next(seeds)), steps=md_steps,
                                max_new=per_round, min_separation=10, trainer=trainer, progress=False)
-    _, new_accepted, new_wrong = evaluate(learner.probe_calc, learner.labelled(report.round))
-    rows.append(row(report.round, str(report.labelled), str(report.failed), risk(new_accepted, new_wrong)))
+    rows.append(row(report.round, learner.labelled(report.round)))
     print(rows[-1])
 
 print(f"\nforce RMSE against PySCF (PBE/def2-SVP) on {n_hot} fixed hot frames ({TEMPERATURE_K:.0f} K), per round")
