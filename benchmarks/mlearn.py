@@ -199,7 +199,7 @@ def evaluate(backbone: str, passes: dict, cells: list, element: np.ndarray, fit:
 
 def fit_head(backbone: str, frames: list, features: FeatureSet, spec: FitSpec, path: Path) -> Probe:
     """The head ``fit_spec`` fits on these frames' share of the backbone's pass (kept at ``path``.pt)."""
-    path = path.with_suffix(".pt")
+    path = path.parent / f"{path.name}.pt"  # not with_suffix: "chgnet-0.3.0" has a dot
     if path.exists():
         return Probe.load(path)
     with find_tap(load_backbone(backbone)) as tap:
