@@ -73,6 +73,27 @@ def test_active_learning_xtb_example(tmp_path):
     assert (tmp_path / "round1.xyz").exists() and (tmp_path / "al.db").exists()
 
 
+ETHANOL = EXAMPLES.parent.parent / "shared" / "data" / "ethanol"  # the shared data set, never in the repository
+
+
+@pytest.mark.slow
+@pytest.mark.pyscf
+@pytest.mark.skipif(not (ETHANOL / "train.xyz").exists(), reason=f"ethanol data set not at {ETHANOL}")
+def test_al_dft_ethanol_example(tmp_path):
+    """Shortened DFT loop (one round, --quick): PySCF labels the selected frames, the MACE is fine-tuned."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(EXAMPLES / "al_dft_ethanol.py"), "--data", str(ETHANOL),
+                           "--out", str(tmp_path), "--quick", "--rounds", "1"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # table rows: round labelled failed hot-force-RMSE accepted hot-risk labelled-risk tau wall
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[-4:] if line.strip()[:1].isdigit()}
+    assert set(rows) == {"0", "1"}
+    assert int(rows["1"][1]) >= 2 and int(rows["1"][2]) == 0
+    assert 0 < float(rows["1"][3]) < 1000  # meV/Å against PySCF on the fixed hot frames
+    assert (tmp_path / "finetune" / "round1_probe.pt").exists() and (tmp_path / "al.db").exists()
+
+
 @pytest.mark.slow
 def test_large_cell_example(monkeypatch, tmp_path, capsys):
     """The structure verdict passes the 4 092-atom defective cell; the per-atom map finds the defect."""
