@@ -16,7 +16,8 @@ head's tolerance tau (meV/Å). PySCF's energies sit 7.05 meV per molecule above 
 ones (docs/how-to/pyscf-reference.md): the per-element offsets measured there are applied, so new
 labels and training frames share one energy zero.
 
-About 15 minutes on 2 CPU cores (``--quick``: about 3); PySCF takes ~7 s of CPU per frame. Needs the
+About 8 minutes on 2 shared CPU cores (``--quick``: about 4, ``--quick --rounds 1``: about 2); PySCF
+takes ~7 s of CPU per frame. Needs the
 ``mace`` and ``pyscf`` extras: ``pip install -e ".[mace,pyscf]"``.
 
     python examples/al_dft_ethanol.py --data ../shared/data/ethanol [--out DIR] [--rounds N] [--quick]
