@@ -17,8 +17,7 @@ ones (docs/how-to/pyscf-reference.md): the per-element offsets measured there ar
 labels and training frames share one energy zero.
 
 About 8 minutes on 2 shared CPU cores (``--quick``: about 4, ``--quick --rounds 1``: about 2); PySCF
-takes ~7 s of CPU per frame. Needs the
-``mace`` and ``pyscf`` extras: ``pip install -e ".[mace,pyscf]"``.
+takes ~7 s of CPU per frame. Needs the ``mace`` and ``pyscf`` extras: ``pip install -e ".[mace,pyscf]"``.
 
     python examples/al_dft_ethanol.py --data ../shared/data/ethanol [--out DIR] [--rounds N] [--quick]
 """
