@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_backbone
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -92,6 +94,23 @@ def test_al_dft_ethanol_example(tmp_path):
     assert int(rows["1"][1]) >= 2 and int(rows["1"][2]) == 0
     assert 0 < float(rows["1"][3]) < 1000  # meV/Å against PySCF on the fixed hot frames
     assert (tmp_path / "finetune" / "round1_probe.pt").exists() and (tmp_path / "al.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.chgnet
+def test_al_chgnet_crystal_example(tmp_path):
+    """One round from the pretrained CHGNet: EMT labels the selected cells, CHGNet's own trainer fine-tunes it and
+    its force error on the fixed hot cells falls; the round's checkpoint holds the fine-tuned model."""
+    require_backbone("chgnet")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(EXAMPLES / "al_chgnet_crystal.py"), "--out", str(tmp_path),
+                           "--rounds", "1"], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # table rows: round labelled hot-force-RMSE hot-accepted hot-risk tau wall
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[-4:] if line.strip()[:1].isdigit()}
+    assert set(rows) == {"0", "1"} and int(rows["1"][1]) >= 2
+    assert float(rows["1"][2]) < float(rows["0"][2])  # meV/Å against EMT on the fixed hot cells
+    assert (tmp_path / "finetune" / "round1.chgnet").exists() and (tmp_path / "rounds" / "round1_backbone.model").exists()
 
 
 @pytest.mark.slow
