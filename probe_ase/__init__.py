@@ -35,7 +35,7 @@ _LAZY = {
     "guarded_optimize": "guard", "HeadMeta": "model.headfile", "Probe": "model.probe",
     "ReliabilityMonitor": "observers", "ReliabilityTrajectory": "observers",
     "find_tap": "taps", "ModuleTap": "taps", "ADAPTERS": "taps", "load_backbone": "backbones",
-    "Region": "al.regions", "extract_regions": "al.regions", "ALStore": "al.store", "check_database": "al.store",
+    "companion_labels": "companion", "Region": "al.regions", "extract_regions": "al.regions", "ALStore": "al.store", "check_database": "al.store",
 }
 
 
@@ -83,6 +83,7 @@ __all__ = [
     "UnknownElementError",
     "annotate",
     "check_database",
+    "companion_labels",
     "extract_regions",
     "featurize",
     "find_tap",

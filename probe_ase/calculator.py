@@ -11,13 +11,14 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
+from probe_ase.companion import Companion, Disagreement
 from probe_ase.exceptions import InputError
 from probe_ase.model.graph import HeadGraph
 from probe_ase.model.headfile import HeadMeta
 from probe_ase.model.probe import Probe
 from probe_ase.taps import Tap
 from probe_ase.validate import check_atoms
-from probe_ase.verdict import ATOM_RESULTS, STRUCTURE_RESULTS, structure_results
+from probe_ase.verdict import ATOM_RESULTS, STRUCTURE_RESULTS, Verdict, judge, structure_results
 
 
 
@@ -52,7 +53,13 @@ class ProbeCalculator(Calculator):
       force RMSE over components, as the ``force_rmse`` criterion defines it
       (eV/Å, ``sqrt(mean_i atom_force_error_i**2 / 3)``). Estimates in eV/Å,
       median-like (about half of the true errors lie above them), with no
-      novelty term: the verdict, not these, is what fails safe.
+      novelty term: the verdict, not these, is what fails safe;
+    * with a ``companion`` (:mod:`probe_ase.companion`): ``atom_disagreement``
+      (per atom ``|F_i - F'_i|``, eV/Å), ``force_disagreement`` (RMS over
+      components, eV/Å), ``energy_disagreement`` (``|E - E'| / n_atoms``,
+      eV/atom) and ``disagreement_age`` (steps since the companion measured
+      them; 0: this step). A disagreement above the head's tolerance (on its
+      criterion's scale) makes the step unreliable, reason ``models_disagree``.
 
     Args:
         base: the backbone calculator, or an ASE mixing calculator
@@ -67,10 +74,20 @@ class ProbeCalculator(Calculator):
         tap: a tap you built (e.g. a :class:`~probe_ase.taps.ModuleTap` for a
             backbone no adapter knows) on the backbone in ``base``, instead of
             the adapter found for it. It stays yours: :meth:`close` leaves it open.
+        companion: a second model's calculator (e.g. another universal
+            potential), run every ``companion_every``-th step for a second
+            opinion (results above); it must know the head's elements.
+        companion_every: run the companion on every k-th step (1: every step,
+            about twice the cost of the backbone alone when both cost the same);
+            between runs the last disagreement counts, with its age.
+        vouch: outside the novelty support, two models agreeing within
+            ``vouch`` x the head's tolerance make the step reliable (0-1; 0:
+            never, the strictest verdict). Needs a companion.
     """
 
     def __init__(self, base: Calculator, probe: Probe | str | os.PathLike, threshold: float | None = None,
-                 max_novelty: float = 1.0, tap: Tap | None = None, **kwargs) -> None:
+                 max_novelty: float = 1.0, tap: Tap | None = None, companion: Calculator | None = None,
+                 companion_every: int = 1, vouch: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.base = base
         self.probe = probe if isinstance(probe, Probe) else Probe.load(probe)
@@ -84,6 +101,7 @@ class ProbeCalculator(Calculator):
                 raise InputError(f"the tap watches a {type(tap.calc).__name__} that is not (inside) this "
                                  f"{type(base).__name__}", tap_calculator=type(tap.calc).__name__)
             self.probe.check_backbone(self.tap)
+            self.attach_companion(companion, companion_every, vouch)
         except Exception:
             self.close()
             raise
@@ -91,12 +109,29 @@ class ProbeCalculator(Calculator):
         if threshold is None and not meta.certified:
             warnings.warn(_uncertified(meta), stacklevel=2)
         self.max_novelty = float(max_novelty)
-        gives = {"atom_reliability": meta.local, "force_error": self.probe.head.atom_error,
-                 "atom_force_error": self.probe.head.atom_error}
-        self.implemented_properties = list(base.implemented_properties) + [
-            key for key in STRUCTURE_RESULTS + ATOM_RESULTS if gives.get(key, True)]
         self.probe.to(next(self.tap.module.parameters()).device)
         self._graph = HeadGraph(meta.config.cutoff)
+
+    def attach_companion(self, companion: Calculator | None, every: int = 1, vouch: float = 0.0) -> None:
+        """Use ``companion`` (None: none) from the next step on, every ``every``-th step, with ``vouch`` (0-1; the
+        arguments of the same names in the class docstring)."""
+        if not 0 <= vouch <= 1 or (vouch and companion is None):
+            raise InputError(f"vouch must lie in 0-1 and needs a companion, got {vouch} "
+                             f"{'with' if companion is not None else 'without'} one", vouch=vouch)
+        paired = Companion(companion, every) if companion is not None else None
+        if paired is not None:
+            paired.check(self.base, self.probe.meta.elements, self.probe.meta.fingerprint)
+        self.companion, self.vouch = paired, float(vouch)
+        #: the companion's disagreement at the last step (None without a companion)
+        self.disagreement: Disagreement | None = None
+        meta = self.probe.meta
+        gives = {"atom_reliability": meta.local, "force_error": self.probe.head.atom_error,
+                 "atom_force_error": self.probe.head.atom_error, "force_disagreement": paired is not None,
+                 "energy_disagreement": paired is not None, "disagreement_age": paired is not None,
+                 "atom_disagreement": paired is not None}
+        self.implemented_properties = list(self.base.implemented_properties) + [
+            key for key in STRUCTURE_RESULTS + ATOM_RESULTS if gives.get(key, True)]
+        self.reset()
 
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
                   system_changes: list[str] = all_changes) -> None:
@@ -125,8 +160,18 @@ class ProbeCalculator(Calculator):
         numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=features.device)
         ptr = np.array([0, len(atoms)])
         scores = self.probe.predict(features, numbers, ptr, edges)
-        verdict = self.probe.verdict(scores, self.threshold, self.max_novelty)
-        self.results.update(structure_results(scores, verdict, 0, ptr))
+        self.disagreement = None
+        if self.companion is not None:
+            self.disagreement = self.companion.step(atoms, self.results["energy"], self.results["forces"])
+        verdict = self.judge(scores.reliability, scores.novelty, self.threshold)
+        self.results.update(structure_results(scores, verdict, 0, ptr, self.disagreement))
+
+    def judge(self, reliability: float | np.ndarray, novelty: float | np.ndarray, threshold: float) -> Verdict:
+        """The verdict (:func:`~probe_ase.verdict.judge`) on this step's ``reliability`` (0-1) and ``novelty`` at
+        ``threshold`` (0-1), with the support edge and the companion's disagreement of this calculator."""
+        gap = None if self.disagreement is None else np.array([self.disagreement.on(self.probe.meta.criterion)])
+        return judge(np.atleast_1d(reliability), np.atleast_1d(novelty), threshold, self.max_novelty, gap,
+                     self.probe.meta.tau, self.vouch)
 
     def close(self) -> None:
         """Remove the hooks from the backbone (a tap passed as ``tap=`` stays open: it is yours)."""
@@ -158,7 +203,10 @@ def annotate(atoms: Atoms, results: dict | None = None) -> Atoms:
     (sums to 1) and, from heads with a per-atom logit,
     ``arrays["atom_reliability"]`` (0-1), and from heads that regress atom
     errors ``info["force_error"]`` and ``arrays["atom_force_error"]`` (eV/Å),
-    which OVITO and ``ase.io.read`` read back. ``results`` defaults to
+    and with a companion ``info["force_disagreement"]`` (eV/Å),
+    ``info["energy_disagreement"]`` (eV/atom), ``info["disagreement_age"]``
+    (steps) and ``arrays["atom_disagreement"]`` (eV/Å), which OVITO and
+    ``ase.io.read`` read back. ``results`` defaults to
     ``atoms.calc.results``. Returns ``atoms``.
     """
     results = atoms.calc.results if results is None else results

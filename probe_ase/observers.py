@@ -5,7 +5,8 @@ A :class:`ReliabilityMonitor` is an ordinary ASE observer
 ``novelty`` that the :class:`~probe_ase.ProbeCalculator` already computed for
 the current step (no extra backbone pass); a step is unreliable when the
 verdict says so: reliability below the threshold (reason
-``low_probability``) or novelty beyond the support (``out_of_support``). With
+``low_probability``), novelty beyond the support (``out_of_support``) or, with a
+companion model, disagreement beyond the head's tolerance (``models_disagree``). With
 ``min_atom_reliability`` (heads fitted with ``atom_tolerance``) a step is also
 unreliable when any atom's ``atom_reliability`` falls below it or any atom
 lies outside the support (reason ``low_atom_reliability``), so one bad region
@@ -48,7 +49,7 @@ from ase.optimize.optimize import Dynamics
 
 from probe_ase.calculator import ProbeCalculator, annotate
 from probe_ase.exceptions import InputError, ReliabilityHalt
-from probe_ase.verdict import ATOM_RESULTS, judge
+from probe_ase.verdict import ATOM_RESULTS
 
 #: most unreliable-atom indices written per log line (then "+N")
 LOG_ATOMS = 20
@@ -63,6 +64,7 @@ class MonitorSummary:
     steps_seen: int = 0
     unreliable_steps: int = 0
     out_of_support_steps: int = 0
+    models_disagree_steps: int = 0
     low_atom_reliability_steps: int = 0
     max_unreliable_atoms: int = 0
     flagged_frames: int = 0
@@ -158,7 +160,7 @@ class ReliabilityMonitor:
         novelty = float(calc.results["novelty"])
         reliable, reason = bool(calc.results["reliable"]), str(calc.results["reason"])
         if self.threshold != calc.threshold:  # the monitor's own threshold: judged again, the same way
-            verdict = judge(np.array([p]), np.array([novelty]), self.threshold, calc.max_novelty)
+            verdict = calc.judge(p, novelty, self.threshold)
             reliable, reason = bool(verdict.reliable[0]), str(verdict.reason[0])
         bad_atoms = self.unreliable_atoms()
         s = self.summary_data
@@ -180,6 +182,7 @@ class ReliabilityMonitor:
         self.streak += 1
         s.unreliable_steps += 1
         s.out_of_support_steps += reason == "out_of_support"
+        s.models_disagree_steps += reason == "models_disagree"
         s.low_atom_reliability_steps += reason == "low_atom_reliability"
         if s.first_unreliable_step is None:
             s.first_unreliable_step = step

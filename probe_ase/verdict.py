@@ -14,18 +14,23 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 if TYPE_CHECKING:
+    from probe_ase.companion import Disagreement
     from probe_ase.model.probe import Scores
 
-#: why a structure is not reliable (``results["reason"]``); "ok" when it is. The monitor adds
-#: "low_atom_reliability" when it judges atoms (:class:`~probe_ase.observers.ReliabilityMonitor`)
-Reason = Literal["ok", "low_probability", "out_of_support", "low_atom_reliability"]
-REASONS: tuple[Reason, ...] = ("ok", "low_probability", "out_of_support", "low_atom_reliability")
+#: why a structure is not reliable (``results["reason"]``); "ok" when it is. "models_disagree": a companion model's
+#: disagreement exceeds the head's tolerance (:mod:`probe_ase.companion`). The monitor adds "low_atom_reliability"
+#: when it judges atoms (:class:`~probe_ase.observers.ReliabilityMonitor`)
+Reason = Literal["ok", "low_probability", "out_of_support", "models_disagree", "low_atom_reliability"]
+REASONS: tuple[Reason, ...] = ("ok", "low_probability", "out_of_support", "models_disagree", "low_atom_reliability")
 #: per-structure results (``atoms.info`` after :func:`~probe_ase.calculator.annotate`); ``force_error`` only from
-#: heads that regress atom force errors
-STRUCTURE_RESULTS = ("reliability", "reliable", "reason", "novelty", "force_error")
+#: heads that regress atom force errors; the ``*disagreement*`` keys only with a companion
+#: (:class:`~probe_ase.companion.Disagreement`: eV/Å, eV/atom, steps)
+STRUCTURE_RESULTS = ("reliability", "reliable", "reason", "novelty", "force_error", "force_disagreement",
+                     "energy_disagreement", "disagreement_age")
 #: per-atom results (``atoms.arrays``); ``atom_reliability`` only from heads with a per-atom logit,
-#: ``atom_force_error`` only from heads that regress atom force errors
-ATOM_RESULTS = ("atom_novelty", "atom_importance", "atom_reliability", "atom_force_error")
+#: ``atom_force_error`` only from heads that regress atom force errors, ``atom_disagreement`` (eV/Å) only with a
+#: companion
+ATOM_RESULTS = ("atom_novelty", "atom_importance", "atom_reliability", "atom_force_error", "atom_disagreement")
 
 
 @dataclass(frozen=True)
@@ -36,22 +41,35 @@ class Verdict:
     reason: np.ndarray
 
 
-def judge(reliability: np.ndarray, novelty: np.ndarray, threshold: float, max_novelty: float = 1.0) -> Verdict:
-    """Reliable iff ``reliability >= threshold`` (0-1) and ``novelty <= max_novelty``.
+def judge(reliability: np.ndarray, novelty: np.ndarray, threshold: float, max_novelty: float = 1.0,
+          disagreement: np.ndarray | None = None, tolerance: float | None = None, vouch: float = 0.0) -> Verdict:
+    """Reliable iff ``reliability >= threshold`` (0-1) and ``novelty <= max_novelty``, and, with a companion,
+    its disagreement is at most ``tolerance``.
 
-    The reason of an unreliable structure is ``out_of_support`` when it lies
-    outside the support (there the probability itself is not trusted), else
-    ``low_probability``; ``ok`` for reliable ones.
+    The reason of an unreliable structure is ``models_disagree`` when a
+    companion's ``disagreement`` (per structure, on the head's criterion
+    scale; NaN where none was measured) exceeds ``tolerance`` (the head's
+    tau), else ``out_of_support`` when it lies outside the support (there the
+    probability itself is not trusted), else ``low_probability``; ``ok`` for
+    reliable ones. ``vouch`` (0-1): outside the support, two models that
+    agree within ``vouch * tolerance`` make the structure reliable (0: never).
     """
     inside = np.asarray(novelty) <= max_novelty
     confident = np.asarray(reliability) >= threshold
-    reason = np.where(~inside, "out_of_support", np.where(confident, "ok", "low_probability"))
-    return Verdict(inside & confident, reason)
+    gap = np.full(inside.shape, np.nan) if disagreement is None or tolerance is None else np.asarray(disagreement)
+    disagree = gap > tolerance if tolerance is not None else np.zeros(inside.shape, bool)  # NaN: False
+    vouched = (vouch > 0) & (gap <= vouch * (tolerance or 0.0))
+    judged = np.where(inside, np.where(confident, "ok", "low_probability"),
+                      np.where(vouched, "ok", "out_of_support"))
+    reason = np.where(disagree, "models_disagree", judged)
+    return Verdict(reason == "ok", reason)
 
 
-def structure_results(scores: Scores, verdict: Verdict, k: int, ptr: np.ndarray) -> dict:
+def structure_results(scores: Scores, verdict: Verdict, k: int, ptr: np.ndarray,
+                      disagreement: Disagreement | None = None) -> dict:
     """The results of structure ``k`` (its atoms ``ptr[k]:ptr[k+1]``): the keys of :data:`STRUCTURE_RESULTS` and
-    :data:`ATOM_RESULTS` the head gives (reliability 0-1, novelty, force errors in eV/Å)."""
+    :data:`ATOM_RESULTS` the head gives (reliability 0-1, novelty, force errors in eV/Å), and a companion's
+    ``disagreement`` with it when given."""
     atoms = slice(int(ptr[k]), int(ptr[k + 1]))
     out = {"reliability": float(scores.reliability[k]), "reliable": bool(verdict.reliable[k]),
            "reason": str(verdict.reason[k]), "novelty": float(scores.novelty[k]),
@@ -60,4 +78,7 @@ def structure_results(scores: Scores, verdict: Verdict, k: int, ptr: np.ndarray)
         out["atom_reliability"] = scores.atom_reliability[atoms]
     if len(scores.force_error):
         out.update(force_error=float(scores.force_error[k]), atom_force_error=scores.atom_force_error[atoms])
+    if disagreement is not None:
+        out.update(force_disagreement=disagreement.force, energy_disagreement=disagreement.energy,
+                   disagreement_age=disagreement.age, atom_disagreement=disagreement.atom)
     return out

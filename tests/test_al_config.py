@@ -86,7 +86,8 @@ def test_defaults():
     config = AlConfig.from_mapping(MINIMAL)
     assert config == AlConfig("model.model", "probe.pt", "start.xyz", ReferenceConfig("ase.calculators.emt:EMT"))
     assert (config.db, config.rounds, config.retrain, config.reference.options) == ("al.db", 1, None, {})
-    assert dataclasses.astuple(config.explore) == ("nvt", 300.0, 1.0, 0.01, 0, 500, 20, 10, None, None, None, "auto")
+    assert dataclasses.astuple(config.explore) == ("nvt", 300.0, 1.0, 0.01, 0, 500, 20, 10, None, None, None, "auto",
+                                                   None, 1, 0.0, 3.0)
     assert dataclasses.astuple(config.label) == (1, 1, 60.0)
     retrain = AlConfig.from_mapping(_with()).retrain
     assert (retrain.epochs, retrain.work_dir) == (20, "al-retrain")
@@ -160,6 +161,9 @@ OUT_OF_RANGE = {
     "explore.p_hi": (1.5, "a number in [0, 1]"),
     "explore.region_buffer": (0, "a positive number (Å)"),
     "explore.min_atom_reliability": (1.2, '"auto" or a number in [0, 1]'),
+    "explore.companion_every": (0, "a whole number >= 1 (steps)"),
+    "explore.vouch": (1.5, "a number in [0, 1]"),
+    "explore.disagreement_hi": (0.5, "a number >= 1"),
     "label.workers": (0, "a whole number >= 1"),
     "label.retries": (-1, "a whole number >= 0"),
     "label.lease": (-5.0, "a positive number (s)"),
@@ -230,6 +234,15 @@ def test_band_edges_in_order():
     err = _error(_with(**{"explore.p_lo": 0.6, "explore.p_hi": 0.2}))
     assert "explore.p_lo in config al.toml must be <= explore.p_hi" in str(err)
     assert (err.p_lo, err.p_hi) == (0.6, 0.2)
+
+
+def test_companion_settings_need_a_companion():
+    err = _error(_with(**{"explore.vouch": 0.5}))
+    assert "explore.companion_every and explore.vouch in config al.toml need explore.companion" in str(err)
+    config = AlConfig.from_mapping(_with(**{"explore.companion": "7net-l3i5", "explore.companion_every": 5,
+                                            "explore.vouch": 0.5}))
+    assert (config.explore.companion, config.explore.companion_every, config.explore.vouch) == ("7net-l3i5", 5, 0.5)
+    assert config.explore.disagreement_hi == 3.0
 
 
 def test_python_construction_is_checked_and_converted():

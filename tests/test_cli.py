@@ -307,3 +307,25 @@ def test_evaluate_writes_every_promised_file(files, capsys, backbones, cu_data):
     assert 0.1 <= agreement["atoms"]["fraction_above"] <= 0.9
     assert "## Predicted force errors" in text and "| median true / predicted |" in text
     assert all((report / n).read_bytes()[:4] == b"\x89PNG" for n in names if n.endswith(".png"))
+
+
+def test_md_and_fit_take_a_companion(files, capsys, cu_data):
+    from probe_ase.testing.mace import train_mace
+
+    work = files / "second"
+    work.mkdir()
+    torch.save(train_mace(cu_data["train"], epochs=10, seed=1).models[0], work / "second.model")
+    write(work / "start.xyz", cu_data["test_in"][0])
+    assert main(["md", str(work / "start.xyz"), "--probe", str(files / "probe.pt"), "--steps", "4", "--action", "log",
+                 "--companion", str(work / "second.model"), "--companion-every", "2", "--trajectory",
+                 str(work / "md.traj"), "--log", str(work / "r.log"), "--flagged", str(work / "f.xyz")]) == 0
+    frames = read(work / "md.traj", ":")
+    assert [f.info["disagreement_age"] for f in frames] == [0, 1, 0, 1, 0]
+    assert all(f.info["force_disagreement"] > 0 for f in frames)
+    assert '"models_disagree_steps"' in capsys.readouterr().out
+    assert main(["fit", "--backbone", str(files / "mace.model"), "--data", str(files / "pool.xyz"), "--companion",
+                 str(work / "second.model"), "--companion-labels", "all", "--quantile", "0.7", "--epochs", "10",
+                 "--no-cache", "-o", str(work / "agree.pt")]) == 0
+    assert "the head predicts agreement with the companion" in capsys.readouterr().out
+    meta = Probe.load(work / "agree.pt").meta
+    assert meta.labels == {f"companion {work / 'second.model'}": len(cu_data["pool"])}

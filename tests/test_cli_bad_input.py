@@ -119,6 +119,8 @@ def _cases():
     return [
         # fit: the backbone
         ("fit-backbone-missing", "no such backbone file", lambda w, f: fit(w, f) + ["--backbone", str(w / "no.model")]),
+        ("fit-companion-missing", "(--companion; pretrained names",
+         lambda w, f: fit(w, f, "--companion", str(w / "no.model"))),
         ("fit-backbone-folder", "is a folder", lambda w, f: fit(w, f) + ["--backbone", str(w / "folder")]),
         ("fit-backbone-random-bytes", "is not a torch model file",
          lambda w, f: fit(w, f) + ["--backbone", str(w / "random.bin")]),
@@ -218,6 +220,15 @@ def _cases():
          lambda w, f: md(w, f, "--dynamics", "npt", start=str(w / "cluster.xyz"))),
         ("md-unknown-dynamics", "argument --dynamics: invalid choice", lambda w, f: md(w, f, "--dynamics", "nph")),
         ("md-device-cuda-index", "CUDA GPU", lambda w, f: md(w, f, "--device", "cuda:99")),
+        ("md-companion-missing", "(--companion; pretrained names",
+         lambda w, f: md(w, f, "--companion", str(w / "absent.model"))),
+        ("md-companion-every-zero", "--companion-every must be >= 1",
+         lambda w, f: md(w, f, "--companion", str(f / "mace.model"), "--companion-every", "0")),
+        ("md-vouch-above-one", "--vouch must lie in [0, 1]",
+         lambda w, f: md(w, f, "--companion", str(f / "mace.model"), "--vouch", "1.5")),
+        ("md-vouch-without-companion", "need a --companion model", lambda w, f: md(w, f, "--vouch", "0.5")),
+        ("md-companion-is-the-backbone", "a second opinion needs a second model",
+         lambda w, f: md(w, f, "--companion", str(f / "mace.model"))),
         # evaluate
         ("evaluate-report-is-a-file", "--report", lambda w, f: evaluate(w, f, "--report", str(w / "notes.txt"))),
         ("evaluate-report-no-parent", "does not exist",
@@ -250,6 +261,8 @@ def _cases():
          lambda w, f: ["al", _config(w, f, **{"reference.options": "3"})]),
         ("al-unknown-ensemble", "explore.ensemble", lambda w, f: ["al", _config(w, f, **{"explore.ensemble": '"nph"'})]),
         ("al-zero-workers", "label.workers", lambda w, f: ["al", _config(w, f, **{"label.workers": "0"})]),
+        ("al-vouch-without-companion", "need explore.companion",
+         lambda w, f: ["al", _config(w, f, **{"explore.vouch": "0.5"})]),
         ("al-start-missing", "no such structure file",
          lambda w, f: ["al", _config(w, f, start=f'"{w / "absent.xyz"}"')]),
         ("al-probe-random-bytes", "is not a head file",

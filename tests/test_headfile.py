@@ -100,15 +100,40 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
         Probe.load(tmp_path / "s.pt")
 
 
-def _as_version_9(payload: dict) -> dict:
-    """A version-10 file's metadata as version 9 wrote it: the spec's criterion, quantiles, target risk and delta
-    repeated as fields of their own."""
+def _as_version_10(payload: dict) -> dict:
+    """A version-11 file's metadata as version 10 wrote it: no label sources."""
     import json
 
+    meta = json.loads(payload["meta"])
+    meta.pop("labels")
+    return meta
+
+
+def _as_version_9(payload: dict) -> dict:
+    """A version-11 file's metadata as version 9 wrote it: no label sources, the spec's criterion, quantiles, target
+    risk and delta repeated as fields of their own."""
     from probe_ase.model.headfile import SPEC_FIELDS
 
-    meta = json.loads(payload["meta"])
+    meta = _as_version_10(payload)
     return meta | {name: meta["spec"][name] for name in SPEC_FIELDS}
+
+
+def test_a_version_10_file_reads_with_its_labels_unrecorded(probes, cu_data, tmp_path):
+    """Version 11 records where the labels came from: a version-10 file loads with none recorded, as reference data."""
+    import json
+
+    from probe_ase.model.headfile import _checksum
+
+    probe = probes("mace")
+    probe.save(tmp_path / "head.pt")
+    payload = torch.load(tmp_path / "head.pt", weights_only=True)
+    assert probe.meta.labels == {"reference": len(cu_data["pool"])}
+    meta_json = json.dumps(_as_version_10(payload), sort_keys=True)
+    torch.save({**payload, "version": 10, "meta": meta_json, "sha256": _checksum(meta_json, payload["state"])},
+               tmp_path / "v10.pt")
+    loaded = Probe.load(tmp_path / "v10.pt")
+    assert loaded.meta == dataclasses.replace(probe.meta, labels={})
+    assert loaded.meta.label_source == "reference"
 
 
 def test_a_version_9_file_reads_as_version_10(probes, tmp_path):
@@ -126,7 +151,7 @@ def test_a_version_9_file_reads_as_version_10(probes, tmp_path):
     torch.save({**payload, "version": 9, "meta": meta_json, "sha256": _checksum(meta_json, payload["state"])},
                tmp_path / "v9.pt")
     loaded = Probe.load(tmp_path / "v9.pt")
-    assert loaded.meta == probe.meta
+    assert loaded.meta == dataclasses.replace(probe.meta, labels={})
     assert (loaded.meta.criterion, loaded.meta.quantile, loaded.meta.target_risk, loaded.meta.delta) == (
         probe.spec.criterion, probe.spec.quantile, probe.spec.target_risk, probe.spec.delta)
 
@@ -178,7 +203,8 @@ def test_a_version_6_file_reads_as_one_head_on_scalars(probes, tmp_path):
                                                                  cutoff=None)) == expected.spec
     assert (spec.options.layers, spec.options.channels, spec.options.cutoff) == (
         expected.layers, "scalars", expected.config.cutoff)
-    assert dataclasses.replace(loaded.meta, calibration=expected.calibration, spec=expected.spec) == expected
+    assert dataclasses.replace(loaded.meta, calibration=expected.calibration, spec=expected.spec) == \
+        dataclasses.replace(expected, labels={})
     for name, value in probes("mace").head.state_dict().items():
         assert torch.equal(loaded.head.state_dict()[name], value)
     meta["config"]["max_pool"] = True  # an option a study tried and version 9 removed: refit, never misread

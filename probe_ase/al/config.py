@@ -147,6 +147,13 @@ class ExploreConfig(Section):
             radius) instead of whole cells; None: whole cells.
         min_atom_reliability: with ``region_buffer``, atoms below this
             reliability (0-1) are unreliable; ``"auto"``: the head's atom p*.
+        companion: a second model (file or pretrained name) whose force
+            disagreement also selects frames (:mod:`probe_ase.companion`); None: none.
+        companion_every: run the companion every this many steps (>= 1).
+        vouch: outside the novelty support, agreement within ``vouch`` x the
+            head's tolerance makes a step reliable (0-1; 0: never).
+        disagreement_hi: disagreement beyond this multiple (>= 1) of the head's
+            tolerance is failed, below it a candidate.
     """
 
     NAME: ClassVar[str] = "explore"
@@ -163,12 +170,19 @@ class ExploreConfig(Section):
     p_hi: float | None = rule_field(Rule(float, 0, 1), None)
     region_buffer: float | None = rule_field(Rule(float, 0, positive=True, unit="Å"), None)
     min_atom_reliability: float | Literal["auto"] = rule_field(Rule(float, 0, 1, choices=("auto",)), "auto")
+    companion: str | None = rule_field(Rule(str), None)
+    companion_every: int = rule_field(Rule(int, 1, unit="steps"), 1)
+    vouch: float = rule_field(Rule(float, 0, 1), 0.0)
+    disagreement_hi: float = rule_field(Rule(float, 1), 3.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.p_lo is not None and self.p_hi is not None and self.p_lo > self.p_hi:
             raise InputError(f"explore.p_lo in {source()} must be <= explore.p_hi, got p_lo={self.p_lo}, "
                              f"p_hi={self.p_hi}", path=PATH.get(), p_lo=self.p_lo, p_hi=self.p_hi)
+        if self.companion is None and (self.vouch or self.companion_every != 1):
+            raise InputError(f"explore.companion_every and explore.vouch in {source()} need explore.companion "
+                             "(a model file or pretrained name)", path=PATH.get())
 
     def dynamics(self, atoms: Atoms, round: int) -> MolecularDynamics:
         """ASE dynamics for ``atoms`` in exploration round ``round`` (velocities drawn with seed ``seed + round``)."""

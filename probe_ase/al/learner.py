@@ -14,6 +14,12 @@ Each round:
    ``min_separation`` steps apart within a trajectory and never two
    near-identical ones, are stored as ``pending``.
 
+   *A second opinion*: when the :class:`~probe_ase.ProbeCalculator` has a companion model, a step whose
+   models disagree beyond the head's tolerance ``tau`` (on its criterion's scale) is a *candidate* up to
+   ``disagreement_hi`` x tau and *failed* beyond (DP-GEN's trust levels on the force deviation), whatever
+   PROBE says; the worse of the two bands counts. Outside the support, agreement within the calculator's
+   ``vouch`` x tau makes the step *reliable*, as its verdict does.
+
    *Regions* (``region_buffer`` in Å; for big cells, DESIGN §9): atoms are
    judged too, a step with any unreliable atom is a candidate, and each
    selected frame stores the regions around its unreliable atoms as
@@ -112,6 +118,9 @@ class ActiveLearner:
         min_atom_reliability: with ``region_buffer``, an atom is unreliable
             below this ``atom_reliability`` (0-1); ``"auto"`` (default) takes
             the head's ``atom_p_star``.
+        disagreement_hi: with a companion model on ``probe_calc``: a step whose
+            models disagree by more than this multiple (>= 1) of the head's
+            tolerance is failed, between 1 and it a candidate (module docstring).
         lease: seconds a labelling driver's claim on a frame lasts unless
             renewed (:func:`label_pending`): how long the frames of a driver
             that died wait before another takes them over.
@@ -131,6 +140,7 @@ class ActiveLearner:
         region_buffer: float | None = None,
         min_atom_reliability: float | str = "auto",
         lease: float = 60.0,
+        disagreement_hi: float = 3.0,
     ) -> None:
         self.probe_calc, self.reference, self.executor = probe_calc, reference, executor
         self.db_path, self.retries, self.dedup_tol = os.fspath(db), int(retries), float(dedup_tol)
@@ -141,6 +151,10 @@ class ActiveLearner:
             raise InputError(f"need 0 <= p_lo <= p_hi <= 1, got p_lo={self.p_lo}, p_hi={self.p_hi}",
                              p_lo=self.p_lo, p_hi=self.p_hi)
         self.novelty_hi = float(novelty_hi)
+        if not disagreement_hi >= 1:
+            raise InputError(f"disagreement_hi must be a multiple >= 1 of the head's tolerance, got {disagreement_hi}",
+                             disagreement_hi=disagreement_hi)
+        self.disagreement_hi = float(disagreement_hi)
         support = probe_calc.max_novelty if probe_calc is not None else 1.0
         if self.novelty_hi < support:
             raise InputError(f"novelty_hi={self.novelty_hi} lies inside the support (max_novelty={support})",
@@ -210,8 +224,9 @@ class ActiveLearner:
 
         def observe() -> None:
             p = float(self.probe_calc.get_property("reliability", atoms))
-            results = self.probe_calc.results
-            band = self.band(p, float(results["novelty"]))
+            results, second = self.probe_calc.results, self.probe_calc.disagreement
+            gap = None if second is None else second.on(self.probe_calc.probe.meta.criterion)
+            band = self.band(p, float(results["novelty"]), gap)
             bad = None
             if self.region_buffer is not None:
                 ok = self.probe_calc.probe.atom_verdict(results["atom_reliability"], results["atom_novelty"],
@@ -229,7 +244,7 @@ class ActiveLearner:
                 if key in results:
                     frame.arrays[key] = np.array(results[key])
             fingerprint = self.probe_calc.tap.features()[: len(atoms)].mean(0).double().cpu().numpy()
-            cand = Candidate(frame, p, float(results["novelty"]), band, index, dyn.nsteps, fingerprint, bad)
+            cand = Candidate(frame, p, float(results["novelty"]), band, index, dyn.nsteps, fingerprint, bad, gap)
             (found if band == "candidate" else failed).append(cand)
             if band == "failed":
                 dyn.max_steps = dyn.nsteps  # stop this trajectory: too far off to be useful data
@@ -238,13 +253,23 @@ class ActiveLearner:
         dyn.run(steps)
         return found, failed, dyn.nsteps + 1
 
-    def band(self, reliability: float, novelty: float) -> str:
-        """``"reliable"``, ``"candidate"`` or ``"failed"`` for one step (the rule in the module docstring)."""
-        if novelty > self.probe_calc.max_novelty:
-            return "candidate" if novelty <= self.novelty_hi else "failed"
-        if reliability >= self.p_hi:
-            return "reliable"
-        return "candidate" if reliability >= self.p_lo else "failed"
+    def band(self, reliability: float, novelty: float, disagreement: float | None = None) -> str:
+        """``"reliable"``, ``"candidate"`` or ``"failed"`` for one step (the rule in the module docstring);
+        ``disagreement``: a companion's, on the head's criterion scale (None: no companion)."""
+        calc = self.probe_calc
+        tau = calc.probe.meta.tau
+        if disagreement is not None and disagreement > tau:
+            second = "candidate" if disagreement <= self.disagreement_hi * tau else "failed"
+        else:
+            second = "reliable"
+        if novelty > calc.max_novelty:
+            vouched = disagreement is not None and calc.vouch > 0 and disagreement <= calc.vouch * tau
+            first = "reliable" if vouched else "candidate" if novelty <= self.novelty_hi else "failed"
+        elif reliability >= self.p_hi:
+            first = "reliable"
+        else:
+            first = "candidate" if reliability >= self.p_lo else "failed"
+        return max(first, second, key=("reliable", "candidate", "failed").index)
 
     def select(self, candidates: Sequence[Candidate], max_new: int, min_separation: int) -> list[Candidate]:
         """:func:`~probe_ase.al.select.select`, against the frames already in the database."""
@@ -257,7 +282,9 @@ class ActiveLearner:
         data = {"mlip_energy": atoms.info.pop("mlip_energy"), "mlip_forces": atoms.arrays.pop("mlip_forces"),
                 "fingerprint": cand.fingerprint}
         data |= {key: atoms.arrays.pop(key) for key in ("atom_importance", "atom_reliability") if key in atoms.arrays}
-        if cand.novelty > self.probe_calc.max_novelty:
+        if cand.disagreement is not None and cand.disagreement > self.probe_calc.probe.meta.tau:
+            reason = "models_disagree"
+        elif cand.novelty > self.probe_calc.max_novelty:
             reason = "out_of_support"
         elif cand.reliability < self.p_hi:
             reason = "low_probability"
@@ -265,6 +292,8 @@ class ActiveLearner:
             reason = "low_atom_reliability"
         rows = dict(round=self.round, band=cand.band, reliability=cand.reliability, novelty=cand.novelty,
                     reason=reason, trajectory=cand.trajectory, step=cand.step)
+        if cand.disagreement is not None:
+            rows["disagreement"] = cand.disagreement
         if status != "pending" or cand.unreliable_atoms is None or not cand.unreliable_atoms.size:
             self.db.write(atoms, data=data, status=status, **rows)
             return
@@ -393,6 +422,9 @@ class ActiveLearner:
             raise InputError(f"the trainer must return a ProbeCalculator, got {type(new).__name__}",
                              returned=type(new).__name__)
         if self.probe_calc is not None:
+            old = self.probe_calc.companion
+            if old is not None and new.companion is None:  # the second opinion stays with the new model
+                new.attach_companion(old.calc, old.every, self.probe_calc.vouch)
             self.probe_calc.close()
         self.probe_calc = new
         return new

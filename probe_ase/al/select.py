@@ -21,6 +21,8 @@ class Candidate:
     step: int
     fingerprint: np.ndarray
     unreliable_atoms: np.ndarray | None = None
+    #: a companion model's disagreement on the head's criterion scale (its unit), None without a companion
+    disagreement: float | None = None
 
 
 def select(candidates: Sequence[Candidate], known: Sequence[np.ndarray], max_new: int, min_separation: int,

@@ -29,6 +29,10 @@ Example config (units: K, fs, 1/fs, Å, s; a value shown is the default unless i
     # p_lo = 0.1, p_hi = 0.5      reliability band edges in [0, 1] (default: p*/2 and p*)
     # region_buffer = 6.0         big cells: label regions (unreliable atoms + this buffer, Å); default: whole cells
     # min_atom_reliability = "auto"   in [0, 1]; needs a head fitted with --atom-tolerance; "auto": the head's atom p*
+    # companion = "7net-l3i5"     a second model: its force disagreement also selects frames (default: none)
+    # companion_every = 1         run it every this many steps (>= 1)
+    # vouch = 0.0                 in [0, 1]: outside the support, agreement within vouch x tau makes a step reliable
+    # disagreement_hi = 3.0       >= 1: disagreement beyond this multiple of tau is failed, below it a candidate
 
     [label]
     workers = 1                   # > 1: a process pool of this size
@@ -121,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     backbone, head = (config.backbone, config.probe) if checkpoint is None else (checkpoint.model, checkpoint.probe)
     if checkpoint is not None:
         print(f"resuming after round {checkpoint.round}: backbone {backbone}, head {head}")
-    probe_calc = ProbeCalculator(load_backbone(backbone, device=args.device), head)
+    companion = None if explore.companion is None else load_backbone(explore.companion, device=args.device)
+    probe_calc = ProbeCalculator(load_backbone(backbone, device=args.device), head, companion=companion,
+                                 companion_every=explore.companion_every, vouch=explore.vouch)
     if retrain is not None and retrain.method == "fine-tune" and probe_calc.tap.kind not in FINE_TUNABLE:
         raise BackboneError(f"[retrain] method = \"fine-tune\" in {args.config}: no fine-tuning route for a "
                             f"{probe_calc.tap.kind} backbone (routes: {', '.join(FINE_TUNABLE)})",
@@ -130,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     learner = ActiveLearner(probe_calc, config.reference.factory(), db=config.db, executor=executor,
                             p_lo=explore.p_lo, p_hi=explore.p_hi, retries=label.retries,
                             region_buffer=explore.region_buffer, min_atom_reliability=explore.min_atom_reliability,
-                            lease=label.lease)
+                            lease=label.lease, disagreement_hi=explore.disagreement_hi)
     work_dir = None if retrain is None else retrain.work_dir
     trainer = None if retrain is None else retrain.trainer()
     starts = read_frames(config.start)

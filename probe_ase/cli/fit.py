@@ -9,7 +9,7 @@ import os
 from probe_ase.cli import checks
 from probe_ase.exceptions import InputError
 from probe_ase.cli.options import (CALIBRATION, CHANNELS, CRITERIA, FALLBACKS, add_alias, add_backbone,
-                                   add_batch_size, add_reference_keys)
+                                   add_batch_size, add_companion, add_reference_keys)
 
 HELP = "fit a PROBE head on labelled structures (reference energies in eV, forces in eV/Å)"
 
@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_reference_keys(data)
     data.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (default: ~/.cache/probe-ase)")
     data.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    add_companion(data)
+    data.add_argument("--companion-labels", choices=("missing", "all"), default="missing",
+                      help="with --companion: label the structures without a reference energy by the companion "
+                           "(missing: a blend where some have one) or every structure (all). The head then "
+                           "predicts agreement with the companion, not accuracy against reference data "
+                           "(default: missing)")
 
     cert = parser.add_argument_group("certificate", "what the certified threshold p* promises")
     cert.add_argument("--target-risk", type=float, default=0.05, metavar="R",
@@ -120,6 +126,8 @@ def check(args: argparse.Namespace) -> None:
                                 folds=args.folds)
     checks.device(args.device)
     checks.backbone_source(args.backbone)
+    if args.companion is not None:
+        checks.backbone_source(args.companion, "--companion")
     checks.structures(args.data, "--data")
     if args.reference_data is not None:
         checks.structures(args.reference_data, "--reference-data")
@@ -150,7 +158,14 @@ def run(args: argparse.Namespace) -> int:
 
     advanced = options(args)
     calc = load_backbone(args.backbone, args.backbone_type, args.device)
-    probe = fit_probe(calc, args.data, criterion=args.criterion, tolerance=args.tolerance, quantile=args.quantile,
+    data = args.data
+    if args.companion is not None:
+        from probe_ase.companion import companion_labels
+
+        data = companion_labels(args.data, load_backbone(args.companion, device=args.device), name=args.companion,
+                                replace=args.companion_labels == "all", keys=(args.energy_key, args.forces_key),
+                                progress=not args.quiet)
+    probe = fit_probe(calc, data, criterion=args.criterion, tolerance=args.tolerance, quantile=args.quantile,
                       atom_tolerance=args.atom_tolerance, atom_quantile=args.atom_quantile,
                       target_risk=args.target_risk, delta=args.delta, reference_data=args.reference_data,
                       label_keys=(args.energy_key, args.forces_key), cache_dir=False if args.no_cache else args.cache_dir,
@@ -162,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
     m = probe.meta
     print(f"wrote {args.output}: {m.backbone} backbone ({m.channels}), criterion {m.criterion}, tau = {m.tau:.4g}, "
           f"p* = {m.p_star:.3f}, coverage {m.coverage:.1%} at target risk {m.target_risk:.1%}")
+    if m.label_source != "reference":
+        print(f"labels: {', '.join(f'{n} from {source}' for source, n in m.labels.items())}: the head predicts "
+              "agreement with the companion where its labels came from it, not accuracy against reference data")
     if m.local:
         print(f"per-atom reliability: atom tolerance {m.atom_tau:.4g} eV/Å, atom p* = {m.atom_p_star:.3f} "
               f"(calibration atoms: AUROC {m.report['atoms']['auroc']:.3f})")

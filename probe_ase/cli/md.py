@@ -6,8 +6,8 @@ import argparse
 
 from probe_ase.cli import checks
 from probe_ase.exceptions import InputError
-from probe_ase.cli.options import (ACTIONS, DYNAMICS, add_alias, add_backbone, add_probe, check_probe_and_backbone,
-                                   load_probe_and_backbone)
+from probe_ase.cli.options import (ACTIONS, DYNAMICS, add_alias, add_backbone, add_companion, add_probe,
+                                   check_probe_and_backbone, load_probe_and_backbone)
 
 HELP = "run MD with a backbone and head; log, flag or halt on reliability"
 
@@ -45,6 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also judge atoms (heads fitted with --atom-tolerance): a step is unreliable when any "
                            "atom's reliability is below P (0-1; 'auto': the head's atom p*); the log lists them "
                            "(default: structure only)")
+
+    second = parser.add_argument_group("second opinion", "a companion model's force disagreement in the verdict")
+    add_companion(second)
+    second.add_argument("--companion-every", type=int, default=1, metavar="K",
+                        help="run the companion every K-th step, >= 1 (default: 1, every step; between runs the last "
+                             "disagreement counts). A step whose disagreement exceeds the head's tolerance (its "
+                             "criterion's unit, e.g. eV/Å) is unreliable, reason models_disagree")
+    second.add_argument("--vouch", type=float, default=0.0, metavar="F",
+                        help="outside the novelty support, two models agreeing within F x the head's tolerance make "
+                             "the step reliable (0-1; default: 0, never)")
 
     out = parser.add_argument_group("output files", "an existing file is refused unless --append is given")
     out.add_argument("--trajectory", default="md.traj", metavar="PATH",
@@ -97,6 +107,12 @@ def check(args: argparse.Namespace) -> None:
     checks.at_least(args.traj_interval, "--traj-interval", 1)
     checks.at_least(args.max_flagged, "--max-flagged", 0)
     checks.at_least(args.seed, "--seed", 0)
+    checks.at_least(args.companion_every, "--companion-every", 1)
+    checks.fraction(args.vouch, "--vouch", open_low=False, open_high=False)
+    if args.companion is not None:
+        checks.backbone_source(args.companion, "--companion")
+    elif args.vouch or args.companion_every != 1:
+        raise InputError("--companion-every and --vouch need a --companion model", companion=None)
     if (args.structure is None) == (args.restart is None):
         raise InputError("give a starting STRUCTURE or --restart TRAJ (one of them)",
                                 structure=args.structure, restart=args.restart)
@@ -139,9 +155,13 @@ def run(args: argparse.Namespace) -> int:
     from probe_ase.calculator import ProbeCalculator
     from probe_ase.md import make_dynamics, run_gated
 
+    from probe_ase.backbones import load_backbone
+
     probe, backbone = load_probe_and_backbone(args)
+    companion = None if args.companion is None else load_backbone(args.companion, device=args.device)
     atoms = args.start
-    atoms.calc = ProbeCalculator(backbone, probe, threshold=args.min_reliability)
+    atoms.calc = ProbeCalculator(backbone, probe, threshold=args.min_reliability, companion=companion,
+                                 companion_every=args.companion_every, vouch=args.vouch)
     dyn = make_dynamics(atoms, args.dynamics, args.temperature, args.timestep, args.friction,
                         args.pressure, args.compressibility, args.seed, keep_momenta=args.restart is not None)
     monitor = run_gated(dyn, args.steps, trajectory=args.trajectory, interval=args.traj_interval,

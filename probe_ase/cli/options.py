@@ -61,6 +61,13 @@ def add_backbone(group, required: bool = True) -> None:
     add_device(group)
 
 
+def add_companion(group) -> None:
+    """``--companion PATH``: a second model (file or pretrained name)."""
+    group.add_argument("--companion", metavar="PATH",
+                       help="a second model for a second opinion: model file or pretrained name (e.g. 7net-l3i5), "
+                            "loaded like --backbone")
+
+
 def add_device(group) -> None:
     """``--device``: where the backbone and head run."""
     group.add_argument("--device", default="cpu",

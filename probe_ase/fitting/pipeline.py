@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator
 
+from probe_ase.companion import LABEL_SOURCE
 from probe_ase.evaluation import metrics
 from probe_ase.exceptions import InputError
 from probe_ase.fitting.calibrate import FLAT_SPREAD, calibrate, calibrate_atoms
@@ -150,8 +151,15 @@ def fit_spec(
         backbone=backbone.kind, fingerprint=backbone.fingerprint, layers=backbone.layers, channels=backbone.channels,
         feature_dim=features.features.shape[1], elements=backbone.elements, tau=labels.tau, p_star=p_star,
         coverage=float(accepted.mean()), spec=spec, config=head.config, report=report, certified_risk=cert.risk,
-        novelty=configs.novelty, atom_tau=labels.atom_tau, atom_p_star=atom_p_star, calibration=calibration)
+        novelty=configs.novelty, atom_tau=labels.atom_tau, atom_p_star=atom_p_star, calibration=calibration,
+        labels=label_sources(frames))
     return Probe(head, meta, density)
+
+
+def label_sources(frames: list) -> dict[str, int]:
+    """How many ``frames`` took their labels from each source (``info["label_source"]``, else ``"reference"``)."""
+    sources = [str(atoms.info.get(LABEL_SOURCE, "reference")) for atoms in frames]
+    return {source: sources.count(source) for source in sorted(set(sources))}
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,13 @@ from probe_ase.model.novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
 #: bumped on every schema change (:data:`CHANGES`)
-VERSION = 10
+VERSION = 11
 #: versions this probe-ase reads: a version-6 file is a version-7 one with a single head (HeadConfig.members = 1),
 #: a version-7 file a version-8 one that read the scalar channels (HeadMeta.channels = "scalars"), a version-8 file
 #: a version-9 one whose calibration and fit settings are read back from its fields (:func:`_upgrade`), a version-9
-#: file a version-10 one less the fields its spec repeats
-READABLE = (6, 7, 8, 9, 10)
+#: file a version-10 one less the fields its spec repeats, a version-10 file a version-11 one whose labels were not
+#: recorded (reference data: HeadMeta.labels empty)
+READABLE = (6, 7, 8, 9, 10, 11)
 #: what each version added, for the message when a file of another version is opened
 CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
            4: "novelty in the probability (the logit's novelty weight)",
@@ -43,7 +44,8 @@ CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reli
            7: "averaged heads (HeadConfig.members)",
            8: "the tapped channel set (HeadMeta.channels: PaiNN's vector norms)",
            9: "the fit's settings (HeadMeta.spec) and the score formula in one place (HeadMeta.calibration)",
-           10: "each fit setting stored once, in HeadMeta.spec"}
+           10: "each fit setting stored once, in HeadMeta.spec",
+           11: "where the fit's error labels came from (HeadMeta.labels: reference data or a companion model)"}
 #: version-9 fields that repeat the spec's (version 10 reads them from HeadMeta.spec)
 SPEC_FIELDS = ("criterion", "quantile", "target_risk", "delta", "atom_quantile")
 
@@ -80,6 +82,9 @@ class HeadMeta:
             risk <= ``target_risk`` over the calibration atoms inside the
             support; not certified: atoms of one structure are not independent).
         calibration: the score formula's fitted numbers (temperatures, novelty weight).
+        labels: how many fit structures took their error labels from each source: ``"reference"`` (the data's
+            own, e.g. DFT) or ``"companion NAME"`` (:func:`~probe_ase.companion.companion_labels`); empty in files
+            written before version 11 (reference data).
     """
 
     backbone: str
@@ -100,6 +105,16 @@ class HeadMeta:
     atom_p_star: float | None = None
     channels: str = "scalars"
     calibration: Calibration = Calibration()
+    labels: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label_source(self) -> str:
+        """``"reference"``, ``"companion"`` (every label from companion models: the head predicts agreement of two
+        models, not accuracy against reference data) or ``"blend"``."""
+        companions = sum(n for source, n in self.labels.items() if source != "reference")
+        if not companions:
+            return "reference"
+        return "companion" if companions == sum(self.labels.values()) else "blend"
 
     @property
     def criterion(self) -> str:

@@ -161,11 +161,13 @@ class Probe:
         return Scores(*(t.cpu().numpy().astype(float)
                         for t in (p, importance, atom_novelty, novelty, atom_p, atom_error, error)))
 
-    def verdict(self, scores: Scores, threshold: float | None = None, max_novelty: float = 1.0) -> Verdict:
+    def verdict(self, scores: Scores, threshold: float | None = None, max_novelty: float = 1.0,
+                disagreement: np.ndarray | None = None, vouch: float = 0.0) -> Verdict:
         """The verdict on ``scores`` (:func:`~probe_ase.verdict.judge`) at ``threshold`` (0-1; default the certified
-        p*) and the support edge ``max_novelty`` (default 1)."""
+        p*) and the support edge ``max_novelty`` (default 1); with a companion's ``disagreement`` per structure (on
+        the head's criterion scale, NaN where not measured) against the head's tau, and its ``vouch`` (0-1)."""
         return judge(scores.reliability, scores.novelty, self.meta.p_star if threshold is None else threshold,
-                     max_novelty)
+                     max_novelty, disagreement, self.meta.tau, vouch)
 
     def atom_verdict(self, atom_reliability: np.ndarray, atom_novelty: np.ndarray, threshold: float | None = None,
                      max_novelty: float = 1.0) -> np.ndarray:
