@@ -11,7 +11,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from probe_ase.companion import Companion, Disagreement
+from probe_ase.companion import VOUCH, Companion, Disagreement
 from probe_ase.exceptions import InputError
 from probe_ase.model.graph import HeadGraph
 from probe_ase.model.headfile import HeadMeta
@@ -82,12 +82,14 @@ class ProbeCalculator(Calculator):
             between runs the last disagreement counts, with its age.
         vouch: outside the novelty support, two models agreeing within
             ``vouch`` x the head's tolerance make the step reliable (0-1; 0:
-            never, the strictest verdict). Needs a companion.
+            never, the strictest verdict; default with a companion
+            :data:`~probe_ase.companion.VOUCH`, chosen on the fit pools'
+            splits of the universal-potential benchmark). Needs a companion.
     """
 
     def __init__(self, base: Calculator, probe: Probe | str | os.PathLike, threshold: float | None = None,
                  max_novelty: float = 1.0, tap: Tap | None = None, companion: Calculator | None = None,
-                 companion_every: int = 1, vouch: float = 0.0, **kwargs) -> None:
+                 companion_every: int = 1, vouch: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.base = base
         self.probe = probe if isinstance(probe, Probe) else Probe.load(probe)
@@ -112,9 +114,11 @@ class ProbeCalculator(Calculator):
         self.probe.to(next(self.tap.module.parameters()).device)
         self._graph = HeadGraph(meta.config.cutoff)
 
-    def attach_companion(self, companion: Calculator | None, every: int = 1, vouch: float = 0.0) -> None:
+    def attach_companion(self, companion: Calculator | None, every: int = 1, vouch: float | None = None) -> None:
         """Use ``companion`` (None: none) from the next step on, every ``every``-th step, with ``vouch`` (0-1; the
         arguments of the same names in the class docstring)."""
+        if vouch is None:
+            vouch = 0.0 if companion is None else VOUCH
         if not 0 <= vouch <= 1 or (vouch and companion is None):
             raise InputError(f"vouch must lie in 0-1 and needs a companion, got {vouch} "
                              f"{'with' if companion is not None else 'without'} one", vouch=vouch)

@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the companion every K-th step, >= 1 (default: 1, every step; between runs the last "
                              "disagreement counts). A step whose disagreement exceeds the head's tolerance (its "
                              "criterion's unit, e.g. eV/Å) is unreliable, reason models_disagree")
-    second.add_argument("--vouch", type=float, default=0.0, metavar="F",
+    second.add_argument("--vouch", type=float, metavar="F",
                         help="outside the novelty support, two models agreeing within F x the head's tolerance make "
-                             "the step reliable (0-1; default: 0, never)")
+                             "the step reliable (0-1; 0: never; default: 1.0, chosen on the fit pools' splits of the "
+                             "universal-potential benchmark)")
 
     out = parser.add_argument_group("output files", "an existing file is refused unless --append is given")
     out.add_argument("--trajectory", default="md.traj", metavar="PATH",
@@ -111,7 +112,7 @@ def check(args: argparse.Namespace) -> None:
     checks.fraction(args.vouch, "--vouch", open_low=False, open_high=False)
     if args.companion is not None:
         checks.backbone_source(args.companion, "--companion")
-    elif args.vouch or args.companion_every != 1:
+    elif args.vouch is not None or args.companion_every != 1:
         raise InputError("--companion-every and --vouch need a --companion model", companion=None)
     if (args.structure is None) == (args.restart is None):
         raise InputError("give a starting STRUCTURE or --restart TRAJ (one of them)",
