@@ -263,3 +263,11 @@ def fmt(v, d=3):
 def write_json(path: Path, data, indent: int = 1) -> None:
     """Write ``data`` as JSON to ``path`` atomically (numpy numbers as floats)."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent, default=float)))
+
+
+def write_results(out: Path, res: dict, markdown, plot, figure: str) -> None:
+    """``OUT/results.json``, ``OUT/results.md`` (``markdown(res)``) and the figure ``plot(res, OUT/figure)``."""
+    write_json(out / "results.json", res, indent=1)
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown(res)))
+    plot(res, out / figure)
+    print(f"wrote {out}/results.json, results.md, {figure}")

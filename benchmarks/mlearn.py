@@ -56,14 +56,13 @@ import numpy as np
 import torch
 from ase.io import read
 
-from benchmarks.common import fmt, write_json
+from benchmarks.common import fmt, write_results
 from benchmarks.environment import environment
 from benchmarks.stats import bootstrap
 from benchmarks.uq_quality import LatentDistance, ranking_p
 from probe_ase import find_tap
 from probe_ase.backbones import load_backbone
 from probe_ase.evaluation import metrics
-from probe_ase.fileio import atomic_write
 from probe_ase.fitting.certify import certify
 from probe_ase.fitting.data import FeatureSet, featurize
 from probe_ase.fitting.pipeline import fit_spec
@@ -326,10 +325,7 @@ def main(argv: list[str] | None = None) -> None:
            "weight_folds": args.weight_folds,
            "model_force_rmse_median": {k: {z: float(np.median(v.errors["force_rmse"][element == z])) for z in FILES}
                                        for k, v in passes.items()}, "rows": rows}
-    write_json(args.out / "results.json", res, indent=1)
-    atomic_write(args.out / "results.md", lambda tmp: tmp.write_text(markdown(res)))
-    plot(res, args.out / "auroc.png")
-    print(f"wrote {args.out}/results.json, results.md, auroc.png")
+    write_results(args.out, res, markdown, plot, "auroc.png")
 
 
 if __name__ == "__main__":
