@@ -29,9 +29,6 @@ from probe_ase.validate import check_atoms
 
 #: ``info`` key a frame's label source is recorded under by :func:`companion_labels`
 LABEL_SOURCE = "label_source"
-#: the calculator's ``vouch`` with a companion: the largest of 0, 0.25, ..., 1 whose combined verdict kept the 10 %
-#: target risk on every split of the fit pools of the mlearn benchmark (docs/validation/companion.md)
-VOUCH = 1.0
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def test_defaults():
     assert config == AlConfig("model.model", "probe.pt", "start.xyz", ReferenceConfig("ase.calculators.emt:EMT"))
     assert (config.db, config.rounds, config.retrain, config.reference.options) == ("al.db", 1, None, {})
     assert dataclasses.astuple(config.explore) == ("nvt", 300.0, 1.0, 0.01, 0, 500, 20, 10, None, None, None, "auto",
-                                                   None, 1, None, 3.0)
+                                                   None, 1, 0.0, 3.0)
     assert dataclasses.astuple(config.label) == (1, 1, 60.0)
     retrain = AlConfig.from_mapping(_with()).retrain
     assert (retrain.epochs, retrain.work_dir) == (20, "al-retrain")

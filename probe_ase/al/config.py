@@ -151,8 +151,7 @@ class ExploreConfig(Section):
             disagreement also selects frames (:mod:`probe_ase.companion`); None: none.
         companion_every: run the companion every this many steps (>= 1).
         vouch: outside the novelty support, agreement within ``vouch`` x the
-            head's tolerance makes a step reliable (0-1; 0: never; None: the
-            calculator's default, :data:`probe_ase.companion.VOUCH`).
+            head's tolerance makes a step reliable (0-1; 0: never).
         disagreement_hi: disagreement beyond this multiple (>= 1) of the head's
             tolerance is failed, below it a candidate.
     """
@@ -173,7 +172,7 @@ class ExploreConfig(Section):
     min_atom_reliability: float | Literal["auto"] = rule_field(Rule(float, 0, 1, choices=("auto",)), "auto")
     companion: str | None = rule_field(Rule(str), None)
     companion_every: int = rule_field(Rule(int, 1, unit="steps"), 1)
-    vouch: float | None = rule_field(Rule(float, 0, 1), None)
+    vouch: float = rule_field(Rule(float, 0, 1), 0.0)
     disagreement_hi: float = rule_field(Rule(float, 1), 3.0)
 
     def __post_init__(self) -> None:
@@ -181,7 +180,7 @@ class ExploreConfig(Section):
         if self.p_lo is not None and self.p_hi is not None and self.p_lo > self.p_hi:
             raise InputError(f"explore.p_lo in {source()} must be <= explore.p_hi, got p_lo={self.p_lo}, "
                              f"p_hi={self.p_hi}", path=PATH.get(), p_lo=self.p_lo, p_hi=self.p_hi)
-        if self.companion is None and (self.vouch is not None or self.companion_every != 1):
+        if self.companion is None and (self.vouch or self.companion_every != 1):
             raise InputError(f"explore.companion_every and explore.vouch in {source()} need explore.companion "
                              "(a model file or pretrained name)", path=PATH.get())
 

@@ -31,7 +31,7 @@ Example config (units: K, fs, 1/fs, Å, s; a value shown is the default unless i
     # min_atom_reliability = "auto"   in [0, 1]; needs a head fitted with --atom-tolerance; "auto": the head's atom p*
     # companion = "7net-l3i5"     a second model: its force disagreement also selects frames (default: none)
     # companion_every = 1         run it every this many steps (>= 1)
-    # vouch = 1.0                 in [0, 1]: outside the support, agreement within vouch x tau makes a step reliable
+    # vouch = 0.0                 in [0, 1]: outside the support, agreement within vouch x tau makes a step reliable
     # disagreement_hi = 3.0       >= 1: disagreement beyond this multiple of tau is failed, below it a candidate
 
     [label]

@@ -54,8 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "criterion's unit, e.g. eV/Å) is unreliable, reason models_disagree")
     second.add_argument("--vouch", type=float, metavar="F",
                         help="outside the novelty support, two models agreeing within F x the head's tolerance make "
-                             "the step reliable (0-1; 0: never; default: 1.0, chosen on the fit pools' splits of the "
-                             "universal-potential benchmark)")
+                             "the step reliable (0-1; default: 0, never: the fail-safe verdict)")
 
     out = parser.add_argument_group("output files", "an existing file is refused unless --append is given")
     out.add_argument("--trajectory", default="md.traj", metavar="PATH",
@@ -162,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     companion = None if args.companion is None else load_backbone(args.companion, device=args.device)
     atoms = args.start
     atoms.calc = ProbeCalculator(backbone, probe, threshold=args.min_reliability, companion=companion,
-                                 companion_every=args.companion_every, vouch=args.vouch)
+                                 companion_every=args.companion_every, vouch=args.vouch or 0.0)
     dyn = make_dynamics(atoms, args.dynamics, args.temperature, args.timestep, args.friction,
                         args.pressure, args.compressibility, args.seed, keep_momenta=args.restart is not None)
     monitor = run_gated(dyn, args.steps, trajectory=args.trajectory, interval=args.traj_interval,
