@@ -56,9 +56,9 @@ def judge(reliability: np.ndarray, novelty: np.ndarray, threshold: float, max_no
     """
     inside = np.asarray(novelty) <= max_novelty
     confident = np.asarray(reliability) >= threshold
+    tau = 0.0 if tolerance is None else tolerance
     gap = np.full(inside.shape, np.nan) if disagreement is None or tolerance is None else np.asarray(disagreement)
-    disagree = gap > tolerance if tolerance is not None else np.zeros(inside.shape, bool)  # NaN: False
-    vouched = (vouch > 0) & (gap <= vouch * (tolerance or 0.0))
+    disagree, vouched = gap > tau, (vouch > 0) & (gap <= vouch * tau)  # NaN (not measured): both False
     judged = np.where(inside, np.where(confident, "ok", "low_probability"),
                       np.where(vouched, "ok", "out_of_support"))
     reason = np.where(disagree, "models_disagree", judged)
