@@ -16,8 +16,7 @@ from ase.md.verlet import VelocityVerlet
 from probe_ase import InputError, Probe, ProbeCalculator, ReliabilityMonitor, annotate, fit_probe
 from probe_ase.companion import Companion, companion_labels, measure
 from probe_ase.fitting.spec import FitOptions
-from probe_ase.testing.data import emt_frames
-from probe_ase.testing.mace import train_mace
+from probe_ase.testing import emt_frames, train_mace
 from probe_ase.verdict import judge
 
 
