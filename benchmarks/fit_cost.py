@@ -1,14 +1,16 @@
 """What fitting a head costs against the backbone's own pass over the same frames, per stage, 400 -> 4 000 frames.
 
     python -m benchmarks.fit_cost --data ../shared/data/acac [--frames 400 1000 2000 4000] [--threads 1]
+    python -m benchmarks.fit_cost --data ../shared/data/mlearn --backbone chgnet-0.3.0 --frames 400 4000
                                   [--backbone chgnet-0.3.0] [--out benchmarks/results/fit-cost.json]
 
 The backbone: a 16-channel MACE (``probe_ase.testing.train_mace``, 2
 interactions, L = 1) trained on 200 frames of ``train_300K.xyz``, or with
 ``--backbone NAME`` a pretrained universal potential (e.g. ``chgnet-0.3.0``,
-which ships with its library: the size of model users run). The fit pool is the data set's
-other labelled frames (``train_600K``, ``test_MD_300K``, ``test_MD_600K``),
-repeated in order where more frames are asked for than it holds (a cost
+which ships with its library: the size of model users run; CHGNet needs periodic cells, so with
+``--data ../shared/data/mlearn``). The fit pool is acac's
+other labelled frames (``train_600K``, ``test_MD_300K``, ``test_MD_600K``), or every mlearn cell (571, 2-108
+atoms), repeated in order where more frames are asked for than it holds (a cost
 measurement: the labels' mix stays that of the pool). For each size, in a
 fresh process (so the peak memory is that fit's):
 
@@ -45,8 +47,14 @@ STAGES = ("featurise", "train", "novelty", "fold_heads", "calibrate", "certify")
 
 
 def pool_frames(data: Path, n: int) -> list:
-    """``n`` labelled frames of the fit pool, in order, repeated where the pool holds fewer."""
-    pool = [a for name in ("train_600K.xyz", "test_MD_300K.xyz", "test_MD_600K.xyz") for a in read(data / name, ":")]
+    """``n`` labelled frames of the fit pool, in order, repeated where the pool holds fewer: acac's frames other than
+    the backbone's training frames, or every mlearn cell (``data`` holding the element folders)."""
+    if (data / "train_600K.xyz").exists():
+        pool = [a for name in ("train_600K.xyz", "test_MD_300K.xyz", "test_MD_600K.xyz") for a in read(data / name, ":")]
+    else:
+        from benchmarks.mlearn import load_cells
+
+        pool = load_cells(data)[0]
     return [pool[k % len(pool)] for k in range(n)]
 
 
@@ -59,17 +67,19 @@ def one_size(model: str, data: str, n: int, threads: int, cache: str) -> dict:
     from probe_ase.fitting.data import featurize
 
     frames = pool_frames(Path(data), n)
+    batch = 32
     if Path(model).exists():
         from mace.calculators import MACECalculator
 
         calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float32")
     else:
         calc = load_backbone(model)
+        batch = 4  # a universal potential's pass on crystals: ~4 GB of activations at 8 (benchmarks/mlearn.py)
     with find_tap(calc) as tap:
         start = time.perf_counter()
-        featurize(tap, frames, cache_dir=False, progress=False)  # the backbone's own pass
+        featurize(tap, frames, batch_size=batch, cache_dir=False, progress=False)  # the backbone's own pass
         backbone = time.perf_counter() - start
-        featurize(tap, frames, cache_dir=cache, progress=False)  # fills the cache the fit reads
+        featurize(tap, frames, batch_size=batch, cache_dir=cache, progress=False)  # fills the cache the fit reads
     start = time.perf_counter()
     probe = fit_probe(calc, frames, cache_dir=cache, progress=False)
     total = time.perf_counter() - start
@@ -82,7 +92,9 @@ def one_size(model: str, data: str, n: int, threads: int, cache: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Train the backbone, time every size in its own process, print and write the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True, help="the acac data set (../shared/data/acac)")
+    ap.add_argument("--data", type=Path, required=True,
+                    help="the acac data set (../shared/data/acac), or the mlearn crystals (../shared/data/mlearn) "
+                         "for a pretrained --backbone")
     ap.add_argument("--frames", type=int, nargs="+", default=[400, 1000, 2000, 4000], help="fit pool sizes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     ap.add_argument("--backbone", default=None,
