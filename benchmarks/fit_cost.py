@@ -1,8 +1,9 @@
 """What fitting a head costs against the backbone's own pass over the same frames, per stage, 400 -> 4 000 frames.
 
     python -m benchmarks.fit_cost --data ../shared/data/acac [--frames 400 1000 2000 4000] [--threads 1]
+                                  [--out benchmarks/results/fit-cost.json]
     python -m benchmarks.fit_cost --data ../shared/data/mlearn --backbone chgnet-0.3.0 --frames 400 4000
-                                  [--backbone chgnet-0.3.0] [--out benchmarks/results/fit-cost.json]
+                                  [--out benchmarks/results/fit-cost-chgnet.json]
 
 The backbone: a 16-channel MACE (``probe_ase.testing.train_mace``, 2
 interactions, L = 1) trained on 200 frames of ``train_300K.xyz``, or with
