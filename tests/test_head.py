@@ -13,7 +13,7 @@ from ase.build import bulk, molecule
 from probe_ase import InputError
 from probe_ase.model.graph import radius_graph
 from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs
-from probe_ase.model.layers import segment_softmax
+from probe_ase.model.layers import DENSE_MAX_ATOMS, EDGE_CHUNK, PADDED_MAX_ATOMS, segment_softmax
 
 ELEMENTS = (1, 6, 8)
 
@@ -181,10 +181,10 @@ def test_chunked_and_dense_attention_agree(variant):
     inputs = batch_inputs(features, numbers, ptr, edges, [0, 1])
     assert inputs[2].shape[1] > 20  # many chunks of 5
     results = []
-    for chunk, dense_max in ((5, 0), (10**9, 0), (5, 10**9), (5, 7)):
+    for chunk, dense_max, padded_max in ((5, 0, 0), (10**9, 0, 0), (5, 10**9, 0), (5, 7, 7)):
         head = _head(**variant).train()
         for block in head.blocks:
-            block.attention.chunk, block.attention.dense_max = chunk, dense_max
+            block.attention.chunk, block.attention.dense_max, block.attention.padded_max = chunk, dense_max, padded_max
         logits, importance, atom_logits, _ = head(*inputs)
         (logits.sum() + atom_logits.sum()).backward()
         results.append((logits.detach(), importance.detach(), atom_logits.detach(),
@@ -229,13 +229,15 @@ def test_members_run_batched_and_give_the_mean_of_single_heads(variant):
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
             for dense_max in (0, 7):  # the edge-wise (sparse) path in chunks of 2 edges per member; the padded one
                 for block in head.blocks:
-                    block.attention.dense_max, block.attention.chunk = dense_max, 6
+                    block.attention.dense_max = block.attention.padded_max = dense_max
+                    block.attention.chunk = 6
                 for got, want in zip(head.all_logits(*inputs), mean):
                     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
             for got, want in zip(torch.jit.script(copy.deepcopy(head))(*inputs), head(*inputs)):  # padded, scripted
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
             for block in head.blocks:
-                block.attention.dense_max, block.attention.chunk = 64, 4096
+                block.attention.dense_max, block.attention.padded_max = DENSE_MAX_ATOMS, PADDED_MAX_ATOMS
+                block.attention.chunk = EDGE_CHUNK
     with pytest.raises(InputError, match="from_members needs 3 single-member heads"):
         ProbeHead.from_members(singles[:2], head.config)
 
