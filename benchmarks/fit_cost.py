@@ -2,7 +2,7 @@
 
     python -m benchmarks.fit_cost --data ../shared/data/acac [--frames 400 1000 2000 4000] [--threads 1]
                                   [--out benchmarks/results/fit-cost.json]
-    python -m benchmarks.fit_cost --data ../shared/data/mlearn --backbone chgnet-0.3.0 --frames 400 4000
+    python -m benchmarks.fit_cost --data ../shared/data/mlearn --backbone chgnet-0.3.0 --frames 400 571
                                   [--out benchmarks/results/fit-cost-chgnet.json]
 
 The backbone: a 16-channel MACE (``probe_ase.testing.train_mace``, 2
@@ -12,7 +12,8 @@ which ships with its library: the size of model users run; CHGNet needs periodic
 ``--data ../shared/data/mlearn``). The fit pool is acac's
 other labelled frames (``train_600K``, ``test_MD_300K``, ``test_MD_600K``), or every mlearn cell (571, 2-108
 atoms), repeated in order where more frames are asked for than it holds (a cost
-measurement: the labels' mix stays that of the pool). For each size, in a
+measurement: the labels' mix stays that of the pool; copies of training frames then sit in the early-stopping split,
+so heads may run to their last epoch: 571 is every unique mlearn cell). For each size, in a
 fresh process (so the peak memory is that fit's):
 
 * ``backbone``: one plain pass of the tapped backbone over the frames
