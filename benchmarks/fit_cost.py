@@ -1,7 +1,7 @@
 """What fitting a head costs against the backbone's own pass over the same frames, per stage, 400 -> 4 000 frames.
 
     python -m benchmarks.fit_cost --data ../shared/data/acac [--frames 400 1000 2000 4000] [--threads 1]
-                                  [--out benchmarks/results/fit-cost.json]
+                                  [--weight-folds 5] [--out benchmarks/results/fit-cost.json]
     python -m benchmarks.fit_cost --data ../shared/data/mlearn --backbone chgnet-0.3.0 --frames 400 571
                                   [--out benchmarks/results/fit-cost-chgnet.json]
 
@@ -20,7 +20,7 @@ processes:
   (``featurize`` with the cache off): what featurising costs;
 * ``per_frame``: the backbone's ASE calculator on the same frames one at a time (energy and forces): what the
   user's own script pays for them;
-* ``fit_probe`` with the default ``FitOptions`` on those frames, its features
+* ``fit_probe`` with the default ``FitOptions`` (``--weight-folds`` changes that one) on those frames, its features
   already cached, so every second of it is the head's: the stages of
   ``probe.report["seconds"]`` (featurise = reading the cache, train, novelty,
   fold heads, calibrate, certify) and the whole call;
@@ -96,19 +96,19 @@ def backbone_passes(model: str, data: str, n: int, threads: int, cache: str) -> 
             "per_frame_s": time.perf_counter() - start, "passes_peak_MiB": peak_mib()}
 
 
-def fit_only(model: str, data: str, n: int, threads: int, cache: str) -> dict:
+def fit_only(model: str, data: str, n: int, threads: int, cache: str, weight_folds: int = 5) -> dict:
     """``fit_probe`` on ``n`` frames whose features are cached, in a fresh process: seconds per stage and the fit's
-    own peak memory (the backbone loaded, the frames read, no backbone pass)."""
+    own peak memory (the backbone loaded, the frames read, no backbone pass); ``weight_folds`` as in FitOptions."""
     torch.set_num_threads(threads)
-    from probe_ase import fit_probe
+    from probe_ase import FitOptions, fit_probe
 
     frames = pool_frames(Path(data), n)
     calc, _ = load_calc(model)
     start = time.perf_counter()
-    probe = fit_probe(calc, frames, cache_dir=cache, progress=False)
+    probe = fit_probe(calc, frames, cache_dir=cache, progress=False, options=FitOptions(weight_folds=weight_folds))
     total = time.perf_counter() - start
     seconds = probe.report["seconds"]
-    return {"fit_s": total, **{f"{k}_s": seconds.get(k, 0.0) for k in STAGES}, "epochs": probe.report["epochs"],
+    return {"weight_folds": weight_folds, "fit_s": total, **{f"{k}_s": seconds.get(k, 0.0) for k in STAGES}, "epochs": probe.report["epochs"],
             "peak_MiB": peak_mib()}
 
 
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     ap.add_argument("--backbone", default=None,
                     help="a pretrained backbone name (e.g. chgnet-0.3.0) instead of the 16-channel MACE trained here")
+    ap.add_argument("--weight-folds", type=int, default=5,
+                    help="FitOptions.weight_folds: fold heads fitting the novelty weight (default 5, the default's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fit-cost.json"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
@@ -141,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         context = multiprocessing.get_context("spawn")
         for n in args.frames:
             row = {}
-            for stage in (backbone_passes, fit_only):  # each in a fresh process: the fit's peak memory is its own
-                with context.Pool(1) as pool:
-                    row |= pool.apply(stage, (model, str(args.data), n, args.threads, str(Path(work) / "cache")))
+            for stage, extra in ((backbone_passes, ()), (fit_only, (args.weight_folds,))):  # fresh processes: the
+                with context.Pool(1) as pool:  # fit's peak memory is its own
+                    row |= pool.apply(stage, (model, str(args.data), n, args.threads, str(Path(work) / "cache"), *extra))
             row |= {"fit/backbone": row["fit_s"] / row["backbone_s"], "fit/per_frame": row["fit_s"] / row["per_frame_s"]}
             rows.append(row)
             print(f"{n:>5} frames: backbone {row['backbone_s']:7.1f} s (one at a time {row['per_frame_s']:.1f} s), "
