@@ -78,7 +78,7 @@ def load_calc(model: str):
 def backbone_passes(model: str, data: str, n: int, threads: int, cache: str) -> dict:
     """The backbone's batched pass and its one-at-a-time pass over ``n`` frames (seconds), and the feature cache
     filled for :func:`fit_only`; in a fresh process."""
-    torch.set_num_threads(threads)
+    set_threads(threads)
     from probe_ase import find_tap
     from probe_ase.fitting.data import featurize
 
@@ -99,7 +99,7 @@ def backbone_passes(model: str, data: str, n: int, threads: int, cache: str) -> 
 def fit_only(model: str, data: str, n: int, threads: int, cache: str, weight_folds: int = 5) -> dict:
     """``fit_probe`` on ``n`` frames whose features are cached, in a fresh process: seconds per stage and the fit's
     own peak memory (the backbone loaded, the frames read, no backbone pass); ``weight_folds`` as in FitOptions."""
-    torch.set_num_threads(threads)
+    set_threads(threads)
     from probe_ase import FitOptions, fit_probe
 
     frames = pool_frames(Path(data), n)
@@ -110,6 +110,15 @@ def fit_only(model: str, data: str, n: int, threads: int, cache: str, weight_fol
     seconds = probe.report["seconds"]
     return {"weight_folds": weight_folds, "fit_s": total, **{f"{k}_s": seconds.get(k, 0.0) for k in STAGES}, "epochs": probe.report["epochs"],
             "peak_MiB": peak_mib()}
+
+
+def set_threads(threads: int) -> None:
+    """``threads`` for torch and for numpy's BLAS in this process (the novelty mixtures run on numpy: unlimited, its
+    threads fight the other process's for the two cores)."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
 
 
 def peak_mib() -> float:

@@ -56,7 +56,10 @@ class FitOptions:
         support_quantile: the novelty support edge: this quantile (0-1] of the
             held-out fit structures' novelty.
         weight_folds: fold heads whose out-of-fold logits fit how much novelty
-            lowers the logit (0: the validation split, no extra heads).
+            lowers the logit (0: the validation split, no extra heads). Most of
+            a fit's time; 3 takes about half of 5's and did as well on the
+            benchmarks' fit pools, 2 and 0 ranked worse there (docs: validation,
+            the novelty weight).
         epochs: most training epochs per head.
         patience: epochs without validation improvement before stopping.
         seed: seeds splits, initialisation and shuffling.
