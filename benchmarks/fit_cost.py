@@ -108,8 +108,8 @@ def fit_only(model: str, data: str, n: int, threads: int, cache: str, weight_fol
     probe = fit_probe(calc, frames, cache_dir=cache, progress=False, options=FitOptions(weight_folds=weight_folds))
     total = time.perf_counter() - start
     seconds = probe.report["seconds"]
-    return {"weight_folds": weight_folds, "fit_s": total, **{f"{k}_s": seconds.get(k, 0.0) for k in STAGES}, "epochs": probe.report["epochs"],
-            "peak_MiB": peak_mib()}
+    return {"weight_folds": weight_folds, "fit_s": total, **{f"{k}_s": seconds.get(k, 0.0) for k in STAGES},
+            "epochs": probe.report["epochs"], "peak_MiB": peak_mib()}
 
 
 def set_threads(threads: int) -> None:

@@ -85,25 +85,23 @@ def main(argv: list[str] | None = None) -> None:
            "dataset": name, "environment": environment([member0]), "n_in": len(pool_in), "n_shift": len(shift),
            "rows": []}
     for label, crit, tolerance, quantile in LABELS:
-        for folds in args.folds:
-            for seed in args.seeds:
-                try:
-                    scores = one_fit(calc, pool_in, shift, fs_in, fs_sh, crit, tolerance, quantile, folds, seed, cache)
-                except LabelError as exc:  # e.g. ethanol at 0.1 eV/Å: one unreliable in-distribution frame
-                    out.setdefault("skipped", {})[label] = str(exc)
-                    print(f"{name} {label}: skipped ({exc})", flush=True)
-                    break
-                row = {"label": label, "weight_folds": folds, "seed": seed, **scores}
-                out["rows"].append(row)
-                print(f"{name} {label} K={folds} seed {seed}: w {row['weight']:.3g}, fold heads "
-                      f"{row['fold_heads_s']:.1f} s of {row['seconds']:.1f} s; cal AUROC {fmt(row['cal']['auroc'])} "
-                      f"rho {fmt(row['cal']['spearman'])}; shift AUROC {fmt(row['shift_ranking']['auroc'])} rho "
-                      f"{fmt(row['shift_ranking']['spearman'])}; verdict on the shift {row['shift']['accepted']} at "
-                      f"{fmt(row['shift']['risk'] * 100, 1)} %", flush=True)
-                write_json(args.out, clean(out))  # partial results after each fit
-            else:
-                continue
-            break
+        try:
+            for folds in args.folds:
+                for seed in args.seeds:
+                    row = {"label": label, "weight_folds": folds, "seed": seed,
+                           **one_fit(calc, pool_in, shift, fs_in, fs_sh, crit, tolerance, quantile, folds, seed, cache)}
+                    out["rows"].append(row)
+                    print(f"{name} {label} K={folds} seed {seed}: w {row['weight']:.3g}, fold heads "
+                          f"{row['fold_heads_s']:.1f} s of {row['seconds']:.1f} s; cal AUROC "
+                          f"{fmt(row['cal']['auroc'])} rho {fmt(row['cal']['spearman'])}; shift AUROC "
+                          f"{fmt(row['shift_ranking']['auroc'])} rho {fmt(row['shift_ranking']['spearman'])}; verdict "
+                          f"on the shift {row['shift']['accepted']} at {fmt(row['shift']['risk'] * 100, 1)} %",
+                          flush=True)
+                    write_json(args.out, clean(out))  # partial results after each fit
+        except LabelError as exc:  # e.g. ethanol at 0.1 eV/Å: one unreliable in-distribution frame
+            out.setdefault("skipped", {})[label] = str(exc)
+            print(f"{name} {label}: skipped ({exc})", flush=True)
+    write_json(args.out, clean(out))
     print(f"wrote {args.out}")
 
 
