@@ -56,3 +56,33 @@ def test_bootstrap_refuses_bad_settings_naming_them(kwargs):
     call = dict(n=10, reps=2000, level=0.95) | kwargs
     with pytest.raises(ValueError, match=rf"got {call['level']}, {call['reps']}, {call['n']}\)"):
         bootstrap(len, **call)
+
+
+def _run(score: np.ndarray, error: np.ndarray, file_of: np.ndarray) -> tuple[dict, dict]:
+    """A minimal uq_quality run (results and per-frame arrays) with one MACE row scored by ``score``."""
+    key, bad = "absolute/force_rmse", error > 0.1
+    summary = {"PROBE": {"auroc": metrics.auroc(bad, score), "spearman": metrics.spearman(score, error),
+                         "coverage_at_p_star": 0.5, "risk_at_p_star": 0.02}}
+    row = {"tau": 0.1, "pooled_files": ["md", "shift"], "ood_files": ["shift"], "pooled": summary,
+           "ood_pooled": summary}
+    results = {"dataset": "toy", "backbones": {"mace": {"regimes": {"absolute": {"force_rmse": row}}}}}
+    arrays = {"mace": {"files": np.array(["md", "shift"]), "file_of": file_of, f"{key}/error": error,
+                       f"{key}/score/PROBE": score}}
+    return results, arrays
+
+
+def test_paired_change_flags_a_row_only_when_the_after_run_is_worse_beyond_its_interval():
+    from benchmarks.paired_change import change_rows
+
+    rng = np.random.default_rng(2)
+    error, file_of, noise = rng.gamma(2.0, 0.05, 500), np.repeat([0, 1], 250), rng.normal(size=500)
+    sharp, blunt = (error > 0.1) * 2.0 + noise, (error > 0.1) * 0.3 + noise
+    better = change_rows(_run(blunt, error, file_of), _run(sharp, error, file_of), reps=200)[0]
+    assert better["pooled_auroc"]["difference"] > 0 and better["pooled_auroc"]["low"] > 0
+    assert not better["pooled_auroc"]["worse"] and not better["ood_auroc"]["worse"]
+    worse = change_rows(_run(sharp, error, file_of), _run(blunt, error, file_of), reps=200)[0]
+    assert worse["pooled_auroc"]["worse"] and worse["pooled_auroc"]["high"] < 0
+    same = change_rows(_run(sharp, error, file_of), _run(sharp, error, file_of), reps=50)[0]
+    assert same["pooled_spearman"]["low"] == same["pooled_spearman"]["high"] == 0 and not same["pooled_auroc"]["worse"]
+    with pytest.raises(ValueError, match="same members"):  # other member-0 errors: not a paired comparison
+        change_rows(_run(sharp, error, file_of), _run(sharp, error * 1.1, file_of), reps=10)
