@@ -33,8 +33,12 @@ from probe_ase.evaluation import metrics
 
 def change_rows(before: tuple[dict, dict], after: tuple[dict, dict], reps: int = 2000, seed: int = 0) -> list[dict]:
     """The rows of one data set: ``before`` and ``after`` are :func:`~benchmarks.paired_bootstrap.load`'s
-    ``(results, arrays)`` of the two runs. Raises ValueError when the runs' frames or member-0 errors differ."""
+    ``(results, arrays)`` of the two runs. Raises ValueError when the runs' member files (their digests, where
+    recorded), frames or member-0 errors differ."""
     (res0, arr0), (res1, arr1) = before, after
+    models = [r.get("environment", {}).get("models") for r in (res0, res1)]
+    if all(models) and models[0] != models[1]:
+        raise ValueError(f"{res0['dataset']}: the runs' member files differ (SHA-256): compare runs on the same members")
     rows = []
     for kind in [k for k in res0["backbones"] if k in res1["backbones"]]:
         a0, a1 = arr0[kind], arr1[kind]
@@ -48,7 +52,8 @@ def change_rows(before: tuple[dict, dict], after: tuple[dict, dict], reps: int =
                     continue
                 key = f"{regime}/{crit}"
                 err = a0[f"{key}/error"]
-                if not np.array_equal(err, a1[f"{key}/error"], equal_nan=True) or r0["tau"] != r1["tau"]:
+                if not np.allclose(err, a1[f"{key}/error"], rtol=1e-5, atol=1e-6, equal_nan=True) or not np.isclose(
+                        r0["tau"], r1["tau"], rtol=1e-5):  # another pass over the same member: float noise only
                     raise ValueError(f"{res0['dataset']} {kind} {key}: the runs' member-0 errors or tau differ "
                                      "(other members): compare runs on the same members")
                 old, new = a0[f"{key}/score/PROBE"], a1[f"{key}/score/PROBE"]
