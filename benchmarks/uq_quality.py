@@ -235,20 +235,20 @@ def time_cost(kind, member_paths, probe, latent, frames, n=30) -> dict[str, floa
 
 
 # --------------------------------------------------------------------------- main pieces
-def probe_options(quick: bool, calibration: str = "split", fallback: str = "strictest") -> FitOptions:
+def probe_options(quick: bool, calibration: str = "split", fallback: str = "strictest", seed: int = 0) -> FitOptions:
     """PROBE's fit options: the defaults (150 epochs, patience 20, seed 0); ``--quick``: 40 epochs, patience 10."""
-    return FitOptions(calibration=calibration, fallback=fallback, seed=0,
+    return FitOptions(calibration=calibration, fallback=fallback, seed=seed,
                       **({"epochs": 40, "patience": 10} if quick else {}))
 
 
 def fit_heads(calc, pool, quick, cache, criteria_ok, head: dict, calibration: str = "split",
-              fallback: str = "strictest"):
+              fallback: str = "strictest", seed: int = 0):
     """Fitted probes keyed by (regime, criterion); LabelError gives None with the reason.
 
     ``head``: HeadConfig knobs beyond FitOptions (``aux_quantiles``, ``atom_error``); at their defaults the fit is
     plain :func:`probe_ase.fit_probe`.
     """
-    options = probe_options(quick, calibration, fallback)
+    options = probe_options(quick, calibration, fallback, seed)
     probes = {}
     for regime, spec in REGIMES.items():
         for crit in CRITERIA:
@@ -266,7 +266,7 @@ def fit_heads(calc, pool, quick, cache, criteria_ok, head: dict, calibration: st
 
 def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: dict, with_cost=True,
                       pool_in=None, target_risk=0.05, calibration="split", fallback="strictest",
-                      arrays: dict[str, np.ndarray] | None = None):
+                      arrays: dict[str, np.ndarray] | None = None, fit_seed: int = 0):
     """Every method's metrics on ``evals``; fills ``arrays`` (when given) with the per-frame scores behind them.
 
     ``arrays`` keys: ``files`` and ``file_of`` (each frame's file), then per
@@ -278,7 +278,7 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
     calc0 = make_calc(kind, member_paths[0])
     criteria_ok = set(CRITERIA) if has_forces(pool) else {"energy"}
     t0 = time.perf_counter()
-    probes = fit_heads(calc0, pool, quick, cache, criteria_ok, head, calibration, fallback)
+    probes = fit_heads(calc0, pool, quick, cache, criteria_ok, head, calibration, fallback, fit_seed)
     t_fit = time.perf_counter() - t0
     with find_tap(calc0) as tap:
         pool_fs = featurize(tap, pool, cache_dir=cache, progress=False)
@@ -358,7 +358,7 @@ def evaluate_backbone(kind, member_paths, pool, evals, quick, cache, out, head: 
         results["operating_point"] = operating_points(
             kind, member_paths, calc0, pool, probes, names, frames, file_of, err, scores, feats, numbers, ptr,
             quick, cache, head, target_risk, fallback=fallback, arrays=arrays, prefix="operating_point")
-        lso_probes = fit_heads(calc0, pool_in, quick, cache, criteria_ok, head, calibration, fallback)
+        lso_probes = fit_heads(calc0, pool_in, quick, cache, criteria_ok, head, calibration, fallback, fit_seed)
         shifted = [n for n in names if "(half)" not in n]
         results["leave_shift_out"] = operating_points(
             kind, member_paths, calc0, pool_in, lso_probes, names, frames, file_of, err, scores, feats, numbers, ptr,
@@ -622,6 +622,9 @@ def main(argv=None):
                          "risk it gets (FitOptions.fallback, the same for PROBE and every baseline; default strictest)")
     ap.add_argument("--target-risk", type=float, default=0.05,
                     help="target risk (fraction 0-1) for every method's operating threshold (default 0.05)")
+    ap.add_argument("--fit-seed", type=int, default=0,
+                    help="PROBE's FitOptions.seed (split, initialisation, shuffling; default 0): another seed shows "
+                         "how far a row moves with the fit's own randomness")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch / OpenMP threads here and in mace_run_train (default 1: on shared cores more threads "
                          "spin-wait and ran ~50x slower here)")
@@ -656,7 +659,7 @@ def main(argv=None):
                               "loss 0.01 E + 0.99 F MSE, best validation checkpoint",
                 "probe_head": asdict(study_configs(probe_options(args.quick), head).head),
                 "probe_calibration": args.calibration,
-                "threshold_fallback": args.fallback, "split_seed": 0, "n_train": len(train), "n_fit_pool": len(pool),
+                "threshold_fallback": args.fallback, "split_seed": 0, "fit_seed": args.fit_seed, "n_train": len(train), "n_fit_pool": len(pool),
                 "labels": "error of member 0 (the deployed model) for every method"}
     res = {"dataset": name, "settings": settings, "environment": environment(), "backbones": {}, "timings_s": {}}
 
@@ -675,7 +678,7 @@ def main(argv=None):
         res["backbones"][kind] = evaluate_backbone(kind, paths, pool, evals, args.quick, cache, out, head,
                                                    pool_in=pool_in, target_risk=args.target_risk,
                                                    calibration=args.calibration, fallback=args.fallback,
-                                                   arrays=arrays)
+                                                   arrays=arrays, fit_seed=args.fit_seed)
         atomic_write(out / f"scores-{kind}.npz", lambda tmp: _save_npz(tmp, arrays))
         res["timings_s"][f"{kind}_evaluate"] = time.perf_counter() - t0
         for n, row in res["backbones"][kind]["backbone_errors"].items():

@@ -86,3 +86,37 @@ def test_paired_change_flags_a_row_only_when_the_after_run_is_worse_beyond_its_i
     assert same["pooled_spearman"]["low"] == same["pooled_spearman"]["high"] == 0 and not same["pooled_auroc"]["worse"]
     with pytest.raises(ValueError, match="same members"):  # other member-0 errors: not a paired comparison
         change_rows(_run(sharp, error, file_of), _run(sharp, error * 1.1, file_of), reps=10)
+
+
+def test_paired_change_averages_seed_pairs_so_one_fit_does_not_decide():
+    """With two fits per side, a row is worse only when the seeds' mean difference is: one worse seed that another
+    seed offsets leaves the row level; each seed's values are kept, and unpaired runs are refused."""
+    from benchmarks.paired_change import change_rows
+
+    rng = np.random.default_rng(3)
+    error, file_of, noise = rng.gamma(2.0, 0.05, 500), np.repeat([0, 1], 250), rng.normal(size=500)
+    sharp, middle, blunt = ((error > 0.1) * w + noise for w in (2.0, 1.0, 0.3))
+    mixed = change_rows([_run(middle, error, file_of), _run(blunt, error, file_of)],
+                        [_run(blunt, error, file_of), _run(middle, error, file_of)], reps=200)[0]
+    assert mixed["seeds"] == 2 and abs(mixed["pooled_auroc"]["difference"]) < 1e-12
+    assert not mixed["pooled_auroc"]["worse"] and mixed["pooled_auroc"]["low"] <= 0 <= mixed["pooled_auroc"]["high"]
+    assert mixed["pooled_auroc"]["frames_low"] == mixed["pooled_auroc"]["frames_high"] == 0  # frames alone: no spread
+    assert mixed["pooled_auroc"]["per_seed"]["before"][0] == metrics.auroc(error > 0.1, middle)
+    one = change_rows(_run(middle, error, file_of), _run(blunt, error, file_of), reps=200)[0]
+    assert one["pooled_auroc"]["worse"]  # the same first pair alone: worse
+    both = change_rows([_run(sharp, error, file_of)] * 2, [_run(blunt, error, file_of)] * 2, reps=200)[0]
+    assert both["pooled_auroc"]["worse"]
+    with pytest.raises(ValueError, match="pair the runs"):
+        change_rows([_run(sharp, error, file_of)] * 2, [_run(blunt, error, file_of)], reps=10)
+
+
+def test_bootstrap_over_seeds_resamples_the_seeds_too():
+    """Two seeds whose paired statistic is -1 and +1 on every sample: estimate 0, interval [-1, 1] (the seeds'
+    spread); one seed is the plain bootstrap."""
+    from benchmarks.stats import bootstrap_seeds
+
+    two = bootstrap_seeds([lambda idx: -1.0, lambda idx: 1.0], 20, reps=400)
+    assert two.estimate == 0 and two.low == -1 and two.high == 1 and set(two.replicates) == {-1.0, 0.0, 1.0}
+    one = bootstrap_seeds([lambda idx: float(np.mean(idx))], 20, reps=100, seed=4)
+    plain = bootstrap(lambda idx: float(np.mean(idx)), 20, reps=100, seed=4)
+    assert (one.estimate, one.low, one.high) == (plain.estimate, plain.low, plain.high)
