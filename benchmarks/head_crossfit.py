@@ -111,7 +111,7 @@ def crossfit(features, edges, errors, labels, configs: dict, folds: int, reps: i
             for name, config in configs.items():
                 logits, seconds = [], time.perf_counter()
                 for seed in range(seeds):
-                    head, _, _ = train_head(features, edges, labels, splits, elements, config,
+                    head, _ = train_head(features, edges, labels, splits, elements, config,
                                          TrainConfig(epochs=150, patience=20, seed=seed), False, errors)  # FitOptions' training
                     with torch.no_grad():
                         z = head.all_logits(*batch_inputs(features.features, features.numbers, features.ptr, edges,

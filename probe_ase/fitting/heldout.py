@@ -69,8 +69,7 @@ def held_out_split(
     split calibrates; the density is fitted on train and validation, the novelty weight on fold heads' logits."""
     splits, seconds = split_indices(labels, train), {}
     with timed(seconds, "train"):
-        head, epochs, kept = train_head(data, edges, labels, splits, elements, config, train, progress, errors,
-                                        atom_labels)
+        head, epochs = train_head(data, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
     tr, val, cal = splits
     trval = np.concatenate([tr, val])  # the structures (and order) of held_out_atoms
     with timed(seconds, "novelty"):
@@ -91,7 +90,7 @@ def held_out_split(
     weight_inputs = None
     if novelty.logit_weight and weight_folds:
         with timed(seconds, "fold_heads"):
-            z_oof = out_of_fold_logits(data, edges, labels, trval, elements, weight_folds, kept, config, train,
+            z_oof = out_of_fold_logits(data, edges, labels, trval, elements, weight_folds, config, train,
                                        progress, errors, atom_labels)
         weight_inputs = (z_oof, held_penalty, trval)
     elif novelty.logit_weight:
@@ -164,8 +163,8 @@ def _fold_heads(
                                           disable=not progress)):
         tr, val = train_test_split(rest, test_size=train.val_fraction * len(labels) / len(rest),
                                    stratify=labels[rest], random_state=train.seed)
-        head, ran, _ = train_head(data, edges, labels, (np.sort(tr), np.sort(val), fold[:0]), elements, single,
-                                  replace(train, seed=train.seed + k), False, errors, atom_labels)
+        head, ran = train_head(data, edges, labels, (np.sort(tr), np.sort(val), fold[:0]), elements, single,
+                               replace(train, seed=train.seed + k), False, errors, atom_labels)
         heads.append(head)
         epochs = max(epochs, ran)
         z_all[fold], importance, z_atom = head_outputs(head, data, edges, fold)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.nn import functional
 from tqdm.auto import tqdm
 
 from probe_ase.exceptions import InputError, LabelError
@@ -90,9 +89,8 @@ def train_head(
     progress: bool = True,
     errors: np.ndarray | None = None,
     atom_labels: np.ndarray | None = None,
-) -> tuple[ProbeHead, int, int]:
-    """Train a head with class-weighted BCE and early stopping; return it, the epochs run and the epochs its kept
-    (best) state had trained.
+) -> tuple[ProbeHead, int]:
+    """Train a head with class-weighted BCE and early stopping; return it and epochs run.
 
     With ``config.aux_quantiles`` the per-structure ``errors`` (criterion
     units) give the auxiliary targets ``error <= quantile_q(errors[train])``,
@@ -107,130 +105,100 @@ def train_head(
     stopping watches the main loss plus the atom and atom-error losses (not the auxiliary labels').
     With ``config.members = K > 1`` each of K single heads is trained so,
     with seeds ``train.seed + k``, and the returned head averages them
-    (:meth:`ProbeHead.from_members`); the epochs are the most any member ran (and kept).
+    (:meth:`ProbeHead.from_members`); the epochs are the most any member ran.
     """
     if config.members > 1:
         single = replace(config, members=1)
         trained = [train_head(data, edges, labels, splits, elements, single, replace(train, seed=train.seed + k),
                               progress, errors, atom_labels) for k in range(config.members)]
-        return (ProbeHead.from_members([head for head, _, _ in trained], config),
-                max(ran for _, ran, _ in trained), max(kept for _, _, kept in trained))
+        return ProbeHead.from_members([head for head, _ in trained], config), max(epochs for _, epochs in trained)
     tr, val, _ = splits
-    head = seeded_head(data, elements, config, train.seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's global RNG alone
+        torch.manual_seed(train.seed)
+        head = ProbeHead(data.features.shape[1], elements, config)
     head.set_standardisation(data.features[structure_rows(data.ptr, tr)])
-    loss = HeadLoss(head, data, edges, labels, [tr], errors, atom_labels)
-    ran, kept = early_stopping(head, loss, tr, val, train, progress)
+    loss = HeadLoss(head, data, edges, labels, tr, errors, atom_labels)
+    epochs = early_stopping(head, loss, tr, val, train, progress)
     if config.atom_error:
-        blend_error(head, data, edges, val)
-    return head, ran, kept
-
-
-def seeded_head(data: FeatureSet, elements: Sequence[int], config: HeadConfig, seed: int) -> ProbeHead:
-    """A freshly initialised head for ``data``'s features, seeded by ``seed``; the caller's global RNG is left
-    alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ProbeHead(data.features.shape[1], elements, config)
-
-
-def blend_error(head: ProbeHead, data: FeatureSet, edges: Sequence[np.ndarray], held: np.ndarray,
-                member: int | None = None) -> None:
-    """Set ``member``'s error blend (None: a single head's) from its logits on the held-out structures ``held``."""
-    with torch.no_grad():
-        inputs = batch_inputs(data.features, data.numbers, data.ptr, edges, held)
-        logits, _, _, atom_errors = head.member_logits(*inputs)
-        k = 0 if member is None else member
-        structure_error = log_rms_error(atom_errors[k : k + 1], head.error_shift[k : k + 1],
-                                        head.error_scale[k : k + 1], *inputs[3:])
-        head.set_error_blend(logits[k], structure_error[0], member)
+        with torch.no_grad():
+            inputs = batch_inputs(data.features, data.numbers, data.ptr, edges, val)
+            logits, _, _, atom_errors = head.member_logits(*inputs)  # the one member's
+            structure_error = log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:])
+            head.set_error_blend(logits[0], structure_error[0])
+    return head, epochs
 
 
 class HeadLoss:
-    """The training loss of a head's members on structures ``indices`` (see :func:`train_head`).
+    """The training loss of a single head on structures ``indices`` (see :func:`train_head`).
 
-    Member ``k`` trains on structures ``train_sets[k]``: its class weights,
-    auxiliary quantile levels and atom-error scale (set on ``head``) come from
-    them, and in a training batch only they count in its loss. The members'
-    losses add up: their weights are independent, so each gets the gradient
-    it would get alone.
+    Built from the training structures ``tr``: the class weights, the auxiliary
+    quantile levels and the atom-error scale (which it sets on ``head``).
     """
 
     def __init__(self, head: ProbeHead, data: FeatureSet, edges: Sequence[np.ndarray], labels: np.ndarray,
-                 train_sets: Sequence[np.ndarray], errors: np.ndarray | None, atom_labels: np.ndarray | None) -> None:
-        config, members = head.config, len(train_sets)
+                 tr: np.ndarray, errors: np.ndarray | None, atom_labels: np.ndarray | None) -> None:
+        config, rows = head.config, structure_rows(data.ptr, tr)
         self.head, self.data, self.edges, self.config = head, data, edges, config
         self.y = torch.as_tensor(labels, dtype=torch.float32)
-        self.trains = torch.zeros((members, len(labels)), dtype=torch.bool)
-        for k, tr in enumerate(train_sets):
-            self.trains[k, tr] = True
-        self.pos_weight = torch.tensor([[(len(tr) - float(labels[tr].sum())) / float(labels[tr].sum())]
-                                        for tr in train_sets])
+        n_pos = float(labels[tr].sum())
+        self.structure_loss = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(tr) - n_pos) / n_pos))
         if config.aux_quantiles:
             if errors is None:
                 raise InputError("aux_quantiles need the per-structure errors", aux_quantiles=config.aux_quantiles)
-            levels = np.stack([np.quantile(np.asarray(errors)[tr], config.aux_quantiles) for tr in train_sets])
-            self.y_aux = torch.as_tensor(np.asarray(errors)[None, :, None] <= levels[:, None, :], dtype=torch.float32)
-        rows = [structure_rows(data.ptr, tr) for tr in train_sets]
+            levels = np.quantile(np.asarray(errors)[tr], config.aux_quantiles)
+            self.y_aux = torch.as_tensor(np.asarray(errors)[:, None] <= levels[None, :], dtype=torch.float32)
         if config.atom_error:
             log_error = torch.as_tensor(np.log(np.maximum(data.atom_errors, ATOM_ERROR_FLOOR)), dtype=torch.float32)
-            if not all(torch.isfinite(log_error[r]).all() for r in rows):
+            if not torch.isfinite(log_error[rows]).all():
                 raise InputError("HeadConfig(atom_error=True) needs reference forces on every training structure",
                                  atom_error=True)
-            for k, r in enumerate(rows):
-                head.set_error_scale(log_error[r], k if members > 1 else None)
-            self.y_error = (log_error - head.error_shift.unsqueeze(1)) / head.error_scale.unsqueeze(1)
+            head.set_error_scale(log_error[rows])
+            self.y_error = (log_error - head.error_shift) / head.error_scale
         if config.atom_logit:
             if atom_labels is None:
                 raise InputError("atom_logit needs per-atom labels", atom_logit=config.atom_logit)
             self.y_atom = torch.as_tensor(atom_labels, dtype=torch.float32)
-            good = [float(self.y_atom[r].sum()) for r in rows]
-            self.atom_pos_weight = torch.tensor([[max(len(r) - g, 1.0) / max(g, 1.0)] for r, g in zip(rows, good)])
+            n_good_atoms = float(self.y_atom[rows].sum())
+            self.atom_loss = torch.nn.BCEWithLogitsLoss(
+                pos_weight=torch.tensor(max(len(rows) - n_good_atoms, 1.0) / max(n_good_atoms, 1.0)))
 
-    def __call__(self, indices: Sequence[int], validation: bool = False) -> torch.Tensor:
-        """The loss on structures ``indices``. ``validation``: every structure counts and the auxiliary labels'
-        loss is left out (what early stopping watches)."""
-        data, config, indices = self.data, self.config, list(indices)
-        inputs = batch_inputs(data.features, data.numbers, data.ptr, self.edges, indices)
-        logits, _, atom_logits, atom_errors = self.head.member_logits(*inputs)
-        counts = None if validation or len(self.trains) == 1 else self.trains[:, indices].float()  # (K, n)
-        atom_counts = None if counts is None else counts[:, inputs[3]]
-        bce = functional.binary_cross_entropy_with_logits
-        loss = member_mean(bce(logits[..., 0], self.y[indices].expand_as(logits[..., 0]),
-                               pos_weight=self.pos_weight, reduction="none"), counts)
-        if config.aux_quantiles and not validation:
-            aux = bce(logits[..., 1:], self.y_aux[:, indices], reduction="none").flatten(1)  # (K, n * n_aux)
-            loss = loss + member_mean(aux, None if counts is None else counts.repeat_interleave(logits.shape[-1] - 1, 1))
-        rows = structure_rows(data.ptr, indices)
+    def __call__(self, indices: Sequence[int], main_only: bool = False) -> torch.Tensor:
+        """The loss on structures ``indices``; ``main_only`` leaves the auxiliary labels' out (what early stopping
+        watches)."""
+        data, config = self.data, self.config
+        logits, _, atom_logits, atom_errors = self.head.all_logits(*batch_inputs(data.features, data.numbers,
+                                                                                 data.ptr, self.edges, indices))
+        loss = self.structure_loss(logits[:, 0], self.y[list(indices)])
+        if config.aux_quantiles and not main_only:
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], self.y_aux[list(indices)])
         if config.atom_error:  # part of the "main" loss: the blended logit ranks by it
-            loss = loss + member_mean(functional.mse_loss(atom_errors, self.y_error[:, rows], reduction="none"),
-                                      atom_counts)
+            loss = loss + torch.nn.functional.mse_loss(atom_errors, self.y_error[structure_rows(data.ptr, indices)])
         if config.atom_logit:
-            loss = loss + member_mean(bce(atom_logits, self.y_atom[rows].expand_as(atom_logits),
-                                          pos_weight=self.atom_pos_weight, reduction="none"), atom_counts)
-        return loss.sum()
-
-
-def member_mean(values: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
-    """Each member's mean of ``values`` ``(K, n)`` over the entries ``counts`` (0/1, ``(K, n)``) keeps (None: all)."""
-    if counts is None:
-        return values.flatten().mean().unsqueeze(0) if len(values) == 1 else values.mean(1)
-    return (values * counts).sum(1) / counts.sum(1).clamp_min(1.0)
+            loss = loss + self.atom_loss(atom_logits, self.y_atom[structure_rows(data.ptr, indices)])
+        return loss
 
 
 def early_stopping(head: ProbeHead, loss: HeadLoss, tr: np.ndarray, val: np.ndarray, train: TrainConfig,
-                   progress: bool) -> tuple[int, int]:
+                   progress: bool) -> int:
     """AdamW over shuffled batches of ``tr`` until the validation loss stalls ``train.patience`` epochs; leaves the
-    best state in ``head`` (in eval mode) and returns the epochs run and the epochs the best state had trained."""
-    generator, optimiser = torch.Generator().manual_seed(train.seed), adamw(head, train)
-    best, best_state, since, kept, epoch = math.inf, copy.deepcopy(head.state_dict()), 0, 0, 0
+    best state in ``head`` (in eval mode) and returns the epochs run."""
+    generator = torch.Generator().manual_seed(train.seed)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    best, best_state, since, epoch = math.inf, copy.deepcopy(head.state_dict()), 0, 0
     bar = tqdm(range(train.epochs), desc="fit head", unit="epoch", disable=not progress)
     for epoch in bar:  # noqa: B007 - read after the loop: the epochs run
-        one_epoch(head, loss, tr, train.batch_size, optimiser, generator)
+        head.train()
+        order = tr[torch.randperm(len(tr), generator=generator).numpy()]
+        for start in range(0, len(order), train.batch_size):
+            optimiser.zero_grad()
+            loss(order[start : start + train.batch_size]).backward()
+            optimiser.step()
+        head.eval()
         with torch.no_grad():
-            val_loss = float(loss(val, validation=True))
+            val_loss = float(loss(val, main_only=True))
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best - 1e-5:
-            best, best_state, since, kept = val_loss, copy.deepcopy(head.state_dict()), 0, epoch + 1
+            best, best_state, since = val_loss, copy.deepcopy(head.state_dict()), 0
         else:
             since += 1
             if since >= train.patience:
@@ -238,24 +206,7 @@ def early_stopping(head: ProbeHead, loss: HeadLoss, tr: np.ndarray, val: np.ndar
     bar.close()
     head.load_state_dict(best_state)
     head.eval()
-    return epoch + 1, kept
-
-
-def adamw(head: ProbeHead, train: TrainConfig) -> torch.optim.AdamW:
-    """The optimiser of every head (``foreach``: the same steps as the per-parameter loop, fewer small ops)."""
-    return torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay, foreach=True)
-
-
-def one_epoch(head: ProbeHead, loss: HeadLoss, structures: np.ndarray, batch_size: int,
-              optimiser: torch.optim.Optimizer, generator: torch.Generator) -> None:
-    """One pass of optimiser steps over shuffled batches of ``structures``; leaves ``head`` in eval mode."""
-    head.train()
-    order = structures[torch.randperm(len(structures), generator=generator).numpy()]
-    for start in range(0, len(order), batch_size):
-        optimiser.zero_grad()
-        loss(order[start : start + batch_size]).backward()
-        optimiser.step()
-    head.eval()
+    return epoch + 1
 
 
 def out_of_fold_logits(
@@ -265,7 +216,6 @@ def out_of_fold_logits(
     structures: np.ndarray,
     elements: Sequence[int],
     folds: int,
-    epochs: int,
     config: HeadConfig = HeadConfig(),
     train: TrainConfig = TrainConfig(),
     progress: bool = True,
@@ -275,15 +225,10 @@ def out_of_fold_logits(
     """Logits of each of ``structures`` from a head trained without it.
 
     ``folds`` stratified folds (at least 2, at most the minority class's
-    structures), seeded by ``train.seed``. The fold heads (each of
-    ``config.members`` members) train together, as one head of ``folds *
-    config.members`` members on shared shuffled batches of the structures
-    (``folds / (folds - 1)`` times ``train.batch_size``, so each sees about
-    that many of its own per step), each counting only the structures outside its fold, for
-    ``epochs`` epochs: the deployed head's, so no held fold is used to stop
-    on and its logits are those of a head trained as the deployed one was.
-    Returns ``(len(structures), 1 + n_aux)`` logits in the order of
-    ``structures``: the main logit first, then the auxiliary quantile logits.
+    structures), seeded by ``train.seed``; each fold head trains on the other
+    folds with :func:`train_head` and early-stops on its own fold. Returns
+    ``(len(structures), 1 + n_aux)`` logits in the order of ``structures``:
+    the main logit first, then the auxiliary quantile logits.
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -292,26 +237,14 @@ def out_of_fold_logits(
     if not 2 <= folds <= min(y.sum(), len(y) - y.sum()):
         raise LabelError(f"{folds} out-of-fold heads need 2 <= folds <= the structures of each class, got "
                          f"{int(y.sum())} reliable of {len(y)}", folds=folds, n=len(y), n_reliable=int(y.sum()))
-    split = list(StratifiedKFold(folds, shuffle=True, random_state=train.seed).split(structures, y))
-    per_fold = config.members
-    owner = np.repeat(np.arange(folds), per_fold)  # member m is one of fold owner[m]'s heads
-    head = seeded_head(data, elements, replace(config, members=folds * per_fold), train.seed)
-    trains = [np.sort(structures[split[f][0]]) for f in owner]
-    for m, tr in enumerate(trains):
-        head.set_standardisation(data.features[structure_rows(data.ptr, tr)], m)
-    loss = HeadLoss(head, data, edges, labels, trains, errors, atom_labels)
-    generator, optimiser = torch.Generator().manual_seed(train.seed), adamw(head, train)
-    batch = math.ceil(train.batch_size * folds / (folds - 1))
-    for _ in tqdm(range(epochs), desc="fold heads", unit="epoch", disable=not progress):
-        one_epoch(head, loss, structures, batch, optimiser, generator)
     out = np.empty((len(structures), 1 + len(config.aux_quantiles)))
-    for f, (_, held) in enumerate(split):
-        mine = np.flatnonzero(owner == f)
-        if config.atom_error:
-            for m in mine:
-                blend_error(head, data, edges, structures[held], int(m))
+    kfold = StratifiedKFold(folds, shuffle=True, random_state=train.seed)
+    for rest, held in tqdm(list(kfold.split(structures, y)), desc="fold heads", unit="head", disable=not progress):
+        splits = (structures[rest], structures[held], structures[held][:0])
+        head, _ = train_head(data, edges, labels, splits, elements, config, train, False, errors, atom_labels)
         with torch.no_grad():
-            logits = head.member_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges,
-                                                      structures[held]))[0]
-        out[held] = logits[mine].mean(0).numpy()
+            out[held] = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges,
+                                                      structures[held]))[0].numpy()
     return out
+
+

@@ -154,33 +154,29 @@ class ProbeHead(nn.Module):
                               for name, value in states[0].items()})
         return head.eval()
 
-    def set_standardisation(self, features: torch.Tensor, member: int | None = None) -> None:
-        """Store the mean and scale of training features ``(n_atoms, feature_dim)`` for ``member`` (None: every
-        member)."""
-        features, which = features.to(self.feature_mean), slice(None) if member is None else member
-        self.feature_mean[which] = features.mean(0)
-        self.feature_scale[which] = features.std(0).clamp_min(1e-6)
+    def set_standardisation(self, features: torch.Tensor) -> None:
+        """Store every member's mean and scale of training features ``(n_atoms, feature_dim)``."""
+        features = features.to(self.feature_mean)
+        self.feature_mean.copy_(features.mean(0).expand_as(self.feature_mean))
+        self.feature_scale.copy_(features.std(0).clamp_min(1e-6).expand_as(self.feature_scale))
 
-    def set_error_scale(self, log_errors: torch.Tensor, member: int | None = None) -> None:
-        """Store mean and spread of the training atoms' ``log |ΔF_i|`` (log eV/Å), the error readout's units, for
-        ``member`` (None: every member)."""
-        which = slice(None) if member is None else member
-        self.error_shift[which] = float(log_errors.mean())
-        self.error_scale[which] = float(log_errors.std().clamp_min(1e-6))
+    def set_error_scale(self, log_errors: torch.Tensor) -> None:
+        """Store mean and spread of the training atoms' ``log |ΔF_i|`` (log eV/Å): the error readout's units."""
+        self.error_shift.fill_(float(log_errors.mean()))
+        self.error_scale.fill_(float(log_errors.std().clamp_min(1e-6)))
 
-    def set_error_blend(self, logits: torch.Tensor, structure_error: torch.Tensor, member: int | None = None) -> None:
-        """Blend the predicted structure error into a member's logits with the spread of each logit column.
+    def set_error_blend(self, logits: torch.Tensor, structure_error: torch.Tensor) -> None:
+        """Blend the predicted structure error into a single head's logits with the spread of each logit column.
 
-        ``logits`` ``(n, labels)`` are ``member``'s logits of held-out
-        structures before any blend (None: a single head's, for every member),
-        ``structure_error`` ``(n,)`` their standardised predicted log RMS atom
-        errors (:func:`log_rms_error`). Afterwards each column is lowered by
-        ``std(column) / std(error)`` times the error (about its mean): both
-        views of the structure weigh the same.
+        ``logits`` ``(n, labels)`` are the head's logits of held-out structures
+        before any blend, ``structure_error`` ``(n,)`` their standardised
+        predicted log RMS atom errors (:func:`log_rms_error`). Afterwards each
+        column is lowered by ``std(column) / std(error)`` times the error
+        (about its mean): both views of the structure weigh the same.
         """
-        spread, which = structure_error.std().clamp_min(1e-6), slice(None) if member is None else member
-        self.error_blend[which] = logits.std(0) / spread
-        self.error_centre[which] = float(structure_error.mean())
+        spread = structure_error.std().clamp_min(1e-6)
+        self.error_blend.copy_((logits.std(0) / spread).expand_as(self.error_blend))
+        self.error_centre.fill_(float(structure_error.mean()))
 
     def forward(self, features: torch.Tensor, numbers: torch.Tensor, edges: torch.Tensor, batch: torch.Tensor,
                 n_structures: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -79,11 +79,10 @@ class NoveltyConfig:
             (``w = 0``).
         weight_folds: ``w`` is fitted on the out-of-fold logits of this many
             fold heads over the train and validation structures (each trained
-            without its fold for as many epochs as the deployed head's kept
-            state, all of them together as one batched head; the deployed
-            head is not one of them); 0 fits ``w`` on the validation split's
-            logits alone (cheaper: no extra heads, but unstable with few
-            unreliable validation structures).
+            without its fold, early-stopping on it; the deployed head is not
+            one of them); 0 fits ``w`` on the validation split's logits alone
+            (cheaper: no extra heads, but unstable with few unreliable
+            validation structures).
     """
 
     components: int = 2
