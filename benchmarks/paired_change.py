@@ -129,6 +129,7 @@ def grouped(folders: list[Path]) -> dict[str, list[Run]]:
 
 
 def fit_seeds(runs: list[Run]) -> list[int]:
+    """The runs' PROBE fit seeds (0 where a run did not record one)."""
     return [res["settings"].get("fit_seed", 0) for res, _ in runs]
 
 
