@@ -98,9 +98,9 @@ def change_row(data: str, kind: str, regime: str, crit: str, r0: dict, olds: lis
         summary = "pooled" if part == "pooled" else "ood_pooled"
         for metric, value in metric_of.items():
             per_pair = [lambda i, a=a, b=b: value(i, b) - value(i, a) for a, b in pairs]
-            frames = bootstrap(lambda i: np.mean([d(i) for d in per_pair]), len(idx), strata=file_of[idx], reps=reps,
-                               seed=seed)
             both = bootstrap_seeds(per_pair, len(idx), strata=file_of[idx], reps=reps, seed=seed)
+            frames = both if len(per_pair) == 1 else bootstrap(lambda i: np.mean([d(i) for d in per_pair]), len(idx),
+                                                               strata=file_of[idx], reps=reps, seed=seed)
             per_seed = {when: [r[summary]["PROBE"][metric] for r in runs] for when, runs in (("before", olds),
                                                                                               ("after", news))}
             row[f"{part}_{metric}"] = {
