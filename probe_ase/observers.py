@@ -187,15 +187,7 @@ class ReliabilityMonitor:
         if s.first_unreliable_step is None:
             s.first_unreliable_step = step
         if self.action in ("flag", "halt") and self.flagged_path and s.flagged_frames < self.max_flagged:
-            frame = result_frame(atoms)
-            for key in ATOM_RESULTS:  # per-atom columns in extxyz
-                frame.info.pop(key, None)
-            frame.info.update(step=step, reason=reason)
-            if bad_atoms is not None:
-                frame.arrays["atom_unreliable"] = np.isin(np.arange(len(frame)), bad_atoms)
-            with open(self.flagged_path, "a") as handle:
-                write(handle, frame, format="extxyz")
-            s.flagged_frames += 1
+            self._write_flagged(step, reason, bad_atoms)
         if self.callback is not None:
             self.callback(self, atoms)
         if self.action == "halt" and self.streak >= self.patience:
@@ -209,6 +201,18 @@ class ReliabilityMonitor:
                     step=step, reliability=p, threshold=self.threshold, novelty=novelty, max_novelty=calc.max_novelty,
                     reason=reason, unreliable_atoms=None if bad_atoms is None else np.asarray(bad_atoms).tolist(),
                 )
+
+    def _write_flagged(self, step: int, reason: str, bad_atoms: np.ndarray | None) -> None:
+        """Append this step's frame, its step, reason and unreliable atoms, to ``flagged`` (extxyz)."""
+        frame = result_frame(self.atoms)
+        for key in ATOM_RESULTS:  # per-atom columns in extxyz
+            frame.info.pop(key, None)
+        frame.info.update(step=step, reason=reason)
+        if bad_atoms is not None:
+            frame.arrays["atom_unreliable"] = np.isin(np.arange(len(frame)), bad_atoms)
+        with open(self.flagged_path, "a") as handle:
+            write(handle, frame, format="extxyz")
+        self.summary_data.flagged_frames += 1
 
     def unreliable_atoms(self) -> np.ndarray | None:
         """Indices of this step's unreliable atoms (None when the monitor does not judge atoms)."""

@@ -93,11 +93,11 @@ def test_select_takes_the_least_reliable_within_limits(probe_calc, tmp_path):
 def test_bands_follow_the_documented_rule(probe_calc, tmp_path):
     learner = ActiveLearner(probe_calc, CountingEMT, db=tmp_path / "bands.db", p_lo=0.2, p_hi=0.6, novelty_hi=2.0)
     inside, outside, far = 0.5, 1.5, 2.5
-    assert [learner.band(p, inside) for p in (0.9, 0.6, 0.3, 0.2, 0.1)] == \
+    assert [learner.bands.band(p, inside) for p in (0.9, 0.6, 0.3, 0.2, 0.1)] == \
         ["reliable", "reliable", "candidate", "candidate", "failed"]
     # outside the support the probability is not trusted: the band is by novelty alone
-    assert [learner.band(p, outside) for p in (0.99, 0.01)] == ["candidate", "candidate"]
-    assert [learner.band(p, far) for p in (0.99, 0.01)] == ["failed", "failed"]
+    assert [learner.bands.band(p, outside) for p in (0.99, 0.01)] == ["candidate", "candidate"]
+    assert [learner.bands.band(p, far) for p in (0.99, 0.01)] == ["failed", "failed"]
     frame = bulk("Cu", cubic=True)
     cands = [Candidate(frame, 0.3, inside, "candidate", 0, 0, np.array([1.0, 0.0])),
              Candidate(frame, 0.95, outside, "candidate", 1, 0, np.array([1.0, 1.0]))]

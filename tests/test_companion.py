@@ -201,10 +201,10 @@ def test_active_learning_selects_on_disagreement(backbones, probes, companion, c
                                 disagreement_hi=3.0)
         inside, outside = 0.5, 1.5
         # DP-GEN's trust levels: beyond tau a candidate, beyond 3 tau failed, whatever the head says
-        assert [learner.band(0.9, inside, d * tau) for d in (0.5, 1.5, 3.5)] == ["reliable", "candidate", "failed"]
-        assert learner.band(0.1, inside, 1.5 * tau) == "failed"  # the worse of the two bands
+        assert [learner.bands.band(0.9, inside, d * tau) for d in (0.5, 1.5, 3.5)] == ["reliable", "candidate", "failed"]
+        assert learner.bands.band(0.1, inside, 1.5 * tau) == "failed"  # the worse of the two bands
         # outside the support, agreement within vouch x tau is reliable, as the calculator's verdict
-        assert [learner.band(0.1, outside, d * tau) for d in (0.4, 0.8)] == ["reliable", "candidate"]
+        assert [learner.bands.band(0.1, outside, d * tau) for d in (0.4, 0.8)] == ["reliable", "candidate"]
         with pytest.raises(InputError, match="disagreement_hi"):
             ActiveLearner(calc, CountingEMT, db=tmp_path / "x.db", disagreement_hi=0.5)
     strict = with_tau(probe, 1e-9)  # every step's models disagree: every stored frame says so

@@ -183,6 +183,21 @@ def test_every_raise_is_a_probe_error_with_details():
     assert foreign <= set(NOT_PROBE_ERRORS), f"not ProbeErrors: {sorted(foreign - set(NOT_PROBE_ERRORS))}"
 
 
+def test_modules_and_functions_stay_small():
+    """Static: no module in probe_ase/ over 400 lines, no function over 60 (docstring included)."""
+    root = Path(probe_ase.__file__).parent
+    long_modules, long_functions = [], []
+    for path in sorted(root.rglob("*.py")):
+        name, text = path.relative_to(root).as_posix(), path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > 400:
+            long_modules.append(f"{name} ({len(text.splitlines())} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long_functions.append(f"{name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long_modules, f"modules over 400 lines: {long_modules}"
+    assert not long_functions, f"functions over 60 lines: {long_functions}"
+
+
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         probe_ase.nope  # noqa: B018

@@ -2,23 +2,11 @@
 
 Each round:
 
-1. :meth:`ActiveLearner.explore` runs MD from start structures on the :class:`~probe_ase.ProbeCalculator`
-   and sorts every step into three bands (as DP-GEN does with force-deviation trust levels). Inside
-   the novelty support (``novelty <= 1``) the bands are by reliability ``p``: *reliable* (``p >= p_hi``:
-   keep exploring), *candidate* (``p_lo <= p < p_hi``: worth a reference calculation) and *failed*
-   (``p < p_lo``: too far off to be useful; that trajectory stops, the frame is stored ``rejected``).
-   Outside the support ``p`` is not trusted, so the band is by novelty alone:
-   *candidate* while ``novelty <= novelty_hi`` (new, yet near enough to be
-   useful training data), *failed* beyond. At most ``max_new`` candidates,
-   out-of-support ones first, then least reliable first, at least
-   ``min_separation`` steps apart within a trajectory and never two
-   near-identical ones, are stored as ``pending``.
-
-   *A second opinion*: when the :class:`~probe_ase.ProbeCalculator` has a companion model, a step whose
-   models disagree beyond the head's tolerance ``tau`` (on its criterion's scale) is a *candidate* up to
-   ``disagreement_hi`` x tau and *failed* beyond (DP-GEN's trust levels on the force deviation), whatever
-   PROBE says; the worse of the two bands counts. Outside the support, agreement within the calculator's
-   ``vouch`` x tau makes the step *reliable*, as its verdict does.
+1. :meth:`ActiveLearner.explore` runs MD from start structures on the :class:`~probe_ase.ProbeCalculator`,
+   sorts every step into the bands *reliable*, *candidate* and *failed* by reliability, novelty and a
+   companion model's disagreement (:class:`~probe_ase.al.select.Bands`), and stores at most ``max_new``
+   candidates as ``pending`` (:func:`~probe_ase.al.select.select`); a trajectory stops at its first
+   failed step, which is stored ``rejected``.
 
    *Regions* (``region_buffer`` in Å; for big cells, DESIGN §9): atoms are
    judged too, a step with any unreliable atom is a candidate, and each
@@ -57,7 +45,7 @@ from tqdm.auto import tqdm
 
 from probe_ase.al.label import ReferenceFactory, label_pending
 from probe_ase.al.regions import extract_regions
-from probe_ase.al.select import Candidate, select
+from probe_ase.al.select import Bands, Candidate, select
 from probe_ase.al.store import STATUSES, ALStore, RoundRecord
 from probe_ase.calculator import ProbeCalculator
 from probe_ase.exceptions import InputError
@@ -221,12 +209,13 @@ class ActiveLearner:
         dyn = md(atoms)
         found: list[Candidate] = []
         failed: list[Candidate] = []
+        bands = self.bands
 
         def observe() -> None:
             p = float(self.probe_calc.get_property("reliability", atoms))
             results, second = self.probe_calc.results, self.probe_calc.disagreement
             gap = None if second is None else second.on(self.probe_calc.probe.meta.criterion)
-            band = self.band(p, float(results["novelty"]), gap)
+            band = bands.band(p, float(results["novelty"]), gap)
             bad = None
             if self.region_buffer is not None:
                 ok = self.probe_calc.probe.atom_verdict(results["atom_reliability"], results["atom_novelty"],
@@ -253,23 +242,12 @@ class ActiveLearner:
         dyn.run(steps)
         return found, failed, dyn.nsteps + 1
 
-    def band(self, reliability: float, novelty: float, disagreement: float | None = None) -> str:
-        """``"reliable"``, ``"candidate"`` or ``"failed"`` for one step (the rule in the module docstring);
-        ``disagreement``: a companion's, on the head's criterion scale (None: no companion)."""
+    @property
+    def bands(self) -> Bands:
+        """This learner's band edges with the current calculator's ``tau``, ``max_novelty`` and ``vouch``."""
         calc = self.probe_calc
-        tau = calc.probe.meta.tau
-        if disagreement is not None and disagreement > tau:
-            second = "candidate" if disagreement <= self.disagreement_hi * tau else "failed"
-        else:
-            second = "reliable"
-        if novelty > calc.max_novelty:
-            vouched = disagreement is not None and calc.vouch > 0 and disagreement <= calc.vouch * tau
-            first = "reliable" if vouched else "candidate" if novelty <= self.novelty_hi else "failed"
-        elif reliability >= self.p_hi:
-            first = "reliable"
-        else:
-            first = "candidate" if reliability >= self.p_lo else "failed"
-        return max(first, second, key=("reliable", "candidate", "failed").index)
+        return Bands(self.p_lo, self.p_hi, self.novelty_hi, self.disagreement_hi, calc.probe.meta.tau,
+                     calc.max_novelty, calc.vouch)
 
     def select(self, candidates: Sequence[Candidate], max_new: int, min_separation: int) -> list[Candidate]:
         """:func:`~probe_ase.al.select.select`, against the frames already in the database."""
@@ -282,16 +260,8 @@ class ActiveLearner:
         data = {"mlip_energy": atoms.info.pop("mlip_energy"), "mlip_forces": atoms.arrays.pop("mlip_forces"),
                 "fingerprint": cand.fingerprint}
         data |= {key: atoms.arrays.pop(key) for key in ("atom_importance", "atom_reliability") if key in atoms.arrays}
-        if cand.disagreement is not None and cand.disagreement > self.probe_calc.probe.meta.tau:
-            reason = "models_disagree"
-        elif cand.novelty > self.probe_calc.max_novelty:
-            reason = "out_of_support"
-        elif cand.reliability < self.p_hi:
-            reason = "low_probability"
-        else:
-            reason = "low_atom_reliability"
         rows = dict(round=self.round, band=cand.band, reliability=cand.reliability, novelty=cand.novelty,
-                    reason=reason, trajectory=cand.trajectory, step=cand.step)
+                    reason=self.bands.reason(cand), trajectory=cand.trajectory, step=cand.step)
         if cand.disagreement is not None:
             rows["disagreement"] = cand.disagreement
         if status != "pending" or cand.unreliable_atoms is None or not cand.unreliable_atoms.size:

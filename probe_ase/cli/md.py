@@ -46,6 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "atom's reliability is below P (0-1; 'auto': the head's atom p*); the log lists them "
                            "(default: structure only)")
 
+    add_second_opinion(parser)
+    add_outputs(parser)
+
+    adv = parser.add_argument_group("advanced")
+    adv.add_argument("--friction", type=float, default=0.01, metavar="PER_FS",
+                     help="Langevin friction in 1/fs, > 0 (default: 0.01)")
+    adv.add_argument("--pressure", type=float, default=0.0, metavar="GPA", help="NPT pressure in GPa (default: 0)")
+    adv.add_argument("--compressibility", type=float, default=0.01, metavar="PER_GPA",
+                     help="NPT compressibility in 1/GPa, > 0 (default: 0.01)")
+    adv.add_argument("--seed", type=int, default=0, help="seed for velocities and thermostat, >= 0 (default: 0)")
+
+
+def add_second_opinion(parser: argparse.ArgumentParser) -> None:
+    """``probe-ase md``'s companion-model arguments."""
     second = parser.add_argument_group("second opinion", "a companion model's force disagreement in the verdict")
     add_companion(second)
     second.add_argument("--companion-every", type=int, default=1, metavar="K",
@@ -56,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="outside the novelty support, two models agreeing within F x the head's tolerance make "
                              "the step reliable (0-1; default: 0, never: the fail-safe verdict)")
 
+
+def add_outputs(parser: argparse.ArgumentParser) -> None:
+    """``probe-ase md``'s output-file arguments."""
     out = parser.add_argument_group("output files", "an existing file is refused unless --append is given")
     out.add_argument("--trajectory", default="md.traj", metavar="PATH",
                      help="trajectory with reliability per frame (.traj, or extxyz for other suffixes; positions "
@@ -71,14 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="extxyz of unreliable frames (default: flagged.xyz)")
     out.add_argument("--max-flagged", type=int, default=100, metavar="N",
                      help="most flagged frames written, >= 0 (default: 100)")
-
-    adv = parser.add_argument_group("advanced")
-    adv.add_argument("--friction", type=float, default=0.01, metavar="PER_FS",
-                     help="Langevin friction in 1/fs, > 0 (default: 0.01)")
-    adv.add_argument("--pressure", type=float, default=0.0, metavar="GPA", help="NPT pressure in GPa (default: 0)")
-    adv.add_argument("--compressibility", type=float, default=0.01, metavar="PER_GPA",
-                     help="NPT compressibility in 1/GPa, > 0 (default: 0.01)")
-    adv.add_argument("--seed", type=int, default=0, help="seed for velocities and thermostat, >= 0 (default: 0)")
 
 
 def _atom_threshold(text: str) -> float | str:
