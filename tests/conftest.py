@@ -211,3 +211,17 @@ def db_url(request, tmp_path):
     url = create_database(server)
     yield url
     drop_database(server, url)
+
+
+#: files whose tests share no fixture worth building once and take 20 s to 3 min each (pages, examples): each test is
+#: its own unit of work under xdist, and they start first, so no long test is left to run alone at the end
+SPREAD = ("test_docs.py", "test_examples.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    """Group tests for pyproject's ``--dist loadgroup``: each test of :data:`SPREAD` alone, every other file whole
+    (its run-wide fixtures built once on one worker); the SPREAD tests first (``--no-loadscope-reorder`` keeps it)."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if item.path.name in SPREAD else item.path.name))
+    items.sort(key=lambda item: item.path.name not in SPREAD)
