@@ -85,6 +85,19 @@ def _head(**variant):
     return head.eval()
 
 
+def test_batch_inputs_gathers_structures_in_the_order_asked():
+    """Three structures of 2, 3 and 1 atoms; asking for [2, 0] gives structure 2's atom then structure 0's two, each
+    graph shifted to its atoms' new rows, and each atom's place in the batch."""
+    features = torch.arange(12.0).view(6, 2)
+    numbers = torch.tensor([1, 6, 8, 1, 1, 6])
+    ptr = np.array([0, 2, 5, 6])
+    edges = [np.array([[0, 1, 0], [0, 1, 1]]), np.array([[0, 1, 2], [0, 1, 2]]), np.array([[0], [0]])]
+    feats, nums, graph, owner, n = batch_inputs(features, numbers, ptr, edges, [2, 0])
+    torch.testing.assert_close(feats, features[[5, 0, 1]])
+    assert nums.tolist() == [6, 1, 6] and owner.tolist() == [0, 1, 1] and n == 2
+    assert graph.dtype == torch.int64 and graph.tolist() == [[0, 1, 2, 1], [0, 1, 2, 2]]
+
+
 def test_aux_logits_come_after_the_main_one():
     head = _head(aux_quantiles=(0.5, 0.9))
     features, numbers, ptr, edges = _two_structures()

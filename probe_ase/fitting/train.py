@@ -183,7 +183,7 @@ def early_stopping(head: ProbeHead, loss: HeadLoss, tr: np.ndarray, val: np.ndar
     """AdamW over shuffled batches of ``tr`` until the validation loss stalls ``train.patience`` epochs; leaves the
     best state in ``head`` (in eval mode) and returns the epochs run."""
     generator = torch.Generator().manual_seed(train.seed)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=train.lr, weight_decay=train.weight_decay, foreach=True)
     best, best_state, since, epoch = math.inf, copy.deepcopy(head.state_dict()), 0, 0
     bar = tqdm(range(train.epochs), desc="fit head", unit="epoch", disable=not progress)
     for epoch in bar:  # noqa: B007 - read after the loop: the epochs run

@@ -244,12 +244,20 @@ def log_rms_error(atom_errors: torch.Tensor, shift: torch.Tensor, scale: torch.T
 
 def structure_rows(ptr: Sequence[int], indices: Iterable[int]) -> torch.Tensor:
     """Row indices of structures ``indices`` in atom-concatenated arrays (structure ``k`` owns ``ptr[k]:ptr[k+1]``)."""
-    return torch.cat([torch.arange(int(ptr[k]), int(ptr[k + 1])) for k in indices])
+    starts, counts = _starts_counts(ptr, indices)
+    return torch.from_numpy(np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()))
 
 
 def structure_ptr(ptr: Sequence[int], indices: Iterable[int]) -> np.ndarray:
     """Offsets of structures ``indices`` once their rows are gathered (:func:`structure_rows`) into one array."""
-    return np.cumsum([0] + [int(ptr[k + 1]) - int(ptr[k]) for k in indices])
+    return np.concatenate([[0], np.cumsum(_starts_counts(ptr, indices)[1])])
+
+
+def _starts_counts(ptr: Sequence[int], indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+    """First rows and atom counts (int64) of structures ``indices``."""
+    ptr = np.asarray(ptr, dtype=np.int64)
+    indices = np.fromiter(indices, dtype=np.int64) if not isinstance(indices, np.ndarray) else indices.astype(np.int64)
+    return ptr[indices], ptr[indices + 1] - ptr[indices]
 
 
 def batch_inputs(
@@ -274,14 +282,12 @@ def batch_inputs(
         graph = torch.as_tensor(edges[indices[0]], device=device)
         owner = torch.zeros(features.shape[0], dtype=torch.long, device=device)
         return features, numbers.to(device), graph, owner, 1
-    graph, owner = [], []
-    offset = 0
-    for b, k in enumerate(indices):
-        start, stop = int(ptr[k]), int(ptr[k + 1])
-        graph.append(torch.as_tensor(edges[k]) + offset)
-        owner.append(torch.full((stop - start,), b, dtype=torch.long))
-        offset += stop - start
+    counts = _starts_counts(ptr, indices)[1]
+    graphs = [np.asarray(edges[k]) for k in indices]
+    offsets = np.repeat(np.cumsum(counts) - counts, [g.shape[1] for g in graphs])
+    graph = torch.from_numpy(np.concatenate(graphs, axis=1).astype(np.int64) + offsets)
+    owner = torch.from_numpy(np.repeat(np.arange(len(indices), dtype=np.int64), counts))
     rows_t = structure_rows(ptr, indices)
     feats, nums = features[rows_t.to(features.device)], numbers[rows_t.to(numbers.device)]
     device = feats.device
-    return feats, nums.to(device), torch.cat(graph, dim=1).to(device), torch.cat(owner).to(device), len(indices)
+    return feats, nums.to(device), graph.to(device), owner.to(device), len(indices)
