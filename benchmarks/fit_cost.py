@@ -1,7 +1,7 @@
 """What fitting a head costs against the backbone's own pass over the same frames, per stage, 400 -> 4 000 frames.
 
     python -m benchmarks.fit_cost --data ../shared/data/acac [--frames 400 1000 2000 4000] [--threads 1]
-                                  [--weight-folds 5] [--out benchmarks/results/fit-cost.json]
+                                  [--weight-folds 5] [--workers 1] [--out benchmarks/results/fit-cost.json]
     python -m benchmarks.fit_cost --data ../shared/data/mlearn --backbone chgnet-0.3.0 --frames 400 571
                                   [--out benchmarks/results/fit-cost-chgnet.json]
 
@@ -20,12 +20,12 @@ processes:
   (``featurize`` with the cache off): what featurising costs;
 * ``per_frame``: the backbone's ASE calculator on the same frames one at a time (energy and forces): what the
   user's own script pays for them;
-* ``fit_probe`` with the default ``FitOptions`` (``--weight-folds`` changes that one) on those frames, its features
+* ``fit_probe`` with the default ``FitOptions`` (``--weight-folds`` and ``--workers`` change those) on those frames, its features
   already cached, so every second of it is the head's: the stages of
   ``probe.report["seconds"]`` (featurise = reading the cache, train, novelty,
   fold heads, calibrate, certify) and the whole call;
 * the peak resident memory (MiB) of the fit's own process (the backbone loaded and the frames read, no backbone
-  pass) and of the process that ran the backbone's passes.
+  pass), of its largest worker process (``--workers``) and of the process that ran the backbone's passes.
 
 Printed as a table; written as JSON with the environment. The target
 (issue: fitting at the cost of the data) is fit / backbone <= 2 at 400 and
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
+from concurrent.futures import ProcessPoolExecutor
 import sys
 import tempfile
 import time
@@ -96,20 +97,23 @@ def backbone_passes(model: str, data: str, n: int, threads: int, cache: str) -> 
             "per_frame_s": time.perf_counter() - start, "passes_peak_MiB": peak_mib()}
 
 
-def fit_only(model: str, data: str, n: int, threads: int, cache: str, weight_folds: int = 5) -> dict:
+def fit_only(model: str, data: str, n: int, threads: int, cache: str, weight_folds: int = 5, workers: int = 1) -> dict:
     """``fit_probe`` on ``n`` frames whose features are cached, in a fresh process: seconds per stage and the fit's
-    own peak memory (the backbone loaded, the frames read, no backbone pass); ``weight_folds`` as in FitOptions."""
+    own peak memory (the backbone loaded, the frames read, no backbone pass); ``weight_folds`` and ``workers`` as in
+    FitOptions."""
     set_threads(threads)
     from probe_ase import FitOptions, fit_probe
 
     frames = pool_frames(Path(data), n)
     calc, _ = load_calc(model)
     start = time.perf_counter()
-    probe = fit_probe(calc, frames, cache_dir=cache, progress=False, options=FitOptions(weight_folds=weight_folds))
+    probe = fit_probe(calc, frames, cache_dir=cache, progress=False,
+                      options=FitOptions(weight_folds=weight_folds, workers=workers))
     total = time.perf_counter() - start
     seconds = probe.report["seconds"]
-    return {"weight_folds": weight_folds, "fit_s": total, **{f"{k}_s": seconds.get(k, 0.0) for k in STAGES},
-            "epochs": probe.report["epochs"], "peak_MiB": peak_mib()}
+    return {"weight_folds": weight_folds, "workers": workers, "fit_s": total, **{f"{k}_s": seconds.get(k, 0.0) for k in STAGES},
+            "epochs": probe.report["epochs"], "peak_MiB": peak_mib(),
+            "workers_peak_MiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 def set_threads(threads: int) -> None:
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="a pretrained backbone name (e.g. chgnet-0.3.0) instead of the 16-channel MACE trained here")
     ap.add_argument("--weight-folds", type=int, default=5,
                     help="FitOptions.weight_folds: fold heads fitting the novelty weight (default 5, the default's)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="FitOptions.workers: processes training the fold heads side by side (default 1)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fit-cost.json"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
@@ -152,9 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         context = multiprocessing.get_context("spawn")
         for n in args.frames:
             row = {}
-            for stage, extra in ((backbone_passes, ()), (fit_only, (args.weight_folds,))):  # fresh processes: the
-                with context.Pool(1) as pool:  # fit's peak memory is its own
-                    row |= pool.apply(stage, (model, str(args.data), n, args.threads, str(Path(work) / "cache"), *extra))
+            for stage, extra in ((backbone_passes, ()), (fit_only, (args.weight_folds, args.workers))):  # fresh processes: the
+                # not a multiprocessing.Pool: its daemonic workers could not start the fit's own workers
+                with ProcessPoolExecutor(1, mp_context=context) as pool:  # fit's peak memory is its own
+                    row |= pool.submit(stage, model, str(args.data), n, args.threads, str(Path(work) / "cache"),
+                                       *extra).result()
             row |= {"fit/backbone": row["fit_s"] / row["backbone_s"], "fit/per_frame": row["fit_s"] / row["per_frame_s"]}
             rows.append(row)
             print(f"{n:>5} frames: backbone {row['backbone_s']:7.1f} s (one at a time {row['per_frame_s']:.1f} s), "

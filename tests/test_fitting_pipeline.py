@@ -60,6 +60,29 @@ def test_fit_is_deterministic(backbones, cu_data):
         np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("calibration", ["split", "crossfit"])
+def test_heads_trained_in_worker_processes_are_the_heads_trained_here(backbones, cu_data, calibration):
+    """FitOptions(workers=2): the fold heads (of the novelty weight, or of cross-fitted calibration) train in two
+    spawned processes of one torch thread each; the head, its calibration and p* are bit for bit the serial fit's
+    on one thread."""
+    options = dict(hidden=16, epochs=4, weight_folds=3, calibration=calibration, folds=3, members=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fits = [fit_probe(backbones("mace"), cu_data["pool"], criterion="energy_per_atom", quantile=0.7,
+                          cache_dir=False, progress=False, options=FitOptions(**options, workers=workers))
+                for workers in (1, 2)]
+    finally:
+        torch.set_num_threads(threads)
+    serial, parallel = fits
+    assert parallel.meta.spec.options.workers == 2 and serial.meta.spec.options.workers == 1
+    assert parallel.p_star == serial.p_star and parallel.meta.calibration == serial.meta.calibration
+    assert parallel.report["epochs"] == serial.report["epochs"]
+    for (name, x), (_, y) in zip(serial.head.state_dict().items(), parallel.head.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
 def test_a_fit_on_given_features_is_the_fit_on_the_frames(backbones, cu_data):
     """``fit_spec(..., features=...)`` (a subset of a larger pass: the backbone does not run again) fits the head the
     frames themselves fit; features of other frames are refused."""

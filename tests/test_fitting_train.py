@@ -180,3 +180,20 @@ def test_out_of_fold_logits_rank_structures_their_heads_never_saw(backbones, cu_
                            errors=errors)
     with pytest.raises(InputError, match="weight_folds"):
         NoveltyConfig(weight_folds=1)
+
+
+def test_workers_in_a_daemonic_process_are_a_clear_error(backbones, cu_data, monkeypatch):
+    """A multiprocessing.Pool worker is daemonic and may not start processes: workers > 1 there is an InputError
+    before any head trains; workers=1 fits."""
+    import multiprocessing
+
+    monkeypatch.setitem(multiprocessing.current_process()._config, "daemon", True)
+    assert multiprocessing.current_process().daemon
+    options = dict(hidden=8, epochs=2, weight_folds=2)
+    with pytest.raises(InputError, match="daemonic process") as info:
+        fit_probe(backbones("mace"), cu_data["pool"], cache_dir=False, progress=False,
+                  options=FitOptions(**options, workers=2))
+    assert info.value.workers == 2
+    probe = fit_probe(backbones("mace"), cu_data["pool"], cache_dir=False, progress=False,
+                      options=FitOptions(**options, workers=1))
+    assert probe.report["novelty_weight_folds"] == 2

@@ -8,14 +8,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from tqdm.auto import tqdm
 
 from probe_ase.exceptions import LabelError
 from probe_ase.fitting.data import FeatureSet
 from probe_ase.fitting.novelty import fit_novelty
 from probe_ase.fitting.split import split_indices
 from probe_ase.fitting.timing import timed
-from probe_ase.fitting.train import TrainConfig, out_of_fold_logits, train_head
+from probe_ase.fitting.train import TrainConfig, out_of_fold_logits, train_head, train_heads
 from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, structure_ptr, structure_rows
 from probe_ase.model.novelty import NoveltyConfig, NoveltyModel, structure_novelty
 
@@ -155,24 +154,25 @@ def _fold_heads(
     validation structures."""
     from sklearn.model_selection import StratifiedKFold
 
-    everything, single, heads, epochs = np.arange(len(labels)), replace(config, members=1), [], 0
+    everything = np.arange(len(labels))
     z_all = np.empty((len(labels), 1 + len(config.aux_quantiles)))
     importance_all, z_atom_all = np.empty(len(data.numbers)), np.empty(len(data.numbers))
-    kfold = StratifiedKFold(train.folds, shuffle=True, random_state=train.seed)
-    for k, (rest, fold) in enumerate(tqdm(list(kfold.split(everything, labels)), desc="fold heads", unit="head",
-                                          disable=not progress)):
+    kfold = list(StratifiedKFold(train.folds, shuffle=True, random_state=train.seed).split(everything, labels))
+    runs = []
+    for k, (rest, fold) in enumerate(kfold):
         tr, val = train_test_split(rest, test_size=train.val_fraction * len(labels) / len(rest),
                                    stratify=labels[rest], random_state=train.seed)
-        head, ran = train_head(data, edges, labels, (np.sort(tr), np.sort(val), fold[:0]), elements, single,
-                               replace(train, seed=train.seed + k), False, errors, atom_labels)
-        heads.append(head)
-        epochs = max(epochs, ran)
+        runs.append(((np.sort(tr), np.sort(val), fold[:0]), replace(train, seed=train.seed + k)))
+    trained = train_heads(data, edges, labels, runs, elements, replace(config, members=1), train.workers, errors,
+                          atom_labels, progress)
+    for (_, fold), (head, _) in zip(kfold, trained):
         z_all[fold], importance, z_atom = head_outputs(head, data, edges, fold)
         rows = structure_rows(data.ptr, fold).numpy()
         importance_all[rows] = importance
         if len(z_atom):
             z_atom_all[rows] = z_atom
-    head = ProbeHead.from_members(heads, replace(config, members=train.folds))
-    return head, epochs, z_all, importance_all, z_atom_all, (tr, val)
+    head = ProbeHead.from_members([head for head, _ in trained], replace(config, members=train.folds))
+    tr, val = runs[-1][0][:2]
+    return head, max(ran for _, ran in trained), z_all, importance_all, z_atom_all, (tr, val)
 
 

@@ -176,7 +176,7 @@ def internal_configs(spec: FitSpec) -> Configs:
     o = spec.options
     return Configs(HeadConfig(hidden=o.hidden, cutoff=o.cutoff, members=o.members),
                    TrainConfig(epochs=o.epochs, patience=o.patience, seed=o.seed, calibration=o.calibration,
-                               folds=o.folds),
+                               folds=o.folds, workers=o.workers),
                    NoveltyConfig(support_quantile=o.support_quantile, weight_folds=o.weight_folds))
 
 

@@ -65,6 +65,12 @@ class FitOptions:
         patience: epochs without validation improvement before stopping.
         seed: seeds splits, initialisation and shuffling.
         batch_size: structures per backbone pass while featurising.
+        workers: processes that train the fold heads (and ``members``) side
+            by side, one torch thread each: about ``min(workers, heads)``
+            times faster on idle cores, the same heads as one after another
+            on one thread (each process starts in about a second and gets a copy of
+            the features). The processes are spawned: a script must call
+            the fit under ``if __name__ == "__main__":``.
     """
 
     layers: tuple[int, ...] | None = None
@@ -81,6 +87,7 @@ class FitOptions:
     patience: int = 20
     seed: int = 0
     batch_size: int = 32
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -89,7 +96,7 @@ class FitOptions:
             _choice("channels", self.channels, CHANNELS)
         _choice("calibration", self.calibration, CALIBRATION)
         _choice("fallback", self.fallback, FALLBACKS)
-        for name in ("hidden", "members", "epochs", "patience", "batch_size"):
+        for name in ("hidden", "members", "epochs", "patience", "batch_size", "workers"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}", **{name: getattr(self, name)})
         if self.folds < 2:

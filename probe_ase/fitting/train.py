@@ -47,6 +47,8 @@ class TrainConfig:
             guarantee is then approximate (see README, "Cross-fitted
             calibration").
         folds: fold heads of ``calibration="crossfit"`` (>= 2).
+        workers: processes that train independent heads (fold heads,
+            members) side by side, one torch thread each (:func:`train_heads`).
     """
 
     epochs: int = 150
@@ -59,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     calibration: CalibrationMode = "split"
     folds: int = 5
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION:
@@ -66,10 +69,10 @@ class TrainConfig:
                              calibration=self.calibration)
         if self.folds < 2:
             raise InputError(f"folds must be >= 2, got {self.folds}", folds=self.folds)
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
-            raise InputError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, "
-                             f"{self.batch_size}",
-                             epochs=self.epochs, patience=self.patience, batch_size=self.batch_size)
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.workers < 1:
+            raise InputError(f"epochs, patience, batch_size and workers must be >= 1, got {self.epochs}, "
+                             f"{self.patience}, {self.batch_size}, {self.workers}", epochs=self.epochs,
+                             patience=self.patience, batch_size=self.batch_size, workers=self.workers)
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise InputError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}",
                              lr=self.lr, weight_decay=self.weight_decay)
@@ -108,9 +111,9 @@ def train_head(
     (:meth:`ProbeHead.from_members`); the epochs are the most any member ran.
     """
     if config.members > 1:
-        single = replace(config, members=1)
-        trained = [train_head(data, edges, labels, splits, elements, single, replace(train, seed=train.seed + k),
-                              progress, errors, atom_labels) for k in range(config.members)]
+        runs = [(splits, replace(train, seed=train.seed + k)) for k in range(config.members)]
+        trained = train_heads(data, edges, labels, runs, elements, replace(config, members=1), train.workers, errors,
+                              atom_labels, progress)
         return ProbeHead.from_members([head for head, _ in trained], config), max(epochs for _, epochs in trained)
     tr, val, _ = splits
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's global RNG alone
@@ -238,13 +241,66 @@ def out_of_fold_logits(
         raise LabelError(f"{folds} out-of-fold heads need 2 <= folds <= the structures of each class, got "
                          f"{int(y.sum())} reliable of {len(y)}", folds=folds, n=len(y), n_reliable=int(y.sum()))
     out = np.empty((len(structures), 1 + len(config.aux_quantiles)))
-    kfold = StratifiedKFold(folds, shuffle=True, random_state=train.seed)
-    for rest, held in tqdm(list(kfold.split(structures, y)), desc="fold heads", unit="head", disable=not progress):
-        splits = (structures[rest], structures[held], structures[held][:0])
-        head, _ = train_head(data, edges, labels, splits, elements, config, train, False, errors, atom_labels)
+    kfold = list(StratifiedKFold(folds, shuffle=True, random_state=train.seed).split(structures, y))
+    runs = [((structures[rest], structures[held], structures[held][:0]), train) for rest, held in kfold]
+    trained = train_heads(data, edges, labels, runs, elements, config, train.workers, errors, atom_labels, progress)
+    for (_, held), (head, _) in zip(kfold, trained):
         with torch.no_grad():
             out[held] = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges,
                                                       structures[held]))[0].numpy()
     return out
+
+
+def train_heads(
+    data: FeatureSet,
+    edges: Sequence[np.ndarray],
+    labels: np.ndarray,
+    runs: Sequence[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], TrainConfig]],
+    elements: Sequence[int],
+    config: HeadConfig,
+    workers: int = 1,
+    errors: np.ndarray | None = None,
+    atom_labels: np.ndarray | None = None,
+    progress: bool = True,
+) -> list[tuple[ProbeHead, int]]:
+    """:func:`train_head` once per ``(splits, train)`` of ``runs``, in order: one after another, or with ``workers``
+    > 1 in that many fresh (spawned) processes of one torch thread each, which get the data once.
+
+    Each head's training is seeded by its own ``train.seed``: the heads are those one after another on one torch
+    thread gives, bit for bit (tested). Parallel runs pay about a second per process to start (importing torch) and
+    copy the features to each process.
+    """
+    shared = (data, edges, labels, elements, config, errors, atom_labels)
+    bar = dict(total=len(runs), desc="heads", unit="head", disable=not progress)
+    if workers <= 1 or len(runs) <= 1:
+        return [_train_run(shared, run) for run in tqdm(runs, **bar)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if multiprocessing.current_process().daemon:
+        raise InputError(f"workers={workers} cannot start processes here: this is a daemonic process (a "
+                         "multiprocessing.Pool worker, say); fit with workers=1 in it", workers=workers)
+    with ProcessPoolExecutor(min(workers, len(runs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=shared) as pool:
+        return list(tqdm(pool.map(_train_in_worker, runs), **bar))
+
+
+#: a worker process's copy of what its heads train on (set once by :func:`_start_worker`, in that process only)
+_WORKER_DATA: list[tuple] = []
+
+
+def _start_worker(*shared: object) -> None:
+    torch.set_num_threads(1)
+    _WORKER_DATA.append(shared)
+
+
+def _train_in_worker(run: tuple) -> tuple[ProbeHead, int]:
+    return _train_run(_WORKER_DATA[0], run)
+
+
+def _train_run(shared: tuple, run: tuple) -> tuple[ProbeHead, int]:
+    data, edges, labels, elements, config, errors, atom_labels = shared
+    splits, train = run
+    return train_head(data, edges, labels, splits, elements, config, train, False, errors, atom_labels)
 
 
