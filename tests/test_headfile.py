@@ -100,17 +100,40 @@ def test_other_versions_and_schemas_are_a_head_file_error(probes, tmp_path):
         Probe.load(tmp_path / "s.pt")
 
 
-def _as_version_10(payload: dict) -> dict:
-    """A version-11 file's metadata as version 10 wrote it: no label sources."""
+def _as_version_11(payload: dict) -> dict:
+    """A version-12 file's metadata as version 11 wrote it: no worker count in the fit's options."""
     import json
 
     meta = json.loads(payload["meta"])
+    meta["spec"]["options"].pop("workers")
+    return meta
+
+
+def _as_version_10(payload: dict) -> dict:
+    """A version-12 file's metadata as version 10 wrote it: no worker count, no label sources."""
+    meta = _as_version_11(payload)
     meta.pop("labels")
     return meta
 
 
+def test_a_version_11_file_reads_as_fitted_with_one_worker(probes, tmp_path):
+    import json
+
+    from probe_ase.model.headfile import _checksum
+
+    probe = probes("mace")
+    probe.save(tmp_path / "head.pt")
+    payload = torch.load(tmp_path / "head.pt", weights_only=True)
+    assert payload["version"] == 12 and json.loads(payload["meta"])["spec"]["options"]["workers"] == 1
+    meta_json = json.dumps(_as_version_11(payload), sort_keys=True)
+    torch.save({**payload, "version": 11, "meta": meta_json, "sha256": _checksum(meta_json, payload["state"])},
+               tmp_path / "v11.pt")
+    loaded = Probe.load(tmp_path / "v11.pt")
+    assert loaded.meta == probe.meta and loaded.meta.spec.options.workers == 1
+
+
 def _as_version_9(payload: dict) -> dict:
-    """A version-11 file's metadata as version 9 wrote it: no label sources, the spec's criterion, quantiles, target
+    """A version-12 file's metadata as version 9 wrote it: no worker count, no label sources, the spec's criterion, quantiles, target
     risk and delta repeated as fields of their own."""
     from probe_ase.model.headfile import SPEC_FIELDS
 

@@ -29,13 +29,13 @@ from probe_ase.model.novelty import NoveltyConfig, NoveltyModel
 
 FORMAT = "probe-ase-head"
 #: bumped on every schema change (:data:`CHANGES`)
-VERSION = 11
+VERSION = 12
 #: versions this probe-ase reads: a version-6 file is a version-7 one with a single head (HeadConfig.members = 1),
 #: a version-7 file a version-8 one that read the scalar channels (HeadMeta.channels = "scalars"), a version-8 file
 #: a version-9 one whose calibration and fit settings are read back from its fields (:func:`_upgrade`), a version-9
 #: file a version-10 one less the fields its spec repeats, a version-10 file a version-11 one whose labels were not
-#: recorded (reference data: HeadMeta.labels empty)
-READABLE = (6, 7, 8, 9, 10, 11)
+#: recorded (reference data: HeadMeta.labels empty), a version-11 file a version-12 one fitted with one worker
+READABLE = (6, 7, 8, 9, 10, 11, 12)
 #: what each version added, for the message when a file of another version is opened
 CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reliability",
            4: "novelty in the probability (the logit's novelty weight)",
@@ -45,7 +45,8 @@ CHANGES = {2: "the novelty model and the certified threshold", 3: "per-atom reli
            8: "the tapped channel set (HeadMeta.channels: PaiNN's vector norms)",
            9: "the fit's settings (HeadMeta.spec) and the score formula in one place (HeadMeta.calibration)",
            10: "each fit setting stored once, in HeadMeta.spec",
-           11: "where the fit's error labels came from (HeadMeta.labels: reference data or a companion model)"}
+           11: "where the fit's error labels came from (HeadMeta.labels: reference data or a companion model)",
+           12: "the fit's worker processes in its settings (FitOptions.workers)"}
 #: version-9 fields that repeat the spec's (version 10 reads them from HeadMeta.spec)
 SPEC_FIELDS = ("criterion", "quantile", "target_risk", "delta", "atom_quantile")
 
