@@ -244,13 +244,17 @@ def log_rms_error(atom_errors: torch.Tensor, shift: torch.Tensor, scale: torch.T
 
 def structure_rows(ptr: Sequence[int], indices: Iterable[int]) -> torch.Tensor:
     """Row indices of structures ``indices`` in atom-concatenated arrays (structure ``k`` owns ``ptr[k]:ptr[k+1]``)."""
-    starts, counts = _starts_counts(ptr, indices)
-    return torch.from_numpy(np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()))
+    return _rows(*_starts_counts(ptr, indices))
 
 
 def structure_ptr(ptr: Sequence[int], indices: Iterable[int]) -> np.ndarray:
     """Offsets of structures ``indices`` once their rows are gathered (:func:`structure_rows`) into one array."""
     return np.concatenate([[0], np.cumsum(_starts_counts(ptr, indices)[1])])
+
+
+def _rows(starts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+    """Rows ``starts[b] .. starts[b] + counts[b] - 1`` of every structure ``b``, in order."""
+    return torch.from_numpy(np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum()))
 
 
 def _starts_counts(ptr: Sequence[int], indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -282,12 +286,12 @@ def batch_inputs(
         graph = torch.as_tensor(edges[indices[0]], device=device)
         owner = torch.zeros(features.shape[0], dtype=torch.long, device=device)
         return features, numbers.to(device), graph, owner, 1
-    counts = _starts_counts(ptr, indices)[1]
+    starts, counts = _starts_counts(ptr, indices)
     graphs = [np.asarray(edges[k]) for k in indices]
     offsets = np.repeat(np.cumsum(counts) - counts, [g.shape[1] for g in graphs])
     graph = torch.from_numpy(np.concatenate(graphs, axis=1).astype(np.int64) + offsets)
     owner = torch.from_numpy(np.repeat(np.arange(len(indices), dtype=np.int64), counts))
-    rows_t = structure_rows(ptr, indices)
+    rows_t = _rows(starts, counts)
     feats, nums = features[rows_t.to(features.device)], numbers[rows_t.to(numbers.device)]
     device = feats.device
     return feats, nums.to(device), graph.to(device), owner.to(device), len(indices)
