@@ -218,10 +218,26 @@ def db_url(request, tmp_path):
 SPREAD = ("test_docs.py", "test_examples.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def _work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: itself in a :data:`SPREAD` file, else its whole file (whose run-wide
+    fixtures are then built once, on one worker)."""
+    path = nodeid.split("::", 1)[0]
+    return nodeid if path.rsplit("/", 1)[-1] in SPREAD else path
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pyproject's ``-n auto``: xdist's scope scheduler with :func:`_work_unit` as the scope (xdist's own
+    ``loadgroup`` marks no longer reach the scheduler under pytest 9.2, which keeps node ids apart from them)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    return FileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Group tests for pyproject's ``--dist loadgroup``: each test of :data:`SPREAD` alone, every other file whole
-    (its run-wide fixtures built once on one worker); the SPREAD tests first (``--no-loadscope-reorder`` keeps it)."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(item.nodeid if item.path.name in SPREAD else item.path.name))
+    """The :data:`SPREAD` tests first (``--no-loadscope-reorder`` keeps the order), so no long one starts last."""
     items.sort(key=lambda item: item.path.name not in SPREAD)
