@@ -81,7 +81,8 @@ def variant(request):
 def _head(**variant):
     torch.manual_seed(0)
     head = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, **variant))
-    head.set_standardisation(torch.randn(50, 8) * 2 + 1)
+    features = torch.randn(50, 8) * 2 + 1
+    head.set_standardisation(features.mean(0), features.std(0))
     return head.eval()
 
 
@@ -220,7 +221,8 @@ def test_members_run_batched_and_give_the_mean_of_single_heads(variant):
         torch.manual_seed(k)
         single = ProbeHead(8, ELEMENTS, HeadConfig(hidden=16, heads=4, blocks=2, cutoff=3.0, **variant))
         with torch.no_grad():  # members differ in every buffer the batched pass reads
-            single.set_standardisation(torch.randn(50, 8, generator=gen) * 2 + 1)
+            features = torch.randn(50, 8, generator=gen) * 2 + 1
+            single.set_standardisation(features.mean(0), features.std(0))
             single.set_error_scale(torch.randn(40, generator=gen) - 2)
             single.error_blend.copy_(torch.rand(single.error_blend.shape, generator=gen))
             single.error_centre.fill_(float(torch.randn((), generator=gen)))

@@ -4,12 +4,15 @@ Reference energies (eV) and forces (eV/Å) come from extxyz ``info``/``arrays``
 keys, from a SinglePointCalculator attached to each frame, or from ase.db rows.
 The backbone runs in batches through its tap (one pass for energy, forces and
 features), and results are cached on disk keyed by the backbone fingerprint,
-tapped layers and channels and a hash of the data.
+tapped layers and channels and a hash of the data. A cached feature set, and
+the head's graphs cached beside it (:class:`Graphs`), are read memory-mapped
+(:mod:`probe_ase.fitting.store`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,8 +25,9 @@ from ase.io import iread, read
 from tqdm.auto import tqdm
 
 from probe_ase.exceptions import InputError, MissingReferenceError
-from probe_ase.fileio import atomic_write
 from probe_ase.fitting.labels import CRITERIA, atom_errors, check_criterion, needs_forces, structure_error
+from probe_ase.fitting.store import load_mapped, save_mapped, scratch, scratch_file
+from probe_ase.model.graph import radius_graph
 from probe_ase.taps.base import Tap
 from probe_ase.validate import check_atoms
 
@@ -107,7 +111,9 @@ class FeatureSet:
     ``atom_errors`` (n_atoms_total,) holds each atom's force-error norm
     ``|ΔF_i|`` in eV/Å (NaN where reference forces are missing);
     ``forces`` (n_atoms_total, 3) the backbone's own forces in eV/Å (None
-    where not recorded).
+    where not recorded). ``source``: the cache file it is memory-mapped from
+    (None: in memory); such a set pickles as that path, so worker processes
+    map the same file instead of copying it.
     """
 
     features: torch.Tensor
@@ -116,9 +122,20 @@ class FeatureSet:
     errors: dict[str, np.ndarray]
     atom_errors: np.ndarray
     forces: np.ndarray | None = None
+    source: Path | None = None
 
     def __len__(self) -> int:
         return len(self.ptr) - 1
+
+    def __reduce_ex__(self, protocol: int):  # noqa: ANN204 - pickle's protocol
+        if self.source is not None:
+            return FeatureSet.load, (self.source,)
+        return super().__reduce_ex__(protocol)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureSet:
+        """The feature set cached at ``path``, memory-mapped."""
+        return cls.from_dict(load_mapped(path), Path(path))
 
     def subset(self, indices: Sequence[int]) -> FeatureSet:
         """The structures ``indices`` (in that order) as a feature set of their own."""
@@ -164,11 +181,73 @@ class FeatureSet:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, torch.Tensor]) -> FeatureSet:
-        """Rebuild a feature set from :meth:`to_dict`'s output."""
+    def from_dict(cls, d: dict[str, torch.Tensor], source: Path | None = None) -> FeatureSet:
+        """Rebuild a feature set from :meth:`to_dict`'s output (memory-mapped from ``source``, if given)."""
         errors = {k[6:]: v.numpy() for k, v in d.items() if k.startswith("error_")}
         forces = d["forces"].numpy() if "forces" in d else None
-        return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors, d["atom_errors"].numpy(), forces)
+        return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors, d["atom_errors"].numpy(), forces, source)
+
+
+class Graphs(Sequence[np.ndarray]):
+    """The head's radius graphs (:func:`~probe_ase.model.graph.radius_graph`) of many structures in one array.
+
+    Structure ``k``'s edges are rows ``ptr[k]:ptr[k+1]`` of ``pairs`` ``(n_edges, 2)`` (int32 local atom indices,
+    destination then source); ``graphs[k]`` is its ``(2, n_edges)`` int64 graph, as ``radius_graph`` gives it.
+    Built with a cache path, the graphs are written there as they are found and read back memory-mapped (such
+    graphs pickle as that path); without one they are held in memory.
+    """
+
+    def __init__(self, pairs: torch.Tensor, ptr: np.ndarray, source: Path | None = None) -> None:
+        self.pairs, self.ptr, self.source = pairs, np.asarray(ptr, dtype=np.int64), source
+
+    def __len__(self) -> int:
+        return len(self.ptr) - 1
+
+    def __getitem__(self, k: int) -> np.ndarray:  # type: ignore[override]
+        return self.pairs[self.ptr[k] : self.ptr[k + 1]].numpy().T.astype(np.int64)
+
+    def __reduce__(self):  # noqa: ANN204 - pickle's protocol
+        if self.source is not None:
+            return Graphs.load, (self.source,)
+        return Graphs, (self.pairs, self.ptr)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Graphs:
+        """The graphs cached at ``path``, memory-mapped."""
+        arrays = load_mapped(path)
+        return cls(arrays["pairs"], arrays["ptr"].numpy(), Path(path))
+
+    @classmethod
+    def build(cls, frames: Sequence[Atoms], cutoff: float, cache: Path | None = None) -> Graphs:
+        """The graphs of ``frames`` within ``cutoff`` (Å): read from ``cache`` when there, else found (and written
+        there, when given)."""
+        if cache is not None and cache.exists():
+            try:
+                return cls.load(cache)
+            except Exception:  # corrupt cache: rebuild and overwrite
+                pass
+        counts = np.zeros(len(frames) + 1, dtype=np.int64)
+        graphs = (np.ascontiguousarray(radius_graph(atoms, cutoff).T, dtype=np.int32) for atoms in frames)
+        if cache is None:
+            parts = list(graphs)
+            counts[1:] = [len(g) for g in parts]
+            return cls(torch.from_numpy(np.concatenate(parts)), np.cumsum(counts))
+        with scratch_file(cache.parent) as raw:
+            with open(raw, "wb") as out:
+                for k, graph in enumerate(graphs):
+                    out.write(graph.tobytes())
+                    counts[k + 1] = len(graph)
+            ptr = np.cumsum(counts)
+            pairs = np.memmap(raw, dtype=np.int32, mode="c", shape=(int(ptr[-1]), 2))
+            arrays = save_mapped(cache, {"pairs": torch.from_numpy(pairs), "ptr": torch.from_numpy(ptr)})
+        return cls(arrays["pairs"], arrays["ptr"].numpy(), cache)
+
+    @staticmethod
+    def cache_beside(features: FeatureSet, cutoff: float) -> Path | None:
+        """Where the graphs within ``cutoff`` (Å) of a cached feature set's frames are cached (None: not cached)."""
+        if features.source is None:
+            return None
+        return features.source.with_name(f"{features.source.stem}-graphs-{cutoff:.6g}.pt")
 
 
 def data_hash(frames: Sequence[Atoms], energy_key: str, forces_key: str) -> str:
@@ -202,6 +281,11 @@ def featurize(
         batch_size: structures per backbone pass.
         cache_dir: where to cache results; None for the default
             (:func:`default_cache_dir`), False to disable.
+
+    Returns:
+        the features and errors; with a cache, memory-mapped from its file
+        (``source``): the features are written there as the backbone gives
+        them, never held in memory whole.
     """
     frames = read_frames(frames)
     for k, atoms in enumerate(frames):
@@ -209,39 +293,43 @@ def featurize(
         if reference_energy(atoms, energy_key) is None:
             raise MissingReferenceError(f"structure {k} has no reference energy under key {energy_key!r}",
                                         index=k, energy_key=energy_key)
-    cache = None
-    if cache_dir is not False:
-        layers = "_".join(map(str, tap.layers)) + ("" if tap.channels == "scalars" else f"-{tap.channels.replace('+', '_')}")
-        key = f"{CACHE_SCHEMA}-{tap.fingerprint()[:16]}-{layers}-{data_hash(frames, energy_key, forces_key)[:24]}"
-        cache = Path(cache_dir or default_cache_dir()) / f"{tap.kind}-{key}.pt"
-        if cache.exists():
-            try:
-                return FeatureSet.from_dict(torch.load(cache, weights_only=True))
-            except Exception:  # corrupt cache: recompute and overwrite
-                pass
-    feats, errors, atom_errs, forces = [], {c: [] for c in CRITERIA}, [], []
-    predictions = tap.predict(frames, batch_size=batch_size)
-    for atoms, pred in tqdm(zip(frames, predictions), total=len(frames), desc="featurize", unit="frame", disable=not progress):
-        feats.append(pred.features)
-        forces.append(np.asarray(pred.forces, dtype=float))
-        ref_e, ref_f = reference_energy(atoms, energy_key), reference_forces(atoms, forces_key)
-        for c in CRITERIA:
-            if needs_forces(c) and ref_f is None:
-                errors[c].append(np.nan)
-            else:
-                errors[c].append(structure_error(c, pred.energy, ref_e, pred.forces, ref_f))
-        atom_errs.append(np.full(len(atoms), np.nan) if ref_f is None else atom_errors(pred.forces, ref_f))
-    result = FeatureSet(
-        features=torch.cat(feats),
-        numbers=torch.from_numpy(np.concatenate([a.numbers for a in frames]).astype(np.int64)),
-        ptr=np.cumsum([0] + [len(a) for a in frames]),
-        errors={c: np.asarray(v, dtype=float) for c, v in errors.items()},
-        atom_errors=np.concatenate(atom_errs),
-        forces=np.concatenate(forces),
-    )
-    if cache is not None:
-        atomic_write(cache, lambda tmp: torch.save(result.to_dict(), tmp))
-    return result
+    cache = None if cache_dir is False else _cache_path(tap, frames, energy_key, forces_key, cache_dir)
+    if cache is not None and cache.exists():
+        try:
+            return FeatureSet.load(cache)
+        except Exception:  # corrupt cache: recompute and overwrite
+            pass
+    ptr = np.cumsum([0] + [len(a) for a in frames])
+    errors = {c: np.full(len(frames), np.nan) for c in CRITERIA}
+    atom_errs, forces = np.full(ptr[-1], np.nan), np.empty((ptr[-1], 3))
+    predictions = iter(tap.predict(frames, batch_size=batch_size))
+    first = next(predictions)
+    width, dtype = first.features.shape[1], torch.empty(0, dtype=first.features.dtype).numpy().dtype
+    bar = tqdm(total=len(frames), desc="featurize", unit="frame", disable=not progress)
+    # features go straight into their place (a file beside the cache, or memory): never a list of them and a copy
+    with scratch(None if cache is None else cache.parent, (int(ptr[-1]), width), dtype) as rows:
+        for k, (atoms, pred) in enumerate(zip(frames, itertools.chain([first], predictions))):
+            rows[ptr[k]:ptr[k + 1]] = pred.features.detach().cpu().numpy()
+            forces[ptr[k]:ptr[k + 1]] = pred.forces
+            ref_e, ref_f = reference_energy(atoms, energy_key), reference_forces(atoms, forces_key)
+            for c in CRITERIA:
+                if ref_f is not None or not needs_forces(c):
+                    errors[c][k] = structure_error(c, pred.energy, ref_e, pred.forces, ref_f)
+            if ref_f is not None:
+                atom_errs[ptr[k]:ptr[k + 1]] = atom_errors(pred.forces, ref_f)
+            bar.update()
+        bar.close()
+        numbers = torch.from_numpy(np.concatenate([a.numbers for a in frames]).astype(np.int64))
+        result = FeatureSet(torch.from_numpy(rows), numbers, ptr, errors, atom_errs, forces)
+        return result if cache is None else FeatureSet.from_dict(save_mapped(cache, result.to_dict()), cache)
+
+
+def _cache_path(tap: Tap, frames: Sequence[Atoms], energy_key: str, forces_key: str,
+                cache_dir: str | os.PathLike | None) -> Path:
+    """The feature cache file of ``frames`` with their labels through this tap (backbone, layers, channels)."""
+    layers = "_".join(map(str, tap.layers)) + ("" if tap.channels == "scalars" else f"-{tap.channels.replace('+', '_')}")
+    key = f"{CACHE_SCHEMA}-{tap.fingerprint()[:16]}-{layers}-{data_hash(frames, energy_key, forces_key)[:24]}"
+    return Path(cache_dir or default_cache_dir()) / f"{tap.kind}-{key}.pt"
 
 
 def features_only(tap: Tap, frames: Sequence[Atoms], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

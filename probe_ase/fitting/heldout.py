@@ -14,8 +14,9 @@ from probe_ase.fitting.data import FeatureSet
 from probe_ase.fitting.novelty import fit_novelty
 from probe_ase.fitting.split import split_indices
 from probe_ase.fitting.timing import timed
-from probe_ase.fitting.train import TrainConfig, out_of_fold_logits, train_head, train_heads
-from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, structure_ptr, structure_rows
+from probe_ase.fitting.store import structure_chunks
+from probe_ase.fitting.train import TrainConfig, head_outputs, out_of_fold_logits, train_head, train_heads
+from probe_ase.model.head import HeadConfig, ProbeHead, structure_ptr, structure_rows
 from probe_ase.model.novelty import NoveltyConfig, NoveltyModel, structure_novelty
 
 
@@ -51,14 +52,6 @@ class HeldOut:
     seconds: dict[str, float]
 
 
-def head_outputs(head: ProbeHead, data: FeatureSet, edges: Sequence[np.ndarray], indices: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All logits ``(n, 1 + n_aux)`` (main first), importances and atom logits of structures ``indices``."""
-    with torch.no_grad():
-        outputs = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges, indices))[:3]
-    return tuple(t.numpy().astype(float) for t in outputs)
-
-
 def held_out_split(
     data: FeatureSet, edges: Sequence[np.ndarray], labels: np.ndarray, errors: np.ndarray,
     atom_labels: np.ndarray | None, elements: Sequence[int], config: HeadConfig, train: TrainConfig,
@@ -79,9 +72,9 @@ def held_out_split(
                                   for reduce in ("max", "mean"))
     z_val = head_outputs(head, data, edges, val)[0]
     z_cal, importance_cal, z_atom_cal = head_outputs(head, data, edges, cal)
-    cal_rows = structure_rows(data.ptr, cal)
     with torch.no_grad():
-        atom_novelty = density(data.features[cal_rows], data.numbers[cal_rows]).numpy()
+        atom_novelty = np.concatenate([density(data.features[rows], data.numbers[rows]).numpy() for rows in
+                                       (structure_rows(data.ptr, group) for group in structure_chunks(data.ptr, cal))])
     novelty_cal, penalty_cal = (structure_novelty(atom_novelty, structure_ptr(data.ptr, cal), reduce)
                                 for reduce in ("max", "mean"))
     # fold heads: as many as asked, at most one per minority structure (split_indices leaves >= 4 here)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from probe_ase.exceptions import InputError
+from probe_ase.fitting.store import CHUNK_ATOMS
 from probe_ase.model.novelty import MIN_SLOPE, NOVELTY_FLOOR, NoveltyConfig, NoveltyModel
 
 
@@ -74,25 +75,28 @@ def fit_logit_weight(logits: np.ndarray, novelty: np.ndarray, reliable: np.ndarr
 
 
 def _fit_mixtures(
-    x: np.ndarray, element: np.ndarray, n_elements: int, components: int, seed: int, max_atoms: int
+    read: Callable[[np.ndarray], np.ndarray], f: int, element: np.ndarray, n_elements: int, components: int, seed: int,
+    max_atoms: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centres ``(E, K, F)``, whiteners ``(E, K, F, F)`` and active mask ``(E, K)`` per element.
 
-    Features are standardised per element before the mixture is fitted (so
-    ``reg_covar`` is relative), and the standardisation is folded into the
+    ``read(positions)`` gives the float64 features ``(n, f)`` of the atoms at
+    those positions of ``element``; only the atoms a mixture is fitted on are
+    read. Features are standardised per element before the mixture is fitted
+    (so ``reg_covar`` is relative), and the standardisation is folded into the
     returned centres and whiteners, which act on raw features.
     """
     from sklearn.mixture import GaussianMixture
 
-    f = x.shape[1]
     centres = np.zeros((n_elements, components, f))
     whiteners = np.tile(np.eye(f), (n_elements, components, 1, 1))
     active = np.zeros((n_elements, components), dtype=bool)
     rng = np.random.default_rng(seed)
     for e in range(n_elements):
-        rows = x[element == e]
-        if len(rows) > max_atoms:
-            rows = rows[rng.choice(len(rows), max_atoms, replace=False)]
+        positions = np.flatnonzero(element == e)
+        if len(positions) > max_atoms:
+            positions = positions[rng.choice(len(positions), max_atoms, replace=False)]
+        rows = read(positions)
         if len(rows) < 2:
             continue
         mean, scale = rows.mean(0), rows.std(0) + 1e-8
@@ -140,22 +144,22 @@ def fit_novelty(
         raise InputError(f"novelty needs at least {folds} fit structures, got {len(fit_structures)}",
                          folds=folds, n_fit=len(fit_structures))
     model = NoveltyModel(features.shape[1], elements, components)
-    x_all, e_all = features.detach().cpu().double().numpy(), model.element_index.numpy()[numbers.cpu().numpy()]
+    e_all = model.element_index.numpy()[numbers.cpu().numpy()]
     rows_of = [np.arange(ptr[k], ptr[k + 1]) for k in fit_structures]
     ref_x, ref_e = _reference_atoms(reference, model)
 
     def fit_on(rows: np.ndarray) -> None:  # the density of these rows' atoms and the reference atoms
-        x, e = x_all[rows], e_all[rows]
-        x, e = (x, e) if ref_x is None else (np.concatenate([x, ref_x]), np.concatenate([e, ref_e]))
-        _load(model, *_fit_mixtures(x, e, len(model.elements), components, seed, max_atoms))
+        e = e_all[rows] if ref_e is None else np.concatenate([e_all[rows], ref_e])
+        _load(model, *_fit_mixtures(lambda positions: _read_fit(features, rows, ref_x, positions), features.shape[1],
+                                    e, len(model.elements), components, seed, max_atoms))
 
-    # out-of-fold distances: each fit structure scored by a density fitted without it
+    # out-of-fold distances: each fit structure scored by a density fitted without it (a chunk of atoms at a time)
     fold_of = np.random.default_rng(seed).permutation(len(fit_structures)) % folds
-    oof = np.empty(len(x_all))
+    oof = np.empty(len(features))
     for f in range(folds):
         fit_on(np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of != f)]))
         test_rows = np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of == f)])
-        oof[test_rows] = model.distances(torch.from_numpy(x_all[test_rows]), numbers[test_rows]).numpy()
+        oof[test_rows] = _distances(model, features, numbers, test_rows)
     all_rows = np.concatenate(rows_of)
     unit = _element_units(oof[all_rows], e_all[all_rows], model.elements, folds)
     with np.errstate(divide="ignore"):
@@ -165,6 +169,28 @@ def fit_novelty(
     model.unit.copy_(torch.from_numpy(unit))
     model.radius.fill_(radius)
     return model, scaled[all_rows] / radius
+
+
+def _distances(model: NoveltyModel, features: torch.Tensor, numbers: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+    """The model's distances (raw units) of the atoms ``rows``, read :data:`CHUNK_ATOMS` at a time."""
+    chunks = [rows[start : start + CHUNK_ATOMS] for start in range(0, len(rows), CHUNK_ATOMS)]
+    return np.concatenate([model.distances(_read(features, chunk), numbers[chunk]).numpy() for chunk in chunks])
+
+
+def _read(features: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """Float64 features of ``rows`` (read only when needed: ``features`` may be memory-mapped)."""
+    return features[torch.from_numpy(rows)].detach().cpu().double()
+
+
+def _read_fit(features: torch.Tensor, rows: np.ndarray, ref_x: np.ndarray | None, positions: np.ndarray) -> np.ndarray:
+    """Float64 features ``(n, F)`` of the atoms at ``positions`` of ``rows`` followed by the reference atoms
+    ``ref_x``, in the order of ``positions``."""
+    own = positions < len(rows)
+    x = np.empty((len(positions), features.shape[1]))
+    x[own] = _read(features, rows[positions[own]]).numpy()
+    if ref_x is not None:
+        x[~own] = ref_x[positions[~own] - len(rows)]
+    return x
 
 
 def _reference_atoms(reference: tuple[torch.Tensor, torch.Tensor] | None, model: NoveltyModel

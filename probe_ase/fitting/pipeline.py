@@ -30,14 +30,13 @@ from probe_ase.evaluation import metrics
 from probe_ase.exceptions import InputError
 from probe_ase.fitting.calibrate import FLAT_SPREAD, calibrate, calibrate_atoms
 from probe_ase.fitting.certify import Certificate, certify_threshold
-from probe_ase.fitting.data import FeatureSet, Frames, featurize, features_only, read_frames
+from probe_ase.fitting.data import FeatureSet, Frames, Graphs, featurize, features_only, read_frames
 from probe_ase.fitting.heldout import HeldOut, held_out_crossfit, held_out_split
 from probe_ase.fitting.labels import Criterion, make_structure_labels, needs_forces
 from probe_ase.fitting.spec import FitOptions, FitSpec
 from probe_ase.fitting.timing import timed
 from probe_ase.fitting.train import TrainConfig
 from probe_ase.model.calibration import Calibration
-from probe_ase.model.graph import HeadGraph
 from probe_ase.model.head import HeadConfig, structure_ptr, structure_rows
 from probe_ase.model.headfile import HeadMeta
 from probe_ase.model.novelty import NoveltyConfig
@@ -124,7 +123,7 @@ def fit_spec(
                                                      features)
     labels = make_structure_labels(features, spec)
     config = complete_config(configs.head, backbone, features, spec)
-    edges = HeadGraph(config.cutoff).frames(frames)
+    edges = Graphs.build(frames, config.cutoff, Graphs.cache_beside(features, config.cutoff))
     held_out = held_out_crossfit if configs.train.calibration == "crossfit" else held_out_split
     head, epochs, density, held = held_out(features, edges, labels.y, labels.errors, labels.atom_y, backbone.elements,
                                            config, configs.train, configs.novelty, reference, progress)
@@ -216,7 +215,7 @@ def tap_features(
         reference = None if reference_data is None else features_only(tap, read_frames(reference_data), o.batch_size)
         # the head knows only elements it saw: others would get an untrained embedding
         backbone = Backbone(tap.kind, tap.fingerprint(), tuple(tap.layers), tap.channels, tap.cutoff,
-                            tuple(sorted(set(features.numbers.tolist()))))
+                            tuple(torch.unique(features.numbers).tolist()))
     return features, reference, backbone
 
 

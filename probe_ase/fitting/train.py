@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from probe_ase.exceptions import InputError, LabelError
 from probe_ase.fitting.data import FeatureSet
 from probe_ase.fitting.spec import CALIBRATION, CalibrationMode
+from probe_ase.fitting.store import pooled_moments, structure_chunks
 from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, log_rms_error, structure_rows
 
 #: force-error norms below this (eV/Å) count as this in the log-scale atom-error targets (HeadConfig.atom_error)
@@ -119,16 +120,42 @@ def train_head(
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's global RNG alone
         torch.manual_seed(train.seed)
         head = ProbeHead(data.features.shape[1], elements, config)
-    head.set_standardisation(data.features[structure_rows(data.ptr, tr)])
+    head.set_standardisation(*feature_moments(data, tr, head.feature_mean.dtype))
     loss = HeadLoss(head, data, edges, labels, tr, errors, atom_labels)
     epochs = early_stopping(head, loss, tr, val, train, progress)
     if config.atom_error:
+        logits, structure_error = [], []
         with torch.no_grad():
-            inputs = batch_inputs(data.features, data.numbers, data.ptr, edges, val)
-            logits, _, _, atom_errors = head.member_logits(*inputs)  # the one member's
-            structure_error = log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:])
-            head.set_error_blend(logits[0], structure_error[0])
+            for group in structure_chunks(data.ptr, val):
+                inputs = batch_inputs(data.features, data.numbers, data.ptr, edges, group)
+                member, _, _, atom_errors = head.member_logits(*inputs)  # the one member's
+                logits.append(member[0])
+                structure_error.append(log_rms_error(atom_errors, head.error_shift, head.error_scale, *inputs[3:])[0])
+        head.set_error_blend(torch.cat(logits), torch.cat(structure_error))
     return head, epochs
+
+
+def feature_moments(data: FeatureSet, structures: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation ``(F,)`` of the features of ``structures``' atoms: torch's own in ``dtype`` over
+    one chunk (:func:`~probe_ase.fitting.store.structure_chunks`, ``read_only``), pooled in float64 over several."""
+    groups = structure_chunks(data.ptr, structures, read_only=True)
+    rows = (data.features[structure_rows(data.ptr, group)] for group in groups)
+    if len(groups) == 1:
+        x = next(rows).to(dtype)
+        return x.mean(0), x.std(0)
+    return pooled_moments(rows)
+
+
+def head_outputs(head: ProbeHead, data: FeatureSet, edges: Sequence[np.ndarray], indices: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All logits ``(n, 1 + n_aux)`` (main first), importances and atom logits of structures ``indices``, scored a
+    chunk at a time (:func:`~probe_ase.fitting.store.structure_chunks`)."""
+    parts = []
+    with torch.no_grad():
+        for group in structure_chunks(data.ptr, indices):
+            outputs = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges, group))[:3]
+            parts.append([t.numpy().astype(float) for t in outputs])
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 class HeadLoss:
@@ -168,17 +195,37 @@ class HeadLoss:
     def __call__(self, indices: Sequence[int], main_only: bool = False) -> torch.Tensor:
         """The loss on structures ``indices``; ``main_only`` leaves the auxiliary labels' out (what early stopping
         watches)."""
+        means = [mean for mean, _ in self.terms(indices, main_only)]
+        return sum(means[1:], means[0])
+
+    def terms(self, indices: Sequence[int], main_only: bool = False) -> list[tuple[torch.Tensor, int]]:
+        """Each term of the loss on structures ``indices``: its mean and how many structures or atoms it averages."""
         data, config = self.data, self.config
+        n_atoms = int(np.sum(data.ptr[np.add(indices, 1)] - data.ptr[indices]))
         logits, _, atom_logits, atom_errors = self.head.all_logits(*batch_inputs(data.features, data.numbers,
                                                                                  data.ptr, self.edges, indices))
-        loss = self.structure_loss(logits[:, 0], self.y[list(indices)])
+        terms = [(self.structure_loss(logits[:, 0], self.y[list(indices)]), len(indices))]
         if config.aux_quantiles and not main_only:
-            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], self.y_aux[list(indices)])
+            terms.append((torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:],
+                                                                               self.y_aux[list(indices)]), len(indices)))
         if config.atom_error:  # part of the "main" loss: the blended logit ranks by it
-            loss = loss + torch.nn.functional.mse_loss(atom_errors, self.y_error[structure_rows(data.ptr, indices)])
+            terms.append((torch.nn.functional.mse_loss(atom_errors, self.y_error[structure_rows(data.ptr, indices)]),
+                          n_atoms))
         if config.atom_logit:
-            loss = loss + self.atom_loss(atom_logits, self.y_atom[structure_rows(data.ptr, indices)])
-        return loss
+            terms.append((self.atom_loss(atom_logits, self.y_atom[structure_rows(data.ptr, indices)]), n_atoms))
+        return terms
+
+    def validation(self, indices: np.ndarray) -> float:
+        """The main loss on structures ``indices`` (what early stopping watches), a chunk at a time
+        (:func:`~probe_ase.fitting.store.structure_chunks`): each term the mean over all of them."""
+        groups = structure_chunks(self.data.ptr, indices)
+        with torch.no_grad():
+            if len(groups) == 1:
+                return float(self(indices, main_only=True))
+            terms = [self.terms(group, main_only=True) for group in groups]
+        sums = np.sum([[float(mean) * count for mean, count in chunk] for chunk in terms], axis=0)
+        counts = np.sum([[count for _, count in chunk] for chunk in terms], axis=0)
+        return float(np.sum(sums / counts))
 
 
 def early_stopping(head: ProbeHead, loss: HeadLoss, tr: np.ndarray, val: np.ndarray, train: TrainConfig,
@@ -197,8 +244,7 @@ def early_stopping(head: ProbeHead, loss: HeadLoss, tr: np.ndarray, val: np.ndar
             loss(order[start : start + train.batch_size]).backward()
             optimiser.step()
         head.eval()
-        with torch.no_grad():
-            val_loss = float(loss(val, main_only=True))
+        val_loss = loss.validation(val)
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best - 1e-5:
             best, best_state, since = val_loss, copy.deepcopy(head.state_dict()), 0
@@ -245,9 +291,7 @@ def out_of_fold_logits(
     runs = [((structures[rest], structures[held], structures[held][:0]), train) for rest, held in kfold]
     trained = train_heads(data, edges, labels, runs, elements, config, train.workers, errors, atom_labels, progress)
     for (_, held), (head, _) in zip(kfold, trained):
-        with torch.no_grad():
-            out[held] = head.all_logits(*batch_inputs(data.features, data.numbers, data.ptr, edges,
-                                                      structures[held]))[0].numpy()
+        out[held] = head_outputs(head, data, edges, structures[held])[0]
     return out
 
 

@@ -154,11 +154,10 @@ class ProbeHead(nn.Module):
                               for name, value in states[0].items()})
         return head.eval()
 
-    def set_standardisation(self, features: torch.Tensor) -> None:
-        """Store every member's mean and scale of training features ``(n_atoms, feature_dim)``."""
-        features = features.to(self.feature_mean)
-        self.feature_mean.copy_(features.mean(0).expand_as(self.feature_mean))
-        self.feature_scale.copy_(features.std(0).clamp_min(1e-6).expand_as(self.feature_scale))
+    def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store every member's mean and scale ``(feature_dim,)`` of the training atoms' features."""
+        self.feature_mean.copy_(mean.to(self.feature_mean).expand_as(self.feature_mean))
+        self.feature_scale.copy_(std.to(self.feature_scale).clamp_min(1e-6).expand_as(self.feature_scale))
 
     def set_error_scale(self, log_errors: torch.Tensor) -> None:
         """Store mean and spread of the training atoms' ``log |ΔF_i|`` (log eV/Å): the error readout's units."""
