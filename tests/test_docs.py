@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.pages  # CI runs the pages in its MACE-only leg
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 SETUP = re.compile(r"<!--\s*test-setup:([^(]*?)\s*(?:\(.*?)?-->", re.S)  # file names, then an optional (remark)

@@ -1,7 +1,4 @@
-"""The scripts in examples/ run to completion and do what they say.
-
-The ones on MACE alone carry the ``pages`` marker (with tests/test_docs.py): CI runs them in its MACE-only leg.
-"""
+"""The scripts in examples/ run to completion and do what they say."""
 
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ def run_example(name, monkeypatch, *args):
 
 
 @pytest.mark.slow
-@pytest.mark.pages
 def test_md_gating_example(monkeypatch, tmp_path, capsys):
     ns = run_example("md_gating.py", monkeypatch, "--out", str(tmp_path))
     assert ns["monitor"].halted
@@ -33,7 +29,6 @@ def test_md_gating_example(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.pages
 def test_md_gating_example_on_your_own_files(monkeypatch, tmp_path, capsys):
     """--model/--fit/--start: a user's model file, labelled frames and start structure; the head is written."""
     import torch
@@ -56,7 +51,6 @@ def test_md_gating_example_on_your_own_files(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.pages
 def test_optimisation_guard_example(monkeypatch, capsys):
     ns = run_example("optimisation_guard.py", monkeypatch)
     report = ns["report"]
@@ -66,7 +60,6 @@ def test_optimisation_guard_example(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.pages
 def test_active_learning_xtb_example(tmp_path):
     """Shortened xTB loop; a subprocess, because tblite needs OMP_NUM_THREADS=1 before torch loads."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -86,7 +79,6 @@ ETHANOL = EXAMPLES.parent.parent / "shared" / "data" / "ethanol"  # the shared d
 
 
 @pytest.mark.slow
-@pytest.mark.pages
 @pytest.mark.pyscf
 @pytest.mark.skipif(not (ETHANOL / "train.xyz").exists(), reason=f"ethanol data set not at {ETHANOL}")
 def test_al_dft_ethanol_example(tmp_path):
@@ -122,7 +114,6 @@ def test_al_chgnet_crystal_example(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.pages
 def test_large_cell_example(monkeypatch, tmp_path, capsys):
     """The structure verdict passes the 4 092-atom defective cell; the per-atom map finds the defect."""
     ns = run_example("large_cell_local.py", monkeypatch, "--out", str(tmp_path))
@@ -136,7 +127,6 @@ def test_large_cell_example(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.pages
 def test_generic_adapter_example(monkeypatch, capsys):
     """A backbone with no adapter: ModuleTap passes check_tap, and the head fitted through it separates 1200 K."""
     ns = run_example("generic_adapter.py", monkeypatch)
