@@ -15,7 +15,8 @@ from probe_ase.fitting.novelty import fit_novelty
 from probe_ase.fitting.split import split_indices
 from probe_ase.fitting.timing import timed
 from probe_ase.fitting.store import structure_chunks
-from probe_ase.fitting.train import TrainConfig, head_outputs, out_of_fold_logits, train_head, train_heads
+from probe_ase.fitting.train import (TrainConfig, fold_logits, fold_runs, head_outputs, train_head,
+                                     train_heads)
 from probe_ase.model.head import HeadConfig, ProbeHead, structure_ptr, structure_rows
 from probe_ase.model.novelty import NoveltyConfig, NoveltyModel, structure_novelty
 
@@ -60,10 +61,13 @@ def held_out_split(
     """``calibration="split"``: one head on the train split; the validation split fixes the grid, the calibration
     split calibrates; the density is fitted on train and validation, the novelty weight on fold heads' logits."""
     splits, seconds = split_indices(labels, train), {}
-    with timed(seconds, "train"):
-        head, epochs = train_head(data, edges, labels, splits, elements, config, train, progress, errors, atom_labels)
     tr, val, cal = splits
     trval = np.concatenate([tr, val])  # the structures (and order) of held_out_atoms
+    # fold heads: as many as asked, at most one per minority structure (split_indices leaves >= 4 here)
+    weight_folds = min(novelty.weight_folds, int(labels[trval].sum()), int((labels[trval] == 0).sum())) \
+        if novelty.logit_weight else 0
+    head, epochs, z_oof = _split_heads(data, edges, labels, errors, atom_labels, elements, config, train, splits,
+                                       weight_folds, progress, seconds)
     with timed(seconds, "novelty"):
         density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, trval, elements,
                                               novelty, reference, seed=train.seed)
@@ -77,24 +81,48 @@ def held_out_split(
                                        (structure_rows(data.ptr, group) for group in structure_chunks(data.ptr, cal))])
     novelty_cal, penalty_cal = (structure_novelty(atom_novelty, structure_ptr(data.ptr, cal), reduce)
                                 for reduce in ("max", "mean"))
-    # fold heads: as many as asked, at most one per minority structure (split_indices leaves >= 4 here)
-    weight_folds = min(novelty.weight_folds, int(labels[trval].sum()), int((labels[trval] == 0).sum()))
     weight_inputs = None
-    if novelty.logit_weight and weight_folds:
-        with timed(seconds, "fold_heads"):
-            z_oof = out_of_fold_logits(data, edges, labels, trval, elements, weight_folds, config, train,
-                                       progress, errors, atom_labels)
+    if z_oof is not None:
         weight_inputs = (z_oof, held_penalty, trval)
     elif novelty.logit_weight:
         weight_inputs = (z_val, held_penalty[len(tr):], val)
     sizes = {"n_train": len(tr), "n_val": len(val), "n_cal": len(cal), "n_grid": len(val),
-             "novelty_weight_folds": weight_folds if novelty.logit_weight else 0}
+             "novelty_weight_folds": weight_folds}
     return head, epochs, density, HeldOut(
         grid=val, cal=cal, fit_set=trval, z_grid=z_val, z_cal=z_cal,
         novelty_grid=held_novelty[len(tr):], penalty_grid=held_penalty[len(tr):],  # out-of-fold, validation split
         novelty_cal=novelty_cal, penalty_cal=penalty_cal, atom_novelty_cal=atom_novelty,
         importance_cal=importance_cal, z_atom_cal=z_atom_cal, weight_inputs=weight_inputs, sizes=sizes,
         seconds=seconds)
+
+
+def _split_heads(
+    data: FeatureSet, edges: Sequence[np.ndarray], labels: np.ndarray, errors: np.ndarray,
+    atom_labels: np.ndarray | None, elements: Sequence[int], config: HeadConfig, train: TrainConfig,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray], weight_folds: int, progress: bool, seconds: dict[str, float],
+) -> tuple[ProbeHead, int, np.ndarray | None]:
+    """The deployed head on the train split, its epochs, and the out-of-fold logits of the train and validation
+    structures from ``weight_folds`` fold heads (None without). With ``train.workers`` > 1 and single heads the
+    deployed head trains beside the fold heads in one pool of processes (``seconds["train"]`` then holds all of
+    them, ``seconds["fold_heads"]`` the fold heads' scoring)."""
+    trval = np.concatenate(splits[:2])
+    held, runs = fold_runs(labels, trval, weight_folds, train) if weight_folds else ([], [])
+    together = bool(runs) and train.workers > 1 and config.members == 1
+    with timed(seconds, "train"):
+        if together:
+            trained = train_heads(data, edges, labels, [(splits, train), *runs], elements, config, train.workers,
+                                  errors, atom_labels, progress)
+            (head, epochs), fold_heads = trained[0], [fold_head for fold_head, _ in trained[1:]]
+        else:
+            head, epochs = train_head(data, edges, labels, splits, elements, config, train, progress, errors,
+                                      atom_labels)
+    if not runs:
+        return head, epochs, None
+    with timed(seconds, "fold_heads"):
+        if not together:
+            fold_heads = [fold_head for fold_head, _ in train_heads(data, edges, labels, runs, elements, config,
+                                                                    train.workers, errors, atom_labels, progress)]
+        return head, epochs, fold_logits(fold_heads, held, data, edges, trval)
 
 
 def held_out_crossfit(

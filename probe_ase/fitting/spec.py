@@ -65,12 +65,14 @@ class FitOptions:
         patience: epochs without validation improvement before stopping.
         seed: seeds splits, initialisation and shuffling.
         batch_size: structures per backbone pass while featurising.
-        workers: processes that train the fold heads (and ``members``) side
-            by side, one torch thread each: about ``min(workers, heads)``
+        workers: processes that train the heads side by side (the fold
+            heads and ``members``, with the deployed head beside the fold
+            heads), one torch thread each: about ``min(workers, heads)``
             times faster on idle cores, the same heads as one after another
-            on one thread (each process starts in about a second and gets a copy of
-            the features). The processes are spawned: a script must call
-            the fit under ``if __name__ == "__main__":``.
+            on one thread (each process starts in about a second and maps
+            the cached features, or gets a copy without a cache). The
+            processes are spawned: a script must call the fit under
+            ``if __name__ == "__main__":``.
     """
 
     layers: tuple[int, ...] | None = None

@@ -271,14 +271,21 @@ def out_of_fold_logits(
     errors: np.ndarray | None = None,
     atom_labels: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Logits of each of ``structures`` from a head trained without it.
+    """Logits of each of ``structures`` from a head trained without it (:func:`fold_runs`, :func:`fold_logits`).
 
-    ``folds`` stratified folds (at least 2, at most the minority class's
-    structures), seeded by ``train.seed``; each fold head trains on the other
-    folds with :func:`train_head` and early-stops on its own fold. Returns
-    ``(len(structures), 1 + n_aux)`` logits in the order of ``structures``:
-    the main logit first, then the auxiliary quantile logits.
+    Returns ``(len(structures), 1 + n_aux)`` logits in the order of
+    ``structures``: the main logit first, then the auxiliary quantile logits.
     """
+    held, runs = fold_runs(labels, structures, folds, train)
+    trained = train_heads(data, edges, labels, runs, elements, config, train.workers, errors, atom_labels, progress)
+    return fold_logits([head for head, _ in trained], held, data, edges, structures)
+
+
+def fold_runs(labels: np.ndarray, structures: np.ndarray, folds: int, train: TrainConfig
+              ) -> tuple[list[np.ndarray], list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], TrainConfig]]]:
+    """``folds`` stratified folds of ``structures`` (at least 2, at most the minority class's structures), seeded by
+    ``train.seed``: each fold's positions in ``structures``, and the :func:`train_heads` run of the head that never
+    sees it (trained on the other folds, early-stopped on its own)."""
     from sklearn.model_selection import StratifiedKFold
 
     structures = np.asarray(structures)
@@ -286,12 +293,19 @@ def out_of_fold_logits(
     if not 2 <= folds <= min(y.sum(), len(y) - y.sum()):
         raise LabelError(f"{folds} out-of-fold heads need 2 <= folds <= the structures of each class, got "
                          f"{int(y.sum())} reliable of {len(y)}", folds=folds, n=len(y), n_reliable=int(y.sum()))
-    out = np.empty((len(structures), 1 + len(config.aux_quantiles)))
     kfold = list(StratifiedKFold(folds, shuffle=True, random_state=train.seed).split(structures, y))
     runs = [((structures[rest], structures[held], structures[held][:0]), train) for rest, held in kfold]
-    trained = train_heads(data, edges, labels, runs, elements, config, train.workers, errors, atom_labels, progress)
-    for (_, held), (head, _) in zip(kfold, trained):
-        out[held] = head_outputs(head, data, edges, structures[held])[0]
+    return [held for _, held in kfold], runs
+
+
+def fold_logits(heads: Sequence[ProbeHead], held: Sequence[np.ndarray], data: FeatureSet, edges: Sequence[np.ndarray],
+                structures: np.ndarray) -> np.ndarray:
+    """Each of ``structures``' logits ``(n, 1 + n_aux)`` from the head of the fold holding it (``held``: each fold's
+    positions in ``structures``, as :func:`fold_runs` gives them)."""
+    structures = np.asarray(structures)
+    out = np.empty((len(structures), 1 + len(heads[0].config.aux_quantiles)))
+    for head, positions in zip(heads, held):
+        out[positions] = head_outputs(head, data, edges, structures[positions])[0]
     return out
 
 
