@@ -182,23 +182,25 @@ def _read(features: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     return features[torch.from_numpy(rows)].detach().cpu().double()
 
 
-def _read_fit(features: torch.Tensor, rows: np.ndarray, ref_x: np.ndarray | None, positions: np.ndarray) -> np.ndarray:
-    """Float64 features ``(n, F)`` of the atoms at ``positions`` of ``rows`` followed by the reference atoms
-    ``ref_x``, in the order of ``positions``."""
+def _read_fit(features: torch.Tensor, rows: np.ndarray, ref_x: torch.Tensor | None, positions: np.ndarray
+              ) -> np.ndarray:
+    """Float64 features ``(n, F)`` of the atoms at ``positions`` of ``rows`` followed by the reference atoms'
+    features ``ref_x``, in the order of ``positions``."""
     own = positions < len(rows)
     x = np.empty((len(positions), features.shape[1]))
     x[own] = _read(features, rows[positions[own]]).numpy()
     if ref_x is not None:
-        x[~own] = ref_x[positions[~own] - len(rows)]
+        x[~own] = _read(ref_x, positions[~own] - len(rows)).numpy()
     return x
 
 
 def _reference_atoms(reference: tuple[torch.Tensor, torch.Tensor] | None, model: NoveltyModel
-                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The reference atoms' features and element indices (None, None without reference frames)."""
+                     ) -> tuple[torch.Tensor | None, np.ndarray | None]:
+    """The reference atoms' features (as given: read as needed) and element indices (None, None without reference
+    frames)."""
     if reference is None:
         return None, None
-    ref_x, ref_e = reference[0].detach().cpu().double().numpy(), model.element_index.numpy()[reference[1].cpu().numpy()]
+    ref_x, ref_e = reference[0], model.element_index.numpy()[reference[1].cpu().numpy()]
     if (ref_e < 0).any():
         raise InputError("the reference frames hold elements the head was not fitted on",
                          unknown=sorted(set(reference[1].cpu().numpy()[ref_e < 0].tolist())), known=list(model.elements))
