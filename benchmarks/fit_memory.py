@@ -1,7 +1,7 @@
 """What memory fitting a head holds as the fit pool grows: the process's own (anonymous) memory and the file pages.
 
     python -m benchmarks.fit_memory --data ../shared/data/acac [--frames 4000 16000 64000] [--epochs 2]
-                                    [--out benchmarks/results/fit-memory.json]
+                                    [--source repeated] [--out benchmarks/results/fit-memory.json]
 
 The backbone and the fit pool are ``fit_cost``'s (a 16-channel MACE trained on 200 acac 300 K frames; acac's other
 labelled frames, repeated in order). For each size, in fresh processes: one pass fills the feature cache, then
@@ -11,7 +11,9 @@ fit: the peak of ``RssAnon`` (the process's own memory: what cannot be given bac
 (pages of mapped files, the memory-mapped cache among them: the kernel drops them under memory pressure and reads
 them again when touched), each above the process before the fit (the backbone loaded and the frames read, also
 reported), and the peak resident set (``ru_maxrss``). The features' and graphs' sizes (MiB) are what a fit holding
-them would hold. Printed as a table; written as JSON with the environment.
+them would hold. ``--source``: the frames as ``repeated`` objects of the pool, read before the fit (they take the
+same memory at every size), or as distinct frames written to an extxyz file and given to the fit as a ``list`` read
+inside the measured window, or as the ``file``'s path. Printed as a table; written as JSON with the environment.
 """
 
 from __future__ import annotations
@@ -63,30 +65,39 @@ class Sampler(threading.Thread):
         return self.peak
 
 
-def fill_cache(model: str, data: str, n: int, cache: str) -> dict:
-    """One backbone pass over ``n`` frames into the feature cache; the frames' atoms and the features' width."""
+def fill_cache(model: str, data: str, n: int, cache: str, source: str, path: str) -> dict:
+    """One backbone pass over ``n`` frames into the feature cache (other than ``repeated``, the frames written to
+    ``path``, extxyz, and read back as the fit reads them: the same cache key); the atoms and the features' width."""
     set_threads(1)
+    from ase.io import write
+
     from probe_ase import find_tap
-    from probe_ase.fitting.data import featurize
+    from probe_ase.fitting.data import featurize, read_frames
 
     frames = pool_frames(Path(data), n)
+    if source != "repeated":
+        write(path, frames, format="extxyz")
+        frames = read_frames(path)
     calc, batch = load_calc(model)
     with find_tap(calc) as tap:
         features = featurize(tap, frames, batch_size=batch, cache_dir=cache, progress=False)
     return {"frames": n, "atoms": int(features.ptr[-1]), "width": int(features.features.shape[1])}
 
 
-def fit_memory(model: str, data: str, n: int, cache: str, epochs: int) -> dict:
-    """``fit_probe`` on ``n`` cached frames with a sampler running: memory before and peaks during (MiB)."""
+def fit_memory(model: str, data: str, n: int, cache: str, epochs: int, source: str, path: str) -> dict:
+    """``fit_probe`` on ``n`` cached frames (``source``: see the module) with a sampler running: memory before and
+    peaks during (MiB)."""
     set_threads(1)
     from probe_ase import FitOptions, fit_probe
+    from probe_ase.fitting.data import read_frames
 
-    frames = pool_frames(Path(data), n)
+    frames = pool_frames(Path(data), n) if source == "repeated" else path
     calc, _ = load_calc(model)
     before = status_mib()
     sampler = Sampler()
     sampler.start()
     start = time.perf_counter()
+    frames = read_frames(path) if source == "list" else frames
     probe = fit_probe(calc, frames, cache_dir=cache, progress=False, options=FitOptions(epochs=epochs))
     seconds = time.perf_counter() - start
     peak = sampler.stop()
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, required=True, help="the acac data set (../shared/data/acac)")
     ap.add_argument("--frames", type=int, nargs="+", default=[4000, 16000, 64000], help="fit pool sizes")
     ap.add_argument("--epochs", type=int, default=2, help="FitOptions.epochs of each head (default 2)")
+    ap.add_argument("--source", choices=("repeated", "list", "file"), default="repeated",
+                    help="the frames: the pool's repeated objects, distinct ones in a list, or a file's path")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fit-memory.json"))
     args = ap.parse_args(argv)
     rows = []
@@ -115,11 +128,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(calc.models[0], model)
         context = multiprocessing.get_context("spawn")
         for n in args.frames:
-            cache = str(Path(work) / f"cache-{n}")
+            cache, path = str(Path(work) / f"cache-{n}"), str(Path(work) / f"pool-{n}.xyz")
             with ProcessPoolExecutor(1, mp_context=context) as pool:
-                row = pool.submit(fill_cache, model, str(args.data), n, cache).result()
+                row = pool.submit(fill_cache, model, str(args.data), n, cache, args.source, path).result()
             with ProcessPoolExecutor(1, mp_context=context) as pool:
-                row |= pool.submit(fit_memory, model, str(args.data), n, cache, args.epochs).result()
+                row |= pool.submit(fit_memory, model, str(args.data), n, cache, args.epochs, args.source, path).result()
             row["features_MiB"] = row["atoms"] * row["width"] * 4 / 2**20
             rows.append(row)
             print(f"{n:>6} frames ({row['atoms']} atoms, features {row['features_MiB']:.0f} MiB, graphs "
@@ -127,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"+{row['fit_anon_MiB']:.0f} MiB own, +{row['fit_file_MiB']:.0f} MiB file pages; peak RSS "
                   f"{row['peak_rss_MiB']:.0f} MiB; {row['fit_s']:.0f} s", flush=True)
     write_json(args.out, {"command": "python -m benchmarks.fit_memory " + " ".join(sys.argv[1:] if argv is None else argv),
-                          "environment": environment(), "epochs": args.epochs, "rows": rows}, indent=2)
+                          "environment": environment(), "epochs": args.epochs, "source": args.source, "rows": rows},
+               indent=2)
     print(f"wrote {args.out}")
 
 

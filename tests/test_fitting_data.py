@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ase.db import connect
 from ase.io import write
 
@@ -109,3 +110,26 @@ def test_a_subset_is_the_featurisation_of_those_frames(backbones, cu_data):
     atoms = frames[2].copy()
     atoms.calc = calc
     np.testing.assert_allclose(part.forces[part.ptr[1]:part.ptr[2]], atoms.get_forces(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_file_of_frames_is_read_again_on_each_pass_and_fits_as_its_frames(backbones, cu_data, tmp_path):
+    """A fit from a file never holds its frames: each pass reads the file again (a FrameFile), and the head is the
+    one the same frames in a list give, bit for bit; an empty file is a clear error at its first pass."""
+    from probe_ase import FitOptions, fit_probe
+    from probe_ase.fitting.data import FrameFile, frame_source
+
+    path = tmp_path / "pool.xyz"
+    write(path, cu_data["pool"], format="extxyz")
+    source = frame_source(path)
+    first, second = list(source), list(source)
+    assert isinstance(source, FrameFile) and len(source) == len(cu_data["pool"]) and first[0] is not second[0]
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(first, second))
+    options = dict(quantile=0.7, progress=False, options=FitOptions(hidden=16, epochs=3, weight_folds=0))
+    from_file = fit_probe(backbones("mace"), path, cache_dir=tmp_path / "cache", **options)
+    from_list = fit_probe(backbones("mace"), read_frames(path), cache_dir=False, **options)
+    assert from_file.p_star == from_list.p_star and from_file.meta.calibration == from_list.meta.calibration
+    for (name, x), (_, y) in zip(from_file.head.state_dict().items(), from_list.head.state_dict().items()):
+        assert torch.equal(x, y), name
+    (tmp_path / "empty.xyz").write_text("")
+    with find_tap(backbones("mace")) as tap, pytest.raises(InputError, match="cannot read structures from .*empty.xyz"):
+        featurize(tap, tmp_path / "empty.xyz", cache_dir=False, progress=False)

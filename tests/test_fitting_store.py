@@ -13,7 +13,8 @@ import torch
 from probe_ase import find_tap, featurize
 from probe_ase.fitting import novelty as novelty_fitting
 from probe_ase.fitting import store
-from probe_ase.fitting.data import FeatureSet, Graphs
+from probe_ase.fitting.data import FeatureSet
+from probe_ase.fitting.store import Graphs
 from probe_ase.fitting.novelty import fit_novelty
 from probe_ase.fitting.train import HeadLoss, feature_moments, head_outputs
 from probe_ase.model.graph import radius_graph

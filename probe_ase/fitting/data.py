@@ -5,8 +5,9 @@ keys, from a SinglePointCalculator attached to each frame, or from ase.db rows.
 The backbone runs in batches through its tap (one pass for energy, forces and
 features), and results are cached on disk keyed by the backbone fingerprint,
 tapped layers and channels and a hash of the data. A cached feature set, and
-the head's graphs cached beside it (:class:`Graphs`), are read memory-mapped
-(:mod:`probe_ase.fitting.store`).
+the head's graphs cached beside it (:class:`~probe_ase.fitting.store.Graphs`),
+are read memory-mapped (:mod:`probe_ase.fitting.store`). A file of frames is
+read again on each pass (:class:`FrameFile`), never held whole.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,7 @@ from tqdm.auto import tqdm
 
 from probe_ase.exceptions import InputError, MissingReferenceError
 from probe_ase.fitting.labels import CRITERIA, atom_errors, check_criterion, needs_forces, structure_error
-from probe_ase.fitting.store import load_mapped, save_mapped, scratch, scratch_file
-from probe_ase.model.graph import radius_graph
+from probe_ase.fitting.store import load_mapped, save_mapped, scratch
 from probe_ase.taps.base import Tap
 from probe_ase.validate import check_atoms
 
@@ -83,6 +83,40 @@ def iter_frames(path: str | os.PathLike) -> Iterator[Atoms]:
                              path=str(path), index=index) from err
         yield atoms
         index += 1
+
+
+class FrameFile:
+    """The structures of a file ASE can read, read from it again on every pass: one frame in memory at a time.
+
+    ``len()`` counts them (once; a full pass records it too). Unreadable frames raise :class:`InputError`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path, self._count = Path(path), None
+
+    def __iter__(self) -> Iterator[Atoms]:
+        count = 0
+        for atoms in iter_frames(self.path):
+            count += 1
+            yield atoms
+        self._count = count
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(1 for _ in self)
+        return self._count
+
+
+def frame_source(source: Frames | FrameFile) -> list[Atoms] | FrameFile:
+    """``source``'s structures for passes that read them in order: a file (without ASE's ``@`` selection) as a
+    :class:`FrameFile`, anything else as :func:`read_frames` gives it."""
+    if isinstance(source, FrameFile):
+        return source
+    if isinstance(source, (str, os.PathLike)) and "@" not in str(source):
+        if not Path(source).exists():
+            raise InputError(f"no such file: {source}", path=str(source))
+        return FrameFile(source)
+    return read_frames(source)
 
 
 def reference_energy(atoms: Atoms, key: str = "energy") -> float | None:
@@ -188,78 +222,13 @@ class FeatureSet:
         return cls(d["features"], d["numbers"], d["ptr"].numpy(), errors, d["atom_errors"].numpy(), forces, source)
 
 
-class Graphs(Sequence[np.ndarray]):
-    """The head's radius graphs (:func:`~probe_ase.model.graph.radius_graph`) of many structures in one array.
-
-    Structure ``k``'s edges are rows ``ptr[k]:ptr[k+1]`` of ``pairs`` ``(n_edges, 2)`` (int32 local atom indices,
-    destination then source); ``graphs[k]`` is its ``(2, n_edges)`` int64 graph, as ``radius_graph`` gives it.
-    Built with a cache path, the graphs are written there as they are found and read back memory-mapped (such
-    graphs pickle as that path); without one they are held in memory.
-    """
-
-    def __init__(self, pairs: torch.Tensor, ptr: np.ndarray, source: Path | None = None) -> None:
-        self.pairs, self.ptr, self.source = pairs, np.asarray(ptr, dtype=np.int64), source
-
-    def __len__(self) -> int:
-        return len(self.ptr) - 1
-
-    def __getitem__(self, k: int) -> np.ndarray:  # type: ignore[override]
-        return self.pairs[self.ptr[k] : self.ptr[k + 1]].numpy().T.astype(np.int64)
-
-    def __reduce__(self):  # noqa: ANN204 - pickle's protocol
-        if self.source is not None:
-            return Graphs.load, (self.source,)
-        return Graphs, (self.pairs, self.ptr)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Graphs:
-        """The graphs cached at ``path``, memory-mapped."""
-        arrays = load_mapped(path)
-        return cls(arrays["pairs"], arrays["ptr"].numpy(), Path(path))
-
-    @classmethod
-    def build(cls, frames: Sequence[Atoms], cutoff: float, cache: Path | None = None) -> Graphs:
-        """The graphs of ``frames`` within ``cutoff`` (Å): read from ``cache`` when there, else found (and written
-        there, when given)."""
-        if cache is not None and cache.exists():
-            try:
-                return cls.load(cache)
-            except Exception:  # corrupt cache: rebuild and overwrite
-                pass
-        counts = np.zeros(len(frames) + 1, dtype=np.int64)
-        graphs = (np.ascontiguousarray(radius_graph(atoms, cutoff).T, dtype=np.int32) for atoms in frames)
-        if cache is None:
-            parts = list(graphs)
-            counts[1:] = [len(g) for g in parts]
-            return cls(torch.from_numpy(np.concatenate(parts)), np.cumsum(counts))
-        with scratch_file(cache.parent) as raw:
-            with open(raw, "wb") as out:
-                for k, graph in enumerate(graphs):
-                    out.write(graph.tobytes())
-                    counts[k + 1] = len(graph)
-            ptr = np.cumsum(counts)
-            pairs = np.memmap(raw, dtype=np.int32, mode="c", shape=(int(ptr[-1]), 2))
-            arrays = save_mapped(cache, {"pairs": torch.from_numpy(pairs), "ptr": torch.from_numpy(ptr)})
-        return cls(arrays["pairs"], arrays["ptr"].numpy(), cache)
-
-    @staticmethod
-    def cache_beside(features: FeatureSet, cutoff: float) -> Path | None:
-        """Where the graphs within ``cutoff`` (Å) of a cached feature set's frames are cached (None: not cached)."""
-        if features.source is None:
-            return None
-        return features.source.with_name(f"{features.source.stem}-graphs-{cutoff:.6g}.pt")
-
-
-def data_hash(frames: Sequence[Atoms], energy_key: str, forces_key: str) -> str:
-    """SHA-256 over structures and their reference values."""
-    digest = hashlib.sha256()
-    for atoms in frames:
-        for arr in (atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc):
-            digest.update(np.ascontiguousarray(arr).tobytes())
-        energy, forces = reference_energy(atoms, energy_key), reference_forces(atoms, forces_key)
-        digest.update(repr(energy).encode())
-        digest.update(b"" if forces is None else np.ascontiguousarray(forces).tobytes())
-    return digest.hexdigest()
+def _hash_frame(digest: hashlib._Hash, atoms: Atoms, energy_key: str, forces_key: str) -> None:
+    """Add one structure and its reference values to ``digest`` (the feature cache's key)."""
+    for arr in (atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc):
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    energy, forces = reference_energy(atoms, energy_key), reference_forces(atoms, forces_key)
+    digest.update(repr(energy).encode())
+    digest.update(b"" if forces is None else np.ascontiguousarray(forces).tobytes())
 
 
 def featurize(
@@ -275,9 +244,10 @@ def featurize(
 
     Args:
         tap: the backbone's tap.
-        frames: a file ASE can read, or a list of Atoms, with reference energy
-            (eV, ``info[energy_key]``) and optionally forces (eV/Å,
-            ``arrays[forces_key]``), or SinglePointCalculator results.
+        frames: a file ASE can read (read again on each pass, one frame in
+            memory at a time: :class:`FrameFile`), or a list of Atoms, with
+            reference energy (eV, ``info[energy_key]``) and optionally forces
+            (eV/Å, ``arrays[forces_key]``), or SinglePointCalculator results.
         batch_size: structures per backbone pass.
         cache_dir: where to cache results; None for the default
             (:func:`default_cache_dir`), False to disable.
@@ -287,28 +257,25 @@ def featurize(
         (``source``): the features are written there as the backbone gives
         them, never held in memory whole.
     """
-    frames = read_frames(frames)
-    for k, atoms in enumerate(frames):
-        check_atoms(atoms, tap.elements, where=f"structure {k}")
-        if reference_energy(atoms, energy_key) is None:
-            raise MissingReferenceError(f"structure {k} has no reference energy under key {energy_key!r}",
-                                        index=k, energy_key=energy_key)
-    cache = None if cache_dir is False else _cache_path(tap, frames, energy_key, forces_key, cache_dir)
+    frames = frame_source(frames)
+    data_key, sizes, numbers = _check(tap, frames, energy_key, forces_key)
+    cache = None if cache_dir is False else _cache_path(tap, data_key, cache_dir)
     if cache is not None and cache.exists():
         try:
             return FeatureSet.load(cache)
         except Exception:  # corrupt cache: recompute and overwrite
             pass
-    ptr = np.cumsum([0] + [len(a) for a in frames])
-    errors = {c: np.full(len(frames), np.nan) for c in CRITERIA}
+    ptr = np.cumsum([0, *sizes])
+    errors = {c: np.full(len(sizes), np.nan) for c in CRITERIA}
     atom_errs, forces = np.full(ptr[-1], np.nan), np.empty((ptr[-1], 3))
-    predictions = iter(tap.predict(frames, batch_size=batch_size))
+    predictions = ((atoms, pred) for chunk in _chunks(frames, 32 * batch_size)
+                   for atoms, pred in zip(chunk, tap.predict(chunk, batch_size=batch_size)))
     first = next(predictions)
-    width, dtype = first.features.shape[1], torch.empty(0, dtype=first.features.dtype).numpy().dtype
-    bar = tqdm(total=len(frames), desc="featurize", unit="frame", disable=not progress)
+    width, dtype = first[1].features.shape[1], torch.empty(0, dtype=first[1].features.dtype).numpy().dtype
+    bar = tqdm(total=len(sizes), desc="featurize", unit="frame", disable=not progress)
     # features go straight into their place (a file beside the cache, or memory): never a list of them and a copy
     with scratch(None if cache is None else cache.parent, (int(ptr[-1]), width), dtype) as rows:
-        for k, (atoms, pred) in enumerate(zip(frames, itertools.chain([first], predictions))):
+        for k, (atoms, pred) in enumerate(itertools.chain([first], predictions)):
             rows[ptr[k]:ptr[k + 1]] = pred.features.detach().cpu().numpy()
             forces[ptr[k]:ptr[k + 1]] = pred.forces
             ref_e, ref_f = reference_energy(atoms, energy_key), reference_forces(atoms, forces_key)
@@ -319,16 +286,41 @@ def featurize(
                 atom_errs[ptr[k]:ptr[k + 1]] = atom_errors(pred.forces, ref_f)
             bar.update()
         bar.close()
-        numbers = torch.from_numpy(np.concatenate([a.numbers for a in frames]).astype(np.int64))
         result = FeatureSet(torch.from_numpy(rows), numbers, ptr, errors, atom_errs, forces)
         return result if cache is None else FeatureSet.from_dict(save_mapped(cache, result.to_dict()), cache)
 
 
-def _cache_path(tap: Tap, frames: Sequence[Atoms], energy_key: str, forces_key: str,
-                cache_dir: str | os.PathLike | None) -> Path:
-    """The feature cache file of ``frames`` with their labels through this tap (backbone, layers, channels)."""
+def _check(tap: Tap, frames: Iterable[Atoms], energy_key: str, forces_key: str
+           ) -> tuple[str, list[int], torch.Tensor]:
+    """One pass over ``frames``: each checked for the tap and a reference energy; the SHA-256 over them and their
+    reference values, their atom counts and atomic numbers."""
+    digest, sizes, numbers = hashlib.sha256(), [], []
+    for k, atoms in enumerate(frames):
+        check_atoms(atoms, tap.elements, where=f"structure {k}")
+        if reference_energy(atoms, energy_key) is None:
+            raise MissingReferenceError(f"structure {k} has no reference energy under key {energy_key!r}",
+                                        index=k, energy_key=energy_key)
+        _hash_frame(digest, atoms, energy_key, forces_key)
+        sizes.append(len(atoms))
+        numbers.append(atoms.numbers)
+    if not sizes:
+        path = getattr(frames, "path", None)
+        raise InputError(f"no structures in {path or 'the list'}", path=None if path is None else str(path))
+    return digest.hexdigest(), sizes, torch.from_numpy(np.concatenate(numbers).astype(np.int64))
+
+
+def _chunks(frames: Iterable[Atoms], size: int) -> Iterator[list[Atoms]]:
+    """``frames`` in consecutive lists of ``size`` (the last shorter): what a tap's batched pass takes."""
+    frames = iter(frames)
+    while chunk := list(itertools.islice(frames, size)):
+        yield chunk
+
+
+def _cache_path(tap: Tap, data_key: str, cache_dir: str | os.PathLike | None) -> Path:
+    """The feature cache file of frames whose SHA-256 (:func:`_check`) is ``data_key``, through this tap (backbone,
+    layers, channels)."""
     layers = "_".join(map(str, tap.layers)) + ("" if tap.channels == "scalars" else f"-{tap.channels.replace('+', '_')}")
-    key = f"{CACHE_SCHEMA}-{tap.fingerprint()[:16]}-{layers}-{data_hash(frames, energy_key, forces_key)[:24]}"
+    key = f"{CACHE_SCHEMA}-{tap.fingerprint()[:16]}-{layers}-{data_key[:24]}"
     return Path(cache_dir or default_cache_dir()) / f"{tap.kind}-{key}.pt"
 
 

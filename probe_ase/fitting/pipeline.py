@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from probe_ase.companion import LABEL_SOURCE
@@ -30,10 +33,12 @@ from probe_ase.evaluation import metrics
 from probe_ase.exceptions import InputError
 from probe_ase.fitting.calibrate import FLAT_SPREAD, calibrate, calibrate_atoms
 from probe_ase.fitting.certify import Certificate, certify_threshold
-from probe_ase.fitting.data import FeatureSet, Frames, Graphs, featurize, features_only, read_frames
+from probe_ase.fitting.data import (FeatureSet, FrameFile, Frames, featurize, features_only, frame_source,
+                                    read_frames)
 from probe_ase.fitting.heldout import HeldOut, held_out_crossfit, held_out_split
 from probe_ase.fitting.labels import Criterion, make_structure_labels, needs_forces
 from probe_ase.fitting.spec import FitOptions, FitSpec
+from probe_ase.fitting.store import Graphs
 from probe_ase.fitting.timing import timed
 from probe_ase.fitting.train import TrainConfig
 from probe_ase.model.calibration import Calibration
@@ -67,9 +72,10 @@ def fit_probe(
         calc: a backbone calculator an adapter knows (MACE, SchNet, PaiNN,
             CHGNet; possibly inside a SumCalculator), or a
             :class:`~probe_ase.taps.Tap` you built on one (it stays open).
-        data: extxyz / ase.db path or list of Atoms with reference energy (eV)
-            and, for force criteria, forces (eV/Å). Never the backbone's
-            training frames: their errors are not honest.
+        data: extxyz / ase.db path (read again on each pass, never held
+            whole) or list of Atoms with reference energy (eV) and, for force
+            criteria, forces (eV/Å). Never the backbone's training frames:
+            their errors are not honest.
         criterion: ``force_rmse`` or ``force_max`` (eV/Å), ``energy_per_atom``
             (eV/atom) or ``energy`` (eV).
         tolerance: tau, the largest error (criterion's unit) still reliable ...
@@ -116,7 +122,7 @@ def fit_spec(
     ``data`` with this backbone (e.g. :meth:`FeatureSet.subset` of a larger
     pass), so the backbone does not run again.
     """
-    frames, seconds = read_frames(data), {}
+    frames, seconds = frame_source(data), {}  # a file is read again on each pass, never held whole
     configs = internal_configs(spec) if configs is None else configs
     with timed(seconds, "featurise"):
         features, reference, backbone = tap_features(calc, frames, spec, reference_data, cache_dir, progress,
@@ -155,10 +161,10 @@ def fit_spec(
     return Probe(head, meta, density)
 
 
-def label_sources(frames: list) -> dict[str, int]:
+def label_sources(frames: Iterable[Atoms]) -> dict[str, int]:
     """How many ``frames`` took their labels from each source (``info["label_source"]``, else ``"reference"``)."""
-    sources = [str(atoms.info.get(LABEL_SOURCE, "reference")) for atoms in frames]
-    return {source: sources.count(source) for source in sorted(set(sources))}
+    counts = Counter(str(atoms.info.get(LABEL_SOURCE, "reference")) for atoms in frames)
+    return {source: counts[source] for source in sorted(counts)}
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ def complete_config(config: HeadConfig, backbone: Backbone, features: FeatureSet
 
 
 def tap_features(
-    calc: Calculator | Tap, frames: list, spec: FitSpec, reference_data: Frames | None,
+    calc: Calculator | Tap, frames: list[Atoms] | FrameFile, spec: FitSpec, reference_data: Frames | None,
     cache_dir: str | os.PathLike | None | bool, progress: bool, features: FeatureSet | None = None,
 ) -> tuple[FeatureSet, tuple[torch.Tensor, torch.Tensor] | None, Backbone]:
     """Features and errors of ``frames`` (``features`` when given), features of the reference frames, and what the

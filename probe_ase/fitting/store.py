@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from probe_ase.fileio import atomic_write
+from probe_ase.model.graph import radius_graph
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+    from probe_ase.fitting.data import FeatureSet
 
 #: the most atoms one head or novelty pass reads at a time: the head's activations over them are about 40 MiB
 CHUNK_ATOMS = 2**13
@@ -92,3 +99,65 @@ def pooled_moments(chunks: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.
         m2 = m2 + m2b + delta**2 * n * nb / (n + nb)
         n += nb
     return mean, (m2 / max(n - 1, 1)).sqrt()
+
+
+class Graphs(Sequence[np.ndarray]):
+    """The head's radius graphs (:func:`~probe_ase.model.graph.radius_graph`) of many structures in one array.
+
+    Structure ``k``'s edges are rows ``ptr[k]:ptr[k+1]`` of ``pairs`` ``(n_edges, 2)`` (int32 local atom indices,
+    destination then source); ``graphs[k]`` is its ``(2, n_edges)`` int64 graph, as ``radius_graph`` gives it.
+    Built with a cache path, the graphs are written there as they are found and read back memory-mapped (such
+    graphs pickle as that path); without one they are held in memory.
+    """
+
+    def __init__(self, pairs: torch.Tensor, ptr: np.ndarray, source: Path | None = None) -> None:
+        self.pairs, self.ptr, self.source = pairs, np.asarray(ptr, dtype=np.int64), source
+
+    def __len__(self) -> int:
+        return len(self.ptr) - 1
+
+    def __getitem__(self, k: int) -> np.ndarray:  # type: ignore[override]
+        return self.pairs[self.ptr[k] : self.ptr[k + 1]].numpy().T.astype(np.int64)
+
+    def __reduce__(self):  # noqa: ANN204 - pickle's protocol
+        if self.source is not None:
+            return Graphs.load, (self.source,)
+        return Graphs, (self.pairs, self.ptr)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Graphs:
+        """The graphs cached at ``path``, memory-mapped."""
+        arrays = load_mapped(path)
+        return cls(arrays["pairs"], arrays["ptr"].numpy(), Path(path))
+
+    @classmethod
+    def build(cls, frames: Iterable[Atoms], cutoff: float, cache: Path | None = None) -> Graphs:
+        """The graphs of ``frames`` within ``cutoff`` (Å): read from ``cache`` when there, else found (and written
+        there, when given)."""
+        if cache is not None and cache.exists():
+            try:
+                return cls.load(cache)
+            except Exception:  # corrupt cache: rebuild and overwrite
+                pass
+        counts = [0]
+        graphs = (np.ascontiguousarray(radius_graph(atoms, cutoff).T, dtype=np.int32) for atoms in frames)
+        if cache is None:
+            parts = list(graphs)
+            counts += [len(g) for g in parts]
+            return cls(torch.from_numpy(np.concatenate(parts)), np.cumsum(counts))
+        with scratch_file(cache.parent) as raw:
+            with open(raw, "wb") as out:
+                for graph in graphs:
+                    out.write(graph.tobytes())
+                    counts.append(len(graph))
+            ptr = np.cumsum(counts)
+            pairs = np.memmap(raw, dtype=np.int32, mode="c", shape=(int(ptr[-1]), 2))
+            arrays = save_mapped(cache, {"pairs": torch.from_numpy(pairs), "ptr": torch.from_numpy(ptr)})
+        return cls(arrays["pairs"], arrays["ptr"].numpy(), cache)
+
+    @staticmethod
+    def cache_beside(features: FeatureSet, cutoff: float) -> Path | None:
+        """Where the graphs within ``cutoff`` (Å) of a cached feature set's frames are cached (None: not cached)."""
+        if features.source is None:
+            return None
+        return features.source.with_name(f"{features.source.stem}-graphs-{cutoff:.6g}.pt")
