@@ -3,12 +3,12 @@
     python -m benchmarks.fit_cost --data ../shared/data/acac [--frames 400 1000 2000 4000] [--threads 1]
                                   [--weight-folds 5] [--workers 1] [--out benchmarks/results/fit-cost.json]
     python -m benchmarks.fit_cost --data ../shared/data/mlearn --backbone chgnet-0.3.0 --frames 400 571
-                                  [--out benchmarks/results/fit-cost-chgnet.json]
+                                  [--out benchmarks/results/fit-cost-chgnet.json]   # or --backbone 7net-0 (SevenNet)
 
 The backbone: a 16-channel MACE (``probe_ase.testing.train_mace``, 2
 interactions, L = 1) trained on 200 frames of ``train_300K.xyz``, or with
-``--backbone NAME`` a pretrained universal potential (e.g. ``chgnet-0.3.0``,
-which ships with its library: the size of model users run; CHGNet needs periodic cells, so with
+``--backbone NAME`` a pretrained universal potential (``chgnet-0.3.0``, ``7net-0``: their weights
+ship with their libraries; the size of model users run; they need periodic cells, so with
 ``--data ../shared/data/mlearn``). The fit pool is acac's
 other labelled frames (``train_600K``, ``test_MD_300K``, ``test_MD_600K``), or every mlearn cell (571, 2-108
 atoms), repeated in order where more frames are asked for than it holds (a cost

@@ -92,7 +92,7 @@ def add_advanced(parser: argparse.ArgumentParser) -> None:
                           "(default: 0.9)")
     adv.add_argument("--weight-folds", type=int, default=5, metavar="K",
                      help="fold heads whose out-of-fold logits fit the novelty weight (0 or >= 2; default: 5; "
-                          "3: about half their time, as good in the benchmarks over five fit seeds; 2 and 0, the "
+                          "3: about half their time, as good on the benchmarks' MACE rows; 2 and 0, the "
                           "validation split with no extra heads, ranked worse)")
     adv.add_argument("--epochs", type=int, default=150, metavar="N", help="most training epochs (default: 150)")
     adv.add_argument("--patience", type=int, default=20, metavar="N",

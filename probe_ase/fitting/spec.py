@@ -58,9 +58,9 @@ class FitOptions:
         weight_folds: fold heads whose out-of-fold logits fit how much novelty
             lowers the logit (0: the validation split, no extra heads). Most of
             a fit's time; 3 takes about half of 5's and did as well in the
-            benchmarks (the fit pools' shifts; every evaluation row over five
-            fit seeds); 2 and 0 ranked worse (docs: validation, the novelty
-            weight).
+            benchmarks (the fit pools' shifts; every MACE evaluation row,
+            ethanol's over five fit seeds); 2 and 0 ranked worse (docs:
+            validation, the novelty weight).
         epochs: most training epochs per head.
         patience: epochs without validation improvement before stopping.
         seed: seeds splits, initialisation and shuffling.
