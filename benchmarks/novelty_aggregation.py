@@ -56,7 +56,7 @@ def study(data: Path, models: Path, cache: Path, seeds: int) -> dict:
     novelty = []
     for seed in range(seeds):
         fit = np.random.default_rng(seed).permutation(len(pool_in))[: int(0.8 * len(pool_in))]
-        model, _ = fit_novelty(fs_in.features, fs_in.numbers, fs_in.ptr, fit, elements, NoveltyConfig(), seed=seed)
+        model, _ = fit_novelty(fs_in, fit, elements, NoveltyConfig(), seed=seed)
         with torch.no_grad():
             atoms = model(fs.features, fs.numbers).numpy()
         novelty.append([atoms[fs.ptr[k] : fs.ptr[k + 1]] for k in range(len(shift))])

@@ -265,8 +265,7 @@ def study(data: Path, models: Path, cache: Path, target_risk: float, delta: floa
         cal_ptr, sh_ptr = sub_ptr(fs_in.ptr, cal), fs_sh.ptr
         for vname, (kind, arg) in variants.items():
             if kind == "gmm":
-                model, held = fit_novelty(fs_in.features, fs_in.numbers, fs_in.ptr, fit_s, probe.meta.elements,
-                                          NoveltyConfig(components=arg))
+                model, held = fit_novelty(fs_in, fit_s, probe.meta.elements, NoveltyConfig(components=arg))
                 radius = float(model.radius)
                 held = structure_novelty(held, sub_ptr(fs_in.ptr, fit_s)) * radius  # unit scale: 1 = largest held out
                 with torch.no_grad():

@@ -63,9 +63,9 @@ def test_fit_is_deterministic(backbones, cu_data):
 @pytest.mark.slow
 @pytest.mark.parametrize("calibration", ["split", "crossfit"])
 def test_heads_trained_in_worker_processes_are_the_heads_trained_here(backbones, cu_data, calibration):
-    """FitOptions(workers=2): the fold heads (of the novelty weight, or of cross-fitted calibration) train in two
-    spawned processes of one torch thread each; the head, its calibration and p* are bit for bit the serial fit's
-    on one thread."""
+    """FitOptions(workers=2): the fold heads (of the novelty weight, or of cross-fitted calibration) train, and the
+    novelty mixtures are fitted, in two spawned processes of one thread each; the head, the novelty model, the
+    calibration and p* are bit for bit the serial fit's on one thread."""
     options = dict(hidden=16, epochs=4, weight_folds=3, calibration=calibration, folds=3, members=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -80,6 +80,8 @@ def test_heads_trained_in_worker_processes_are_the_heads_trained_here(backbones,
     assert parallel.p_star == serial.p_star and parallel.meta.calibration == serial.meta.calibration
     assert parallel.report["epochs"] == serial.report["epochs"]
     for (name, x), (_, y) in zip(serial.head.state_dict().items(), parallel.head.state_dict().items()):
+        assert torch.equal(x, y), name
+    for (name, x), (_, y) in zip(serial.novelty.state_dict().items(), parallel.novelty.state_dict().items()):
         assert torch.equal(x, y), name
 
 

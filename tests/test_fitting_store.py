@@ -85,7 +85,7 @@ def test_reads_a_chunk_at_a_time_give_what_one_read_gives(backbones, cu_data, mo
     def reads():
         return (feature_moments(data, structures, torch.float32), head_outputs(head, data, edges, structures),
                 loss.validation(structures),
-                fit_novelty(data.features, data.numbers, data.ptr, fit, (29,), NoveltyConfig())[1])
+                fit_novelty(data, fit, (29,), NoveltyConfig())[1])
 
     one = reads()
     monkeypatch.setattr(store, "CHUNK_ATOMS", 100)

@@ -19,8 +19,14 @@ from probe_ase.model.graph import HeadGraph
 from probe_ase.model.headfile import save_head
 from probe_ase.evaluation.metrics import auroc
 from probe_ase.model.novelty import NoveltyConfig, logit_penalty, structure_novelty
+from probe_ase.fitting.data import FeatureSet
 from probe_ase.fitting.novelty import fit_logit_weight, fit_novelty
 from probe_ase.testing import assert_invariant, emt_frames
+
+
+def feature_set(features: torch.Tensor, numbers: torch.Tensor, ptr: np.ndarray) -> FeatureSet:
+    """Per-atom features of structures ``ptr`` as a feature set without errors."""
+    return FeatureSet(features, numbers, ptr, {}, np.full(len(numbers), np.nan))
 
 
 def labelled(atoms):
@@ -199,12 +205,12 @@ def test_novelty_scale_on_known_distributions():
     features = torch.from_numpy(rng.normal(size=(n_struct * atoms_per, 6)))
     numbers = torch.from_numpy(np.where(np.arange(n_struct * atoms_per) % 2, 29, 8))
     ptr = np.arange(0, n_struct * atoms_per + 1, atoms_per)
-    model, held_atoms = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig())
+    model, held_atoms = fit_novelty(feature_set(features, numbers, ptr), np.arange(n_struct), (8, 29), NoveltyConfig())
     held_out = structure_novelty(held_atoms, ptr)  # the fit structures are all of them, in order
     assert np.quantile(held_out, 0.9) == pytest.approx(1.0)  # default edge: 90 % of held-out structures inside
     mean = structure_novelty(held_atoms, ptr, "mean")  # what the logit penalty reads: below the largest, same scale
     assert (mean < held_out).all() and 0.2 < np.median(mean) < 1
-    model, held_atoms = fit_novelty(features, numbers, ptr, np.arange(n_struct), (8, 29),
+    model, held_atoms = fit_novelty(feature_set(features, numbers, ptr), np.arange(n_struct), (8, 29),
                                     NoveltyConfig(support_quantile=1.0))
     assert structure_novelty(held_atoms, ptr).max() == pytest.approx(1.0)  # the radius: the farthest held-out structure
     fresh = torch.from_numpy(rng.normal(size=(4000, 6)))
@@ -215,10 +221,35 @@ def test_novelty_scale_on_known_distributions():
     # one Gaussian cannot see a gap between two clusters; two components can
     two = torch.cat([features[: len(features) // 2] - 5, features[len(features) // 2 :] + 5])
     middle = torch.zeros(50, 6, dtype=two.dtype)
-    one_comp, _ = fit_novelty(two, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig(components=1))
-    two_comp, _ = fit_novelty(two, numbers, ptr, np.arange(n_struct), (8, 29), NoveltyConfig(components=2))
+    one_comp, _ = fit_novelty(feature_set(two, numbers, ptr), np.arange(n_struct), (8, 29), NoveltyConfig(components=1))
+    two_comp, _ = fit_novelty(feature_set(two, numbers, ptr), np.arange(n_struct), (8, 29), NoveltyConfig(components=2))
     assert (one_comp(middle, torch.full((50,), 29)) <= 1).all()
     assert (two_comp(middle, torch.full((50,), 29)) > 1).all()
+
+
+def test_mixtures_fitted_in_worker_processes_are_the_mixtures_fitted_here(monkeypatch):
+    """workers=2: the six mixture sets (five out-of-fold, the final) are fitted in two spawned processes of one
+    thread each (here small sets too); the model and the held-out novelties are bit for bit those of one thread."""
+    from threadpoolctl import threadpool_limits
+
+    from probe_ase.fitting import novelty
+
+    monkeypatch.setattr(novelty, "PARALLEL_WORK", 0)
+
+    rng = np.random.default_rng(3)
+    n_struct, atoms_per = 60, 5
+    features = torch.from_numpy(rng.normal(size=(n_struct * atoms_per, 4)))
+    numbers = torch.from_numpy(np.where(np.arange(n_struct * atoms_per) % 3, 29, 8))
+    data = feature_set(features, numbers, np.arange(0, n_struct * atoms_per + 1, atoms_per))
+    reference = (torch.from_numpy(rng.normal(size=(40, 4))), torch.full((40,), 29))
+    with threadpool_limits(1):
+        fits = [fit_novelty(data, np.arange(0, n_struct, 2), (8, 29), NoveltyConfig(), reference, seed=4,
+                            workers=workers) for workers in (1, 2)]
+    (serial, serial_held), (parallel, parallel_held) = fits
+    assert np.array_equal(serial_held, parallel_held) and np.isfinite(serial_held).all()
+    for (name, x), (_, y) in zip(serial.state_dict().items(), parallel.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert serial.active.any() and serial.radius.item() > 0
 
 
 def test_element_too_rare_to_score_out_of_fold_is_never_in_support():
@@ -230,7 +261,7 @@ def test_element_too_rare_to_score_out_of_fold_is_never_in_support():
     numbers[:2] = 8  # two O atoms, both in structure 0
     ptr = np.arange(0, n_struct * atoms_per + 1, atoms_per)
     with pytest.warns(UserWarning, match=r"element\(s\) \[8\] occur in too few fit structures"):
-        model, held_atoms = fit_novelty(features, numbers, ptr, np.arange(n_struct), (1, 8), NoveltyConfig())
+        model, held_atoms = fit_novelty(feature_set(features, numbers, ptr), np.arange(n_struct), (1, 8), NoveltyConfig())
     assert np.isfinite(model.radius.item()) and model.radius.item() > 0
     assert np.isinf(held_atoms[:2]).all() and np.isfinite(held_atoms[2:]).all()
     assert np.quantile(structure_novelty(held_atoms, ptr)[1:], 0.9) == pytest.approx(1.0, abs=0.05)
@@ -247,7 +278,7 @@ def test_element_too_rare_to_score_out_of_fold_is_never_in_support():
     lonely = torch.full((n_struct * atoms_per,), 1)
     lonely[: 6 * atoms_per : atoms_per] = torch.tensor([3, 4, 5, 6, 7, 9])
     with pytest.warns(UserWarning), pytest.raises(InputError, match="no out-of-fold density could score"):
-        fit_novelty(features, lonely, ptr, np.arange(n_struct), (1, 3, 4, 5, 6, 7, 9), NoveltyConfig())
+        fit_novelty(feature_set(features, lonely, ptr), np.arange(n_struct), (1, 3, 4, 5, 6, 7, 9), NoveltyConfig())
 
 
 def test_novelty_is_invariant_on_a_real_backbone(backbones, cold_probe):

@@ -100,8 +100,8 @@ def add_advanced(parser: argparse.ArgumentParser) -> None:
     adv.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     add_batch_size(adv)
     adv.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="processes that train the heads (fold heads, the deployed head) side by side, one torch thread "
-                          "each: up to N times faster on idle cores, the same head (>= 1; default: 1)")
+                     help="processes that train the heads (fold heads, the deployed head) and fit the novelty mixtures side "
+                          "by side, one thread each: up to N times faster on idle cores, the same head (>= 1; default: 1)")
 
 
 def check(args: argparse.Namespace) -> None:

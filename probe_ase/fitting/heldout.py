@@ -69,8 +69,8 @@ def held_out_split(
     head, epochs, z_oof = _split_heads(data, edges, labels, errors, atom_labels, elements, config, train, splits,
                                        weight_folds, progress, seconds)
     with timed(seconds, "novelty"):
-        density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, trval, elements,
-                                              novelty, reference, seed=train.seed)
+        density, held_out_atoms = fit_novelty(data, trval, elements, novelty, reference, seed=train.seed,
+                                              workers=train.workers)
     # support edge: the largest atom novelty; logit penalty: the mean atom novelty
     held_novelty, held_penalty = (structure_novelty(held_out_atoms, structure_ptr(data.ptr, trval), reduce)
                                   for reduce in ("max", "mean"))
@@ -148,8 +148,8 @@ def held_out_crossfit(
         head, epochs, z_all, importance_all, z_atom_all, (tr, val) = _fold_heads(
             data, edges, labels, errors, atom_labels, elements, config, train, progress)
     with timed(seconds, "novelty"):
-        density, held_out_atoms = fit_novelty(data.features, data.numbers, data.ptr, everything, elements,
-                                              novelty, reference, seed=train.seed)
+        density, held_out_atoms = fit_novelty(data, everything, elements, novelty, reference, seed=train.seed,
+                                              workers=train.workers)
     held_novelty, held_penalty = (structure_novelty(held_out_atoms, structure_ptr(data.ptr, everything), reduce)
                                   for reduce in ("max", "mean"))
     cal, grid = train_test_split(everything, test_size=train.val_fraction, stratify=labels, random_state=train.seed)

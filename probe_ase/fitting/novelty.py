@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from probe_ase.exceptions import InputError
+from probe_ase.fitting.data import FeatureSet
 from probe_ase.fitting.store import CHUNK_ATOMS
+from probe_ase.fitting.workers import worker_data, worker_pool
 from probe_ase.model.novelty import MIN_SLOPE, NOVELTY_FLOOR, NoveltyConfig, NoveltyModel
 
 
@@ -109,22 +113,26 @@ def _fit_mixtures(
     return centres, whiteners, active
 
 
+#: mixture work per set (atoms fitted, capped per element, times features squared) from which ``workers`` > 1 fit
+#: the sets in processes: about 3.5 s a set on one CPU thread, against about 3 s to start the processes
+PARALLEL_WORK = 5e8
+
+
 def fit_novelty(
-    features: torch.Tensor,
-    numbers: torch.Tensor,
-    ptr: Sequence[int],
+    data: FeatureSet,
     fit_structures: Sequence[int],
     elements: Sequence[int],
     config: NoveltyConfig = NoveltyConfig(),
     reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     seed: int = 0,
     max_atoms: int = 20_000,
+    workers: int = 1,
 ) -> tuple[NoveltyModel, np.ndarray]:
     """Fit the novelty model on structures ``fit_structures`` of a feature set.
 
     Args:
-        features, numbers, ptr: concatenated per-atom features, atomic numbers,
-            and structure offsets (structure ``k`` owns rows ``ptr[k]:ptr[k+1]``).
+        data: the per-atom features, atomic numbers and structure offsets
+            (structure ``k`` owns rows ``ptr[k]:ptr[k+1]``).
         fit_structures: structures the density is fitted on (never the
             calibration split: it must be scored as deployment frames are).
         elements: atomic numbers the model scores.
@@ -133,6 +141,9 @@ def fit_novelty(
             training frames) added to the density, never to the radius.
         seed: seeds fold assignment, subsampling and the mixtures.
         max_atoms: most atoms per element per mixture fit (subsampled above).
+        workers: processes (> 1) that fit the ``folds + 1`` sets of mixtures
+            side by side, one thread each, where a set is large enough
+            (:data:`PARALLEL_WORK`): the model one thread fits, bit for bit.
 
     Returns:
         the fitted model and the out-of-fold novelty of the fit structures'
@@ -143,32 +154,69 @@ def fit_novelty(
     if len(fit_structures) < folds:
         raise InputError(f"novelty needs at least {folds} fit structures, got {len(fit_structures)}",
                          folds=folds, n_fit=len(fit_structures))
+    features, numbers = data.features, data.numbers
     model = NoveltyModel(features.shape[1], elements, components)
     e_all = model.element_index.numpy()[numbers.cpu().numpy()]
-    rows_of = [np.arange(ptr[k], ptr[k + 1]) for k in fit_structures]
-    ref_x, ref_e = _reference_atoms(reference, model)
-
-    def fit_on(rows: np.ndarray) -> None:  # the density of these rows' atoms and the reference atoms
-        e = e_all[rows] if ref_e is None else np.concatenate([e_all[rows], ref_e])
-        _load(model, *_fit_mixtures(lambda positions: _read_fit(features, rows, ref_x, positions), features.shape[1],
-                                    e, len(model.elements), components, seed, max_atoms))
-
-    # out-of-fold distances: each fit structure scored by a density fitted without it (a chunk of atoms at a time)
+    rows_of = [np.arange(data.ptr[k], data.ptr[k + 1]) for k in fit_structures]
     fold_of = np.random.default_rng(seed).permutation(len(fit_structures)) % folds
+    fit_rows = (np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of != f)]) for f in range(folds))
+    all_rows = np.concatenate(rows_of)
+    job = _Mixtures(data, e_all, *_reference_atoms(reference, model), len(model.elements), components, seed, max_atoms)
+    work = np.minimum(np.bincount(job.element[all_rows], minlength=len(model.elements)), max_atoms).sum() \
+        * features.shape[1] ** 2  # the final set's (the largest)
+    mixtures = _fit_each(job, itertools.chain(fit_rows, [all_rows]), workers if work >= PARALLEL_WORK else 1,
+                         folds + 1)
+    # out-of-fold distances: each fit structure scored by a density fitted without it (a chunk of atoms at a time)
     oof = np.empty(len(features))
-    for f in range(folds):
-        fit_on(np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of != f)]))
+    for f, fitted in zip(range(folds), mixtures):
+        _load(model, *fitted)
         test_rows = np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of == f)])
         oof[test_rows] = _distances(model, features, numbers, test_rows)
-    all_rows = np.concatenate(rows_of)
     unit = _element_units(oof[all_rows], e_all[all_rows], model.elements, folds)
     with np.errstate(divide="ignore"):
         scaled = oof / unit[np.clip(e_all, 0, None)]
     radius = _support_radius(np.array([scaled[r].max() for r in rows_of]), config.support_quantile)
-    fit_on(all_rows)
+    _load(model, *next(mixtures))
     model.unit.copy_(torch.from_numpy(unit))
     model.radius.fill_(radius)
     return model, scaled[all_rows] / radius
+
+
+@dataclass(frozen=True)
+class _Mixtures:
+    """Fits the per-element mixtures of the atoms of some feature rows and the reference atoms (picklable: a worker
+    process gets it once; a mapped feature set travels as its path)."""
+
+    data: FeatureSet
+    element: np.ndarray  # each feature row's element index
+    ref_x: torch.Tensor | None
+    ref_e: np.ndarray | None
+    n_elements: int
+    components: int
+    seed: int
+    max_atoms: int
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        e = self.element[rows] if self.ref_e is None else np.concatenate([self.element[rows], self.ref_e])
+        return _fit_mixtures(lambda positions: _read_fit(self.data.features, rows, self.ref_x, positions),
+                             self.data.features.shape[1], e, self.n_elements, self.components, self.seed,
+                             self.max_atoms)
+
+
+def _fit_each(job: _Mixtures, row_sets: Iterable[np.ndarray], workers: int, n: int) -> Iterator[tuple]:
+    """``job`` on each of the ``n`` ``row_sets``, in order: lazily one after another, or in ``workers`` processes."""
+    if workers <= 1:
+        return map(job, row_sets)
+    with worker_pool(workers, n, (job,)) as pool:
+        return iter(list(pool.map(_mixtures_in_worker, row_sets)))
+
+
+def _mixtures_in_worker(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.mixture import GaussianMixture  # noqa: F401 - loads the OpenMP runtime the limit below must see
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # one thread per process, as torch's: the processes share the cores
+        return worker_data()[0](rows)
 
 
 def _distances(model: NoveltyModel, features: torch.Tensor, numbers: torch.Tensor, rows: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from probe_ase.exceptions import InputError, LabelError
 from probe_ase.fitting.data import FeatureSet
 from probe_ase.fitting.spec import CALIBRATION, CalibrationMode
 from probe_ase.fitting.store import pooled_moments, structure_chunks
+from probe_ase.fitting.workers import worker_data, worker_pool
 from probe_ase.model.head import HeadConfig, ProbeHead, batch_inputs, log_rms_error, structure_rows
 
 #: force-error norms below this (eV/Å) count as this in the log-scale atom-error targets (HeadConfig.atom_error)
@@ -325,35 +326,19 @@ def train_heads(
     > 1 in that many fresh (spawned) processes of one torch thread each, which get the data once.
 
     Each head's training is seeded by its own ``train.seed``: the heads are those one after another on one torch
-    thread gives, bit for bit (tested). Parallel runs pay about a second per process to start (importing torch) and
-    copy the features to each process.
+    thread gives, bit for bit (tested). Parallel runs pay about a second per process to start (importing torch);
+    the processes map a cached feature set's file, or get a copy of features held in memory.
     """
     shared = (data, edges, labels, elements, config, errors, atom_labels)
     bar = dict(total=len(runs), desc="heads", unit="head", disable=not progress)
     if workers <= 1 or len(runs) <= 1:
         return [_train_run(shared, run) for run in tqdm(runs, **bar)]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    if multiprocessing.current_process().daemon:
-        raise InputError(f"workers={workers} cannot start processes here: this is a daemonic process (a "
-                         "multiprocessing.Pool worker, say); fit with workers=1 in it", workers=workers)
-    with ProcessPoolExecutor(min(workers, len(runs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=shared) as pool:
+    with worker_pool(workers, len(runs), shared) as pool:
         return list(tqdm(pool.map(_train_in_worker, runs), **bar))
 
 
-#: a worker process's copy of what its heads train on (set once by :func:`_start_worker`, in that process only)
-_WORKER_DATA: list[tuple] = []
-
-
-def _start_worker(*shared: object) -> None:
-    torch.set_num_threads(1)
-    _WORKER_DATA.append(shared)
-
-
 def _train_in_worker(run: tuple) -> tuple[ProbeHead, int]:
-    return _train_run(_WORKER_DATA[0], run)
+    return _train_run(worker_data(), run)
 
 
 def _train_run(shared: tuple, run: tuple) -> tuple[ProbeHead, int]:
