@@ -162,8 +162,9 @@ def fit_novelty(
     fit_rows = (np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of != f)]) for f in range(folds))
     all_rows = np.concatenate(rows_of)
     job = _Mixtures(data, e_all, *_reference_atoms(reference, model), len(model.elements), components, seed, max_atoms)
-    work = np.minimum(np.bincount(job.element[all_rows], minlength=len(model.elements)), max_atoms).sum() \
-        * features.shape[1] ** 2  # the final set's (the largest)
+    fitted_elements = job.element[all_rows]
+    work = np.minimum(np.bincount(fitted_elements[fitted_elements >= 0], minlength=len(model.elements)),
+                      max_atoms).sum() * features.shape[1] ** 2  # the final set's (the largest)
     mixtures = _fit_each(job, itertools.chain(fit_rows, [all_rows]), workers if work >= PARALLEL_WORK else 1,
                          folds + 1)
     # out-of-fold distances: each fit structure scored by a density fitted without it (a chunk of atoms at a time)

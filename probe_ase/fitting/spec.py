@@ -67,12 +67,12 @@ class FitOptions:
         batch_size: structures per backbone pass while featurising.
         workers: processes that train the heads side by side (the fold
             heads and ``members``, with the deployed head beside the fold
-            heads), and then fit the novelty mixtures side by side (five
-            out-of-fold sets and the final one), one thread each: about
-            ``min(workers, heads)`` times faster on idle cores, the same
-            heads and novelty model as one thread gives (each process starts
-            in about a second and maps the cached features, or gets a copy
-            without a cache). The processes are spawned: a script must call
+            heads), and then fit the novelty mixtures side by side where
+            they are large (five out-of-fold sets and the final one), one
+            thread each: about ``min(workers, heads)`` times faster on idle
+            cores, the same heads and novelty model as one thread gives
+            (each process starts in about a second and maps the cached
+            features, or gets a copy without a cache). The processes are spawned: a script must call
             the fit under ``if __name__ == "__main__":``.
     """
 
