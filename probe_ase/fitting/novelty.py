@@ -162,11 +162,8 @@ def fit_novelty(
     fit_rows = (np.concatenate([rows_of[i] for i in np.flatnonzero(fold_of != f)]) for f in range(folds))
     all_rows = np.concatenate(rows_of)
     job = _Mixtures(data, e_all, *_reference_atoms(reference, model), len(model.elements), components, seed, max_atoms)
-    fitted_elements = job.element[all_rows]
-    work = np.minimum(np.bincount(fitted_elements[fitted_elements >= 0], minlength=len(model.elements)),
-                      max_atoms).sum() * features.shape[1] ** 2  # the final set's (the largest)
-    mixtures = _fit_each(job, itertools.chain(fit_rows, [all_rows]), workers if work >= PARALLEL_WORK else 1,
-                         folds + 1)
+    parallel = workers > 1 and job.work(all_rows) >= PARALLEL_WORK  # the final set is the largest
+    mixtures = _fit_each(job, itertools.chain(fit_rows, [all_rows]), workers if parallel else 1, folds + 1)
     # out-of-fold distances: each fit structure scored by a density fitted without it (a chunk of atoms at a time)
     oof = np.empty(len(features))
     for f, fitted in zip(range(folds), mixtures):
@@ -196,6 +193,12 @@ class _Mixtures:
     components: int
     seed: int
     max_atoms: int
+
+    def work(self, rows: np.ndarray) -> float:
+        """The atoms the mixtures of ``rows`` are fitted on (at most ``max_atoms`` per element) × features²."""
+        e = self.element[rows]
+        fitted = np.minimum(np.bincount(e[e >= 0], minlength=self.n_elements), self.max_atoms).sum()
+        return float(fitted) * self.data.features.shape[1] ** 2
 
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         e = self.element[rows] if self.ref_e is None else np.concatenate([self.element[rows], self.ref_e])
